@@ -1,0 +1,263 @@
+"""MoRCache: a KV cache that stores, for each recursion step, only the tokens that took that step.
+
+Layout. The unshared first/last layers (middle_* strategies) cache like Llama (`DynamicLayer`). For the recursion
+block, every (block layer, recursion step) pair has its own storage of shape `[batch, kv_heads, S_r, head_dim]`, where
+each batch row is packed to the left: row b holds `n_b,r` tokens (the ones of that row that took step r), and
+`S_r = max_b n_b,r`. All layers of a step share one `RecursionStepLayout`, which records the sequence index of every
+stored token (what masks are built from) and each row's length. Under the "shared" policy only step 1 is stored; the
+model hands its keys/values to the deeper steps.
+
+The number of tokens seen (`get_seq_length`, what `generate` asks) is kept separately from what each step holds.
+"""
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+from .configuration_mor import MoRConfig
+
+
+class RecursionStepLayout:
+    """Which tokens each batch row holds at one recursion step: their sequence indices, packed to the left."""
+
+    def __init__(self):
+        self.token_index: torch.LongTensor | None = None  # [batch, S], -1 where a row holds fewer than S tokens
+        self.lengths: torch.LongTensor | None = None  # [batch]
+        self.write_plan = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.token_index is None else self.token_index.shape[1]
+
+    def prepare(self, batch_size, rows, query_index, query_valid):
+        """Appends this forward's tokens of the step (packed `[rows, A]`, `query_valid` marking real entries) and
+        returns the key layout the step's attention sees afterwards: `(key_index, key_valid)`, one row per `rows`."""
+        device = query_index.device
+        if self.token_index is None:
+            self.token_index = torch.full((batch_size, 0), -1, dtype=torch.long, device=device)
+            self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
+        counts = query_valid.sum(-1)
+        start = self.lengths[rows]
+        new_lengths = self.lengths.index_add(0, rows, counts)
+        new_capacity = max(self.capacity, int(new_lengths.max()) if new_lengths.numel() else 0)
+        if new_capacity > self.capacity:
+            padding = torch.full((batch_size, new_capacity - self.capacity), -1, dtype=torch.long, device=device)
+            self.token_index = torch.cat([self.token_index, padding], dim=1)
+        slots = start.unsqueeze(-1) + torch.arange(query_index.shape[1], device=device)
+        write_rows = rows.unsqueeze(-1).expand_as(slots)[query_valid]
+        write_slots = slots[query_valid]
+        self.token_index[write_rows, write_slots] = query_index[query_valid]
+        self.lengths = new_lengths
+        all_rows = rows.numel() == batch_size
+        self.write_plan = (rows, all_rows, write_rows, write_slots, query_valid, new_capacity)
+        key_index = self.token_index if all_rows else self.token_index[rows]
+        key_valid = torch.arange(new_capacity, device=device) < self.lengths[rows].unsqueeze(-1)
+        return key_index, key_valid
+
+    def tokens_held(self) -> int:
+        return 0 if self.lengths is None else int(self.lengths.sum())
+
+    def keep_tokens_before(self, num_tokens: int) -> None:
+        """Drops every stored token whose sequence index is `num_tokens` or more (each row's newest ones)."""
+        if self.token_index is None:
+            return
+        self.token_index = self.token_index.masked_fill(self.token_index >= num_tokens, -1)
+        self.lengths = (self.token_index >= 0).sum(-1)
+
+    def select_rows(self, indices) -> None:
+        if self.token_index is not None:
+            self.token_index = self.token_index[indices]
+            self.lengths = self.lengths[indices]
+
+
+class MoRRecursionLayer(CacheLayerMixin):
+    """Keys/values of one block layer at one recursion step, stored per batch row for that step's tokens only."""
+
+    is_croppable = True
+    is_sliding = False
+
+    def __init__(self, layout: RecursionStepLayout):
+        super().__init__()
+        self.layout = layout
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        batch_size = self.layout.token_index.shape[0]
+        shape = (batch_size, key_states.shape[1], 0, key_states.shape[-1])
+        self.keys = key_states.new_zeros(shape)
+        self.values = value_states.new_zeros(shape)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        """Writes the step's packed keys/values (`[rows, kv_heads, A, head_dim]`) into their rows' next free slots and
+        returns the rows' whole storage for the step."""
+        rows, all_rows, write_rows, write_slots, query_valid, capacity = self.layout.write_plan
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if capacity > self.keys.shape[2]:
+            growth = list(self.keys.shape)
+            growth[2] = capacity - self.keys.shape[2]
+            self.keys = torch.cat([self.keys, self.keys.new_zeros(growth)], dim=2)
+            self.values = torch.cat([self.values, self.values.new_zeros(growth)], dim=2)
+        self.keys[write_rows, :, write_slots] = key_states.transpose(1, 2)[query_valid]
+        self.values[write_rows, :, write_slots] = value_states.transpose(1, 2)[query_valid]
+        if all_rows:
+            return self.keys, self.values
+        return self.keys[rows], self.values[rows]
+
+    def get_seq_length(self) -> int:
+        return self.layout.capacity
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.layout.capacity + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    def crop_to(self, capacity: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys[:, :, :capacity]
+            self.values = self.values[:, :, :capacity]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # MoRCache.crop drops tokens by sequence index through the layout, then trims storage with `crop_to`.
+        raise NotImplementedError("Crop a MoRCache as a whole: MoRCache.crop(tokens_to_remove).")
+
+    def reorder_cache(self, beam_idx) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices) -> None:
+        if self.is_initialized:
+            self.keys = self.keys[indices.to(self.keys.device)]
+            self.values = self.values[indices.to(self.values.device)]
+
+
+class MoRCache(Cache):
+    """The KV cache of a `MoRForCausalLM`, built as `MoRCache(config)`; `config.kv_cache_policy` picks the policy.
+
+    `generate()` builds one by default. `nbytes()` and `tokens_held_per_step()` report its size.
+    """
+
+    def __init__(self, config: MoRConfig):
+        self.config = config
+        num_stored_steps = 1 if config.kv_cache_policy == "shared" else config.num_recursions
+        self.step_layouts = [RecursionStepLayout() for _ in range(num_stored_steps)]
+        offset = 1 if config.has_unshared_ends else 0
+        layers = []
+        self._slot_of = {}  # (unique layer index, recursion step or None) -> index in self.layers
+        if config.has_unshared_ends:
+            self._slot_of[(0, None)] = len(layers)
+            layers.append(DynamicLayer())
+        for position in range(config.block_size):
+            for step in range(num_stored_steps):
+                self._slot_of[(offset + position, step)] = len(layers)
+                layers.append(MoRRecursionLayer(self.step_layouts[step]))
+        if config.has_unshared_ends:
+            self._slot_of[(offset + config.block_size, None)] = len(layers)
+            layers.append(DynamicLayer())
+        super().__init__(layers=layers)
+        self._seen_tokens = 0
+
+    @staticmethod
+    def check_compatible(cache, config: MoRConfig) -> None:
+        """Raises a clear error for a cache this model cannot use (a plain DynamicCache, another config's cache)."""
+        if not isinstance(cache, MoRCache):
+            raise TypeError(
+                f"MoR models need a MoRCache, got {type(cache).__name__}: a per-layer cache cannot hold keys for "
+                f"tokens that exit at different recursion depths. Pass `cache=MoRCache(model.config)` or let the "
+                f"model build one (use_cache=True)."
+            )
+        fields = ("num_recursions", "sharing_strategy", "num_hidden_layers", "kv_cache_policy")
+        mismatched = [f for f in fields if getattr(cache.config, f) != getattr(config, f)]
+        if mismatched:
+            details = ", ".join(f"{f}: cache {getattr(cache.config, f)!r} vs model {getattr(config, f)!r}" for f in mismatched)
+            raise ValueError(f"This MoRCache was built for a different model config ({details}). Build it as MoRCache(model.config).")
+
+    def update(self, key_states, value_states, layer_idx: int, cache_kwargs: dict | None = None, *args, **kwargs):
+        recursion_step = (cache_kwargs or {}).get("recursion_step")
+        return self.layers[self._slot_of[(layer_idx, recursion_step)]].update(key_states, value_states)
+
+    def prepare_recursion_step(self, step: int, batch_size: int, rows, query_index, query_valid):
+        """Records which tokens take recursion step `step` in this forward; returns the key layout of that step."""
+        return self.step_layouts[step].prepare(batch_size, rows, query_index, query_valid)
+
+    def record_forward(self, num_new_tokens: int) -> None:
+        self._seen_tokens += num_new_tokens
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._seen_tokens
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self._seen_tokens + query_length, 0
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    def tokens_held_per_step(self) -> list[int]:
+        """Tokens stored at each recursion step, summed over the batch (one entry for the shared policy)."""
+        return [layout.tokens_held() for layout in self.step_layouts]
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds: keys, values and the step layouts' index tensors."""
+        total = 0
+        for layer in self.layers:
+            if layer.is_initialized:
+                total += layer.keys.nbytes + layer.values.nbytes
+        for layout in self.step_layouts:
+            if layout.token_index is not None:
+                total += layout.token_index.nbytes + layout.lengths.nbytes
+        return total
+
+    def reset(self) -> None:
+        super().reset()
+        for index, layout in enumerate(self.step_layouts):
+            self.step_layouts[index].__init__()
+        self._seen_tokens = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Removes the last `-tokens_to_remove` tokens (or keeps the first `tokens_to_remove`, the legacy form)."""
+        keep = tokens_to_remove if tokens_to_remove >= 0 else self._seen_tokens + tokens_to_remove
+        keep = max(0, min(keep, self._seen_tokens))
+        removed = self._seen_tokens - keep
+        if removed == 0:
+            return
+        for layer in self.layers:
+            if isinstance(layer, DynamicLayer):
+                layer.crop(-removed)
+        for layout in self.step_layouts:
+            layout.keep_tokens_before(keep)
+        for layer in self.layers:
+            if isinstance(layer, MoRRecursionLayer) and layer.layout.lengths is not None:
+                layer.crop_to(int(layer.layout.lengths.max()))
+        for layout in self.step_layouts:
+            if layout.token_index is not None:
+                layout.token_index = layout.token_index[:, : int(layout.lengths.max())]
+        self._seen_tokens = keep
+
+    def reorder_cache(self, beam_idx) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices) -> None:
+        for layer in self.layers:
+            layer.batch_select_indices(indices)
+        for layout in self.step_layouts:
+            layout.select_rows(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for layer in self.layers:
+            layer.batch_repeat_interleave(repeats)
+        for layout in self.step_layouts:
+            if layout.token_index is not None:
+                layout.token_index = layout.token_index.repeat_interleave(repeats, dim=0)
+                layout.lengths = layout.lengths.repeat_interleave(repeats, dim=0)
+
+
+__all__ = ["MoRCache"]

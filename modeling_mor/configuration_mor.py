@@ -1,0 +1,185 @@
+"""MoR configuration: a Llama configuration plus the Mixture-of-Recursions fields."""
+
+import math
+
+import transformers
+from huggingface_hub.dataclasses import strict
+from packaging import version
+from transformers.models.llama.configuration_llama import LlamaConfig
+
+
+# The range this code is tested against (see setup.py). Checked at import so that an unsupported transformers fails
+# here with a clear message instead of deep inside a forward pass.
+MIN_TRANSFORMERS_VERSION = "5.24.0"
+MAX_TRANSFORMERS_VERSION = "6.0.0"  # exclusive
+if not (
+    version.parse(MIN_TRANSFORMERS_VERSION)
+    <= version.parse(transformers.__version__)
+    < version.parse(MAX_TRANSFORMERS_VERSION)
+):
+    raise ImportError(
+        f"The MoR model code needs transformers>={MIN_TRANSFORMERS_VERSION},<{MAX_TRANSFORMERS_VERSION}, but "
+        f"transformers {transformers.__version__} is installed. Fix: pip install "
+        f"'transformers>={MIN_TRANSFORMERS_VERSION},<{MAX_TRANSFORMERS_VERSION}'"
+    )
+
+SHARING_STRATEGIES = ("cycle", "sequence", "middle_cycle", "middle_sequence")
+ROUTINGS = ("expert_choice", "token_choice", "none")
+ROUTER_TYPES = ("linear", "mlp")
+ROUTER_ACTIVATIONS = ("sigmoid", "tanh")
+ROUTER_INFERENCE = ("threshold", "auxiliary")
+BALANCING = ("loss", "loss_free")
+GATINGS = ("output", "update")
+KV_CACHE_POLICIES = ("recursion_wise", "shared")
+
+
+def recursion_block_size(num_hidden_layers: int, num_recursions: int, sharing_strategy: str) -> int | None:
+    """Number of shared layers B for an unrolled depth L, or None when L does not fit the strategy."""
+    if num_recursions < 1:
+        return None
+    recursed_layers = num_hidden_layers - 2 if sharing_strategy.startswith("middle_") else num_hidden_layers
+    if recursed_layers < num_recursions or recursed_layers % num_recursions != 0:
+        return None
+    return recursed_layers // num_recursions
+
+
+def valid_recursion_layouts(num_hidden_layers: int) -> list[tuple[str, int]]:
+    """Every (sharing_strategy, num_recursions) pair with N_r >= 2 that an L-layer model can be unrolled into."""
+    return [
+        (strategy, num_recursions)
+        for strategy in SHARING_STRATEGIES
+        for num_recursions in range(2, num_hidden_layers + 1)
+        if recursion_block_size(num_hidden_layers, num_recursions, strategy) is not None
+    ]
+
+
+def _check_choice(field: str, value, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"MoRConfig.{field}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
+
+
+@strict
+class MoRConfig(LlamaConfig):
+    r"""
+    Configuration of a Mixture-of-Recursions model. Every Llama field keeps its Llama meaning;
+    `num_hidden_layers` is the unrolled depth L (the number of layer applications), not the number of unique layers.
+
+    MoR fields:
+        num_recursions (`int`): N_r, how many times the recursion block is applied.
+        sharing_strategy (`str`): "cycle", "sequence", "middle_cycle" (default) or "middle_sequence"; the middle_*
+            strategies keep the first and last layers unshared.
+        routing (`str`): "expert_choice" (default), "token_choice" or "none" (plain recursive model). Routing needs a
+            cycle strategy, since it decides per recursion step.
+        capacity (`list[float]`): expert-choice fraction of the sequence kept by each step, non-increasing in (0, 1].
+            Defaults to (N_r - r + 1) / N_r.
+        router_type (`str`): "linear" or "mlp".
+        router_activation (`str`): G in g = alpha * G(logit): "sigmoid" or "tanh".
+        router_alpha (`float`): alpha; defaults to 0.1 for expert-choice and 1.0 for token-choice.
+        router_threshold (`float`): eval-mode expert-choice rule: a token continues iff sigmoid(logit) > threshold.
+        router_inference (`str`): which logit eval uses for that rule: "threshold" (the router's own, trained by the
+            BCE auxiliary loss) or "auxiliary" (a separate router trained by BCE on detached inputs).
+        router_aux_loss_coef (`float`): weight of the expert-choice BCE loss.
+        balancing (`str`): token-choice load balancing: "loss" (auxiliary loss) or "loss_free" (a selection bias).
+        balance_loss_coef (`float`): weight of the token-choice balancing loss.
+        balance_update_rate (`float`): loss-free balancing bias update rate u.
+        router_z_loss_coef (`float`): weight of the router z-loss (0 disables it).
+        gating (`str`): "output" (the paper's H + g * f(H), for training from scratch) or "update"
+            (H + (1 + g - g_0) * (f(H) - H), g_0 the gate of a zero logit; a converted checkpoint starts as the tied
+            recursive model when its routers start at zero).
+        kv_cache_policy (`str`): "recursion_wise" (each step attends among, and caches, its own active tokens) or
+            "shared" (every step attends to the keys/values of step 1).
+    """
+
+    model_type = "mor"
+
+    num_recursions: int = 3
+    sharing_strategy: str = "middle_cycle"
+    routing: str = "expert_choice"
+    capacity: list[int | float] | tuple[int | float, ...] | None = None
+    router_type: str = "linear"
+    router_activation: str = "sigmoid"
+    router_alpha: float | None = None
+    router_threshold: float = 0.5
+    router_inference: str = "threshold"
+    router_aux_loss_coef: float = 1e-3
+    balancing: str = "loss"
+    balance_loss_coef: float = 0.1
+    balance_update_rate: float = 1e-3
+    router_z_loss_coef: float = 0.0
+    gating: str = "output"
+    kv_cache_policy: str = "recursion_wise"
+
+    def __post_init__(self, **kwargs):
+        if self.capacity is None:
+            self.capacity = [(self.num_recursions - step) / self.num_recursions for step in range(self.num_recursions)]
+        else:
+            self.capacity = [float(fraction) for fraction in self.capacity]
+        if self.router_alpha is None:
+            self.router_alpha = 1.0 if self.routing == "token_choice" else 0.1
+        super().__post_init__(**kwargs)
+        self.validate_recursion()
+
+    def validate_recursion(self):
+        """Raises a ValueError naming the field, the value and what would be valid."""
+        if not isinstance(self.num_recursions, int) or self.num_recursions < 1:
+            raise ValueError(f"MoRConfig.num_recursions={self.num_recursions!r} is not valid; it must be an int >= 1.")
+        _check_choice("sharing_strategy", self.sharing_strategy, SHARING_STRATEGIES)
+        _check_choice("routing", self.routing, ROUTINGS)
+        _check_choice("router_type", self.router_type, ROUTER_TYPES)
+        _check_choice("router_activation", self.router_activation, ROUTER_ACTIVATIONS)
+        _check_choice("router_inference", self.router_inference, ROUTER_INFERENCE)
+        _check_choice("balancing", self.balancing, BALANCING)
+        _check_choice("gating", self.gating, GATINGS)
+        _check_choice("kv_cache_policy", self.kv_cache_policy, KV_CACHE_POLICIES)
+        if self.block_size is None:
+            layouts = ", ".join(f"({s!r}, {n})" for s, n in valid_recursion_layouts(self.num_hidden_layers))
+            raise ValueError(
+                f"MoRConfig.num_hidden_layers={self.num_hidden_layers} cannot be unrolled with "
+                f"sharing_strategy={self.sharing_strategy!r} and num_recursions={self.num_recursions}: "
+                f"{'L - 2' if self.sharing_strategy.startswith('middle_') else 'L'} must be a positive multiple of "
+                f"num_recursions. Valid (sharing_strategy, num_recursions) pairs for this depth: {layouts or 'none'}."
+            )
+        if self.routing != "none" and self.sharing_strategy not in ("cycle", "middle_cycle"):
+            raise ValueError(
+                f"MoRConfig.routing={self.routing!r} needs sharing_strategy 'cycle' or 'middle_cycle' (routing decides "
+                f"per recursion step), got sharing_strategy={self.sharing_strategy!r}. Use routing='none' for the "
+                f"sequence strategies."
+            )
+        if len(self.capacity) != self.num_recursions:
+            raise ValueError(
+                f"MoRConfig.capacity={self.capacity} has {len(self.capacity)} entries; it needs one per recursion step "
+                f"(num_recursions={self.num_recursions})."
+            )
+        if any(not 0.0 < fraction <= 1.0 for fraction in self.capacity):
+            raise ValueError(f"MoRConfig.capacity={self.capacity} is not valid; every fraction must be in (0, 1].")
+        if any(later > earlier for earlier, later in zip(self.capacity, self.capacity[1:])):
+            raise ValueError(
+                f"MoRConfig.capacity={self.capacity} increases; capacities must be non-increasing because a token "
+                f"dropped at one recursion step never returns."
+            )
+        if not 0.0 < self.router_threshold < 1.0:
+            raise ValueError(f"MoRConfig.router_threshold={self.router_threshold} is not valid; it must be in (0, 1).")
+        for field in ("router_aux_loss_coef", "balance_loss_coef", "balance_update_rate", "router_z_loss_coef"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"MoRConfig.{field}={getattr(self, field)} is not valid; it must be >= 0.")
+
+    @property
+    def block_size(self) -> int | None:
+        """B, the number of shared layers in the recursion block."""
+        return recursion_block_size(self.num_hidden_layers, self.num_recursions, self.sharing_strategy)
+
+    @property
+    def has_unshared_ends(self) -> bool:
+        """Whether the first and last layers sit outside the recursion block (middle_* strategies)."""
+        return self.sharing_strategy.startswith("middle_")
+
+    @property
+    def num_unique_layers(self) -> int:
+        return self.block_size + (2 if self.has_unshared_ends else 0)
+
+    def expert_choice_top_k(self, step: int, num_tokens: int) -> int:
+        """k_r = ceil(capacity_r * T); the small epsilon keeps 2/3 * 6 from rounding up to 5."""
+        return math.ceil(self.capacity[step] * num_tokens - 1e-6)
+
+
+__all__ = ["MoRConfig", "valid_recursion_layouts", "recursion_block_size"]

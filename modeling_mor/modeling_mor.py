@@ -1,0 +1,528 @@
+"""Mixture-of-Recursions for causal language modelling.
+
+A shared block of Llama layers is applied `num_recursions` times; routers (see `routing_mor.py`) give every token its
+own recursion depth, and at each recursion step the block runs only on the tokens still active there, gathered into
+a packed batch. The KV cache that stores only what each step needs lives in `cache_mor.py`.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+    rotate_half,
+)
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
+
+from .cache_mor import MoRCache
+from .configuration_mor import MoRConfig
+from .routing_mor import ROUTER_LOSS_COEFFICIENTS, MoRRouter, apply_gate, build_routing
+
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class MoRModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    recursion_depth (`torch.LongTensor` of shape `(batch_size, sequence_length)`):
+        How many recursion steps each token took (0 for padding).
+    router_losses (`dict[str, torch.Tensor]`):
+        The unweighted router losses of this forward pass (training only).
+    """
+
+    recursion_depth: torch.LongTensor | None = None
+    router_losses: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class MoRCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    loss (`torch.FloatTensor`): the language-modelling loss plus the weighted router losses.
+    lm_loss, router_aux_loss, balance_loss, router_z_loss (`torch.FloatTensor`): each loss on its own, unweighted.
+    recursion_depth (`torch.LongTensor` of shape `(batch_size, sequence_length)`): recursion steps taken per token.
+    """
+
+    lm_loss: torch.FloatTensor | None = None
+    router_aux_loss: torch.FloatTensor | None = None
+    balance_loss: torch.FloatTensor | None = None
+    router_z_loss: torch.FloatTensor | None = None
+    recursion_depth: torch.LongTensor | None = None
+
+
+@dataclass
+class ActiveTokens:
+    """The tokens taking a recursion step, packed to the left of their rows.
+
+    `hidden_states[rows[:, None], index]` gathers them; `valid` marks the real entries of the packed rows (rows hold
+    different numbers of active tokens). Rows without any active token are left out entirely.
+    """
+
+    rows: torch.LongTensor
+    index: torch.LongTensor
+    valid: torch.BoolTensor
+    is_everything: bool
+
+    @classmethod
+    def from_mask(cls, active: torch.BoolTensor) -> "ActiveTokens":
+        batch_size, seq_len = active.shape
+        if bool(active.all()):
+            index = torch.arange(seq_len, device=active.device).expand(batch_size, seq_len)
+            return cls(torch.arange(batch_size, device=active.device), index, active, True)
+        counts = active.sum(-1)
+        rows = counts.nonzero().squeeze(-1)
+        row_active = active[rows]
+        width = int(counts.max())
+        # A stable sort of "inactive" puts each row's active tokens first, in sequence order.
+        index = torch.argsort((~row_active).to(torch.int8), dim=-1, stable=True)[:, :width]
+        valid = torch.arange(width, device=active.device) < counts[rows].unsqueeze(-1)
+        return cls(rows, index, valid, False)
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Packs a `[batch, seq, ...]` tensor."""
+        if self.is_everything:
+            return tensor
+        return tensor[self.rows.unsqueeze(-1), self.index]
+
+    def scatter(self, tensor: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """Writes the valid entries of `packed` back into a copy of `tensor` (out of place, so autograd sees it)."""
+        if self.is_everything:
+            return packed
+        rows = self.rows.unsqueeze(-1).expand_as(self.index)[self.valid]
+        return tensor.index_put((rows, self.index[self.valid]), packed[self.valid])
+
+
+def build_attention_mask(config, query_index, key_index, key_valid, dtype):
+    """A `[batch, 1, queries, keys]` mask from each query's and key's position in the sequence.
+
+    Packed layouts make the usual "lower triangle" meaningless, so causality is decided from the tokens' sequence
+    indices. Returns None for the plain causal layout under sdpa, so that its causal kernels can be used.
+    """
+    allowed = (key_index.unsqueeze(1) <= query_index.unsqueeze(-1)) & key_valid.unsqueeze(1)
+    # A query that sees no key (a packing slot or a padding token) would turn softmax into NaN; its output is dropped.
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    allowed = allowed.unsqueeze(1)
+    if config._attn_implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    return allowed
+
+
+class MoRAttention(LlamaAttention):
+    """Llama attention that can reuse the keys/values of recursion step 1 (`shared` KV policy), computing queries only."""
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        recursion_step: int | None = None,
+        shared_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        cos, sin = position_embeddings
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        if shared_key_value is None:
+            key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+            if cache is not None:
+                key_states, value_states = cache.update(
+                    key_states, value_states, self.layer_idx, {"recursion_step": recursion_step}
+                )
+        else:
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            query_states = (query_states * cos) + (rotate_half(query_states) * sin)
+            key_states, value_states = shared_key_value
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights, (key_states, value_states)
+
+
+class MoRDecoderLayer(LlamaDecoderLayer):
+    """A Llama decoder layer that also returns its keys/values (read by deeper steps under the `shared` policy)."""
+
+    def __init__(self, config: MoRConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.self_attn = MoRAttention(config=config, layer_idx=layer_idx)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: Cache | None = None,
+        recursion_step: int | None = None,
+        shared_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs,
+    ):
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _, key_value = self.self_attn(
+            hidden_states,
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            cache=cache,
+            recursion_step=recursion_step,
+            shared_key_value=shared_key_value,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        hidden_states = residual + hidden_states
+        return hidden_states, key_value
+
+
+class MoRRecursionBlock(nn.Module):
+    """The shared layers, the routing, and the recursion loop that applies them to each step's active tokens."""
+
+    def __init__(self, config: MoRConfig, first_layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(
+            [MoRDecoderLayer(config, first_layer_idx + position) for position in range(config.block_size)]
+        )
+        self.routing = build_routing(config)
+
+    def unrolled_schedule(self) -> list[tuple[int, list[int]]]:
+        """(recursion step, block layer positions) in the order they run: whole-block passes for the cycle
+        strategies, each layer repeated N_r times in a row for the sequence strategies."""
+        steps = range(self.config.num_recursions)
+        positions = range(len(self.layers))
+        if self.config.sharing_strategy.endswith("cycle"):
+            return [(step, list(positions)) for step in steps]
+        return [(step, [position]) for position in positions for step in steps]
+
+    def forward(self, hidden_states, token_index, token_valid, position_embeddings, cache=None, **kwargs):
+        config = self.config
+        recursion_depth = torch.zeros_like(token_index)
+        router_losses: dict[str, list[torch.Tensor]] = {}
+        if config.routing == "token_choice":
+            chosen_depth, token_gate, losses = self.routing(hidden_states, token_valid)
+            self._collect(router_losses, losses)
+            recursion_input = hidden_states
+
+        active = token_valid
+        active_by_step: dict[int, ActiveTokens] = {}
+        key_layout_by_step = {}
+        step_one_key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for step, positions in self.unrolled_schedule():
+            if step not in active_by_step:
+                # The first time this step runs in this forward: decide who takes it.
+                if config.routing == "expert_choice":
+                    active, gate, losses = self.routing(hidden_states, active, token_valid, step)
+                    self._collect(router_losses, losses)
+                elif config.routing == "token_choice":
+                    active = chosen_depth > step
+                recursion_depth = recursion_depth + active
+                active_by_step[step] = ActiveTokens.from_mask(active)
+            active_tokens = active_by_step[step]
+            if active_tokens.rows.numel() == 0:
+                continue
+
+            query_index = active_tokens.gather(token_index).masked_fill(~active_tokens.valid, -1)
+            shares_step_one = config.kv_cache_policy == "shared" and step > 0
+            if step not in key_layout_by_step:
+                if shares_step_one:
+                    key_layout_by_step[step] = self._rows_of(key_layout_by_step[0], active_by_step[0], active_tokens)
+                elif cache is not None:
+                    key_layout_by_step[step] = cache.prepare_recursion_step(
+                        step, token_index.shape[0], active_tokens.rows, query_index, active_tokens.valid
+                    )
+                else:
+                    key_layout_by_step[step] = (query_index, active_tokens.valid)
+            key_index, key_valid = key_layout_by_step[step]
+            if active_tokens.is_everything and cache is None and config._attn_implementation == "sdpa":
+                attention_mask = None  # the plain causal layout
+            else:
+                attention_mask = build_attention_mask(config, query_index, key_index, key_valid, hidden_states.dtype)
+            cos, sin = position_embeddings
+            step_position_embeddings = (active_tokens.gather(cos), active_tokens.gather(sin))
+
+            block_input = active_tokens.gather(hidden_states)
+            block_hidden = block_input
+            for position in positions:
+                shared_key_value = None
+                if shares_step_one:
+                    shared_key_value = self._rows_of(
+                        step_one_key_values[position], active_by_step[0], active_tokens, batch_dim=0
+                    )
+                block_hidden, key_value = self.layers[position](
+                    block_hidden,
+                    attention_mask=attention_mask,
+                    position_embeddings=step_position_embeddings,
+                    cache=cache,
+                    recursion_step=step,
+                    shared_key_value=shared_key_value,
+                    **kwargs,
+                )
+                if step == 0:
+                    step_one_key_values[position] = key_value
+
+            if config.routing == "expert_choice":
+                block_hidden = apply_gate(config, block_input, block_hidden, active_tokens.gather(gate))
+            hidden_states = active_tokens.scatter(hidden_states, block_hidden)
+
+        if config.routing == "token_choice":
+            # Token-choice gates once, at the end: H^1 + w * f^d(H^1).
+            gated = apply_gate(config, recursion_input, hidden_states, token_gate)
+            hidden_states = torch.where((recursion_depth > 0).unsqueeze(-1), gated, hidden_states)
+        if config.sharing_strategy.endswith("sequence"):
+            recursion_depth = token_valid.long() * config.num_recursions
+        mean_losses = {name: torch.stack(values).mean() for name, values in router_losses.items()}
+        return hidden_states, recursion_depth, mean_losses
+
+    @staticmethod
+    def _collect(router_losses, losses):
+        for name, value in losses.items():
+            router_losses.setdefault(name, []).append(value)
+
+    @staticmethod
+    def _rows_of(tensors, step_one_tokens: ActiveTokens, active_tokens: ActiveTokens, batch_dim: int = 0):
+        """Restricts step-1 tensors (one row per row that took step 1) to the rows taking the current step."""
+        if torch.equal(step_one_tokens.rows, active_tokens.rows):
+            return tensors
+        lookup = torch.full((int(step_one_tokens.rows.max()) + 1,), -1, device=active_tokens.rows.device)
+        lookup[step_one_tokens.rows] = torch.arange(step_one_tokens.rows.numel(), device=lookup.device)
+        row_positions = lookup[active_tokens.rows]
+        return tuple(tensor.index_select(batch_dim, row_positions) for tensor in tensors)
+
+
+class MoRPreTrainedModel(PreTrainedModel):
+    config_class = MoRConfig
+    config: MoRConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MoRDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = False
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if hasattr(module, "selection_bias"):
+            module.selection_bias.zero_()
+
+
+class MoRModel(MoRPreTrainedModel):
+    def __init__(self, config: MoRConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        # Unique layer indices (what the cache and PEFT see): [first], block 0..B-1, [last].
+        offset = 1 if config.has_unshared_ends else 0
+        self.first_layer = MoRDecoderLayer(config, 0) if config.has_unshared_ends else None
+        self.recursion_block = MoRRecursionBlock(config, first_layer_idx=offset)
+        self.last_layer = MoRDecoderLayer(config, offset + config.block_size) if config.has_unshared_ends else None
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> MoRModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once("`use_cache=True` is incompatible with gradient checkpointing. Setting `use_cache=False`.")
+            use_cache = False
+        if use_cache and cache is None:
+            cache = MoRCache(self.config)
+        if cache is not None:
+            MoRCache.check_compatible(cache, self.config)
+
+        batch_size, seq_len = inputs_embeds.shape[:2]
+        past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+        token_index = torch.arange(past_seen_tokens, past_seen_tokens + seq_len, device=inputs_embeds.device)
+        token_index = token_index.unsqueeze(0).expand(batch_size, seq_len)
+        if position_ids is None:
+            position_ids = token_index
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError(
+                f"MoR takes a 2-D attention_mask of shape [batch, past + new tokens] (1 = real token, 0 = padding); "
+                f"got shape {tuple(attention_mask.shape)}."
+            )
+        if attention_mask is None:
+            token_valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=inputs_embeds.device)
+        else:
+            token_valid = attention_mask[:, -seq_len:].bool()
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        end_layer_mask = None
+        if self.first_layer is not None:
+            end_layer_mask = self._end_layer_mask(attention_mask, token_index, token_valid, cache, hidden_states.dtype)
+            hidden_states, _ = self.first_layer(
+                hidden_states,
+                attention_mask=end_layer_mask,
+                position_embeddings=position_embeddings,
+                cache=cache,
+                **kwargs,
+            )
+        hidden_states, recursion_depth, router_losses = self.recursion_block(
+            hidden_states, token_index, token_valid, position_embeddings, cache=cache, **kwargs
+        )
+        if self.last_layer is not None:
+            hidden_states, _ = self.last_layer(
+                hidden_states,
+                attention_mask=end_layer_mask,
+                position_embeddings=position_embeddings,
+                cache=cache,
+                **kwargs,
+            )
+        if cache is not None:
+            cache.record_forward(seq_len)
+        hidden_states = self.norm(hidden_states)
+        return MoRModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache,
+            recursion_depth=recursion_depth,
+            router_losses=router_losses,
+        )
+
+    def unrolled_layers(self) -> list[MoRDecoderLayer]:
+        """The decoder layers in the order a token at full depth meets them (L entries, shared layers repeated)."""
+        block = self.recursion_block
+        unrolled = [block.layers[position] for _, positions in block.unrolled_schedule() for position in positions]
+        if self.first_layer is not None:
+            unrolled = [self.first_layer, *unrolled, self.last_layer]
+        return unrolled
+
+    def _end_layer_mask(self, attention_mask, token_index, token_valid, cache, dtype):
+        """Mask of the unshared first/last layers: every real token, like Llama's."""
+        if cache is None:
+            if attention_mask is None and self.config._attn_implementation == "sdpa":
+                return None
+            return build_attention_mask(self.config, token_index, token_index, token_valid, dtype)
+        total = token_index.shape[1] + cache.get_seq_length()
+        key_index = torch.arange(total, device=token_index.device).expand(token_index.shape[0], total)
+        key_valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(key_index, dtype=torch.bool)
+        return build_attention_mask(self.config, token_index, key_index, key_valid, dtype)
+
+
+class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MoRConfig):
+        super().__init__(config)
+        self.model = MoRModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def routers(self) -> list[nn.Module]:
+        """Every router module (the step routers, the auxiliary routers, or the token-choice router)."""
+        return [module for module in self.modules() if isinstance(module, MoRRouter)]
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_recursion_depth: bool = False,
+        **kwargs,
+    ) -> MoRCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Language-modelling labels; the returned `loss` adds the weighted router losses to the LM loss.
+        output_recursion_depth (`bool`, *optional*):
+            Return `recursion_depth`, how many recursion steps each token took.
+
+        Example:
+
+        ```python
+        >>> from transformers import AutoModelForCausalLM
+        >>> model = AutoModelForCausalLM.from_pretrained("path/to/mor-checkpoint", trust_remote_code=True)
+        >>> outputs = model(input_ids, output_recursion_depth=True)
+        >>> outputs.recursion_depth  # [batch, seq]
+        ```"""
+        outputs: MoRModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = lm_loss = None
+        router_losses = outputs.router_losses or {}
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = lm_loss
+            for name, value in router_losses.items():
+                loss = loss + getattr(self.config, ROUTER_LOSS_COEFFICIENTS[name]) * value
+
+        return MoRCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            lm_loss=lm_loss,
+            router_aux_loss=router_losses.get("router_aux_loss"),
+            balance_loss=router_losses.get("balance_loss"),
+            router_z_loss=router_losses.get("router_z_loss"),
+            recursion_depth=outputs.recursion_depth if output_recursion_depth else None,
+        )
+
+
+__all__ = ["MoRPreTrainedModel", "MoRModel", "MoRForCausalLM"]

@@ -1,0 +1,161 @@
+"""MoR routing: who continues to the next recursion step, with which gate weight, and the router losses.
+
+Everything about routing lives here; the recursion loop in `modeling_mor.py` only asks a router for a decision and
+applies `apply_gate`.
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .configuration_mor import MoRConfig
+
+
+class MoRRouter(nn.Module):
+    """A small scorer on hidden states: linear, or a two-layer MLP."""
+
+    def __init__(self, config: MoRConfig, num_outputs: int):
+        super().__init__()
+        if config.router_type == "linear":
+            self.scorer = nn.Linear(config.hidden_size, num_outputs, bias=False)
+        else:
+            self.scorer = nn.Sequential(
+                nn.Linear(config.hidden_size, config.hidden_size // 2, bias=False),
+                nn.GELU(),
+                nn.Linear(config.hidden_size // 2, num_outputs, bias=False),
+            )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.scorer(hidden_states)
+
+    @torch.no_grad()
+    def zero_output_(self) -> None:
+        """Makes every logit exactly zero (a neutral gate under "update" gating); gradients still flow."""
+        output_layer = self.scorer if isinstance(self.scorer, nn.Linear) else self.scorer[-1]
+        output_layer.weight.zero_()
+
+
+def apply_gate(config: MoRConfig, hidden_states, block_output, gate):
+    """The routed update of a token that takes the step (or, for token-choice, its final output).
+
+    "output" gating is the paper's H + g * f(H); "update" gating scales the block's update f(H) - H by a weight that
+    is exactly 1 for a zero router logit, so a converted checkpoint starts as the tied recursive model.
+    """
+    gate = gate.unsqueeze(-1).to(hidden_states.dtype)
+    if config.gating == "output":
+        return hidden_states + gate * block_output
+    return hidden_states + gate * (block_output - hidden_states)
+
+
+def hierarchical_top_k(scores, active, token_valid, config: MoRConfig, step: int):
+    """Training-time expert choice: among the `active` tokens of each row, keep the top k_r = ceil(capacity_r * T)
+    by score (T = the row's real tokens). Tokens outside `active` can never be selected again."""
+    num_tokens = token_valid.sum(-1)
+    top_k = torch.ceil(num_tokens.to(torch.float64) * config.capacity[step] - 1e-6).long()
+    masked_scores = scores.detach().float().masked_fill(~active, float("-inf"))
+    order = masked_scores.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (rank < top_k.unsqueeze(-1)) & active
+
+
+class ExpertChoiceRouting(nn.Module):
+    """One router per recursion step; each step keeps the tokens it scores highest (MOR_SPEC section 2)."""
+
+    def __init__(self, config: MoRConfig):
+        super().__init__()
+        self.config = config
+        self.routers = nn.ModuleList([MoRRouter(config, 1) for _ in range(config.num_recursions)])
+        if config.router_inference == "auxiliary":
+            self.auxiliary_routers = nn.ModuleList([MoRRouter(config, 1) for _ in range(config.num_recursions)])
+
+    def gate_from_logits(self, logits):
+        activation = torch.sigmoid if self.config.router_activation == "sigmoid" else torch.tanh
+        if self.config.gating == "output":
+            return self.config.router_alpha * activation(logits.float())
+        neutral = activation(torch.zeros((), device=logits.device))
+        return 1.0 + self.config.router_alpha * (activation(logits.float()) - neutral)
+
+    def forward(self, hidden_states, active, token_valid, step: int):
+        """Decides which of the `active` tokens take recursion step `step` (0-based).
+
+        Returns `selected` ([batch, seq] bool), the gate weight of every token ([batch, seq] float32) and a dict of
+        this step's (unweighted) router losses.
+        """
+        logits = self.routers[step](hidden_states).squeeze(-1).float()
+        losses = {}
+        if self.config.capacity[step] >= 1.0:
+            # A full-capacity step makes no decision: every token still active takes it.
+            selected = active
+        elif self.training:
+            selected = hierarchical_top_k(logits, active, token_valid, self.config, step)
+            # BCE teaches the router to predict, causally, what top-k decided, so eval can route token by token.
+            target = selected[active].float()
+            losses["router_aux_loss"] = F.binary_cross_entropy_with_logits(logits[active], target)
+            if self.config.router_inference == "auxiliary":
+                auxiliary_logits = self.auxiliary_routers[step](hidden_states.detach()).squeeze(-1).float()
+                losses["router_aux_loss"] = losses["router_aux_loss"] + F.binary_cross_entropy_with_logits(
+                    auxiliary_logits[active], target
+                )
+        else:
+            if self.config.router_inference == "auxiliary":
+                decision_logits = self.auxiliary_routers[step](hidden_states).squeeze(-1).float()
+            else:
+                decision_logits = logits
+            selected = active & (torch.sigmoid(decision_logits) > self.config.router_threshold)
+        if self.training and self.config.router_z_loss_coef > 0:
+            losses["router_z_loss"] = logits[active].pow(2).mean()
+        return selected, self.gate_from_logits(logits), losses
+
+
+class TokenChoiceRouting(nn.Module):
+    """One router before the recursions picks each token's depth (MOR_SPEC section 2)."""
+
+    def __init__(self, config: MoRConfig):
+        super().__init__()
+        self.config = config
+        self.router = MoRRouter(config, config.num_recursions)
+        # Loss-free balancing: a bias used for selection only, nudged towards an even load during training.
+        self.register_buffer("selection_bias", torch.zeros(config.num_recursions), persistent=True)
+
+    def forward(self, hidden_states, token_valid):
+        """Returns the depth of every token ([batch, seq] long, 0 for padding), its gate weight and the losses."""
+        logits = self.router(hidden_states).float()
+        probabilities = logits.softmax(dim=-1)
+        selection_scores = probabilities
+        if self.config.balancing == "loss_free":
+            selection_scores = probabilities + self.selection_bias
+        choice = selection_scores.argmax(dim=-1)
+        depth = torch.where(token_valid, choice + 1, torch.zeros_like(choice))
+        chosen_probability = probabilities.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        if self.config.gating == "output":
+            gate = self.config.router_alpha * chosen_probability
+        else:
+            gate = 1.0 + self.config.router_alpha * (chosen_probability - 1.0 / self.config.num_recursions)
+
+        losses = {}
+        if self.training:
+            valid_probabilities = probabilities[token_valid]
+            load = F.one_hot(choice[token_valid], self.config.num_recursions).float().mean(0)
+            if self.config.balancing == "loss":
+                losses["balance_loss"] = self.config.num_recursions * (load * valid_probabilities.mean(0)).sum()
+            else:
+                with torch.no_grad():
+                    self.selection_bias += self.config.balance_update_rate * torch.sign(load.mean() - load)
+            if self.config.router_z_loss_coef > 0:
+                losses["router_z_loss"] = torch.logsumexp(logits[token_valid], dim=-1).pow(2).mean()
+        return depth, gate, losses
+
+
+def build_routing(config: MoRConfig) -> nn.Module | None:
+    if config.routing == "expert_choice":
+        return ExpertChoiceRouting(config)
+    if config.routing == "token_choice":
+        return TokenChoiceRouting(config)
+    return None
+
+
+ROUTER_LOSS_COEFFICIENTS = {
+    "router_aux_loss": "router_aux_loss_coef",
+    "balance_loss": "balance_loss_coef",
+    "router_z_loss": "router_z_loss_coef",
+}

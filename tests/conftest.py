@@ -1,0 +1,65 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_mor import MoRConfig
+
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+STORIES_DIR = SHARED_DIR / "data" / "stories260K"
+TINYSTORIES_DIR = SHARED_DIR / "data" / "tinystories"
+
+TINY_DIMS = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+)
+
+
+def tiny_mor_config(**overrides) -> MoRConfig:
+    fields = dict(TINY_DIMS, num_hidden_layers=8, num_recursions=3, sharing_strategy="middle_cycle")
+    fields.update(overrides)
+    return MoRConfig(**fields)
+
+
+def tiny_llama(num_hidden_layers=8, attn_implementation="eager", seed=0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(**TINY_DIMS, num_hidden_layers=num_hidden_layers)
+    config._attn_implementation = attn_implementation
+    return LlamaForCausalLM(config).eval()
+
+
+def mixed_routing_model(model):
+    """Scales router weights so that a random-init model makes mixed routing decisions (some tokens exit at every
+    step) instead of sitting at the threshold."""
+    with torch.no_grad():
+        for router in model.routers():
+            for parameter in router.parameters():
+                parameter.mul_(40.0)
+    return model
+
+
+@pytest.fixture
+def stories_dir():
+    if not STORIES_DIR.is_dir():
+        pytest.skip(f"the real checkpoint is not available at {STORIES_DIR} (a clone without ../shared)")
+    return STORIES_DIR
+
+
+@pytest.fixture
+def tinystories_dir():
+    if not TINYSTORIES_DIR.is_dir():
+        pytest.skip(f"the TinyStories text is not available at {TINYSTORIES_DIR} (a clone without ../shared)")
+    return TINYSTORIES_DIR
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
