@@ -117,6 +117,13 @@ class MoRConfig(LlamaConfig):
         if self.router_alpha is None:
             self.router_alpha = 1.0 if self.routing == "token_choice" else 0.1
         super().__post_init__(**kwargs)
+        if getattr(self, "auto_map", None) is None:
+            # Lets a saved checkpoint load as remote code through every Auto class, whichever class saved it.
+            self.auto_map = {
+                "AutoConfig": "configuration_mor.MoRConfig",
+                "AutoModel": "modeling_mor.MoRModel",
+                "AutoModelForCausalLM": "modeling_mor.MoRForCausalLM",
+            }
         self.validate_recursion()
 
     def validate_recursion(self):

@@ -66,7 +66,10 @@ class ExpertChoiceRouting(nn.Module):
         self.config = config
         self.routers = nn.ModuleList([MoRRouter(config, 1) for _ in range(config.num_recursions)])
         if config.router_inference == "auxiliary":
-            self.auxiliary_routers = nn.ModuleList([MoRRouter(config, 1) for _ in range(config.num_recursions)])
+            # Only steps that make a decision (capacity < 1) need one; keys are the step numbers.
+            self.auxiliary_routers = nn.ModuleDict(
+                {str(step): MoRRouter(config, 1) for step, fraction in enumerate(config.capacity) if fraction < 1.0}
+            )
 
     def gate_from_logits(self, logits):
         activation = torch.sigmoid if self.config.router_activation == "sigmoid" else torch.tanh
@@ -92,13 +95,13 @@ class ExpertChoiceRouting(nn.Module):
             target = selected[active].float()
             losses["router_aux_loss"] = F.binary_cross_entropy_with_logits(logits[active], target)
             if self.config.router_inference == "auxiliary":
-                auxiliary_logits = self.auxiliary_routers[step](hidden_states.detach()).squeeze(-1).float()
+                auxiliary_logits = self.auxiliary_routers[str(step)](hidden_states.detach()).squeeze(-1).float()
                 losses["router_aux_loss"] = losses["router_aux_loss"] + F.binary_cross_entropy_with_logits(
                     auxiliary_logits[active], target
                 )
         else:
             if self.config.router_inference == "auxiliary":
-                decision_logits = self.auxiliary_routers[step](hidden_states).squeeze(-1).float()
+                decision_logits = self.auxiliary_routers[str(step)](hidden_states).squeeze(-1).float()
             else:
                 decision_logits = logits
             selected = active & (torch.sigmoid(decision_logits) > self.config.router_threshold)

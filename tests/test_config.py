@@ -1,0 +1,60 @@
+"""MoRConfig validation: every invalid value raises a ValueError naming the field, the value and what is valid."""
+
+import pytest
+
+from modeling_mor import MoRConfig, valid_recursion_layouts
+
+from conftest import TINY_DIMS
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(num_recursions=0), "num_recursions=0"),
+        (dict(num_recursions=-2), "must be an int >= 1"),
+        (dict(num_hidden_layers=9), "Valid (sharing_strategy, num_recursions) pairs"),
+        (dict(num_hidden_layers=8, sharing_strategy="cycle", num_recursions=3), "L must be a positive multiple"),
+        (dict(num_hidden_layers=3, num_recursions=2), "L - 2 must be a positive multiple"),
+        (dict(capacity=[1.0, 0.3, 0.6]), "increases"),
+        (dict(capacity=[1.0, 0.5]), "needs one per recursion step"),
+        (dict(capacity=[1.0, 0.5, 0.0]), "(0, 1]"),
+        (dict(capacity=[1.5, 1.0, 0.5]), "(0, 1]"),
+        (dict(routing="expert_choice", sharing_strategy="sequence", num_hidden_layers=9), "needs sharing_strategy"),
+        (dict(routing="token_choice", sharing_strategy="middle_sequence"), "routing='none'"),
+        (dict(routing="mixture"), "'expert_choice', 'token_choice', 'none'"),
+        (dict(sharing_strategy="zigzag"), "sharing_strategy='zigzag'"),
+        (dict(router_type="transformer"), "router_type"),
+        (dict(router_activation="relu"), "router_activation"),
+        (dict(router_inference="top_k"), "router_inference"),
+        (dict(balancing="none"), "balancing"),
+        (dict(gating="residual"), "gating"),
+        (dict(kv_cache_policy="paged"), "'recursion_wise', 'shared'"),
+        (dict(router_threshold=1.5), "router_threshold"),
+        (dict(router_aux_loss_coef=-1.0), "router_aux_loss_coef"),
+    ],
+)
+def test_invalid_config_raises_clear_value_error(overrides, message):
+    fields = dict(TINY_DIMS, num_hidden_layers=8, num_recursions=3)
+    fields.update(overrides)
+    with pytest.raises(ValueError) as error:
+        MoRConfig(**fields)
+    assert message in str(error.value)
+    assert "MoRConfig." in str(error.value)
+
+
+def test_defaults_follow_the_spec():
+    config = MoRConfig(**TINY_DIMS, num_hidden_layers=11, num_recursions=3)
+    assert config.sharing_strategy == "middle_cycle" and config.routing == "expert_choice"
+    assert config.capacity == pytest.approx([1.0, 2 / 3, 1 / 3])
+    assert config.router_alpha == 0.1 and config.router_threshold == 0.5 and config.router_aux_loss_coef == 1e-3
+    assert config.block_size == 3 and config.num_unique_layers == 5
+    assert MoRConfig(**TINY_DIMS, num_hidden_layers=8, routing="token_choice").router_alpha == 1.0
+    assert MoRConfig(**TINY_DIMS, num_hidden_layers=8, routing="token_choice").balance_loss_coef == 0.1
+
+
+def test_valid_layouts_and_round_trip():
+    assert ("middle_cycle", 3) in valid_recursion_layouts(5)
+    assert ("cycle", 3) not in valid_recursion_layouts(5)
+    config = MoRConfig(**TINY_DIMS, num_hidden_layers=8, capacity=(1, 0.5, 0.5), kv_cache_policy="shared")
+    again = MoRConfig.from_dict(config.to_dict())
+    assert again.capacity == [1.0, 0.5, 0.5] and again.kv_cache_policy == "shared"

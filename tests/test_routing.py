@@ -1,0 +1,144 @@
+"""Routing semantics (MOR_SPEC section 2): eval causality, hierarchical top-k, router losses, padding."""
+
+import math
+
+import pytest
+import torch
+
+from modeling_mor import MoRForCausalLM
+
+from conftest import mixed_routing_model, tiny_mor_config
+
+
+ROUTED = [
+    dict(routing="expert_choice"),
+    dict(routing="expert_choice", router_inference="auxiliary", router_type="mlp"),
+    dict(routing="expert_choice", router_activation="tanh", gating="update"),
+    dict(routing="token_choice"),
+    dict(routing="token_choice", balancing="loss_free", router_z_loss_coef=1e-3),
+]
+
+
+def _model(**overrides):
+    return mixed_routing_model(MoRForCausalLM(tiny_mor_config(**overrides)))
+
+
+@pytest.mark.parametrize("overrides", ROUTED + [dict(routing="expert_choice", kv_cache_policy="shared")])
+def test_eval_routing_is_causal(overrides):
+    model = _model(**overrides).eval()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    with torch.no_grad():
+        full = model(input_ids, output_recursion_depth=True)
+        prefix = model(input_ids[:, :13], output_recursion_depth=True)
+    assert torch.equal(full.recursion_depth[:, :13], prefix.recursion_depth)
+    assert (full.logits[:, :13] - prefix.logits).abs().max().item() <= 1e-5
+    depth = full.recursion_depth
+    # The routers make mixed decisions, so this really tests routing rather than a full-depth model.
+    assert depth.min() < depth.max()
+
+
+@pytest.mark.parametrize("capacity", [None, [1.0, 0.5, 0.25], [0.75, 0.75, 0.5]])
+def test_training_top_k_is_hierarchical_and_respects_capacity(capacity):
+    model = _model(routing="expert_choice", capacity=capacity).train()
+    seq_len = 12
+    input_ids = torch.randint(0, model.config.vocab_size, (3, seq_len))
+    depth = model(input_ids, output_recursion_depth=True).recursion_depth
+    for step, fraction in enumerate(model.config.capacity):
+        # depth >= r + 1 means "selected at step r" because a dropped token never returns (hierarchy).
+        taken = (depth >= step + 1).sum(-1)
+        expected = math.ceil(fraction * seq_len - 1e-6)
+        assert taken.tolist() == [expected] * 3, (step, taken, expected)
+
+
+def test_training_top_k_with_padding_counts_only_real_tokens():
+    model = _model(routing="expert_choice").train()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    depth = model(input_ids, attention_mask=attention_mask, output_recursion_depth=True).recursion_depth
+    assert (depth[1, :3] == 0).all()
+    assert (depth[1] >= 3).sum().item() == math.ceil(6 / 3)
+    assert (depth[0] >= 3).sum().item() == math.ceil(9 / 3)
+
+
+@pytest.mark.parametrize("overrides", ROUTED)
+def test_training_loss_is_finite_and_gradients_reach_routers(overrides):
+    model = _model(**overrides).train()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    outputs = model(input_ids, labels=input_ids)
+    assert torch.isfinite(outputs.loss)
+    assert torch.isfinite(outputs.lm_loss)
+    expected_total = outputs.lm_loss
+    for name, coefficient in [
+        ("router_aux_loss", model.config.router_aux_loss_coef),
+        ("balance_loss", model.config.balance_loss_coef),
+        ("router_z_loss", model.config.router_z_loss_coef),
+    ]:
+        value = getattr(outputs, name)
+        if value is not None:
+            expected_total = expected_total + coefficient * value
+    assert torch.allclose(outputs.loss, expected_total)
+    outputs.loss.backward()
+    for router in model.routers():
+        gradients = [p.grad for p in router.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in gradients), router
+
+
+@pytest.mark.parametrize(
+    "overrides,loss_name",
+    [
+        (dict(routing="expert_choice"), "router_aux_loss"),
+        (dict(routing="expert_choice", router_inference="auxiliary"), "router_aux_loss"),
+        (dict(routing="token_choice", balance_loss_coef=1.0), "balance_loss"),
+    ],
+)
+def test_auxiliary_losses_fall_with_training(overrides, loss_name):
+    torch.manual_seed(0)
+    model = MoRForCausalLM(tiny_mor_config(router_aux_loss_coef=1.0, **overrides)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    input_ids = torch.randint(0, model.config.vocab_size, (4, 16))
+    values = []
+    for _ in range(30):
+        outputs = model(input_ids, labels=input_ids)
+        values.append(getattr(outputs, loss_name).item())
+        optimizer.zero_grad()
+        outputs.loss.backward()
+        optimizer.step()
+    assert sum(values[-5:]) / 5 < sum(values[:5]) / 5
+
+
+def test_loss_free_balancing_moves_the_selection_bias():
+    model = _model(routing="token_choice", balancing="loss_free", balance_update_rate=0.1).train()
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    before = model.model.recursion_block.routing.selection_bias.clone()
+    model(input_ids, labels=input_ids)
+    after = model.model.recursion_block.routing.selection_bias
+    assert not torch.equal(before, after)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids)  # eval never updates the bias
+    assert torch.equal(after, model.model.recursion_block.routing.selection_bias)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    ROUTED + [dict(routing="none"), dict(routing="none", sharing_strategy="middle_sequence"), dict(routing="expert_choice", kv_cache_policy="shared")],
+)
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_left_padded_batch_matches_rows_alone(overrides, attn_implementation):
+    model = _model(**overrides).eval()
+    model.set_attn_implementation(attn_implementation)
+    long_row = torch.randint(0, model.config.vocab_size, (14,))
+    short_row = torch.randint(0, model.config.vocab_size, (9,))
+    pad = 5
+    input_ids = torch.stack([long_row, torch.cat([torch.zeros(pad, dtype=torch.long), short_row])])
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :pad] = 0
+    with torch.no_grad():
+        batch = model(input_ids, attention_mask=attention_mask, output_recursion_depth=True)
+        alone_long = model(long_row[None], output_recursion_depth=True)
+        alone_short = model(short_row[None], output_recursion_depth=True)
+    assert (batch.logits[0] - alone_long.logits[0]).abs().max().item() <= 1e-4
+    assert (batch.logits[1, pad:] - alone_short.logits[0]).abs().max().item() <= 1e-4
+    assert torch.equal(batch.recursion_depth[1, pad:], alone_short.recursion_depth[0])
+    assert (batch.recursion_depth[1, :pad] == 0).all()

@@ -1,0 +1,127 @@
+"""Hub-style loading: save_pretrained, then from_pretrained(trust_remote_code=True) in a fresh Python process where
+the modeling_mor package cannot be imported."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from modeling_mor import MoRForCausalLM
+
+from conftest import mixed_routing_model, tiny_mor_config
+
+
+BLOCK_PROJECT_IMPORTS = textwrap.dedent(
+    """
+    import sys
+    class _BlockProject:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("modeling_mor", "conversion"):
+                raise ImportError(f"{name} is blocked: this process must load the model as remote code")
+    sys.meta_path.insert(0, _BlockProject())
+    """
+)
+
+
+def run_isolated(script: str, cwd) -> str:
+    """Runs `script` in a fresh interpreter that cannot import the project; returns its stdout."""
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_PROJECT_IMPORTS + textwrap.dedent(script)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={
+            **{k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+        },
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(routing="expert_choice"),
+        dict(routing="token_choice", balancing="loss_free", kv_cache_policy="shared"),
+        dict(routing="none", sharing_strategy="sequence", num_hidden_layers=6, num_recursions=2),
+    ],
+)
+def test_remote_code_round_trip_in_fresh_process(tmp_path, overrides):
+    model = mixed_routing_model(MoRForCausalLM(tiny_mor_config(**overrides))).eval()
+    if overrides["routing"] == "token_choice":
+        model.model.recursion_block.routing.selection_bias.copy_(torch.tensor([0.3, -0.1, 0.2]))
+    checkpoint = tmp_path / "checkpoint"
+    model.save_pretrained(checkpoint)
+
+    saved = {path.name for path in checkpoint.iterdir()}
+    assert "model.safetensors" in saved and not any(name.endswith(".bin") for name in saved)
+    assert {"modeling_mor.py", "configuration_mor.py", "cache_mor.py", "routing_mor.py"} <= saved
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_mor.MoRConfig",
+        "AutoModel": "modeling_mor.MoRModel",
+        "AutoModelForCausalLM": "modeling_mor.MoRForCausalLM",
+    }
+
+    input_ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    torch.save(input_ids, tmp_path / "input_ids.pt")
+    with torch.no_grad():
+        expected = model(input_ids).logits
+    run_isolated(
+        f"""
+        import importlib.util, torch
+        from transformers import AutoModelForCausalLM
+        assert importlib.util.find_spec is not None
+        model = AutoModelForCausalLM.from_pretrained({str(checkpoint)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        input_ids = torch.load({str(tmp_path / "input_ids.pt")!r})
+        with torch.no_grad():
+            torch.save(model(input_ids).logits, {str(tmp_path / "logits.pt")!r})
+        """,
+        cwd=tmp_path,
+    )
+    actual = torch.load(tmp_path / "logits.pt")
+    # Identical up to float rounding: CPU kernels may sum in another order in another process (seen: 3e-8).
+    assert (actual - expected).abs().max().item() <= 1e-6
+
+
+def test_installed_package_needs_no_remote_code(tmp_path):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    model = MoRForCausalLM(tiny_mor_config()).eval()
+    model.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)).__name__ == "MoRConfig"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded, MoRForCausalLM)
+    assert type(AutoModel.from_pretrained(tmp_path)).__name__ == "MoRModel"
+    input_ids = torch.randint(0, model.config.vocab_size, (1, 7))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids).logits, model(input_ids).logits)
+
+
+def test_remote_code_imports_only_torch_transformers_and_siblings():
+    import ast
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "modeling_mor"
+    allowed_roots = {"torch", "transformers", "huggingface_hub", "packaging", "collections", "dataclasses", "math", "typing"}
+    for path in package.glob("*_mor.py"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                roots = {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:  # relative import of a sibling file
+                    assert (package / f"{node.module}.py").exists(), (path.name, node.module)
+                    continue
+                roots = {node.module.split(".")[0]}
+            else:
+                continue
+            assert roots <= allowed_roots, (path.name, roots)
