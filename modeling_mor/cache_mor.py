@@ -223,12 +223,17 @@ class MoRCache(Cache):
         self._seen_tokens = 0
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Removes the last `-tokens_to_remove` tokens (or keeps the first `tokens_to_remove`, the legacy form)."""
-        keep = tokens_to_remove if tokens_to_remove >= 0 else self._seen_tokens + tokens_to_remove
-        keep = max(0, min(keep, self._seen_tokens))
-        removed = self._seen_tokens - keep
+        """Removes the last `-tokens_to_remove` tokens (a negative number, as for transformers' caches; 0 does
+        nothing). Tokens are dropped by sequence index at every recursion step, whatever depth they took."""
+        if tokens_to_remove > 0:
+            raise ValueError(
+                f"MoRCache.crop takes a negative number of tokens to remove, got {tokens_to_remove}. To keep the "
+                f"first N tokens, call crop(N - cache.get_seq_length())."
+            )
+        removed = min(-tokens_to_remove, self._seen_tokens)
         if removed == 0:
             return
+        keep = self._seen_tokens - removed
         for layer in self.layers:
             if isinstance(layer, DynamicLayer):
                 layer.crop(-removed)

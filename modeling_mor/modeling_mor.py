@@ -463,6 +463,45 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         """Every router module (the step routers, the auxiliary routers, or the token-choice router)."""
         return [module for module in self.modules() if isinstance(module, MoRRouter)]
 
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """`generate` builds a MoRCache instead of a DynamicCache, and checks a cache the user passes."""
+        user_cache = model_kwargs.get("cache")
+        if user_cache is not None:
+            MoRCache.check_compatible(user_cache, self.config)
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by MoR models: "
+                f"tokens leave the recursion at different depths, so the cache is a MoRCache that grows per recursion "
+                f"step. Leave cache_implementation unset (or pass cache=MoRCache(model.config))."
+            )
+        if generation_config.use_cache is False:
+            return
+        model_kwargs["cache"] = MoRCache(self.config)
+        if generation_config.is_assistant:
+            model_kwargs["cache"].activate_past_recording()
+
+    def generate(self, *args, output_recursion_depth: bool = False, **kwargs):
+        """`GenerationMixin.generate`, plus `output_recursion_depth=True` (with `return_dict_in_generate=True`): the
+        output then carries `recursion_depth`, `[batch, sequence]`, the recursion steps taken by every token of the
+        returned sequences (prompt included; 0 for padding)."""
+        if output_recursion_depth and not kwargs.get("return_dict_in_generate", False):
+            raise ValueError("output_recursion_depth=True needs return_dict_in_generate=True in generate().")
+        outputs = super().generate(*args, **kwargs)
+        if output_recursion_depth:
+            outputs["recursion_depth"] = self.recursion_depth_of(outputs.sequences, kwargs.get("attention_mask"))
+        return outputs
+
+    @torch.no_grad()
+    def recursion_depth_of(self, sequences: torch.LongTensor, attention_mask: torch.Tensor | None = None):
+        """Recursion depth of every token of `sequences`. Eval-mode routing is causal, so this one uncached pass
+        gives exactly the depths taken during cached decoding (tests/test_generation.py checks it)."""
+        if attention_mask is not None:
+            generated = sequences.shape[1] - attention_mask.shape[1]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(sequences.shape[0], generated)], dim=1)
+        outputs = self.model(sequences, attention_mask=attention_mask, use_cache=False)
+        return outputs.recursion_depth
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @can_return_tuple
     def forward(

@@ -83,9 +83,12 @@ NAME_PATTERN = re.compile(r"[\w][\w.\-]{0,95}")
 class HubError(Exception):
     """An error answered to the client as `{"error": message}` with the Hub's `X-Error-*` headers."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None):
+    def __init__(
+        self, status: int, message: str, code: str | None = None, headers: dict | None = None, extra: dict | None = None
+    ):
         super().__init__(message)
-        self.status, self.message, self.code, self.headers = status, message, code, headers or {}
+        self.status, self.message, self.code = status, message, code
+        self.headers, self.extra = headers or {}, extra or {}  # `extra`: more fields for the JSON body
 
 
 def repo_not_found(repo_id: str, status: int = 404) -> HubError:
@@ -191,11 +194,11 @@ class RepoStore:
         partial.write_text(json.dumps(repo, indent=1))
         os.replace(partial, path)
 
-    def create(self, repo_id: str, *, private: bool, author: str) -> dict:
-        """Creates a repo whose first commit holds a `.gitattributes` file, like the Hub does."""
+    def create(self, repo_id: str, *, private: bool, author: str) -> dict | None:
+        """Creates a repo whose first commit holds a `.gitattributes` file, like the Hub does; None if it exists."""
         with self._lock:
             if self.load(repo_id) is not None:
-                raise HubError(409, f"You already created this model repo: {repo_id}")
+                return None
             repo = {"id": repo_id, "private": private, "createdAt": now_iso(), "head": None, "commits": {}}
             self._save(repo_id, repo)
             initial = [{"key": "file", "value": {"path": ".gitattributes", "content": default_gitattributes()}}]
@@ -383,7 +386,7 @@ def json_response(payload, status: int = 200, content_type: str = "application/j
 
 
 def error_response(error: HubError) -> Response:
-    response = json_response({"error": error.message}, error.status)
+    response = json_response({**error.extra, "error": error.message}, error.status)
     response.headers.update(error.headers)
     response.headers["X-Error-Message"] = error.message.encode("ascii", "replace").decode()
     if error.code:
@@ -495,9 +498,11 @@ class HubApi:
         if not (NAME_PATTERN.fullmatch(namespace) and NAME_PATTERN.fullmatch(name)):
             raise HubError(400, f"Invalid repo name: {namespace}/{name}")
         private = payload.get("visibility") == "private" or payload.get("private") is True
-        repo_id = f"{namespace}/{name}"
-        self.store.create(repo_id, private=private, author=request.user)
-        return json_response({"url": f"{self.base_url}/{repo_id}", "name": repo_id, "id": repo_id})
+        repo_id, url = f"{namespace}/{name}", f"{self.base_url}/{namespace}/{name}"
+        if self.store.create(repo_id, private=private, author=request.user) is None:
+            # The client reads `url` from this answer too when it is called with exist_ok=True.
+            raise HubError(409, f"You already created this model repo: {repo_id}", extra={"url": url})
+        return json_response({"url": url, "name": repo_id, "id": repo_id})
 
     def validate_yaml(self, request: Request) -> Response:
         request.json()
@@ -816,24 +821,31 @@ class HubServer:
         self._max_lifetime_s = max_lifetime_s
         self._thread: threading.Thread | None = None
         self._watchdog: threading.Timer | None = None
+        self._stop_lock = threading.Lock()
+        self._stopped = False
 
     def start(self) -> HubServer:
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"hub-server-{self.port}", daemon=True
         )
         self._thread.start()
-        self._watchdog = threading.Timer(self._max_lifetime_s, self._httpd.shutdown)
+        self._watchdog = threading.Timer(self._max_lifetime_s, self.stop)
         self._watchdog.daemon = True
         self._watchdog.start()
         return self
 
     def stop(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        if self._thread is not None:
-            self._httpd.shutdown()
-            self._thread.join(timeout=10)
-        self._httpd.server_close()
+        """Stops serving and closes the listening socket; safe to call more than once, from any thread."""
+        with self._stop_lock:
+            if self._stopped:
+                return
+            self._stopped = True
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            if self._thread is not None:
+                self._httpd.shutdown()
+                self._thread.join(timeout=10)
+            self._httpd.server_close()
 
     def __enter__(self) -> HubServer:
         return self.start()

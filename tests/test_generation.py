@@ -1,0 +1,278 @@
+"""MoRCache and generate(): cached decoding equals the uncached forward, in every decoding mode."""
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList, TextStreamer
+
+from modeling_mor import MoRCache, MoRForCausalLM
+
+from conftest import mixed_routing_model, tiny_mor_config
+
+
+COMBINATIONS = [
+    dict(routing=routing, sharing_strategy=strategy, kv_cache_policy=policy)
+    for routing in ("expert_choice", "token_choice", "none")
+    for strategy in ("cycle", "middle_cycle")
+    for policy in ("recursion_wise", "shared")
+] + [
+    dict(routing="none", sharing_strategy=strategy, kv_cache_policy=policy, num_recursions=2)
+    for strategy in ("sequence", "middle_sequence")
+    for policy in ("recursion_wise", "shared")
+]
+
+
+def _model(**overrides):
+    fields = dict(pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    fields.update(overrides)
+    if fields.get("sharing_strategy") in ("cycle", "sequence"):
+        fields.setdefault("num_hidden_layers", 6)
+    return mixed_routing_model(MoRForCausalLM(tiny_mor_config(**fields))).eval()
+
+
+@pytest.mark.parametrize("overrides", COMBINATIONS, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_cached_greedy_equals_uncached_and_full_forward(overrides):
+    model = _model(**overrides)
+    prompt = torch.randint(1, model.config.vocab_size, (1, 9))
+    cached = model.generate(
+        prompt, max_new_tokens=14, do_sample=False, return_dict_in_generate=True, output_logits=True,
+        output_recursion_depth=True,
+    )
+    uncached = model.generate(prompt, max_new_tokens=14, do_sample=False, use_cache=False)
+    assert isinstance(cached.cache, MoRCache)
+    assert torch.equal(cached.sequences, uncached)
+    with torch.no_grad():
+        full = model(cached.sequences, output_recursion_depth=True)
+    step_logits = torch.stack(cached.logits, dim=1)
+    assert (step_logits - full.logits[:, prompt.shape[1] - 1 : -1]).abs().max().item() <= 1e-4
+    assert torch.equal(cached.recursion_depth, full.recursion_depth)
+    if model.config.routing != "none":
+        depth = full.recursion_depth
+        assert depth.min() < depth.max(), "routers should make mixed decisions"
+
+
+@pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
+def test_step_by_step_decoding_reports_the_same_depths(routing):
+    """Decoding token by token through the cache takes the depths the uncached forward assigns."""
+    model = _model(routing=routing)
+    input_ids = torch.randint(1, model.config.vocab_size, (1, 16))
+    cache = MoRCache(model.config)
+    depths, logits = [], []
+    with torch.no_grad():
+        outputs = model(input_ids[:, :5], cache=cache, output_recursion_depth=True)
+        depths.append(outputs.recursion_depth)
+        logits.append(outputs.logits)
+        for index in range(5, 16):
+            outputs = model(input_ids[:, index : index + 1], cache=cache, output_recursion_depth=True)
+            depths.append(outputs.recursion_depth)
+            logits.append(outputs.logits)
+        full = model(input_ids, output_recursion_depth=True)
+    assert torch.equal(torch.cat(depths, dim=1), full.recursion_depth)
+    assert (torch.cat(logits, dim=1) - full.logits).abs().max().item() <= 1e-4
+    assert cache.get_seq_length() == 16
+
+
+@pytest.mark.parametrize("overrides", [dict(routing="expert_choice"), dict(routing="token_choice", kv_cache_policy="shared")])
+def test_batched_left_padded_generation_matches_rows_alone(overrides):
+    model = _model(**overrides)
+    long_prompt = torch.randint(1, model.config.vocab_size, (11,))
+    short_prompt = torch.randint(1, model.config.vocab_size, (6,))
+    pad = 5
+    input_ids = torch.stack([long_prompt, torch.cat([torch.zeros(pad, dtype=torch.long), short_prompt])])
+    attention_mask = (torch.arange(11) >= torch.tensor([[0], [pad]])).long()
+    batch = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False)
+    alone_long = model.generate(long_prompt[None], max_new_tokens=10, do_sample=False)
+    alone_short = model.generate(short_prompt[None], max_new_tokens=10, do_sample=False)
+    assert torch.equal(batch[0], alone_long[0])
+    assert torch.equal(batch[1, pad:], alone_short[0])
+
+
+@pytest.mark.parametrize("policy", ["recursion_wise", "shared"])
+def test_beam_search_with_and_without_cache(policy):
+    model = _model(routing="expert_choice", kv_cache_policy=policy)
+    prompt = torch.randint(1, model.config.vocab_size, (2, 7))
+    settings = dict(max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)
+    cached = model.generate(prompt, **settings)
+    uncached = model.generate(prompt, use_cache=False, **settings)
+    assert cached.shape == (4, 15)
+    assert torch.equal(cached, uncached)
+
+
+def test_sampling_and_num_return_sequences_match_uncached():
+    model = _model(routing="token_choice")
+    prompt = torch.randint(1, model.config.vocab_size, (1, 6))
+    settings = dict(max_new_tokens=10, do_sample=True, top_k=20, num_return_sequences=3)
+    torch.manual_seed(7)
+    cached = model.generate(prompt, **settings)
+    torch.manual_seed(7)
+    uncached = model.generate(prompt, use_cache=False, **settings)
+    assert cached.shape == (3, 16)
+    assert torch.equal(cached, uncached)
+
+
+def test_cache_batch_operations_follow_rows():
+    model = _model(routing="expert_choice")
+    input_ids = torch.randint(1, model.config.vocab_size, (3, 10))
+    with torch.no_grad():
+        cache = MoRCache(model.config)
+        model(input_ids[:, :7], cache=cache)
+        cache.reorder_cache(torch.tensor([2, 0, 1]))
+        reordered = model(input_ids[[2, 0, 1], 7:], cache=cache).logits
+        expected = model(input_ids[[2, 0, 1]]).logits[:, 7:]
+        assert (reordered - expected).abs().max().item() <= 1e-4
+
+        cache = MoRCache(model.config)
+        model(input_ids[:, :7], cache=cache)
+        cache.batch_select_indices(torch.tensor([1]))
+        selected = model(input_ids[1:2, 7:], cache=cache).logits
+        assert (selected - model(input_ids[1:2]).logits[:, 7:]).abs().max().item() <= 1e-4
+
+        cache = MoRCache(model.config)
+        model(input_ids[:1, :7], cache=cache)
+        cache.batch_repeat_interleave(2)
+        repeated = model(input_ids[[0, 0], 7:], cache=cache).logits
+        assert (repeated - model(input_ids[[0, 0]]).logits[:, 7:]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("policy", ["recursion_wise", "shared"])
+def test_crop_rolls_the_cache_back(policy):
+    model = _model(routing="expert_choice", kv_cache_policy=policy)
+    input_ids = torch.randint(1, model.config.vocab_size, (2, 14))
+    with torch.no_grad():
+        cache = MoRCache(model.config)
+        model(input_ids[:, :12], cache=cache)
+        cache.crop(-4)
+        assert cache.get_seq_length() == 8
+        reference = MoRCache(model.config)
+        model(input_ids[:, :8], cache=reference)
+        assert cache.tokens_held_per_step() == reference.tokens_held_per_step()
+        continued = model(input_ids[:, 8:], cache=cache).logits
+    assert (continued - model(input_ids).logits[:, 8:]).abs().max().item() <= 1e-4
+
+
+def test_assisted_and_prompt_lookup_decoding_match_greedy():
+    model = _model(routing="expert_choice")
+    assistant = _model(routing="token_choice")
+    prompt = torch.randint(1, 20, (1, 12))
+    prompt[0, 6:] = prompt[0, :6]  # repetitions give prompt lookup candidates to verify
+    greedy = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assisted = model.generate(prompt, max_new_tokens=12, do_sample=False, assistant_model=assistant)
+    lookup = model.generate(prompt, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3)
+    assert torch.equal(assisted, greedy)
+    assert torch.equal(lookup, greedy)
+
+
+def test_streamer_and_stopping_criteria():
+    class StopAfter(StoppingCriteria):
+        def __init__(self, length):
+            self.length = length
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= self.length, dtype=torch.bool)
+
+    class RecordingTokenizer:
+        def __init__(self):
+            self.decoded = []
+
+        def decode(self, token_ids, **kwargs):
+            return " ".join(str(int(t)) for t in token_ids)
+
+    model = _model(routing="expert_choice")
+    prompt = torch.randint(1, model.config.vocab_size, (1, 5))
+    streamer = TextStreamer(RecordingTokenizer())
+    stopped = model.generate(
+        prompt, max_new_tokens=20, do_sample=False, streamer=streamer,
+        stopping_criteria=StoppingCriteriaList([StopAfter(9)]),
+    )
+    assert stopped.shape == (1, 9)
+    assert torch.equal(stopped, model.generate(prompt, max_new_tokens=4, do_sample=False))
+
+
+def test_foreign_caches_are_refused():
+    model = _model(routing="expert_choice")
+    prompt = torch.randint(1, model.config.vocab_size, (1, 5))
+    with pytest.raises(TypeError, match="MoR models need a MoRCache"):
+        model.generate(prompt, max_new_tokens=2, cache=DynamicCache())
+    with pytest.raises(TypeError, match="MoR models need a MoRCache"):
+        model(prompt, cache=DynamicCache())
+    other = MoRCache(tiny_mor_config(num_recursions=2, num_hidden_layers=6))
+    with pytest.raises(ValueError, match="different model config"):
+        model.generate(prompt, max_new_tokens=2, cache=other)
+    with pytest.raises(ValueError, match="cache_implementation='static' is not supported"):
+        model.generate(prompt, max_new_tokens=2, cache_implementation="static")
+    user_cache = MoRCache(model.config)
+    out = model.generate(prompt, max_new_tokens=3, cache=user_cache, return_dict_in_generate=True)
+    assert out.cache is user_cache and user_cache.get_seq_length() == 7
+
+
+def test_cache_accounting_batch_one():
+    model = _model(routing="expert_choice")
+    input_ids = torch.randint(1, model.config.vocab_size, (1, 20))
+    cache = MoRCache(model.config)
+    with torch.no_grad():
+        depth = model(input_ids, cache=cache, output_recursion_depth=True).recursion_depth
+    routed = [int((depth >= step + 1).sum()) for step in range(model.config.num_recursions)]
+    assert cache.tokens_held_per_step() == routed
+    assert routed[0] > routed[-1] > 0
+    held = sum(t.nbytes for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values))
+    held += sum(l.token_index.nbytes + l.lengths.nbytes for l in cache.step_layouts if l.token_index is not None)
+    assert cache.nbytes() == held
+    # Each block layer stores exactly the routed tokens at each step, nothing for the rest.
+    head_dim, kv_heads = model.config.head_dim, model.config.num_key_value_heads
+    recursion_layers = [layer for layer in cache.layers if hasattr(layer, "layout")]
+    per_token = 2 * kv_heads * head_dim * 4
+    assert sum(l.keys.nbytes + l.values.nbytes for l in recursion_layers) == per_token * model.config.block_size * sum(routed)
+
+
+def test_cache_accounting_batch_storage_is_the_largest_row():
+    model = _model(routing="expert_choice")
+    input_ids = torch.randint(1, model.config.vocab_size, (4, 16))
+    cache = MoRCache(model.config)
+    with torch.no_grad():
+        depth = model(input_ids, cache=cache, output_recursion_depth=True).recursion_depth
+        for _ in range(3):  # a few decode steps
+            next_ids = torch.randint(1, model.config.vocab_size, (4, 1))
+            step_depth = model(next_ids, cache=cache, output_recursion_depth=True).recursion_depth
+            depth = torch.cat([depth, step_depth], dim=1)
+    for step, layout in enumerate(cache.step_layouts):
+        per_row = (depth >= step + 1).sum(-1)
+        assert layout.lengths.tolist() == per_row.tolist()
+        assert layout.capacity == int(per_row.max())
+    assert cache.tokens_held_per_step()[-1] < cache.tokens_held_per_step()[0]
+
+
+def test_shared_policy_stores_step_one_only():
+    model = _model(routing="expert_choice", kv_cache_policy="shared")
+    input_ids = torch.randint(1, model.config.vocab_size, (1, 12))
+    cache = MoRCache(model.config)
+    with torch.no_grad():
+        model(input_ids, cache=cache)
+    assert cache.tokens_held_per_step() == [12]
+    recursive = MoRCache(_model(routing="expert_choice").config)
+    assert len(recursive.step_layouts) == 3 and len(cache.step_layouts) == 1
+
+
+def test_real_checkpoint_greedy_matches_llama(stories_dir):
+    from conversion import convert_llama_to_mor
+
+    llama = LlamaForCausalLM.from_pretrained(stories_dir).eval()
+    mor = convert_llama_to_mor(llama, num_recursions=1, sharing_strategy="cycle", routing="none").eval()
+    prompt = torch.tensor([[1, 403, 407, 261, 378]])  # "Once upon a time" in the stories260K vocabulary
+    expected = llama.generate(prompt, max_new_tokens=40, do_sample=False, cache=DynamicCache())
+    actual = mor.generate(prompt, max_new_tokens=40, do_sample=False)
+    assert torch.equal(actual, expected)
+
+
+def test_text_generation_pipeline(stories_dir):
+    from transformers import AutoTokenizer, pipeline
+
+    from conversion import convert_llama_to_mor
+
+    tokenizer = AutoTokenizer.from_pretrained(stories_dir)
+    llama = LlamaForCausalLM.from_pretrained(stories_dir).eval()
+    mor = convert_llama_to_mor(llama, num_recursions=3, sharing_strategy="middle_cycle", routing="expert_choice")
+    generator = pipeline("text-generation", model=mor.eval(), tokenizer=tokenizer)
+    text = generator("Once upon a time", max_new_tokens=20, do_sample=False)[0]["generated_text"]
+    inputs = tokenizer("Once upon a time", return_tensors="pt")
+    expected = tokenizer.decode(mor.generate(**inputs, max_new_tokens=20, do_sample=False)[0], skip_special_tokens=True)
+    assert text == expected
+    assert text.startswith("Once upon a time") and len(text) > len("Once upon a time") + 20
