@@ -13,7 +13,7 @@ can be tested end to end on one machine:
     GET  /api/models/{repo_id}/commits/{rev}            commit history, newest first
     GET  /api/models/{repo_id}/refs                     the `main` branch
     POST /api/models/{repo_id}/preupload/{rev}          "regular" or "lfs" upload mode for each file
-    POST /api/models/{repo_id}/commit/{rev}             NDJSON commit: header, file, lfsFile, deletedFile, deletedFolder
+    POST /api/models/{repo_id}/commit/{rev}             NDJSON commit: file, lfsFile, deletedFile, deletedFolder
     POST /{repo_id}.git/info/lfs/objects/batch          LFS batch API: "basic" transfer, upload and verify actions
     PUT  /lfs-upload/{oid}?size=..&signature=..         the upload target handed out by the batch API
     POST /{repo_id}.git/info/lfs/objects/verify         the verify target handed out by the batch API
@@ -84,7 +84,12 @@ class HubError(Exception):
     """An error answered to the client as `{"error": message}` with the Hub's `X-Error-*` headers."""
 
     def __init__(
-        self, status: int, message: str, code: str | None = None, headers: dict | None = None, extra: dict | None = None
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict | None = None,
+        extra: dict | None = None,
     ):
         super().__init__(message)
         self.status, self.message, self.code = status, message, code
@@ -180,7 +185,10 @@ class RepoStore:
     # Repos -------------------------------------------------------------------------------------------------------
 
     def _repo_file(self, repo_id: str) -> Path:
-        return self.repos_dir / f"{repo_id}.json"
+        namespace, _, name = repo_id.partition("/")
+        if ".." in repo_id or not (NAME_PATTERN.fullmatch(namespace) and NAME_PATTERN.fullmatch(name)):
+            raise repo_not_found(repo_id)
+        return self.repos_dir / namespace / f"{name}.json"
 
     def load(self, repo_id: str) -> dict | None:
         with self._lock:
@@ -595,7 +603,8 @@ class HubApi:
         if byte_range is not None:
             status, (offset, length) = 206, byte_range
             headers["Content-Range"] = f"bytes {offset}-{offset + length - 1}/{entry['size']}"
-        return Response(status, headers=headers, file=self.store.blob_path(entry["sha256"]), offset=offset, length=length)
+        blob = self.store.blob_path(entry["sha256"])
+        return Response(status, headers=headers, file=blob, offset=offset, length=length)
 
     # Writing ---------------------------------------------------------------------------------------------------
 
@@ -633,7 +642,7 @@ class HubApi:
         if not re.fullmatch(r"[0-9a-f]{64}", oid) or size < 0:
             return dict(answer, error={"code": 422, "message": "Invalid oid or size"})
         if size > self.max_body_bytes:
-            return dict(answer, error={"code": 422, "message": f"Objects over {self.max_body_bytes} bytes are refused"})
+            return dict(answer, error={"code": 422, "message": f"Over {self.max_body_bytes} bytes"})
         if self.store.has_blob(oid, size):
             return answer  # already stored: no actions, the client skips the upload
         upload = f"{self.base_url}/lfs-upload/{oid}?size={size}&signature={self._upload_signature(oid, size)}"
@@ -678,8 +687,8 @@ class HubApi:
         )
         return json_response(
             {
-                "success": True, "commitOid": commit_id, "commitUrl": f"{self.base_url}/{repo['id']}/commit/{commit_id}",
-                "hookOutput": "", "pullRequestUrl": None,
+                "success": True, "commitOid": commit_id, "hookOutput": "", "pullRequestUrl": None,
+                "commitUrl": f"{self.base_url}/{repo['id']}/commit/{commit_id}",
             }  # fmt: skip
         )
 
@@ -826,7 +835,10 @@ class HubServer:
 
     def start(self) -> HubServer:
         self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"hub-server-{self.port}", daemon=True
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.05},
+            name=f"hub-server-{self.port}",
+            daemon=True,
         )
         self._thread.start()
         self._watchdog = threading.Timer(self._max_lifetime_s, self.stop)
@@ -899,14 +911,15 @@ def hub_environment(url: str, token: str | None, home: str | os.PathLike) -> dic
         NO_PROXY="127.0.0.1,localhost",
         no_proxy="127.0.0.1,localhost",
     )
-    env.pop("HF_HUB_OFFLINE", None)
     if token is not None:
         env["HF_TOKEN"] = token
     return env
 
 
-def run_hub_client(code: str, env: dict[str, str], timeout: float = 180.0, cwd: str | os.PathLike | None = None) -> str:
-    """Runs the Python `code` in a fresh interpreter with `env` and returns its stdout; raises with stderr on failure."""
+def run_hub_client(
+    code: str, env: dict[str, str], timeout: float = 180.0, cwd: str | os.PathLike | None = None
+) -> str:
+    """Runs Python `code` in a fresh interpreter with `env`; returns its stdout, raises with its stderr on failure."""
     result = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=env,
@@ -917,6 +930,7 @@ def run_hub_client(code: str, env: dict[str, str], timeout: float = 180.0, cwd: 
     )
     if result.returncode != 0:
         raise AssertionError(
-            f"hub client exited with {result.returncode}\n--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
+            f"hub client exited with {result.returncode}\n"
+            f"--- stdout ---\n{result.stdout}\n--- stderr ---\n{result.stderr}"
         )
     return result.stdout

@@ -22,10 +22,11 @@ from hub_server import DEFAULT_TOKEN, DEFAULT_USER, HubServer, hub_environment, 
 def hub(tmp_path_factory):
     with HubServer(tmp_path_factory.mktemp("hub-storage")) as server:
         yield server
+    assert [entry for entry in server.api.request_log if entry[2] >= 500] == []
 
 
 def client(hub, tmp_path, code, token=DEFAULT_TOKEN, **values):
-    """Runs `code` (which receives the JSON-able `values` as ARGS and prints one JSON line) in a fresh client process."""
+    """Runs `code` in a fresh client process; `code` sees `values` as ARGS and prints its result as one JSON line."""
     home = tmp_path / f"hf-home-{len(list(tmp_path.glob('hf-home-*')))}"
     script = f"import json\nARGS = json.loads({json.dumps(json.dumps(values))})\n" + code
     output = run_hub_client(script, hub_environment(hub.url, token, home))
@@ -153,7 +154,10 @@ def test_upload_folder_then_download(hub, tmp_path):
     assert fetched["private"] is True and fetched["sha"] == pushed["commit"]
     assert fetched["lfs"] == {"notes.txt": False, "README.md": False, "weights.safetensors": True}
     assert fetched["title"] == "Add the test files"
-    assert fetched["errors"] == {"missing_file": "RemoteEntryNotFoundError", "missing_revision": "RevisionNotFoundError"}
+    assert fetched["errors"] == {
+        "missing_file": "RemoteEntryNotFoundError",
+        "missing_revision": "RevisionNotFoundError",
+    }
 
     refused = client(hub, tmp_path, ANONYMOUS, token=None, repo_id=repo_id)
     assert refused == {
@@ -162,6 +166,36 @@ def test_upload_folder_then_download(hub, tmp_path):
         "missing_repo": "RepositoryNotFoundError",
         "whoami": 401,
     }
+
+
+UPDATE_AND_DELETE = """
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+api = HfApi()
+repo_id = api.create_repo("edits").repo_id
+first = api.upload_file(path_or_fileobj=b"v1", path_in_repo="a/one.txt", repo_id=repo_id).oid
+unchanged = api.upload_file(path_or_fileobj=b"v1", path_in_repo="a/one.txt", repo_id=repo_id).oid
+operations = [
+    CommitOperationAdd(path_in_repo="a/two.txt", path_or_fileobj=b"2"),
+    CommitOperationAdd(path_in_repo="b/three.bin", path_or_fileobj=bytes(range(256))),
+    CommitOperationAdd(path_in_repo="top.txt", path_or_fileobj=b"top"),
+]
+api.create_commit(repo_id, operations, commit_message="more files")
+api.delete_file("top.txt", repo_id)
+api.create_commit(repo_id, [CommitOperationDelete(path_in_repo="a/")], commit_message="drop a/")
+print(json.dumps({
+    "same_commit": first == unchanged, "files": api.list_repo_files(repo_id),
+    "titles": [commit.title for commit in api.list_repo_commits(repo_id)],
+    "lfs": [item.path for item in api.list_repo_tree(repo_id, recursive=True) if getattr(item, "lfs", None)],
+}))
+"""
+
+
+def test_update_and_delete_commits(hub, tmp_path):
+    result = client(hub, tmp_path, UPDATE_AND_DELETE)
+    assert result["same_commit"] is True  # an unchanged file is not committed again
+    assert sorted(result["files"]) == [".gitattributes", "b/three.bin"]
+    assert result["titles"][0] == "drop a/" and result["titles"][-1] == "initial commit"
+    assert result["lfs"] == ["b/three.bin"]
 
 
 def test_plain_http_range_and_error_headers(hub):

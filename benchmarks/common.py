@@ -1,0 +1,77 @@
+"""Shared pieces of the benchmark scripts: the models compared and the FLOP model."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from modeling_mor import MoRConfig, MoRForCausalLM
+
+
+def model_dims(args) -> dict:
+    return dict(
+        vocab_size=args.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_attention_heads=args.num_heads,
+        num_key_value_heads=args.num_kv_heads,
+        num_hidden_layers=args.num_layers,
+        max_position_embeddings=4096,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+
+
+def add_model_arguments(parser, hidden_size=512, num_layers=14):
+    parser.add_argument("--hidden-size", type=int, default=hidden_size)
+    parser.add_argument("--intermediate-size", type=int, default=hidden_size * 11 // 4)
+    parser.add_argument("--num-heads", type=int, default=8)
+    parser.add_argument("--num-kv-heads", type=int, default=8)
+    parser.add_argument("--num-layers", type=int, default=num_layers, help="unrolled depth L of every model")
+    parser.add_argument("--num-recursions", type=int, default=3)
+    parser.add_argument("--vocab-size", type=int, default=2048)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def build_models(args, variants):
+    """The compared models, all with the same width and unrolled depth. `variants` maps a name to MoR config
+    overrides, or to None for the vanilla LlamaForCausalLM."""
+    dtype = getattr(torch, args.dtype)
+    models = {}
+    for name, overrides in variants.items():
+        torch.manual_seed(args.seed)
+        if overrides is None:
+            model = LlamaForCausalLM(LlamaConfig(**model_dims(args)))
+        else:
+            config = MoRConfig(**model_dims(args), num_recursions=args.num_recursions, **overrides)
+            model = MoRForCausalLM(config)
+        models[name] = model.to(device=args.device, dtype=dtype)
+    return models
+
+
+def layer_applications_per_token(config, recursion_depth: torch.Tensor) -> float:
+    """Mean decoder-layer applications per real token: 2 + B * mean depth for middle_cycle, L for a vanilla model."""
+    if not isinstance(config, MoRConfig):
+        return float(config.num_hidden_layers)
+    real = recursion_depth[recursion_depth > 0].float()
+    ends = 2 if config.has_unshared_ends else 0
+    return ends + config.block_size * real.mean().item()
+
+
+def matmul_flop_ratio(vanilla_config, mor_config, recursion_depth: torch.Tensor) -> float:
+    """Ideal speed-up of MoR over a model that runs all L layers: the ratio of weight-matmul FLOPs per token
+    (decoder layers plus the LM head; attention-score FLOPs, small at these lengths, are left out)."""
+    hidden, intermediate = vanilla_config.hidden_size, vanilla_config.intermediate_size
+    head_dim = hidden // vanilla_config.num_attention_heads
+    attention = hidden * head_dim * (2 * vanilla_config.num_attention_heads + 2 * vanilla_config.num_key_value_heads)
+    per_layer = attention + 3 * hidden * intermediate
+    lm_head = hidden * vanilla_config.vocab_size
+    full = vanilla_config.num_hidden_layers * per_layer + lm_head
+    routed = layer_applications_per_token(mor_config, recursion_depth) * per_layer + lm_head
+    return full / routed
+
+
+def synchronize(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()

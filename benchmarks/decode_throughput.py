@@ -1,0 +1,105 @@
+"""Decode throughput (new tokens/s) and KV-cache memory of MoR against a vanilla Llama, measured in one run.
+
+Models with the same width and unrolled depth L: vanilla `LlamaForCausalLM` (DynamicCache); MoR routing "none" (the
+recursive baseline); MoR expert-choice middle_cycle, with the recursion-wise and the shared KV policy. Each does greedy
+decoding of `--new-tokens` after a `--prompt-len` prompt, at every batch size asked; runs are interleaved over
+`--repeats` rounds and the median is reported. Routers are random-init with weights scaled by `--router-scale`, so that
+eval-mode routing makes mixed decisions (an untrained router sits at the threshold); the depths actually taken are
+measured and give the ideal speed-up (matmul FLOPs) and the ideal memory ratio (tokens stored per step).
+
+Example:
+
+    python benchmarks/decode_throughput.py --batch-sizes 1 16 --prompt-len 128 --new-tokens 128
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import DynamicCache
+
+from common import add_model_arguments, build_models, layer_applications_per_token, matmul_flop_ratio, synchronize
+from modeling_mor import MoRCache
+
+
+def cache_nbytes(cache) -> int:
+    if isinstance(cache, MoRCache):
+        return cache.nbytes()
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser, hidden_size=512, num_layers=14)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--router-scale", type=float, default=40.0)
+    args = parser.parse_args()
+
+    variants = {
+        "vanilla Llama": None,
+        "MoR routing=none": dict(routing="none"),
+        "MoR expert, recursion-wise": dict(routing="expert_choice", kv_cache_policy="recursion_wise"),
+        "MoR expert, shared KV": dict(routing="expert_choice", kv_cache_policy="shared"),
+    }
+    models = build_models(args, variants)
+    with torch.no_grad():
+        for name, model in models.items():
+            model.eval()
+            for router in getattr(model, "routers", lambda: [])():
+                for parameter in router.parameters():
+                    parameter.mul_(args.router_scale)
+
+    print(f"device={args.device} dtype={args.dtype} L={args.num_layers} hidden={args.hidden_size} "
+          f"prompt={args.prompt_len} new={args.new_tokens} repeats={args.repeats} (median)")
+    for batch_size in args.batch_sizes:
+        generator = torch.Generator().manual_seed(args.seed)
+        prompt = torch.randint(1, args.vocab_size, (batch_size, args.prompt_len), generator=generator).to(args.device)
+        times = {name: [] for name in models}
+        caches = {}
+        for repeat in range(args.repeats + 1):  # the first round warms up
+            for name, model in models.items():
+                cache = MoRCache(model.config) if name.startswith("MoR") else DynamicCache(config=model.config)
+                synchronize(args.device)
+                start = time.perf_counter()
+                outputs = model.generate(
+                    prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                    cache=cache, return_dict_in_generate=True,
+                )
+                synchronize(args.device)
+                if repeat:
+                    times[name].append(time.perf_counter() - start)
+                caches[name] = (cache, outputs.sequences)
+
+        new_tokens = batch_size * args.new_tokens
+        baseline = statistics.median(times["vanilla Llama"])
+        recursive = statistics.median(times["MoR routing=none"])
+        recursive_bytes = cache_nbytes(caches["MoR routing=none"][0])
+        print(f"\nbatch {batch_size}")
+        print(f"{'model':<28}{'tok/s':>9}{'vs vanilla':>12}{'vs none':>9}{'ideal':>8}{'KV MiB':>9}"
+              f"{'vs none':>9}{'ideal':>8}{'mean depth':>12}")
+        for name, model in models.items():
+            median = statistics.median(times[name])
+            cache, sequences = caches[name]
+            nbytes = cache_nbytes(cache)
+            ideal_speed = ideal_memory = mean_depth = float("nan")
+            if name.startswith("MoR"):
+                with torch.no_grad():
+                    depth = model.recursion_depth_of(sequences[:, :-1])  # the tokens the cache has seen
+                mean_depth = depth.float().mean().item()
+                ideal_speed = matmul_flop_ratio(models["vanilla Llama"].config, model.config, depth)
+                full = model.config.num_recursions * depth.numel()
+                ideal_memory = full / sum(cache.tokens_held_per_step()) if model.config.kv_cache_policy == "recursion_wise" else model.config.num_recursions
+            print(f"{name:<28}{new_tokens / median:>9.1f}{baseline / median:>11.2f}x{recursive / median:>8.2f}x"
+                  f"{ideal_speed:>7.2f}x{nbytes / 2**20:>9.2f}{recursive_bytes / nbytes:>8.2f}x{ideal_memory:>7.2f}x"
+                  f"{mean_depth:>12.2f}")
+    print("\n'ideal' speed: matmul FLOPs of routing=none over those of the depths taken; 'ideal' memory: tokens a "
+          "full recursion cache holds over the tokens this cache holds (recursion block only; unshared layers and "
+          "index tensors make the measured ratio a little lower).")
+
+
+if __name__ == "__main__":
+    main()
