@@ -16,41 +16,55 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 from .configuration_mor import MoRConfig
 
 
+def grown_capacity(needed: int, current: int) -> int:
+    """Storage grows in chunks of GROWTH_CHUNK slots, so that decoding does not copy the whole cache at every token
+    (a DynamicLayer concatenates once per token); the unused tail is at most GROWTH_CHUNK - 1 slots."""
+    if needed <= current:
+        return current
+    return -(-needed // GROWTH_CHUNK) * GROWTH_CHUNK
+
+
+GROWTH_CHUNK = 32
+
+
 class RecursionStepLayout:
     """Which tokens each batch row holds at one recursion step: their sequence indices, packed to the left."""
 
     def __init__(self):
-        self.token_index: torch.LongTensor | None = None  # [batch, S], -1 where a row holds fewer than S tokens
+        self.index_buffer: torch.LongTensor | None = None  # [batch, allocated], -1 in free slots
         self.lengths: torch.LongTensor | None = None  # [batch]
+        self.capacity = 0  # slots in use: the largest row's length
         self.write_plan = None
 
     @property
-    def capacity(self) -> int:
-        return 0 if self.token_index is None else self.token_index.shape[1]
+    def token_index(self) -> torch.LongTensor | None:
+        """`[batch, capacity]` sequence index of every stored token, -1 where a row holds fewer tokens."""
+        return None if self.index_buffer is None else self.index_buffer[:, : self.capacity]
 
     def prepare(self, batch_size, rows, query_index, query_valid):
         """Appends this forward's tokens of the step (packed `[rows, A]`, `query_valid` marking real entries) and
         returns the key layout the step's attention sees afterwards: `(key_index, key_valid)`, one row per `rows`."""
         device = query_index.device
-        if self.token_index is None:
-            self.token_index = torch.full((batch_size, 0), -1, dtype=torch.long, device=device)
+        if self.index_buffer is None:
+            self.index_buffer = torch.full((batch_size, 0), -1, dtype=torch.long, device=device)
             self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
         counts = query_valid.sum(-1)
         start = self.lengths[rows]
         new_lengths = self.lengths.index_add(0, rows, counts)
-        new_capacity = max(self.capacity, int(new_lengths.max()) if new_lengths.numel() else 0)
-        if new_capacity > self.capacity:
-            padding = torch.full((batch_size, new_capacity - self.capacity), -1, dtype=torch.long, device=device)
-            self.token_index = torch.cat([self.token_index, padding], dim=1)
+        self.capacity = max(self.capacity, int(new_lengths.max()))
+        allocated = grown_capacity(self.capacity, self.index_buffer.shape[1])
+        if allocated > self.index_buffer.shape[1]:
+            free = torch.full((batch_size, allocated - self.index_buffer.shape[1]), -1, dtype=torch.long, device=device)
+            self.index_buffer = torch.cat([self.index_buffer, free], dim=1)
         slots = start.unsqueeze(-1) + torch.arange(query_index.shape[1], device=device)
         write_rows = rows.unsqueeze(-1).expand_as(slots)[query_valid]
         write_slots = slots[query_valid]
-        self.token_index[write_rows, write_slots] = query_index[query_valid]
+        self.index_buffer[write_rows, write_slots] = query_index[query_valid]
         self.lengths = new_lengths
         all_rows = rows.numel() == batch_size
-        self.write_plan = (rows, all_rows, write_rows, write_slots, query_valid, new_capacity)
+        self.write_plan = (rows, all_rows, write_rows, write_slots, query_valid)
         key_index = self.token_index if all_rows else self.token_index[rows]
-        key_valid = torch.arange(new_capacity, device=device) < self.lengths[rows].unsqueeze(-1)
+        key_valid = torch.arange(self.capacity, device=device) < self.lengths[rows].unsqueeze(-1)
         return key_index, key_valid
 
     def tokens_held(self) -> int:
@@ -58,15 +72,25 @@ class RecursionStepLayout:
 
     def keep_tokens_before(self, num_tokens: int) -> None:
         """Drops every stored token whose sequence index is `num_tokens` or more (each row's newest ones)."""
-        if self.token_index is None:
+        if self.index_buffer is None:
             return
-        self.token_index = self.token_index.masked_fill(self.token_index >= num_tokens, -1)
-        self.lengths = (self.token_index >= 0).sum(-1)
+        self.index_buffer = self.index_buffer.masked_fill(self.index_buffer >= num_tokens, -1)
+        self.lengths = (self.index_buffer >= 0).sum(-1)
+        self.capacity = int(self.lengths.max()) if self.lengths.numel() else 0
 
     def select_rows(self, indices) -> None:
-        if self.token_index is not None:
-            self.token_index = self.token_index[indices]
+        if self.index_buffer is not None:
+            self.index_buffer = self.index_buffer[indices]
             self.lengths = self.lengths[indices]
+            self.capacity = int(self.lengths.max()) if self.lengths.numel() else 0
+
+    def repeat_rows(self, repeats: int) -> None:
+        if self.index_buffer is not None:
+            self.index_buffer = self.index_buffer.repeat_interleave(repeats, dim=0)
+            self.lengths = self.lengths.repeat_interleave(repeats, dim=0)
+
+    def nbytes(self) -> int:
+        return 0 if self.index_buffer is None else self.index_buffer.nbytes + self.lengths.nbytes
 
 
 class MoRRecursionLayer(CacheLayerMixin):
@@ -80,7 +104,7 @@ class MoRRecursionLayer(CacheLayerMixin):
         self.layout = layout
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        batch_size = self.layout.token_index.shape[0]
+        batch_size = self.layout.index_buffer.shape[0]
         shape = (batch_size, key_states.shape[1], 0, key_states.shape[-1])
         self.keys = key_states.new_zeros(shape)
         self.values = value_states.new_zeros(shape)
@@ -88,20 +112,23 @@ class MoRRecursionLayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Writes the step's packed keys/values (`[rows, kv_heads, A, head_dim]`) into their rows' next free slots and
-        returns the rows' whole storage for the step."""
-        rows, all_rows, write_rows, write_slots, query_valid, capacity = self.layout.write_plan
+        returns the rows' storage in use for the step (a view when every row takes the step)."""
+        rows, all_rows, write_rows, write_slots, query_valid = self.layout.write_plan
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        if capacity > self.keys.shape[2]:
+        allocated = grown_capacity(self.layout.capacity, self.keys.shape[2])
+        if allocated > self.keys.shape[2]:
             growth = list(self.keys.shape)
-            growth[2] = capacity - self.keys.shape[2]
+            growth[2] = allocated - self.keys.shape[2]
             self.keys = torch.cat([self.keys, self.keys.new_zeros(growth)], dim=2)
             self.values = torch.cat([self.values, self.values.new_zeros(growth)], dim=2)
         self.keys[write_rows, :, write_slots] = key_states.transpose(1, 2)[query_valid]
         self.values[write_rows, :, write_slots] = value_states.transpose(1, 2)[query_valid]
+        keys = self.keys[:, :, : self.layout.capacity]
+        values = self.values[:, :, : self.layout.capacity]
         if all_rows:
-            return self.keys, self.values
-        return self.keys[rows], self.values[rows]
+            return keys, values
+        return keys[rows], values[rows]
 
     def get_seq_length(self) -> int:
         return self.layout.capacity
@@ -116,13 +143,8 @@ class MoRRecursionLayer(CacheLayerMixin):
         self.keys = self.values = None
         self.is_initialized = False
 
-    def crop_to(self, capacity: int) -> None:
-        if self.is_initialized:
-            self.keys = self.keys[:, :, :capacity]
-            self.values = self.values[:, :, :capacity]
-
     def crop(self, tokens_to_remove: int) -> None:
-        # MoRCache.crop drops tokens by sequence index through the layout, then trims storage with `crop_to`.
+        # MoRCache.crop drops tokens by sequence index, through the step layouts shared by the layers.
         raise NotImplementedError("Crop a MoRCache as a whole: MoRCache.crop(tokens_to_remove).")
 
     def reorder_cache(self, beam_idx) -> None:
@@ -206,15 +228,13 @@ class MoRCache(Cache):
         return [layout.tokens_held() for layout in self.step_layouts]
 
     def nbytes(self) -> int:
-        """Bytes of every tensor the cache holds: keys, values and the step layouts' index tensors."""
+        """Bytes of every tensor the cache holds: keys and values (with their chunked growth room) and the step
+        layouts' index tensors."""
         total = 0
         for layer in self.layers:
             if layer.is_initialized:
                 total += layer.keys.nbytes + layer.values.nbytes
-        for layout in self.step_layouts:
-            if layout.token_index is not None:
-                total += layout.token_index.nbytes + layout.lengths.nbytes
-        return total
+        return total + sum(layout.nbytes() for layout in self.step_layouts)
 
     def reset(self) -> None:
         super().reset()
@@ -238,13 +258,7 @@ class MoRCache(Cache):
             if isinstance(layer, DynamicLayer):
                 layer.crop(-removed)
         for layout in self.step_layouts:
-            layout.keep_tokens_before(keep)
-        for layer in self.layers:
-            if isinstance(layer, MoRRecursionLayer) and layer.layout.lengths is not None:
-                layer.crop_to(int(layer.layout.lengths.max()))
-        for layout in self.step_layouts:
-            if layout.token_index is not None:
-                layout.token_index = layout.token_index[:, : int(layout.lengths.max())]
+            layout.keep_tokens_before(keep)  # the freed slots stay allocated and are written again
         self._seen_tokens = keep
 
     def reorder_cache(self, beam_idx) -> None:
@@ -260,9 +274,7 @@ class MoRCache(Cache):
         for layer in self.layers:
             layer.batch_repeat_interleave(repeats)
         for layout in self.step_layouts:
-            if layout.token_index is not None:
-                layout.token_index = layout.token_index.repeat_interleave(repeats, dim=0)
-                layout.lengths = layout.lengths.repeat_interleave(repeats, dim=0)
+            layout.repeat_rows(repeats)
 
 
 __all__ = ["MoRCache"]

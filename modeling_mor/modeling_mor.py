@@ -81,6 +81,10 @@ class ActiveTokens:
         if bool(active.all()):
             index = torch.arange(seq_len, device=active.device).expand(batch_size, seq_len)
             return cls(torch.arange(batch_size, device=active.device), index, active, True)
+        if seq_len == 1:  # a decode step: the active rows, one token each
+            rows = active[:, 0].nonzero().squeeze(-1)
+            index = torch.zeros(rows.numel(), 1, dtype=torch.long, device=active.device)
+            return cls(rows, index, torch.ones_like(index, dtype=torch.bool), False)
         counts = active.sum(-1)
         rows = counts.nonzero().squeeze(-1)
         row_active = active[rows]

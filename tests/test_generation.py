@@ -214,13 +214,17 @@ def test_cache_accounting_batch_one():
     assert cache.tokens_held_per_step() == routed
     assert routed[0] > routed[-1] > 0
     held = sum(t.nbytes for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values))
-    held += sum(l.token_index.nbytes + l.lengths.nbytes for l in cache.step_layouts if l.token_index is not None)
+    held += sum(l.index_buffer.nbytes + l.lengths.nbytes for l in cache.step_layouts if l.index_buffer is not None)
     assert cache.nbytes() == held
-    # Each block layer stores exactly the routed tokens at each step, nothing for the rest.
-    head_dim, kv_heads = model.config.head_dim, model.config.num_key_value_heads
-    recursion_layers = [layer for layer in cache.layers if hasattr(layer, "layout")]
-    per_token = 2 * kv_heads * head_dim * 4
-    assert sum(l.keys.nbytes + l.values.nbytes for l in recursion_layers) == per_token * model.config.block_size * sum(routed)
+    # Each block layer stores exactly the routed tokens at each step, nothing for the rest; storage grows in chunks.
+    from modeling_mor.cache_mor import GROWTH_CHUNK
+
+    for step, layout in enumerate(cache.step_layouts):
+        assert layout.capacity == routed[step]
+        layers = [layer for layer in cache.layers if getattr(layer, "layout", None) is layout]
+        assert len(layers) == model.config.block_size
+        for layer in layers:
+            assert layer.keys.shape[2] == -(-routed[step] // GROWTH_CHUNK) * GROWTH_CHUNK
 
 
 def test_cache_accounting_batch_storage_is_the_largest_row():
