@@ -44,6 +44,22 @@ def _source_layer_indices(tied_groups: list[list[int]], init_strategy: str, seed
     return [[index] for index in chosen]
 
 
+def _init_relaxation(mor: MoRForCausalLM, source_layers) -> None:
+    """Each shared layer's delta for step r starts as the truncated SVD of (the source layer that sits at that
+    unrolled position - the shared weight), so that at full rank every position computes its source layer again."""
+    for unrolled_index, (layer, recursion_step) in enumerate(mor.model.unrolled_layers(with_recursion_step=True)):
+        if recursion_step is None:
+            continue
+        source_layer = source_layers[unrolled_index]
+        for name, module in layer.named_modules():
+            if hasattr(module, "init_from_target"):
+                source = source_layer.get_submodule(name)
+                if isinstance(source, torch.nn.Linear):
+                    module.init_from_target(recursion_step, source.weight, source.bias)
+                else:
+                    module.init_from_target(recursion_step, source.weight)
+
+
 @torch.no_grad()
 def convert_llama_to_mor(
     model: LlamaForCausalLM,
@@ -57,7 +73,8 @@ def convert_llama_to_mor(
 ) -> MoRForCausalLM:
     """Returns a new `MoRForCausalLM` initialized from `model` (which is left untouched).
 
-    `config_overrides` set any other `MoRConfig` field (for example `kv_cache_policy`, `capacity`, `gating`).
+    `config_overrides` set any other `MoRConfig` field (for example `kv_cache_policy`, `capacity`, `gating`,
+    `relaxation_rank`: with it, the per-step deltas start from the SVD of the tied layers' differences).
     """
     if not isinstance(model, LlamaForCausalLM):
         raise TypeError(
@@ -107,7 +124,11 @@ def convert_llama_to_mor(
     for key, source_indices in zip(shared_keys, sources):
         states = [source_layers[index].state_dict() for index in source_indices]
         averaged = {name: torch.stack([state[name] for state in states]).mean(0) for name in states[0]}
-        modules[key].load_state_dict(averaged)
+        # strict=False: a relaxed layer also has its per-step deltas, initialized below.
+        modules[key].load_state_dict(averaged, strict=False)
+
+    if config.relaxation_rank > 0:
+        _init_relaxation(mor, source_layers)
 
     mor.model.embed_tokens.load_state_dict(model.model.embed_tokens.state_dict())
     mor.model.norm.load_state_dict(model.model.norm.state_dict())

@@ -88,6 +88,8 @@ class MoRConfig(LlamaConfig):
             recursive model when its routers start at zero).
         kv_cache_policy (`str`): "recursion_wise" (each step attends among, and caches, its own active tokens) or
             "shared" (every step attends to the keys/values of step 1).
+        relaxation_rank (`int`): rank of the depth-specific low-rank delta that every shared projection gets per
+            recursion step (0: none). Shared RMSNorms then also get a per-step weight delta.
     """
 
     model_type = "mor"
@@ -108,6 +110,7 @@ class MoRConfig(LlamaConfig):
     router_z_loss_coef: float = 0.0
     gating: str = "output"
     kv_cache_policy: str = "recursion_wise"
+    relaxation_rank: int = 0
 
     def __post_init__(self, **kwargs):
         if self.capacity is None:
@@ -166,6 +169,8 @@ class MoRConfig(LlamaConfig):
             )
         if not 0.0 < self.router_threshold < 1.0:
             raise ValueError(f"MoRConfig.router_threshold={self.router_threshold} is not valid; it must be in (0, 1).")
+        if not isinstance(self.relaxation_rank, int) or self.relaxation_rank < 0:
+            raise ValueError(f"MoRConfig.relaxation_rank={self.relaxation_rank!r} is not valid; it must be an int >= 0.")
         for field in ("router_aux_loss_coef", "balance_loss_coef", "balance_update_rate", "router_z_loss_coef"):
             if getattr(self, field) < 0:
                 raise ValueError(f"MoRConfig.{field}={getattr(self, field)} is not valid; it must be >= 0.")

@@ -17,6 +17,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
+    LlamaMLP,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
@@ -28,7 +29,8 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .cache_mor import MoRCache
 from .configuration_mor import MoRConfig
-from .routing_mor import ROUTER_LOSS_COEFFICIENTS, MoRRouter, apply_gate, build_routing
+from .relaxation_mor import RelaxedLinear, RelaxedRMSNorm, relax_layer_
+from .routing_mor import ROUTER_LOSS_COEFFICIENTS, MoRRouter, TokenChoiceRouting, apply_gate, build_routing
 
 
 logger = logging.get_logger(__name__)
@@ -126,7 +128,11 @@ def build_attention_mask(config, query_index, key_index, key_valid, dtype):
 
 
 class MoRAttention(LlamaAttention):
-    """Llama attention that can reuse the keys/values of recursion step 1 (`shared` KV policy), computing queries only."""
+    """Llama attention that can reuse the keys/values of recursion step 1 (`shared` KV policy), computing queries only.
+
+    In a relaxed shared layer (`relaxed=True`) the projections take the recursion step, which picks their delta."""
+
+    relaxed = False
 
     def forward(
         self,
@@ -141,11 +147,12 @@ class MoRAttention(LlamaAttention):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
+        step_args = (recursion_step,) if self.relaxed else ()
 
-        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query_states = self.q_proj(hidden_states, *step_args).view(hidden_shape).transpose(1, 2)
         if shared_key_value is None:
-            key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-            value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+            key_states = self.k_proj(hidden_states, *step_args).view(hidden_shape).transpose(1, 2)
+            value_states = self.v_proj(hidden_states, *step_args).view(hidden_shape).transpose(1, 2)
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
             if cache is not None:
                 key_states, value_states = cache.update(
@@ -170,16 +177,35 @@ class MoRAttention(LlamaAttention):
             **kwargs,
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
-        attn_output = self.o_proj(attn_output)
+        attn_output = self.o_proj(attn_output, *step_args)
         return attn_output, attn_weights, (key_states, value_states)
 
 
-class MoRDecoderLayer(LlamaDecoderLayer):
-    """A Llama decoder layer that also returns its keys/values (read by deeper steps under the `shared` policy)."""
+class MoRMLP(LlamaMLP):
+    """Llama's MLP; in a relaxed shared layer its projections take the recursion step."""
 
-    def __init__(self, config: MoRConfig, layer_idx: int):
+    relaxed = False
+
+    def forward(self, x, recursion_step: int | None = None):
+        step_args = (recursion_step,) if self.relaxed else ()
+        gated = self.act_fn(self.gate_proj(x, *step_args)) * self.up_proj(x, *step_args)
+        return self.down_proj(gated, *step_args)
+
+
+class MoRDecoderLayer(LlamaDecoderLayer):
+    """A Llama decoder layer that also returns its keys/values (read by deeper steps under the `shared` policy).
+
+    `relaxed=True` (a shared layer with `config.relaxation_rank > 0`) gives its projections and norms a delta per
+    recursion step (see relaxation_mor.py)."""
+
+    def __init__(self, config: MoRConfig, layer_idx: int, relaxed: bool = False):
         super().__init__(config, layer_idx)
         self.self_attn = MoRAttention(config=config, layer_idx=layer_idx)
+        self.mlp = MoRMLP(config)
+        self.relaxed = relaxed
+        if relaxed:
+            relax_layer_(self, config.num_recursions, config.relaxation_rank)
+            self.self_attn.relaxed = self.mlp.relaxed = True
 
     def forward(
         self,
@@ -191,8 +217,9 @@ class MoRDecoderLayer(LlamaDecoderLayer):
         shared_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ):
+        step_args = (recursion_step,) if self.relaxed else ()
         residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states = self.input_layernorm(hidden_states, *step_args)
         hidden_states, _, key_value = self.self_attn(
             hidden_states,
             position_embeddings=position_embeddings,
@@ -205,8 +232,8 @@ class MoRDecoderLayer(LlamaDecoderLayer):
         hidden_states = residual + hidden_states
 
         residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states)
-        hidden_states = self.mlp(hidden_states)
+        hidden_states = self.post_attention_layernorm(hidden_states, *step_args)
+        hidden_states = self.mlp(hidden_states, *step_args)
         hidden_states = residual + hidden_states
         return hidden_states, key_value
 
@@ -218,7 +245,10 @@ class MoRRecursionBlock(nn.Module):
         super().__init__()
         self.config = config
         self.layers = nn.ModuleList(
-            [MoRDecoderLayer(config, first_layer_idx + position) for position in range(config.block_size)]
+            [
+                MoRDecoderLayer(config, first_layer_idx + position, relaxed=config.relaxation_rank > 0)
+                for position in range(config.block_size)
+            ]
         )
         self.routing = build_routing(config)
 
@@ -338,10 +368,19 @@ class MoRPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = False
     _can_compile_fullgraph = False
 
+    @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if hasattr(module, "selection_bias"):
+        if isinstance(module, TokenChoiceRouting):
             module.selection_bias.zero_()
+        elif isinstance(module, RelaxedLinear):
+            # LoRA-style: A random, B zero, so the deltas start at zero yet receive gradients.
+            module.relaxation_A.normal_(mean=0.0, std=self.config.initializer_range)
+            module.relaxation_B.zero_()
+            if module.relaxation_bias is not None:
+                module.relaxation_bias.zero_()
+        elif isinstance(module, RelaxedRMSNorm):
+            module.relaxation_weight.zero_()
 
 
 class MoRModel(MoRPreTrainedModel):
@@ -433,13 +472,15 @@ class MoRModel(MoRPreTrainedModel):
             router_losses=router_losses,
         )
 
-    def unrolled_layers(self) -> list[MoRDecoderLayer]:
-        """The decoder layers in the order a token at full depth meets them (L entries, shared layers repeated)."""
+    def unrolled_layers(self, with_recursion_step: bool = False) -> list:
+        """The decoder layers in the order a token at full depth meets them (L entries, shared layers repeated).
+
+        With `with_recursion_step=True`, `(layer, recursion_step)` pairs; the step is None for the unshared layers."""
         block = self.recursion_block
-        unrolled = [block.layers[position] for _, positions in block.unrolled_schedule() for position in positions]
+        unrolled = [(block.layers[position], step) for step, positions in block.unrolled_schedule() for position in positions]
         if self.first_layer is not None:
-            unrolled = [self.first_layer, *unrolled, self.last_layer]
-        return unrolled
+            unrolled = [(self.first_layer, None), *unrolled, (self.last_layer, None)]
+        return unrolled if with_recursion_step else [layer for layer, _ in unrolled]
 
     def _end_layer_mask(self, attention_mask, token_index, token_valid, cache, dtype):
         """Mask of the unshared first/last layers: every real token, like Llama's."""

@@ -111,3 +111,24 @@ def test_real_checkpoint_single_recursion_reproduces_logits(stories_dir):
     input_ids = torch.randint(0, llama.config.vocab_size, (2, 32))
     with torch.no_grad():
         assert (mor(input_ids).logits - llama(input_ids).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("strategy,num_recursions", [("middle_cycle", 3), ("cycle", 2), ("sequence", 2)])
+def test_full_rank_relaxation_reproduces_the_source(strategy, num_recursions):
+    llama = tiny_llama(num_hidden_layers=8)
+    full_rank = llama.config.hidden_size
+    mor = convert_llama_to_mor(
+        llama, num_recursions=num_recursions, sharing_strategy=strategy, routing="none", relaxation_rank=full_rank
+    ).eval()
+    low_rank = convert_llama_to_mor(
+        llama, num_recursions=num_recursions, sharing_strategy=strategy, routing="none", relaxation_rank=full_rank // 2
+    ).eval()
+    tied = convert_llama_to_mor(llama, num_recursions=num_recursions, sharing_strategy=strategy, routing="none").eval()
+    input_ids = torch.randint(0, llama.config.vocab_size, (2, 10))
+    with torch.no_grad():
+        source = llama(input_ids).logits
+        errors = [(m(input_ids).logits - source).abs().max().item() for m in (tied, low_rank, mor)]
+        mean_errors = [(m(input_ids).logits - source).abs().mean().item() for m in (tied, low_rank, mor)]
+    assert errors[2] <= 1e-4
+    # A partial rank lies in between: the relaxation really closes the gap that tying opened.
+    assert mean_errors[0] > mean_errors[1] > mean_errors[2]

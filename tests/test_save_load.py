@@ -48,7 +48,7 @@ def run_isolated(script: str, cwd) -> str:
 @pytest.mark.parametrize(
     "overrides",
     [
-        dict(routing="expert_choice"),
+        dict(routing="expert_choice", relaxation_rank=4),
         dict(routing="token_choice", balancing="loss_free", kv_cache_policy="shared"),
         dict(routing="none", sharing_strategy="sequence", num_hidden_layers=6, num_recursions=2),
     ],
@@ -62,7 +62,7 @@ def test_remote_code_round_trip_in_fresh_process(tmp_path, overrides):
 
     saved = {path.name for path in checkpoint.iterdir()}
     assert "model.safetensors" in saved and not any(name.endswith(".bin") for name in saved)
-    assert {"modeling_mor.py", "configuration_mor.py", "cache_mor.py", "routing_mor.py"} <= saved
+    assert {"modeling_mor.py", "configuration_mor.py", "cache_mor.py", "routing_mor.py", "relaxation_mor.py"} <= saved
     config = json.loads((checkpoint / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_mor.MoRConfig",

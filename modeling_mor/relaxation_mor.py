@@ -1,0 +1,84 @@
+"""Depth-specific relaxation of the shared layers (Relaxed Recursive Transformers; MOR_SPEC section 5).
+
+With `config.relaxation_rank > 0`, every linear projection of a shared layer carries, for each recursion step, a
+low-rank delta `B_r A_r`, and every RMSNorm a per-step weight delta, so the layer computes `W + B_r A_r` at step r.
+Conversion initializes the deltas from the truncated SVD of (original layer weight - shared weight): at full rank the
+converted model is the source model again.
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+
+class RelaxedLinear(nn.Linear):
+    """A shared linear layer plus one low-rank delta per recursion step: `y = x (W + B_r A_r)^T + b + db_r`."""
+
+    def __init__(self, in_features, out_features, bias, num_steps: int, rank: int):
+        super().__init__(in_features, out_features, bias=bias)
+        self.rank = rank
+        self.relaxation_A = nn.Parameter(torch.zeros(num_steps, rank, in_features))
+        self.relaxation_B = nn.Parameter(torch.zeros(num_steps, out_features, rank))
+        self.relaxation_bias = nn.Parameter(torch.zeros(num_steps, out_features)) if bias else None
+
+    def forward(self, input: torch.Tensor, recursion_step: int | None = None) -> torch.Tensor:
+        output = F.linear(input, self.weight, self.bias)
+        if recursion_step is None:
+            return output
+        delta = F.linear(F.linear(input, self.relaxation_A[recursion_step]), self.relaxation_B[recursion_step])
+        if self.relaxation_bias is not None:
+            delta = delta + self.relaxation_bias[recursion_step]
+        return output + delta
+
+    @torch.no_grad()
+    def init_from_target(self, recursion_step: int, target_weight: torch.Tensor, target_bias=None) -> None:
+        """Sets step `recursion_step`'s delta to the best rank-`rank` approximation of (target - shared weight)."""
+        difference = (target_weight.float() - self.weight.float()).to(self.relaxation_A.device)
+        left, singular_values, right = torch.linalg.svd(difference, full_matrices=False)
+        rank = min(self.rank, singular_values.numel())
+        self.relaxation_A[recursion_step].zero_()
+        self.relaxation_B[recursion_step].zero_()
+        # Split the singular values evenly between the factors so neither grows large.
+        scale = singular_values[:rank].sqrt()
+        self.relaxation_B[recursion_step, :, :rank] = (left[:, :rank] * scale).to(self.relaxation_B.dtype)
+        self.relaxation_A[recursion_step, :rank] = (scale.unsqueeze(-1) * right[:rank]).to(self.relaxation_A.dtype)
+        if self.relaxation_bias is not None and target_bias is not None:
+            self.relaxation_bias[recursion_step] = target_bias - self.bias
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, relaxation_rank={self.rank}, steps={self.relaxation_A.shape[0]}"
+
+
+class RelaxedRMSNorm(LlamaRMSNorm):
+    """A shared RMSNorm plus a per-step weight delta."""
+
+    def __init__(self, hidden_size, eps, num_steps: int):
+        super().__init__(hidden_size, eps=eps)
+        self.relaxation_weight = nn.Parameter(torch.zeros(num_steps, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor, recursion_step: int | None = None) -> torch.Tensor:
+        if recursion_step is None:
+            return super().forward(hidden_states)
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return (self.weight + self.relaxation_weight[recursion_step]) * hidden_states.to(input_dtype)
+
+    @torch.no_grad()
+    def init_from_target(self, recursion_step: int, target_weight: torch.Tensor) -> None:
+        self.relaxation_weight[recursion_step] = target_weight - self.weight
+
+
+def relax_layer_(layer: nn.Module, num_steps: int, rank: int) -> None:
+    """Replaces a freshly built decoder layer's projections and norms by their relaxed versions (same names, so
+    checkpoints, conversion and PEFT target the same modules)."""
+    for parent in (layer.self_attn, layer.mlp):
+        for name, module in list(parent.named_children()):
+            if isinstance(module, nn.Linear):
+                relaxed = RelaxedLinear(module.in_features, module.out_features, module.bias is not None, num_steps, rank)
+                setattr(parent, name, relaxed)
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        norm = getattr(layer, name)
+        setattr(layer, name, RelaxedRMSNorm(norm.weight.shape[0], norm.variance_epsilon, num_steps))
