@@ -101,6 +101,9 @@ def convert_llama_to_mor(
         sharing_strategy=sharing_strategy,
         routing=routing,
         gating="update",
+        # The auxiliary router learns the top-k decisions from the BCE loss alone, without competing with the LM
+        # gradient that also reaches the gating router: a short uptraining is enough for eval-mode routing.
+        router_inference="auxiliary",
         architectures=["MoRForCausalLM"],
     )
     config_fields.update(config_overrides)
@@ -159,7 +162,7 @@ Examples:
 def build_argument_parser():
     import argparse
 
-    from modeling_mor.configuration_mor import GATINGS, KV_CACHE_POLICIES, ROUTINGS, SHARING_STRATEGIES
+    from modeling_mor.configuration_mor import GATINGS, KV_CACHE_POLICIES, ROUTER_INFERENCE, ROUTINGS, SHARING_STRATEGIES
 
     parser = argparse.ArgumentParser(
         prog="python -m conversion.convert_llama_to_mor",
@@ -174,6 +177,8 @@ def build_argument_parser():
     parser.add_argument("--init-strategy", default="stepwise", choices=INIT_STRATEGIES)
     parser.add_argument("--routing", default="expert_choice", choices=ROUTINGS)
     parser.add_argument("--kv-cache-policy", default="recursion_wise", choices=KV_CACHE_POLICIES)
+    parser.add_argument("--router-inference", default="auxiliary", choices=ROUTER_INFERENCE,
+                        help="expert-choice eval rule: 'auxiliary' (default for conversions) or 'threshold'")
     parser.add_argument("--gating", default="update", choices=GATINGS,
                         help="'update' (default) starts the converted model as the tied recursive model")
     parser.add_argument("--capacity", type=float, nargs="+", help="expert-choice capacity per step (default (N_r-r+1)/N_r)")
@@ -236,46 +241,30 @@ def _parse_relaxation_rank(value: str, hidden_size: int) -> int:
     return int(value)
 
 
-def main(argv=None) -> int:
-    import sys
-    import time
+def _convert_into(args, source, gguf_file, num_layers, relaxation_rank, output_dir, staging) -> dict:
+    """Loads, converts, measures and saves into `staging`; returns the figures of the model card."""
     from pathlib import Path
 
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from .measure import full_depth, perplexity_and_depths, read_eval_tokens
     from .model_card import save_card
-    from .output_dir import OutputDirExistsError, check_output_dir, staged_output_dir
-
-    args = build_argument_parser().parse_args(argv)
-    start = time.perf_counter()
-    try:
-        output_dir = Path(args.output_dir)
-        check_output_dir(output_dir, args.overwrite)
-        source, gguf_file = _resolve_source(args.source, args.gguf_file)
-        source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
-        if source_config.model_type != "llama":
-            raise ValueError(
-                f"{args.source} is a {source_config.model_type!r} checkpoint "
-                f"({', '.join(getattr(source_config, 'architectures', None) or ['unknown architecture'])}). Supported: "
-                f"Llama-architecture checkpoints (model_type 'llama': Llama, SmolLM, SmolLM2), as a folder, Hub id or GGUF file."
-            )
-        num_layers = source_config.num_hidden_layers
-        if args.num_recursions > 1 and (args.sharing_strategy, args.num_recursions) not in valid_recursion_layouts(num_layers):
-            pairs = ", ".join(f"--sharing-strategy {s} --num-recursions {n}" for s, n in valid_recursion_layouts(num_layers))
-            raise ValueError(
-                f"The source has {num_layers} layers, which --sharing-strategy {args.sharing_strategy} with "
-                f"--num-recursions {args.num_recursions} cannot unroll into. Valid choices for it: {pairs or 'none'}."
-            )
-        relaxation_rank = _parse_relaxation_rank(args.relaxation_rank, source_config.hidden_size)
-    except (ValueError, OSError, OutputDirExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
 
     print(f"Loading {args.source} ...")
     source_model = LlamaForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-    overrides = dict(kv_cache_policy=args.kv_cache_policy, gating=args.gating, relaxation_rank=relaxation_rank)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    except (OSError, ValueError) as error:
+        if args.eval_file:
+            raise ValueError(f"--eval-file needs the source's tokenizer, which could not be loaded: {error}") from error
+        print(f"warning: no tokenizer could be loaded from {args.source} ({error}); the output folder has none.")
+        tokenizer = None
+    overrides = dict(
+        kv_cache_policy=args.kv_cache_policy,
+        gating=args.gating,
+        relaxation_rank=relaxation_rank,
+        router_inference=args.router_inference,
+    )
     if args.capacity:
         overrides["capacity"] = args.capacity
     torch.manual_seed(args.seed)
@@ -334,12 +323,50 @@ def main(argv=None) -> int:
             depth_model="freshly converted, untrained routers",
         )
 
-    dtype = getattr(torch, args.dtype)
-    with staged_output_dir(output_dir, overwrite=args.overwrite) as staging:
-        mor.to(dtype).save_pretrained(staging)
+    mor.to(getattr(torch, args.dtype)).save_pretrained(staging)
+    if tokenizer is not None:
         tokenizer.save_pretrained(staging)
-        save_card(staging, figures)
-    mor.to(torch.float32)
+    save_card(staging, figures)
+    return figures
+
+
+def main(argv=None) -> int:
+    import sys
+    import time
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    from .output_dir import OutputDirExistsError, check_output_dir, staged_output_dir
+
+    args = build_argument_parser().parse_args(argv)
+    start = time.perf_counter()
+    try:
+        output_dir = Path(args.output_dir)
+        check_output_dir(output_dir, args.overwrite)
+        source, gguf_file = _resolve_source(args.source, args.gguf_file)
+        source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+        if source_config.model_type != "llama":
+            raise ValueError(
+                f"{args.source} is a {source_config.model_type!r} checkpoint "
+                f"({', '.join(getattr(source_config, 'architectures', None) or ['unknown architecture'])}). Supported: "
+                f"Llama-architecture checkpoints (model_type 'llama': Llama, SmolLM, SmolLM2), as a folder, Hub id or GGUF file."
+            )
+        num_layers = source_config.num_hidden_layers
+        if args.num_recursions > 1 and (args.sharing_strategy, args.num_recursions) not in valid_recursion_layouts(num_layers):
+            pairs = ", ".join(f"--sharing-strategy {s} --num-recursions {n}" for s, n in valid_recursion_layouts(num_layers))
+            raise ValueError(
+                f"The source has {num_layers} layers, which --sharing-strategy {args.sharing_strategy} with "
+                f"--num-recursions {args.num_recursions} cannot unroll into. Valid choices for it: {pairs or 'none'}."
+            )
+        relaxation_rank = _parse_relaxation_rank(args.relaxation_rank, source_config.hidden_size)
+    except (ValueError, OSError, OutputDirExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+    # Everything is written to a staging folder that becomes OUTPUT_DIR only once complete (see output_dir.py).
+    with staged_output_dir(output_dir, overwrite=args.overwrite) as staging:
+        figures = _convert_into(args, source, gguf_file, num_layers, relaxation_rank, output_dir, staging)
 
     print(f"\nSaved {output_dir} in {time.perf_counter() - start:.0f}s")
     print(f"  source: {figures['base_model']} ({num_layers} layers, {figures['source_parameters']} parameters, licence: {figures['license_note']})")

@@ -1,0 +1,219 @@
+"""The conversion pipeline: CLI, model card, bad input, interrupted runs, Hub push, uptraining."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conversion.convert_llama_to_mor import main as convert_main
+from hub_server import DEFAULT_TOKEN, hub_environment, run_hub_client, running_hub_server
+from test_save_load import run_isolated
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, *args, env=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout, env=env,
+    )
+
+
+@pytest.fixture(scope="module")
+def converted_stories(tmp_path_factory, request):
+    """stories260K converted by the CLI (middle_cycle, N_r = 3), with an evaluation text."""
+    shared = PROJECT_ROOT.parent / "shared" / "data"
+    if not (shared / "stories260K").is_dir():
+        pytest.skip(f"the real checkpoint is not available at {shared / 'stories260K'} (a clone without ../shared)")
+    output = tmp_path_factory.mktemp("cli") / "stories-mor"
+    code = convert_main([
+        str(shared / "stories260K"), str(output), "--num-recursions", "3", "--sharing-strategy", "middle_cycle",
+        "--eval-file", str(shared / "tinystories" / "valid.txt"), "--eval-max-tokens", "2048",
+        "--base-model-license", "mit",
+    ])
+    assert code == 0
+    return output
+
+
+def test_cli_writes_a_complete_folder_that_loads_in_a_fresh_process(converted_stories, tmp_path):
+    names = {path.name for path in converted_stories.iterdir()}
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md",
+            "modeling_mor.py", "configuration_mor.py", "cache_mor.py", "routing_mor.py", "relaxation_mor.py"} <= names
+    config = json.loads((converted_stories / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mor.MoRForCausalLM"
+    assert config["num_recursions"] == 3 and config["sharing_strategy"] == "middle_cycle"
+    assert not any(p.name.startswith(".") for p in converted_stories.parent.iterdir()), "staging folder left behind"
+
+    from transformers import AutoModelForCausalLM
+
+    expected_model = AutoModelForCausalLM.from_pretrained(converted_stories).eval()
+    input_ids = torch.randint(0, 512, (1, 16))
+    torch.save(input_ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        expected = expected_model(input_ids).logits
+    run_isolated(
+        f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(converted_stories)!r}, trust_remote_code=True).eval()
+        tokenizer = AutoTokenizer.from_pretrained({str(converted_stories)!r})
+        assert tokenizer("Once upon a time").input_ids
+        with torch.no_grad():
+            torch.save(model(torch.load({str(tmp_path / 'ids.pt')!r})).logits, {str(tmp_path / 'out.pt')!r})
+        """,
+        cwd=tmp_path,
+    )
+    assert (torch.load(tmp_path / "out.pt") - expected).abs().max().item() <= 1e-6
+
+
+def test_model_card_is_filled_with_the_real_figures(converted_stories):
+    card = (converted_stories / "README.md").read_text()
+    figures = json.loads((converted_stories / "mor_card.json").read_text())
+    assert "${" not in card and "None" not in card
+    assert card.startswith("---\nlicense: mit\n")
+    assert "| unique decoder layers | 5 | 3 |" in card
+    assert f"| parameters | {figures['source_parameters']} | {figures['mor_parameters']} |" in card
+    for label, value in figures["perplexity"].items():
+        assert f"| {label} | {value:.2f} |" in card
+    assert figures["perplexity"][next(iter(figures["perplexity"]))] < 10  # the real source model
+    assert "## Recursion depth per token" in card and "| depth | tokens | share |" in card
+    assert "trust_remote_code=True" in card
+
+
+def _llama_folder(path, num_layers=5, model_type_override=None):
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                         num_hidden_layers=num_layers, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(gpt2)
+    assert convert_main([str(gpt2), str(tmp_path / "out1")]) == 2
+    error = capsys.readouterr().err
+    assert "'gpt2' checkpoint" in error and "Llama-architecture" in error and "SmolLM" in error
+
+    llama = _llama_folder(tmp_path / "llama6", num_layers=6)
+    assert convert_main([str(llama), str(tmp_path / "out2"), "--sharing-strategy", "cycle", "--num-recursions", "4"]) == 2
+    error = capsys.readouterr().err
+    assert "6 layers" in error and "--sharing-strategy cycle --num-recursions 3" in error
+    assert "--sharing-strategy middle_cycle --num-recursions 2" in error
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("precious")
+    assert convert_main([str(llama), str(existing), "--num-recursions", "2"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+
+    assert convert_main([str(llama), str(existing), "--num-recursions", "2", "--overwrite"]) == 0
+    assert (existing / "model.safetensors").exists() and not (existing / "keep.txt").exists()
+
+
+@pytest.mark.parametrize("kill_signal", [signal.SIGTERM, signal.SIGINT])
+def test_an_interrupted_conversion_leaves_no_partial_folder(tmp_path, kill_signal):
+    shared = PROJECT_ROOT.parent / "shared" / "data"
+    if not (shared / "stories260K").is_dir():
+        pytest.skip("needs ../shared/data/stories260K")
+    output = tmp_path / "interrupted"
+    # A long evaluation keeps the conversion busy long enough to be killed mid-way.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "conversion.convert_llama_to_mor", str(shared / "stories260K"), str(output),
+         "--eval-file", str(shared / "tinystories" / "train.txt"), "--eval-max-tokens", "400000"],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".interrupted.incomplete-*")):
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)
+    process.send_signal(kill_signal)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_staging_folder_left_by_sigkill_is_cleaned_by_the_next_run(tmp_path):
+    llama = _llama_folder(tmp_path / "llama")
+    stale = tmp_path / ".out.incomplete-999999999"
+    stale.mkdir()
+    (stale / "model.safetensors").write_text("half written")
+    assert convert_main([str(llama), str(tmp_path / "out"), "--num-recursions", "3"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "out"]
+
+
+def test_full_rank_relaxation_from_the_cli_reproduces_the_source(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    llama_dir = _llama_folder(tmp_path / "llama")
+    assert convert_main([str(llama_dir), str(tmp_path / "relaxed"), "--num-recursions", "3", "--routing", "none",
+                         "--relaxation-rank", "full"]) == 0
+    source = LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    relaxed = AutoModelForCausalLM.from_pretrained(tmp_path / "relaxed").eval()
+    input_ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        assert (relaxed(input_ids).logits - source(input_ids).logits).abs().max().item() <= 1e-4
+
+
+def test_push_to_hub_round_trip(converted_stories, tmp_path):
+    with running_hub_server(tmp_path / "hub") as url:
+        env = hub_environment(url, DEFAULT_TOKEN, tmp_path / "home")
+        pushed = run_module("conversion.push_to_hub", converted_stories, "test-user/stories-mor", "--private",
+                            "--commit-message", "first upload", env=env)
+        assert pushed.returncode == 0, pushed.stderr
+        output = run_hub_client(
+            f"""
+            import torch
+            from huggingface_hub import HfApi
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            files = set(HfApi().list_repo_files("test-user/stories-mor"))
+            assert {{"README.md", "modeling_mor.py", "routing_mor.py", "cache_mor.py", "tokenizer.json",
+                     "model.safetensors", "config.json"}} <= files, files
+            assert HfApi().list_repo_commits("test-user/stories-mor")[0].title == "first upload"
+            model = AutoModelForCausalLM.from_pretrained("test-user/stories-mor", trust_remote_code=True).eval()
+            tokenizer = AutoTokenizer.from_pretrained("test-user/stories-mor")
+            ids = tokenizer("Once upon a time", return_tensors="pt").input_ids
+            with torch.no_grad():
+                torch.save(model(ids).logits, {str(tmp_path / 'hub_logits.pt')!r})
+            torch.save(ids, {str(tmp_path / 'hub_ids.pt')!r})
+            """,
+            env={**env, **{"PYTHONPATH": ""}},
+            cwd=tmp_path,
+        )
+        anonymous = run_module("conversion.push_to_hub", converted_stories, "test-user/other",
+                               env=hub_environment(url, "hf_wrong_token", tmp_path / "home2"))
+    from transformers import AutoModelForCausalLM
+
+    local = AutoModelForCausalLM.from_pretrained(converted_stories).eval()
+    with torch.no_grad():
+        expected = local(torch.load(tmp_path / "hub_ids.pt")).logits
+    assert (torch.load(tmp_path / "hub_logits.pt") - expected).abs().max().item() <= 1e-6
+    # A failed push says why and leaves the local folder as it was.
+    assert anonymous.returncode == 1
+    assert "failed" in anonymous.stderr and "local folder is intact" in anonymous.stderr
+    assert (converted_stories / "model.safetensors").exists()
+
+
+def test_cli_push_failure_keeps_the_converted_folder(tmp_path):
+    llama_dir = _llama_folder(tmp_path / "llama")
+    with running_hub_server(tmp_path / "hub") as url:
+        env = hub_environment(url, "hf_wrong_token", tmp_path / "home")
+        result = run_module("conversion.convert_llama_to_mor", llama_dir, tmp_path / "out", "--num-recursions", "3",
+                            "--push-to-hub", "someone/model", env=env)
+    assert result.returncode == 1
+    assert "pushing" in result.stderr and "local folder is intact" in result.stderr
+    assert (tmp_path / "out" / "model.safetensors").exists()
