@@ -2,8 +2,9 @@
 
 Each shared layer of the recursion block is initialized from the pretrained layers that will be tied to it
 ("stepwise", "average", "lower", "upper" or "random"); the unshared first and last layers of the middle_* strategies,
-the embeddings, the final norm and the LM head are copied as they are. Routers start at zero, and conversions use the
-"update" gating by default, so that a token routed to full depth computes exactly what the tied recursive Llama does.
+the embeddings, the final norm and the LM head are copied as they are. Conversions use the "update" gating and
+auxiliary routers by default, and the routers start neutral: a fresh conversion in eval mode routes every token to
+full depth and computes exactly what the tied recursive Llama does; uptraining then teaches the routers.
 
 Example:
 
@@ -136,9 +137,7 @@ def convert_llama_to_mor(
     mor.model.embed_tokens.load_state_dict(model.model.embed_tokens.state_dict())
     mor.model.norm.load_state_dict(model.model.norm.state_dict())
     mor.lm_head.load_state_dict(model.lm_head.state_dict())
-    # Routers start at zero: the gate of a zero logit is neutral under the "update" gating.
-    for router in mor.routers():
-        router.zero_output_()
+    mor.start_routing_from_recursive_model_()
     return mor
 
 

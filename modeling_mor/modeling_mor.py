@@ -504,6 +504,14 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def start_routing_from_recursive_model_(self) -> None:
+        """Resets the routers of a freshly converted model so that it starts as the tied recursive model: every gate
+        is exactly neutral and, with expert-choice and auxiliary routers (the conversion default), every token takes
+        every recursion step in eval mode. See `start_from_recursive_model_` in routing_mor.py."""
+        routing = self.model.recursion_block.routing
+        if routing is not None:
+            routing.start_from_recursive_model_()
+
     def routers(self) -> list[nn.Module]:
         """Every router module (the step routers, the auxiliary routers, or the token-choice router)."""
         return [module for module in self.modules() if isinstance(module, MoRRouter)]

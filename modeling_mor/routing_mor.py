@@ -14,25 +14,30 @@ from .configuration_mor import MoRConfig
 class MoRRouter(nn.Module):
     """A small scorer on hidden states: linear, or a two-layer MLP."""
 
-    def __init__(self, config: MoRConfig, num_outputs: int):
+    def __init__(self, config: MoRConfig, num_outputs: int, bias: bool = False):
         super().__init__()
         if config.router_type == "linear":
-            self.scorer = nn.Linear(config.hidden_size, num_outputs, bias=False)
+            self.scorer = nn.Linear(config.hidden_size, num_outputs, bias=bias)
         else:
             self.scorer = nn.Sequential(
                 nn.Linear(config.hidden_size, config.hidden_size // 2, bias=False),
                 nn.GELU(),
-                nn.Linear(config.hidden_size // 2, num_outputs, bias=False),
+                nn.Linear(config.hidden_size // 2, num_outputs, bias=bias),
             )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.scorer(hidden_states)
 
+    @property
+    def output_layer(self) -> nn.Linear:
+        return self.scorer if isinstance(self.scorer, nn.Linear) else self.scorer[-1]
+
     @torch.no_grad()
-    def zero_output_(self) -> None:
-        """Makes every logit exactly zero (a neutral gate under "update" gating); gradients still flow."""
-        output_layer = self.scorer if isinstance(self.scorer, nn.Linear) else self.scorer[-1]
-        output_layer.weight.zero_()
+    def set_constant_output_(self, logit: float = 0.0) -> None:
+        """Makes every logit `logit` (0: a neutral gate under "update" gating); gradients still flow."""
+        self.output_layer.weight.zero_()
+        if self.output_layer.bias is not None:
+            self.output_layer.bias.fill_(logit)
 
 
 def apply_gate(config: MoRConfig, hidden_states, block_output, gate):
@@ -58,6 +63,11 @@ def hierarchical_top_k(scores, active, token_valid, config: MoRConfig, step: int
     return (rank < top_k.unsqueeze(-1)) & active
 
 
+# sigmoid(1) = 0.73: above the default threshold, so every token continues, yet close enough to it that a short
+# uptraining (a few hundred optimizer steps) can teach the auxiliary routers when to stop.
+FULL_DEPTH_LOGIT = 1.0
+
+
 class ExpertChoiceRouting(nn.Module):
     """One router per recursion step; each step keeps the tokens it scores highest (MOR_SPEC section 2)."""
 
@@ -67,9 +77,20 @@ class ExpertChoiceRouting(nn.Module):
         self.routers = nn.ModuleList([MoRRouter(config, 1) for _ in range(config.num_recursions)])
         if config.router_inference == "auxiliary":
             # Only steps that make a decision (capacity < 1) need one; keys are the step numbers.
+            # They only decide (no gate), so they carry a bias: a converted model can start with every token continuing.
             self.auxiliary_routers = nn.ModuleDict(
-                {str(step): MoRRouter(config, 1) for step, fraction in enumerate(config.capacity) if fraction < 1.0}
+                {str(step): MoRRouter(config, 1, bias=True) for step, fraction in enumerate(config.capacity) if fraction < 1.0}
             )
+
+    @torch.no_grad()
+    def start_from_recursive_model_(self) -> None:
+        """For a freshly converted model: every gate exactly neutral, and, with auxiliary routers, every token
+        continuing to full depth in eval mode, so the model starts as the tied recursive model. Uptraining then
+        teaches the routers (with threshold inference the zero logit sits at the threshold: tokens stop at step 1)."""
+        for router in self.routers:
+            router.set_constant_output_(0.0)
+        for router in getattr(self, "auxiliary_routers", {}).values():
+            router.set_constant_output_(FULL_DEPTH_LOGIT)
 
     def gate_from_logits(self, logits):
         activation = torch.sigmoid if self.config.router_activation == "sigmoid" else torch.tanh
@@ -119,6 +140,13 @@ class TokenChoiceRouting(nn.Module):
         self.router = MoRRouter(config, config.num_recursions)
         # Loss-free balancing: a bias used for selection only, nudged towards an even load during training.
         self.register_buffer("selection_bias", torch.zeros(config.num_recursions), persistent=True)
+
+    @torch.no_grad()
+    def start_from_recursive_model_(self) -> None:
+        """For a freshly converted model: uniform probabilities, so every gate is exactly neutral (every token then
+        takes depth 1 until uptraining teaches the router)."""
+        self.router.set_constant_output_(0.0)
+        self.selection_bias.zero_()
 
     def forward(self, hidden_states, token_valid):
         """Returns the depth of every token ([batch, seq] long, 0 for padding), its gate weight and the losses."""

@@ -84,9 +84,26 @@ def test_converted_full_depth_expert_choice_equals_tied_llama():
     assert (outputs.recursion_depth == 3).all()
 
 
+@pytest.mark.parametrize("strategy,num_recursions", [("middle_cycle", 3), ("cycle", 2)])
+def test_fresh_default_conversion_starts_as_the_tied_model(strategy, num_recursions):
+    """Default conversion (expert-choice, auxiliary routers, update gating): eval mode sends every token to full
+    depth with neutral gates, so the converted model is the tied recursive Llama until uptraining."""
+    llama = tiny_llama(num_hidden_layers=8)
+    mor = convert_llama_to_mor(llama, num_recursions=num_recursions, sharing_strategy=strategy).eval()
+    assert mor.config.router_inference == "auxiliary" and mor.config.capacity[-1] < 1
+    reference = _unrolled_llama(mor, "eager")
+    input_ids = torch.randint(0, llama.config.vocab_size, (2, 9))
+    with torch.no_grad():
+        outputs = mor(input_ids, output_recursion_depth=True)
+        assert (outputs.logits - reference(input_ids, use_cache=False).logits).abs().max().item() <= 1e-5
+    assert (outputs.recursion_depth == num_recursions).all()
+
+
 def test_eager_and_sdpa_agree_with_routing():
     llama = tiny_llama(num_hidden_layers=8)
-    mor = convert_llama_to_mor(llama, num_recursions=3, sharing_strategy="middle_cycle", routing="expert_choice")
+    mor = convert_llama_to_mor(
+        llama, num_recursions=3, sharing_strategy="middle_cycle", routing="expert_choice", router_inference="threshold"
+    )
     with torch.no_grad():
         for router in mor.routers():
             torch.nn.init.normal_(router.scorer.weight, std=2.0)
