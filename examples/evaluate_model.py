@@ -1,0 +1,175 @@
+"""Evaluate an MoR or Llama checkpoint offline: perplexity, few-shot multiple-choice accuracy, routing statistics.
+
+The metric values come from the `evaluate` metric modules shipped in `metrics/` (loaded by path: nothing is
+downloaded); `--metric-source hub` uses the Hub's "perplexity" and "accuracy" metrics instead, where the Hub is
+reachable. Routing statistics (MoR only) are measured on the tokens the perplexity scores, with eval-mode (causal)
+routing.
+
+Example (from the repository root; the first command builds an MoR folder from the stories260K Llama checkpoint):
+
+```bash
+python -c "
+from transformers import AutoTokenizer, LlamaForCausalLM
+from conversion.convert_llama_to_mor import convert_llama_to_mor
+llama = LlamaForCausalLM.from_pretrained('../shared/data/stories260K')
+convert_llama_to_mor(llama, num_recursions=3, sharing_strategy='middle_cycle').save_pretrained('/tmp/mor-stories')
+AutoTokenizer.from_pretrained('../shared/data/stories260K').save_pretrained('/tmp/mor-stories')
+"
+python examples/evaluate_model.py /tmp/mor-stories \
+    --eval-file ../shared/data/tinystories/valid.txt --max-tokens 20000 \
+    --mc-file examples/data/tiny_stories_mc.jsonl --num-fewshot 3 --output-json /tmp/mor-stories-eval.json
+```
+
+Without `--eval-file` and `--mc-file` it uses the small files in `examples/data/`.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# Lets `python examples/evaluate_model.py` import the project's `evaluation` package without installing it.
+sys.path.insert(0, str(REPO_ROOT))
+
+from evaluation import (  # noqa: E402
+    load_model_and_tokenizer,
+    multiple_choice_accuracy,
+    routing_statistics,
+    text_file_perplexity,
+)
+
+
+DATA_DIR = REPO_ROOT / "examples" / "data"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="Perplexity, few-shot multiple-choice accuracy and routing statistics of an MoR or Llama model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("model", help="a model folder (MoR or Llama checkpoint with its tokenizer) or a Hub id")
+    parser.add_argument(
+        "--eval-file", default=str(DATA_DIR / "tiny_stories_sample.txt"), help="text file for perplexity"
+    )
+    parser.add_argument(
+        "--mc-file",
+        default=str(DATA_DIR / "tiny_stories_mc.jsonl"),
+        help="multiple-choice JSONL (context/question, choices, answer index)",
+    )
+    parser.add_argument("--num-fewshot", type=int, default=3, help="solved examples before each question")
+    parser.add_argument(
+        "--max-tokens", type=int, default=None, help="score only the first N tokens of --eval-file (default: all)"
+    )
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per perplexity window (BOS included)")
+    parser.add_argument(
+        "--stride", type=int, default=128, help="tokens between window starts; 0 truncates to one window instead"
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument(
+        "--metric-source",
+        choices=["local", "hub"],
+        default="local",
+        help="local: the metric modules in metrics/ (offline); hub: the Hub's 'perplexity' and 'accuracy'",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output-json", default=None, help="also write every result to this JSON file")
+    return parser.parse_args(argv)
+
+
+def describe_model(model) -> str:
+    config = model.config
+    if config.model_type != "mor":
+        return f"{type(model).__name__} ({config.model_type}, {config.num_hidden_layers} layers)"
+    return (
+        f"{type(model).__name__} (mor: {config.sharing_strategy}, num_recursions={config.num_recursions}, "
+        f"routing={config.routing}, {config.num_hidden_layers} unrolled layers)"
+    )
+
+
+def print_report(results: dict) -> None:
+    print()
+    print(f"Model: {results['model']}")
+    print(f"  {results['model_description']}")
+    perplexity = results["perplexity"]
+    stride = f"stride {perplexity['stride']}" if perplexity["stride"] else "no stride"
+    print(
+        f"Perplexity: {perplexity['perplexity']:.4f} over {perplexity['num_tokens']} tokens of {results['eval_file']} "
+        f"(windows of {perplexity['max_length']} tokens, {stride}; metric {perplexity['metric']})"
+    )
+    choice = results["multiple_choice"]
+    print(
+        f"{choice['num_fewshot']}-shot multiple choice: accuracy {choice['accuracy']:.4f}, accuracy_norm "
+        f"{choice['accuracy_norm']:.4f} on {choice['num_items']} items (chance {choice['chance_accuracy']:.4f}; "
+        f"metric {choice['metric']})"
+    )
+    routing = results["routing"]
+    if routing is None:
+        print("Routing: not an MoR model")
+        return
+    histogram = ", ".join(f"{depth}: {count}" for depth, count in routing["depth_histogram"].items())
+    print(
+        f"Routing: mean depth {routing['mean_depth']:.4f} of {routing['num_recursions']} over {routing['num_tokens']} "
+        f"tokens; depth histogram {{{histogram}}}"
+    )
+    print(
+        f"  compute saved vs full depth: recursion block {100 * routing['block_compute_saved']:.2f}%, whole model "
+        f"{100 * routing['model_compute_saved']:.2f}% (B={routing['block_size']} shared layers, "
+        f"L={routing['num_hidden_layers']}, {routing['unshared_end_layers']} unshared end layers)"
+    )
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    stride = args.stride or None
+
+    # Loading first: an unsupported folder fails here, before any metric runs.
+    model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    perplexity = text_file_perplexity(
+        args.model,
+        args.eval_file,
+        max_tokens=args.max_tokens,
+        max_length=args.max_length,
+        stride=stride,
+        batch_size=args.batch_size,
+        device=args.device,
+        metric_source=args.metric_source,
+    )
+    choice = multiple_choice_accuracy(
+        model,
+        tokenizer,
+        args.mc_file,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        metric_source=args.metric_source,
+    )
+    routing = routing_statistics(
+        model,
+        tokenizer,
+        args.eval_file,
+        max_tokens=args.max_tokens,
+        max_length=args.max_length,
+        stride=stride,
+        batch_size=args.batch_size,
+    )
+    results = {
+        "model": args.model,
+        "model_description": describe_model(model),
+        "eval_file": args.eval_file,
+        "mc_file": args.mc_file,
+        "perplexity": perplexity,
+        "multiple_choice": choice,
+        "routing": routing,
+    }
+    print_report(results)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"Wrote {args.output_json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
