@@ -22,6 +22,10 @@ setup(
         "train": ["accelerate>=1.1", "tqdm", "matplotlib"],
         "peft": ["peft>=0.17"],
         "eval": ["evaluate>=0.4.3"],
-        "dev": ["pytest>=8", "accelerate>=1.1", "tqdm", "matplotlib", "peft>=0.17", "evaluate>=0.4.3"],
+        "lm-eval": ["lm-eval[hf]==0.4.13"],
+        "dev": [
+            "pytest>=8", "accelerate>=1.1", "tqdm", "matplotlib", "peft>=0.17", "evaluate>=0.4.3", "datasets",
+            "lm-eval[hf]==0.4.13",
+        ],
     },
 )
