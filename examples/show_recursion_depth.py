@@ -1,0 +1,122 @@
+"""Generate a continuation with an MoR model and show how many recursion steps every token took.
+
+Prints the text with each token's depth, and saves a picture: one coloured box per token, darker = deeper.
+
+Example:
+
+    python examples/show_recursion_depth.py outputs/stories-mor-uptrained --prompt "Once upon a time" \\
+        --max-new-tokens 60 --output depths.png
+"""
+
+import argparse
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+def generate_with_depths(model, tokenizer, prompt: str, max_new_tokens: int = 60, do_sample: bool = False, seed: int = 0):
+    """Returns (token strings, their recursion depths, number of prompt tokens) for prompt + continuation."""
+    torch.manual_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    outputs = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        return_dict_in_generate=True,
+        output_recursion_depth=True,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+    )
+    token_ids = outputs.sequences[0].tolist()
+    return token_strings(tokenizer, token_ids), outputs.recursion_depth[0].tolist(), inputs["input_ids"].shape[1]
+
+
+def token_strings(tokenizer, token_ids) -> list[str]:
+    """The text each token adds (decoding prefixes keeps the spaces that decoding tokens one by one drops)."""
+    pieces, previous = [], ""
+    for end in range(1, len(token_ids) + 1):
+        text = tokenizer.decode(token_ids[:end])
+        pieces.append(text[len(previous):])
+        previous = text
+    return pieces
+
+
+def format_depths(tokens, depths) -> str:
+    """`token[depth]` for every token, on lines of about 100 characters."""
+    lines, line = [], ""
+    for token, depth in zip(tokens, depths):
+        piece = f"{token.replace(chr(10), ' ')}[{depth}]"
+        if len(line) + len(piece) > 100:
+            lines.append(line)
+            line = ""
+        line += piece
+    return "\n".join([*lines, line])
+
+
+def plot_token_depths(tokens, depths, num_recursions: int, path, prompt_length: int = 0, title: str | None = None):
+    """Saves a picture of the tokens as boxes coloured by recursion depth (prompt tokens outlined)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
+
+    colours = plt.get_cmap("Blues")
+    per_line, x, y = 110, 0.0, 0.0
+    boxes = []
+    for index, (token, depth) in enumerate(zip(tokens, depths)):
+        text = token.replace("\n", "\\n") or " "
+        width = max(1.0, len(text)) + 0.6
+        if x + width > per_line:
+            x, y = 0.0, y - 1.6
+        boxes.append((x, y, width, text, depth, index < prompt_length))
+        x += width + 0.2
+    height = -y + 2.5
+    figure, axis = plt.subplots(figsize=(14, 0.45 * height + 1.2))
+    for x, y, width, text, depth, is_prompt in boxes:
+        shade = colours(0.15 + 0.8 * depth / max(1, num_recursions))
+        axis.add_patch(Rectangle((x, y), width, 1.2, facecolor=shade, edgecolor="black" if is_prompt else "none",
+                                 linewidth=0.8))
+        axis.text(x + width / 2, y + 0.6, text, ha="center", va="center", fontsize=8,
+                  color="white" if depth / max(1, num_recursions) > 0.6 else "black")
+    axis.set_xlim(0, per_line)
+    axis.set_ylim(y - 0.5, 1.7)
+    axis.axis("off")
+    legend = [Rectangle((0, 0), 1, 1, facecolor=colours(0.15 + 0.8 * d / max(1, num_recursions)))
+              for d in range(1, num_recursions + 1)]
+    axis.legend(legend, [f"depth {d}" for d in range(1, num_recursions + 1)], loc="upper right", ncol=num_recursions,
+                fontsize=8, frameon=False, bbox_to_anchor=(1.0, 1.25))
+    mean_depth = sum(depths) / max(1, len(depths))
+    axis.set_title(title or f"Recursion depth per token (mean {mean_depth:.2f} of {num_recursions}; prompt outlined)",
+                   fontsize=10, loc="left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=130)
+    plt.close(figure)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", help="an MoR model folder or Hub id")
+    parser.add_argument("--prompt", default="Once upon a time")
+    parser.add_argument("--max-new-tokens", type=int, default=60)
+    parser.add_argument("--do-sample", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="recursion_depths.png", help="where to save the picture")
+    args = parser.parse_args()
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
+    if getattr(model.config, "model_type", None) != "mor":
+        parser.error(f"{args.model} is a {model.config.model_type!r} model; recursion depths need an MoR model.")
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokens, depths, prompt_length = generate_with_depths(
+        model, tokenizer, args.prompt, args.max_new_tokens, args.do_sample, args.seed
+    )
+    print(format_depths(tokens, depths))
+    generated = depths[prompt_length:]
+    print(f"\nmean depth of the generated tokens: {sum(generated) / max(1, len(generated)):.2f} "
+          f"(of {model.config.num_recursions})")
+    plot_token_depths(tokens, depths, model.config.num_recursions, args.output, prompt_length)
+    print(f"picture saved to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
