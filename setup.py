@@ -13,7 +13,7 @@ setup(
     install_requires=[
         # The model code checks this range at import (modeling_mor/configuration_mor.py).
         "transformers>=5.24.0,<6",
-        "torch>=2.4",
+        "torch>=2.6",  # the floor of transformers 5.24 itself; tested with 2.13
         "safetensors>=0.4.3",
         "huggingface-hub>=1.0",
         "packaging",

@@ -125,3 +125,20 @@ def test_remote_code_imports_only_torch_transformers_and_siblings():
             else:
                 continue
             assert roots <= allowed_roots, (path.name, roots)
+
+
+@pytest.mark.parametrize("version", ["5.10.0", "6.0.0"])
+def test_unsupported_transformers_fails_at_import_with_a_clear_error(version):
+    script = f"""
+    import transformers
+    transformers.__version__ = {version!r}
+    try:
+        import modeling_mor
+    except ImportError as error:
+        print(error)
+    else:
+        raise SystemExit("no error")
+    """
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"transformers {version} is installed" in result.stdout and "pip install 'transformers>=" in result.stdout
