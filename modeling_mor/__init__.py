@@ -19,4 +19,12 @@ MoRConfig.register_for_auto_class()
 MoRModel.register_for_auto_class("AutoModel")
 MoRForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
+# PEFT's default LoRA targets for model_type "mor" (Llama's), so that LoraConfig() works without target_modules.
+try:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+except ImportError:
+    pass
+else:
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.setdefault("mor", ["q_proj", "v_proj"])
+
 __all__ = ["MoRConfig", "MoRPreTrainedModel", "MoRModel", "MoRForCausalLM", "MoRCache", "valid_recursion_layouts"]

@@ -262,6 +262,11 @@ class MoRRecursionBlock(nn.Module):
         return [(step, [position]) for position in positions for step in steps]
 
     def forward(self, hidden_states, token_index, token_valid, position_embeddings, cache=None, **kwargs):
+        """Applies the recursion steps to the tokens routed to them.
+
+        `token_index` ([batch, seq]) is every token's index in the whole sequence (past tokens included): masks are
+        built from it because each step sees a packed subset of the tokens. Returns the hidden states, the recursion
+        depth of every token and the (unweighted) router losses, averaged over steps."""
         config = self.config
         recursion_depth = torch.zeros_like(token_index)
         router_losses: dict[str, list[torch.Tensor]] = {}
@@ -287,7 +292,6 @@ class MoRRecursionBlock(nn.Module):
             active_tokens = active_by_step[step]
             if active_tokens.rows.numel() == 0:
                 continue
-
             query_index = active_tokens.gather(token_index).masked_fill(~active_tokens.valid, -1)
             shares_step_one = config.kv_cache_policy == "shared" and step > 0
             if step not in key_layout_by_step:
@@ -299,22 +303,18 @@ class MoRRecursionBlock(nn.Module):
                     )
                 else:
                     key_layout_by_step[step] = (query_index, active_tokens.valid)
-            key_index, key_valid = key_layout_by_step[step]
             if active_tokens.is_everything and cache is None and config._attn_implementation == "sdpa":
-                attention_mask = None  # the plain causal layout
+                attention_mask = None  # the plain causal layout: sdpa's causal kernel
             else:
-                attention_mask = build_attention_mask(config, query_index, key_index, key_valid, hidden_states.dtype)
-            cos, sin = position_embeddings
-            step_position_embeddings = (active_tokens.gather(cos), active_tokens.gather(sin))
+                attention_mask = build_attention_mask(config, query_index, *key_layout_by_step[step], hidden_states.dtype)
 
             block_input = active_tokens.gather(hidden_states)
             block_hidden = block_input
+            step_position_embeddings = tuple(active_tokens.gather(part) for part in position_embeddings)
             for position in positions:
                 shared_key_value = None
                 if shares_step_one:
-                    shared_key_value = self._rows_of(
-                        step_one_key_values[position], active_by_step[0], active_tokens, batch_dim=0
-                    )
+                    shared_key_value = self._rows_of(step_one_key_values[position], active_by_step[0], active_tokens)
                 block_hidden, key_value = self.layers[position](
                     block_hidden,
                     attention_mask=attention_mask,
@@ -346,14 +346,15 @@ class MoRRecursionBlock(nn.Module):
             router_losses.setdefault(name, []).append(value)
 
     @staticmethod
-    def _rows_of(tensors, step_one_tokens: ActiveTokens, active_tokens: ActiveTokens, batch_dim: int = 0):
-        """Restricts step-1 tensors (one row per row that took step 1) to the rows taking the current step."""
+    def _rows_of(tensors, step_one_tokens: ActiveTokens, active_tokens: ActiveTokens):
+        """Restricts step-1 tensors (batch-first, one row per row that took step 1) to the rows taking this step,
+        which are a subset of them because a token that stops never continues."""
         if torch.equal(step_one_tokens.rows, active_tokens.rows):
             return tensors
         lookup = torch.full((int(step_one_tokens.rows.max()) + 1,), -1, device=active_tokens.rows.device)
         lookup[step_one_tokens.rows] = torch.arange(step_one_tokens.rows.numel(), device=lookup.device)
         row_positions = lookup[active_tokens.rows]
-        return tuple(tensor.index_select(batch_dim, row_positions) for tensor in tensors)
+        return tuple(tensor.index_select(0, row_positions) for tensor in tensors)
 
 
 class MoRPreTrainedModel(PreTrainedModel):

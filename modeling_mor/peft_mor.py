@@ -14,10 +14,11 @@ check_lora_target_modules(model, target_modules)  # a clear error for a name tha
 model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=target_modules, task_type="CAUSAL_LM"))
 ```
 
-The routers are small Linear scorers (`model.recursion_block.routing.routers.{r}.scorer`). Give them LoRA adapters
-(their names in `target_modules`), or train them fully (their names in `modules_to_save`, a few thousand weights).
-A converted checkpoint whose routers were never trained needs one of the two: its routers output zero, and in eval mode
-a zero logit (sigmoid 0.5, not above the 0.5 threshold) ends every token's recursion after the first full-capacity step.
+The routers are small Linear scorers (`model.recursion_block.routing.routers.{r}.scorer`, and the auxiliary routers'
+`...auxiliary_routers.{r}.scorer`). Give them LoRA adapters (their names in `target_modules`), or train them fully
+(their names in `modules_to_save`: hidden_size weights per linear router). A converted checkpoint that was not
+uptrained needs one of the two: its routers start constant (zero weights), so every token gets the same score and the
+depth ignores the token until the routers are trained.
 
 This file is a helper for training scripts, not model code: checkpoints do not carry it, and it imports neither peft nor
 anything beyond torch. It works on the model before `get_peft_model`, whether its class comes from this package or from

@@ -1,0 +1,325 @@
+"""Fine-tune a Mixture-of-Recursions (MoR) model with LoRA adapters (PEFT) and the transformers Trainer.
+
+The shared layers of the recursion block run once per recursion step, so a LoRA adapter on a shared projection is one
+adapter that serves every step: the adapter holds one LoRA module per unique layer and projection. Optionally the
+routers are trained too (`--lora-routers`), which a converted checkpoint that was not uptrained needs: its routers
+start constant (zero weights), so every token gets the same recursion depth whatever the token until they are trained.
+
+The script prints a few greedy samples and the perplexity (and mean recursion depth) on an eval set before and after
+training, logs the training loss through Trainer, and saves the adapter (and the tokenizer) to --output-dir.
+
+Example, from the repository root (`pip install -e '.[peft]'`): convert the tiny stories260K Llama into MoR form, then
+fine-tune it on TinyStories text or on the bundled instructions:
+
+    python -m conversion.convert_llama_to_mor ../shared/data/stories260K mor-stories260K \\
+        --num-recursions 3 --sharing-strategy middle_cycle
+    python examples/finetune_lora.py --model mor-stories260K \\
+        --train-file ../shared/data/tinystories/train.txt --eval-file ../shared/data/tinystories/valid.txt \\
+        --format text --block-size 128 --max-eval-tokens 8192 --lora-routers --max-steps 150 --learning-rate 5e-3 \\
+        --output-dir lora-stories260K
+    python examples/finetune_lora.py --model mor-stories260K --train-file examples/data/instructions.jsonl \\
+        --format instructions --lora-routers --max-steps 150 --learning-rate 5e-3 --output-dir lora-instructions
+
+Load the adapter afterwards with:
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained("mor-stories260K")
+    model = PeftModel.from_pretrained(base, "lora-stories260K")  # or .merge_and_unload() for a plain MoR model
+
+Data formats (--format):
+    text          a plain text file; tokenized as one stream and cut into blocks of --block-size tokens.
+    instructions  a JSON Lines file of {"instruction": ..., "response": ...}; the loss is on the response tokens.
+Without --eval-file, the last 10% of the training blocks or examples are held out for the perplexity.
+"""
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+# Importing the package registers the MoR classes with the Auto classes (no remote code needed).
+from modeling_mor.peft_mor import LLAMA_PROJECTIONS, check_lora_target_modules, router_linear_names
+
+
+INSTRUCTION_TEMPLATE = "Instruction: {instruction}\nResponse:"
+DEFAULT_TEXT_PROMPTS = [
+    "Once upon a time, there was a little dog",
+    "Lily and Ben went to the park",
+    "The sun was hot, so",
+]
+DEFAULT_INSTRUCTION_PROMPTS = [
+    "Write a story about a cat who likes the rain.",
+    "Tell a story about a boy who finds a lost kitten.",
+    "Write a story about a girl and a big tree.",
+]
+IGNORE_INDEX = -100
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the docstring's layout and shows every default."""
+
+
+def build_argument_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--model", required=True, help="A MoR model folder (e.g. a converted Llama) or a Hub id.")
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Load the model with the code saved in its checkpoint instead of the installed modeling_mor package.",
+    )
+    parser.add_argument("--train-file", required=True, help="Training data: a .txt file or an instruction .jsonl file.")
+    parser.add_argument("--eval-file", default=None, help="Eval data in the same format (default: hold out 10%%).")
+    parser.add_argument("--format", choices=["text", "instructions"], default="text", help="How to read the files.")
+    parser.add_argument("--block-size", type=int, default=256, help="Tokens per training block / longest example.")
+    parser.add_argument("--max-eval-tokens", type=int, default=32768, help="At most this many eval tokens.")
+
+    parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank.")
+    parser.add_argument("--lora-alpha", type=int, default=16, help="LoRA scaling numerator (scale = alpha / r).")
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="Dropout on the LoRA input.")
+    parser.add_argument(
+        "--target-modules",
+        nargs="+",
+        default=list(LLAMA_PROJECTIONS),
+        help="Module names that get LoRA adapters (each unique layer's module of that name).",
+    )
+    parser.add_argument(
+        "--lora-routers",
+        nargs="?",
+        const="lora",
+        choices=["lora", "full"],
+        default=None,
+        help="Also train the routers: 'lora' (the default when the flag is given alone) adds LoRA adapters to the "
+        "router scorers, 'full' trains the router weights themselves (PEFT modules_to_save).",
+    )
+
+    parser.add_argument("--max-steps", type=int, default=150, help="Optimizer steps.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Sequences per step.")
+    parser.add_argument("--learning-rate", type=float, default=2e-3, help="Peak learning rate (linear decay).")
+    parser.add_argument("--warmup-steps", type=int, default=10, help="Linear warmup steps.")
+    parser.add_argument("--logging-steps", type=int, default=10, help="Log the training loss every N steps.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed for the LoRA init and the data order.")
+
+    parser.add_argument("--prompts", nargs="*", default=None, help="Prompts (instructions) for the samples.")
+    parser.add_argument("--sample-tokens", type=int, default=40, help="New tokens per greedy sample.")
+    parser.add_argument("--output-dir", required=True, help="Where the adapter and tokenizer are saved.")
+    parser.add_argument("--save-merged", action="store_true", help="Also save the merged model to OUTPUT_DIR/merged.")
+    return parser
+
+
+def text_blocks(path, tokenizer, block_size):
+    """The file as one token stream, cut into full blocks of `block_size` tokens (labels = inputs)."""
+    token_ids = tokenizer(Path(path).read_text(encoding="utf-8"))["input_ids"]
+    examples = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        block = token_ids[start : start + block_size]
+        examples.append({"input_ids": block, "labels": list(block)})
+    return examples
+
+
+def instruction_examples(path, tokenizer, block_size):
+    """Prompt + response + EOS per line; the prompt tokens are masked out of the labels."""
+    examples = []
+    with open(path, encoding="utf-8") as file:
+        for line in file:
+            if not line.strip():
+                continue
+            record = json.loads(line)
+            prompt_ids = tokenizer(INSTRUCTION_TEMPLATE.format(instruction=record["instruction"]))["input_ids"]
+            response_ids = tokenizer(record["response"], add_special_tokens=False)["input_ids"]
+            response_ids = response_ids + [tokenizer.eos_token_id]
+            input_ids = (prompt_ids + response_ids)[:block_size]
+            labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:block_size]
+            examples.append({"input_ids": input_ids, "labels": labels})
+    return examples
+
+
+def load_examples(path, data_format, tokenizer, block_size):
+    if data_format == "text":
+        return text_blocks(path, tokenizer, block_size)
+    return instruction_examples(path, tokenizer, block_size)
+
+
+def make_collator(pad_token_id):
+    """Pads a list of examples on the right to the longest one; padding is masked out of attention and loss."""
+
+    def collate(examples):
+        longest = max(len(example["input_ids"]) for example in examples)
+        input_ids, attention_mask, labels = [], [], []
+        for example in examples:
+            padding = longest - len(example["input_ids"])
+            input_ids.append(example["input_ids"] + [pad_token_id] * padding)
+            attention_mask.append([1] * len(example["input_ids"]) + [0] * padding)
+            labels.append(example["labels"] + [IGNORE_INDEX] * padding)
+        return {
+            "input_ids": torch.tensor(input_ids),
+            "attention_mask": torch.tensor(attention_mask),
+            "labels": torch.tensor(labels),
+        }
+
+    return collate
+
+
+@torch.no_grad()
+def perplexity_and_depth(model, eval_examples, collate, batch_size):
+    """Token-weighted perplexity of the labelled tokens (eval mode: causal routing), and the mean recursion depth of
+    the real tokens."""
+    model.eval()
+    device = next(model.parameters()).device
+    total_loss, total_predicted, total_depth, total_tokens = 0.0, 0, 0, 0
+    for start in range(0, len(eval_examples), batch_size):
+        batch = {name: tensor.to(device) for name, tensor in collate(eval_examples[start : start + batch_size]).items()}
+        outputs = model(**batch, output_recursion_depth=True)
+        num_predicted = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        # lm_loss is the language-modelling loss alone (the loss adds the router losses during training).
+        total_loss += outputs.lm_loss.item() * num_predicted
+        total_predicted += num_predicted
+        total_depth += int(outputs.recursion_depth.sum())
+        total_tokens += int(batch["attention_mask"].sum())
+    return math.exp(total_loss / total_predicted), total_depth / total_tokens
+
+
+@torch.no_grad()
+def greedy_samples(model, tokenizer, prompts, max_new_tokens):
+    model.eval()
+    device = next(model.parameters()).device
+    samples = []
+    for prompt in prompts:
+        inputs = tokenizer(prompt, return_tensors="pt").to(device)
+        output_ids = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        samples.append(tokenizer.decode(output_ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))
+    return samples
+
+
+def routers_are_constant(model):
+    """True for a converted checkpoint that was not uptrained: every router's output layer has zero weights, so each
+    router gives every token the same score (its bias, if any)."""
+    output_layers = []
+    for router in model.routers():
+        linear_layers = [module for module in router.modules() if isinstance(module, torch.nn.Linear)]
+        output_layers.append(linear_layers[-1])
+    return bool(output_layers) and all(not layer.weight.any() for layer in output_layers)
+
+
+def print_samples(title, prompts, samples):
+    print(f"\n=== {title} ===")
+    for prompt, sample in zip(prompts, samples):
+        print(f"[prompt] {prompt}\n[sample] {sample.strip()}\n")
+
+
+def main(argv=None):
+    args = build_argument_parser().parse_args(argv)
+    set_seed(args.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    config = model.config
+    print(
+        f"Loaded {type(model).__name__}: {config.num_hidden_layers} unrolled layers, {config.num_unique_layers} unique "
+        f"({config.sharing_strategy}, num_recursions={config.num_recursions}, routing={config.routing})."
+    )
+
+    train_examples = load_examples(args.train_file, args.format, tokenizer, args.block_size)
+    if args.eval_file:
+        eval_examples = load_examples(args.eval_file, args.format, tokenizer, args.block_size)
+    else:
+        num_held_out = max(1, len(train_examples) // 10)
+        train_examples, eval_examples = train_examples[:-num_held_out], train_examples[-num_held_out:]
+    eval_examples = eval_examples[: max(1, args.max_eval_tokens // args.block_size)]
+    unit = "blocks" if args.format == "text" else "examples"
+    print(f"{len(train_examples)} training and {len(eval_examples)} eval {unit}.")
+    collate = make_collator(tokenizer.pad_token_id)
+
+    prompts = args.prompts or (DEFAULT_TEXT_PROMPTS if args.format == "text" else DEFAULT_INSTRUCTION_PROMPTS)
+    model_prompts = prompts
+    if args.format == "instructions":
+        model_prompts = [INSTRUCTION_TEMPLATE.format(instruction=prompt) for prompt in prompts]
+
+    perplexity_before, depth_before = perplexity_and_depth(model, eval_examples, collate, args.batch_size)
+    samples_before = greedy_samples(model, tokenizer, model_prompts, args.sample_tokens)
+    print(f"Before fine-tuning: eval perplexity {perplexity_before:.3f}, mean recursion depth {depth_before:.3f}")
+    print_samples("Samples before fine-tuning", prompts, samples_before)
+
+    if args.lora_routers is None and routers_are_constant(model):
+        print(
+            "Note: the routers of this checkpoint are constant (converted, not uptrained): every token gets the same "
+            "recursion depth, and training the shared layers alone cannot change that. Pass --lora-routers to train "
+            "the routers as well."
+        )
+    target_modules = list(args.target_modules)
+    modules_to_save = None
+    if args.lora_routers == "lora":
+        target_modules += router_linear_names(model)
+    elif args.lora_routers == "full":
+        modules_to_save = router_linear_names(model)
+    # A name that matches nothing fails here, with the list of the module names that do exist.
+    check_lora_target_modules(model, target_modules)
+    lora_config = LoraConfig(
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=target_modules,
+        modules_to_save=modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora_config)
+    num_lora_modules = sum(1 for name, _ in model.named_modules() if name.endswith(".lora_A"))
+    print(f"{num_lora_modules} LoRA modules (one per unique layer and target; shared layers serve every recursion).")
+    model.print_trainable_parameters()
+
+    training_arguments = TrainingArguments(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type="linear",
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        save_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        disable_tqdm=True,  # one printed line per logging step instead of a progress bar
+        dataloader_pin_memory=torch.cuda.is_available(),
+    )
+    trainer = Trainer(model=model, args=training_arguments, train_dataset=train_examples, data_collator=collate)
+    trainer.train()
+
+    perplexity_after, depth_after = perplexity_and_depth(model, eval_examples, collate, args.batch_size)
+    samples_after = greedy_samples(model, tokenizer, model_prompts, args.sample_tokens)
+    print_samples("Samples after fine-tuning", prompts, samples_after)
+    print(f"Eval perplexity:      before {perplexity_before:.3f}   after {perplexity_after:.3f}")
+    print(f"Mean recursion depth: before {depth_before:.3f}   after {depth_after:.3f}")
+
+    model.save_pretrained(args.output_dir)
+    tokenizer.save_pretrained(args.output_dir)
+    print(f"Saved the adapter to {args.output_dir}")
+    if args.save_merged:
+        merged_dir = Path(args.output_dir) / "merged"
+        model.merge_and_unload().save_pretrained(merged_dir)
+        tokenizer.save_pretrained(merged_dir)
+        print(f"Saved the merged model to {merged_dir}")
+    return {
+        "perplexity_before": perplexity_before,
+        "perplexity_after": perplexity_after,
+        "depth_before": depth_before,
+        "depth_after": depth_after,
+        "samples_before": samples_before,
+        "samples_after": samples_after,
+    }
+
+
+if __name__ == "__main__":
+    main()
