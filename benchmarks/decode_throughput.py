@@ -23,6 +23,16 @@ from common import add_model_arguments, build_models, layer_applications_per_tok
 from modeling_mor import MoRCache
 
 
+@torch.no_grad()
+def greedy_loop(model, prompt, new_tokens: int, cache):
+    """Greedy decoding by calling the model directly: the model's own cost, without generate()'s per-step work."""
+    logits = model(prompt, cache=cache, logits_to_keep=1).logits
+    next_ids = logits[:, -1:].argmax(-1)
+    for _ in range(new_tokens - 1):
+        next_ids = model(next_ids, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
+    return next_ids
+
+
 def cache_nbytes(cache) -> int:
     if isinstance(cache, MoRCache):
         return cache.nbytes()
@@ -37,6 +47,8 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--router-scale", type=float, default=40.0)
+    parser.add_argument("--mode", choices=["generate", "forward"], default="generate",
+                        help="time model.generate() (what users see) or a plain greedy loop over model() calls")
     args = parser.parse_args()
 
     variants = {
@@ -54,7 +66,7 @@ def main():
                     parameter.mul_(args.router_scale)
 
     print(f"device={args.device} dtype={args.dtype} L={args.num_layers} hidden={args.hidden_size} "
-          f"prompt={args.prompt_len} new={args.new_tokens} repeats={args.repeats} (median)")
+          f"prompt={args.prompt_len} new={args.new_tokens} repeats={args.repeats} mode={args.mode} (median)")
     for batch_size in args.batch_sizes:
         generator = torch.Generator().manual_seed(args.seed)
         prompt = torch.randint(1, args.vocab_size, (batch_size, args.prompt_len), generator=generator).to(args.device)
@@ -65,14 +77,18 @@ def main():
                 cache = MoRCache(model.config) if name.startswith("MoR") else DynamicCache(config=model.config)
                 synchronize(args.device)
                 start = time.perf_counter()
-                outputs = model.generate(
-                    prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-                    cache=cache, return_dict_in_generate=True,
-                )
+                if args.mode == "generate":
+                    sequences = model.generate(
+                        prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                        cache=cache, return_dict_in_generate=True,
+                    ).sequences
+                else:
+                    greedy_loop(model, prompt, args.new_tokens, cache)
+                    sequences = None
                 synchronize(args.device)
                 if repeat:
                     times[name].append(time.perf_counter() - start)
-                caches[name] = (cache, outputs.sequences)
+                caches[name] = (cache, sequences)
 
         new_tokens = batch_size * args.new_tokens
         baseline = statistics.median(times["vanilla Llama"])
@@ -87,6 +103,9 @@ def main():
             nbytes = cache_nbytes(cache)
             ideal_speed = ideal_memory = mean_depth = float("nan")
             if name.startswith("MoR"):
+                if sequences is None:  # forward mode: the depths the generate run of the same prompt takes
+                    sequences = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                               do_sample=False)
                 with torch.no_grad():
                     depth = model.recursion_depth_of(sequences[:, :-1])  # the tokens the cache has seen
                 mean_depth = depth.float().mean().item()
