@@ -1,8 +1,16 @@
 import os
 from pathlib import Path
 
-import pytest
-import torch
+
+# The tests run tiny models, for which one CPU thread is faster than several (thread start-up costs more than the
+# small matrix products it parallelizes) and gives the same numbers whatever else the machine runs. Set before torch
+# is imported, so that subprocesses started by the tests inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from modeling_mor import MoRConfig

@@ -113,3 +113,17 @@ def test_two_process_ddp_run_saves_a_loadable_model(converted, train_text, tmp_p
     model = AutoModelForCausalLM.from_pretrained(output).eval()
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 512, (1, 8))).logits).all()
+
+
+def test_uptraining_from_a_local_dataset_folder(converted, train_text, tmp_path):
+    """--dataset takes what `datasets.load_dataset` takes: a Hub id, or (tested here) a local dataset folder."""
+    dataset_dir = tmp_path / "dataset"
+    dataset_dir.mkdir()
+    stories = [story.strip() for story in train_text.read_text(encoding="utf-8").split("<|endoftext|>") if story.strip()]
+    (dataset_dir / "train.jsonl").write_text("".join(json.dumps({"story": s}) + "\n" for s in stories), encoding="utf-8")
+    output = tmp_path / "from-dataset"
+    assert uptrain_main([str(converted), str(output), "--dataset", str(dataset_dir), "--text-column", "story",
+                         "--max-steps", "2", "--block-size", "64", "--per-device-train-batch-size", "2",
+                         "--save-steps", "2", "--disable-tqdm"]) == 0
+    assert (output / "model.safetensors").exists()
+    assert "dataset" in json.loads((output / "mor_card.json").read_text())["uptraining"]["train_data"]
