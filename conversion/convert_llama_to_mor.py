@@ -95,7 +95,9 @@ def convert_llama_to_mor(
         )
 
     config_fields = source_config.to_dict()
-    for field in ("architectures", "model_type", "transformers_version", "auto_map", "dtype", "torch_dtype"):
+    # quantization_config: a GGUF source is dequantized on load; the MoR weights are plain tensors.
+    for field in ("architectures", "model_type", "transformers_version", "auto_map", "dtype", "torch_dtype",
+                  "quantization_config"):
         config_fields.pop(field, None)
     config_fields.update(
         num_recursions=num_recursions,
@@ -199,7 +201,8 @@ def build_argument_parser():
     return parser
 
 
-def _resolve_source(source: str, gguf_file: str | None):
+def resolve_source(source: str, gguf_file: str | None = None):
+    """(folder or Hub id, GGUF file name or None): a path to a .gguf file becomes its folder and file name."""
     from pathlib import Path
 
     path = Path(source)
@@ -343,7 +346,7 @@ def main(argv=None) -> int:
     try:
         output_dir = Path(args.output_dir)
         check_output_dir(output_dir, args.overwrite)
-        source, gguf_file = _resolve_source(args.source, args.gguf_file)
+        source, gguf_file = resolve_source(args.source, args.gguf_file)
         source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
         if source_config.model_type != "llama":
             raise ValueError(

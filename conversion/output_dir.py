@@ -60,6 +60,10 @@ def staged_output_dir(output_dir, overwrite: bool = False):
     _remove_stale_staging(output_dir)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.incomplete-", dir=output_dir.parent))
     staging = staging.rename(staging.parent / f".{output_dir.name}.incomplete-{os.getpid()}")
+    # mkdtemp makes the folder private (0700); the output should get the usual permissions of a new folder.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     previous_handler = signal.getsignal(signal.SIGTERM)
     in_main_thread = True
     try:

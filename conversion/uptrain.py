@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
+from .convert_llama_to_mor import resolve_source
 from .measure import perplexity_and_depths, read_eval_tokens
 from .model_card import load_card_figures, save_card
 
@@ -191,7 +192,7 @@ def build_argument_parser():
     data.add_argument("--eval-max-tokens", type=int, default=16384)
     data.add_argument("--block-size", type=int, default=256, help="training sequence length")
     method = parser.add_argument_group("MoR uptraining")
-    method.add_argument("--teacher", help="the source model (folder or Hub id) to distill from")
+    method.add_argument("--teacher", help="the source model (folder, Hub id or .gguf file) to distill from")
     method.add_argument("--distill-weight", type=float, default=0.5)
     method.add_argument("--distill-temperature", type=float, default=1.0)
     method.add_argument("--capacity-warmup-steps", type=int, default=0)
@@ -252,7 +253,8 @@ def main(argv=None) -> int:
         model.config.router_aux_loss_coef = args.router_aux_loss_coef
     teacher = None
     if args.teacher:
-        teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.float32).eval()
+        teacher_source, teacher_gguf = resolve_source(args.teacher)  # a folder, a Hub id or a .gguf file
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_source, gguf_file=teacher_gguf, dtype=torch.float32).eval()
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
 

@@ -106,7 +106,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
     if getattr(model.config, "model_type", None) != "mor":
         parser.error(f"{args.model} is a {model.config.model_type!r} model; recursion depths need an MoR model.")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     tokens, depths, prompt_length = generate_with_depths(
         model, tokenizer, args.prompt, args.max_new_tokens, args.do_sample, args.seed
     )

@@ -17,6 +17,8 @@ class RelaxedLinear(nn.Linear):
 
     def __init__(self, in_features, out_features, bias, num_steps: int, rank: int):
         super().__init__(in_features, out_features, bias=bias)
+        # A delta of a matrix never needs more than its smaller side's rank ("full" relaxation asks for hidden_size).
+        rank = min(rank, in_features, out_features)
         self.rank = rank
         self.relaxation_A = nn.Parameter(torch.zeros(num_steps, rank, in_features))
         self.relaxation_B = nn.Parameter(torch.zeros(num_steps, out_features, rank))

@@ -217,3 +217,27 @@ def test_cli_push_failure_keeps_the_converted_folder(tmp_path):
     assert result.returncode == 1
     assert "pushing" in result.stderr and "local folder is intact" in result.stderr
     assert (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_a_quantized_source_leaves_no_quantization_config(tmp_path):
+    """A GGUF source is dequantized on load: the converted model is plain weights, saveable and trainable."""
+    from transformers import AutoModelForCausalLM
+
+    from conversion import convert_llama_to_mor
+
+    llama = LlamaForCausalLM.from_pretrained(_llama_folder(tmp_path / "llama"))
+    llama.config.quantization_config = {"quant_method": "gguf"}  # what transformers' GGUF loading leaves
+    mor = convert_llama_to_mor(llama, num_recursions=3, sharing_strategy="middle_cycle")
+    assert getattr(mor.config, "quantization_config", None) is None
+    mor.save_pretrained(tmp_path / "mor")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "mor")
+    assert not getattr(reloaded, "is_quantized", False)
+    reloaded.save_pretrained(tmp_path / "again")
+
+
+def test_output_folder_gets_normal_permissions(tmp_path):
+    llama_dir = _llama_folder(tmp_path / "llama")
+    assert convert_main([str(llama_dir), str(tmp_path / "out"), "--num-recursions", "3"]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
