@@ -156,6 +156,8 @@ def save_loss_curve(log_history, path) -> bool:
         return False
     train = [(entry["step"], entry["lm_loss"]) for entry in log_history if "lm_loss" in entry]
     evaluation = [(entry["step"], entry["eval_loss"]) for entry in log_history if "eval_loss" in entry]
+    if not train and not evaluation:  # fewer steps than --logging-steps: nothing was logged
+        return False
     figure, axis = plt.subplots(figsize=(7, 4))
     if train:
         axis.plot(*zip(*train), label="train LM loss")
@@ -278,7 +280,7 @@ def main(argv=None) -> int:
         save_strategy="steps",
         save_steps=args.save_steps,
         save_total_limit=args.save_total_limit,
-        gradient_checkpointing=args.gradient_checkpointing,
+        activation_checkpointing=args.gradient_checkpointing,
         bf16=args.bf16,
         seed=args.seed,
         dataloader_num_workers=args.dataloader_num_workers,
