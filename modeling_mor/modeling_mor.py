@@ -294,9 +294,11 @@ class MoRRecursionBlock(nn.Module):
                 continue
             query_index = active_tokens.gather(token_index).masked_fill(~active_tokens.valid, -1)
             shares_step_one = config.kv_cache_policy == "shared" and step > 0
+            if shares_step_one:
+                step_one_rows = self._step_one_rows(active_by_step[0], active_tokens)
             if step not in key_layout_by_step:
                 if shares_step_one:
-                    key_layout_by_step[step] = self._rows_of(key_layout_by_step[0], active_by_step[0], active_tokens)
+                    key_layout_by_step[step] = self._select_rows(key_layout_by_step[0], step_one_rows)
                 elif cache is not None:
                     key_layout_by_step[step] = cache.prepare_recursion_step(
                         step, token_index.shape[0], active_tokens.rows, query_index, active_tokens.valid
@@ -314,7 +316,7 @@ class MoRRecursionBlock(nn.Module):
             for position in positions:
                 shared_key_value = None
                 if shares_step_one:
-                    shared_key_value = self._rows_of(step_one_key_values[position], active_by_step[0], active_tokens)
+                    shared_key_value = self._select_rows(step_one_key_values[position], step_one_rows)
                 block_hidden, key_value = self.layers[position](
                     block_hidden,
                     attention_mask=attention_mask,
@@ -346,14 +348,20 @@ class MoRRecursionBlock(nn.Module):
             router_losses.setdefault(name, []).append(value)
 
     @staticmethod
-    def _rows_of(tensors, step_one_tokens: ActiveTokens, active_tokens: ActiveTokens):
-        """Restricts step-1 tensors (batch-first, one row per row that took step 1) to the rows taking this step,
-        which are a subset of them because a token that stops never continues."""
+    def _step_one_rows(step_one_tokens: ActiveTokens, active_tokens: ActiveTokens):
+        """Where the rows taking this step sit among the rows that took step 1 (they are a subset of them, because a
+        token that stops never continues); None when they are the same rows."""
         if torch.equal(step_one_tokens.rows, active_tokens.rows):
-            return tensors
+            return None
         lookup = torch.full((int(step_one_tokens.rows.max()) + 1,), -1, device=active_tokens.rows.device)
         lookup[step_one_tokens.rows] = torch.arange(step_one_tokens.rows.numel(), device=lookup.device)
-        row_positions = lookup[active_tokens.rows]
+        return lookup[active_tokens.rows]
+
+    @staticmethod
+    def _select_rows(tensors, row_positions):
+        """Restricts batch-first step-1 tensors to the rows taking this step."""
+        if row_positions is None:
+            return tensors
         return tuple(tensor.index_select(0, row_positions) for tensor in tensors)
 
 
