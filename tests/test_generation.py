@@ -280,3 +280,12 @@ def test_text_generation_pipeline(stories_dir):
     expected = tokenizer.decode(mor.generate(**inputs, max_new_tokens=20, do_sample=False)[0], skip_special_tokens=True)
     assert text == expected
     assert text.startswith("Once upon a time") and len(text) > len("Once upon a time") + 20
+
+
+def test_past_key_values_is_still_accepted():
+    model = _model(routing="expert_choice")
+    cache = MoRCache(model.config)
+    input_ids = torch.randint(1, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        outputs = model(input_ids, past_key_values=cache)
+    assert outputs.cache is cache and cache.get_seq_length() == 6
