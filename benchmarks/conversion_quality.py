@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: E402
 
-from conversion.convert_llama_to_mor import INIT_STRATEGIES, convert_llama_to_mor  # noqa: E402
+from conversion.convert_llama_to_mor import INIT_STRATEGIES, convert_llama_to_mor, resolve_source  # noqa: E402
 from conversion.measure import full_depth, perplexity_and_depths, read_eval_tokens  # noqa: E402
 from modeling_mor import valid_recursion_layouts  # noqa: E402
 
@@ -92,15 +92,6 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     return parser
-
-
-def resolve_source(source: str, gguf_file: str | None) -> tuple[str, str | None]:
-    path = Path(source)
-    if gguf_file is None and path.suffix == ".gguf":
-        if not path.is_file():
-            raise SystemExit(f"error: GGUF file {source} does not exist")
-        return str(path.parent), path.name
-    return source, gguf_file
 
 
 def parameter_counts(model) -> dict:
@@ -147,7 +138,10 @@ def main(argv=None) -> int:
     args = build_argument_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    source, gguf_file = resolve_source(args.source, args.gguf_file)
+    try:
+        source, gguf_file = resolve_source(args.source, args.gguf_file)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error}")
 
     start = time.perf_counter()
     source_model = LlamaForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)

@@ -124,15 +124,12 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kill_signal", [signal.SIGTERM, signal.SIGINT])
-def test_an_interrupted_conversion_leaves_no_partial_folder(tmp_path, kill_signal):
-    shared = PROJECT_ROOT.parent / "shared" / "data"
-    if not (shared / "stories260K").is_dir():
-        pytest.skip("needs ../shared/data/stories260K")
+def test_an_interrupted_conversion_leaves_no_partial_folder(tmp_path, kill_signal, stories_dir, tinystories_dir):
     output = tmp_path / "interrupted"
     # A long evaluation keeps the conversion busy long enough to be killed mid-way.
     process = subprocess.Popen(
-        [sys.executable, "-m", "conversion.convert_llama_to_mor", str(shared / "stories260K"), str(output),
-         "--eval-file", str(shared / "tinystories" / "train.txt"), "--eval-max-tokens", "400000"],
+        [sys.executable, "-m", "conversion.convert_llama_to_mor", str(stories_dir), str(output),
+         "--eval-file", str(tinystories_dir / "train.txt"), "--eval-max-tokens", "400000"],
         cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.time() + 120
