@@ -59,17 +59,33 @@ def layer_applications_per_token(config, recursion_depth: torch.Tensor) -> float
     return ends + config.block_size * real.mean().item()
 
 
+def layer_and_head_flops(config) -> tuple[int, int]:
+    """Weight-matmul FLOPs (multiply-adds) per token of one decoder layer and of the LM head."""
+    hidden, intermediate = config.hidden_size, config.intermediate_size
+    head_dim = hidden // config.num_attention_heads
+    attention = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    return attention + 3 * hidden * intermediate, hidden * config.vocab_size
+
+
 def matmul_flop_ratio(vanilla_config, mor_config, recursion_depth: torch.Tensor) -> float:
     """Ideal speed-up of MoR over a model that runs all L layers: the ratio of weight-matmul FLOPs per token
     (decoder layers plus the LM head; attention-score FLOPs, small at these lengths, are left out)."""
-    hidden, intermediate = vanilla_config.hidden_size, vanilla_config.intermediate_size
-    head_dim = hidden // vanilla_config.num_attention_heads
-    attention = hidden * head_dim * (2 * vanilla_config.num_attention_heads + 2 * vanilla_config.num_key_value_heads)
-    per_layer = attention + 3 * hidden * intermediate
-    lm_head = hidden * vanilla_config.vocab_size
+    per_layer, lm_head = layer_and_head_flops(vanilla_config)
     full = vanilla_config.num_hidden_layers * per_layer + lm_head
     routed = layer_applications_per_token(mor_config, recursion_depth) * per_layer + lm_head
     return full / routed
+
+
+def weight_pass_ratio(vanilla_config, mor_config, generated_depth: torch.Tensor) -> float:
+    """Ideal decode speed-up over a model that runs all L layers when a layer costs the same whatever number of rows
+    it runs on, i.e. when reading its weights dominates (batched decoding on most hardware). A synchronous decode
+    step of the batch then pays for recursion step r whenever any row's token takes it: 2 + B * (the step's deepest
+    token) layer passes. `generated_depth` is `[batch, new tokens]`; at batch 1 this equals the FLOP ratio."""
+    per_layer, lm_head = layer_and_head_flops(vanilla_config)
+    deepest = generated_depth.max(dim=0).values.float().mean().item()
+    ends = 2 if mor_config.has_unshared_ends else 0
+    full = vanilla_config.num_hidden_layers * per_layer + lm_head
+    return full / ((ends + mor_config.block_size * deepest) * per_layer + lm_head)
 
 
 def synchronize(device):

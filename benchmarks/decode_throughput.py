@@ -5,7 +5,8 @@ recursive baseline); MoR expert-choice middle_cycle, with the recursion-wise and
 decoding of `--new-tokens` after a `--prompt-len` prompt, at every batch size asked; runs are interleaved over
 `--repeats` rounds and the median is reported. Routers are random-init with weights scaled by `--router-scale`, so that
 eval-mode routing makes mixed decisions (an untrained router sits at the threshold); the depths actually taken are
-measured and give the ideal speed-up (matmul FLOPs) and the ideal memory ratio (tokens stored per step).
+measured and give two ideal speed-ups, by matmul FLOPs and by weight passes (see the note printed at the end), and the
+ideal memory ratio (tokens stored per step).
 
 Example:
 
@@ -19,7 +20,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from common import add_model_arguments, build_models, layer_applications_per_token, matmul_flop_ratio, synchronize
+from common import add_model_arguments, build_models, matmul_flop_ratio, synchronize, weight_pass_ratio
 from modeling_mor import MoRCache
 
 
@@ -95,13 +96,13 @@ def main():
         recursive = statistics.median(times["MoR routing=none"])
         recursive_bytes = cache_nbytes(caches["MoR routing=none"][0])
         print(f"\nbatch {batch_size}")
-        print(f"{'model':<28}{'tok/s':>9}{'vs vanilla':>12}{'vs none':>9}{'ideal':>8}{'KV MiB':>9}"
+        print(f"{'model':<28}{'tok/s':>9}{'vs vanilla':>12}{'vs none':>9}{'FLOPs':>8}{'weights':>9}{'KV MiB':>9}"
               f"{'vs none':>9}{'ideal':>8}{'mean depth':>12}")
         for name, model in models.items():
             median = statistics.median(times[name])
             cache, sequences = caches[name]
             nbytes = cache_nbytes(cache)
-            ideal_speed = ideal_memory = mean_depth = float("nan")
+            flop_ideal = weight_ideal = ideal_memory = mean_depth = float("nan")
             if name.startswith("MoR"):
                 if sequences is None:  # forward mode: the depths the generate run of the same prompt takes
                     sequences = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
@@ -109,15 +110,18 @@ def main():
                 with torch.no_grad():
                     depth = model.recursion_depth_of(sequences[:, :-1])  # the tokens the cache has seen
                 mean_depth = depth.float().mean().item()
-                ideal_speed = matmul_flop_ratio(models["vanilla Llama"].config, model.config, depth)
+                flop_ideal = matmul_flop_ratio(models["vanilla Llama"].config, model.config, depth)
+                weight_ideal = weight_pass_ratio(models["vanilla Llama"].config, model.config, depth[:, args.prompt_len :])
                 full = model.config.num_recursions * depth.numel()
                 ideal_memory = full / sum(cache.tokens_held_per_step()) if model.config.kv_cache_policy == "recursion_wise" else model.config.num_recursions
             print(f"{name:<28}{new_tokens / median:>9.1f}{baseline / median:>11.2f}x{recursive / median:>8.2f}x"
-                  f"{ideal_speed:>7.2f}x{nbytes / 2**20:>9.2f}{recursive_bytes / nbytes:>8.2f}x{ideal_memory:>7.2f}x"
-                  f"{mean_depth:>12.2f}")
-    print("\n'ideal' speed: matmul FLOPs of routing=none over those of the depths taken; 'ideal' memory: tokens a "
-          "full recursion cache holds over the tokens this cache holds (recursion block only; unshared layers and "
-          "index tensors make the measured ratio a little lower).")
+                  f"{flop_ideal:>7.2f}x{weight_ideal:>8.2f}x{nbytes / 2**20:>9.2f}{recursive_bytes / nbytes:>8.2f}x"
+                  f"{ideal_memory:>7.2f}x{mean_depth:>12.2f}")
+    print("\nIdeal speed-ups over routing=none: 'FLOPs', weight-matmul FLOPs of the depths taken (reached where matmuls "
+          "are compute-bound); 'weights', layer passes of the decode steps, where a step pays for recursion step r if "
+          "any row's token takes it (the bound where reading the weights dominates, as in small-batch decoding). "
+          "'ideal' memory: tokens a full recursion cache holds over the tokens this cache holds (recursion block only; "
+          "unshared layers, index tensors and rows padded to the largest one make the measured ratio lower).")
 
 
 if __name__ == "__main__":

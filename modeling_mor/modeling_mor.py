@@ -7,6 +7,7 @@ a packed batch. The KV cache that stores only what each step needs lives in `cac
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -110,6 +111,33 @@ class ActiveTokens:
         return tensor.index_put((rows, self.index[self.valid]), packed[self.valid])
 
 
+@dataclass
+class KeyRows:
+    """Which rows of the keys/values a recursion step attends to: those of the rows taking the step.
+
+    Keys exist for every batch row when they come from the cache, and for the rows that took step 1 when the shared
+    policy reuses step 1's keys without a cache; `positions` indexes those rows. Selection uses `index_select`:
+    advanced indexing of the cache's strided views was measured several times slower."""
+
+    positions: torch.LongTensor
+
+    def select_layout(self, key_index, key_valid):
+        return key_index.index_select(0, self.positions), key_valid.index_select(0, self.positions)
+
+    def select(self, key_states, value_states):
+        return key_states.index_select(0, self.positions), value_states.index_select(0, self.positions)
+
+
+class StepAttention(NamedTuple):
+    """What every layer of a recursion step shares: its attention mask, the key rows it reads (None when they are
+    exactly its rows), and the key layout `(key_index, key_valid)` of every key row (read again by deeper steps under
+    the shared policy)."""
+
+    mask: torch.Tensor | None
+    key_rows: KeyRows | None
+    key_layout: tuple[torch.LongTensor, torch.BoolTensor]
+
+
 def build_attention_mask(config, query_index, key_index, key_valid, dtype):
     """A `[batch, 1, queries, keys]` mask from each query's and key's position in the sequence.
 
@@ -128,7 +156,8 @@ def build_attention_mask(config, query_index, key_index, key_valid, dtype):
 
 
 class MoRAttention(LlamaAttention):
-    """Llama attention that can reuse the keys/values of recursion step 1 (`shared` KV policy), computing queries only.
+    """Llama attention that can reuse the keys/values of recursion step 1 (`shared` KV policy), computing queries only,
+    and that reads the keys of its own rows when keys exist for more rows than take the step (`KeyRows`).
 
     In a relaxed shared layer (`relaxed=True`) the projections take the recursion step, which picks their delta."""
 
@@ -142,6 +171,7 @@ class MoRAttention(LlamaAttention):
         cache: Cache | None = None,
         recursion_step: int | None = None,
         shared_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_rows: KeyRows | None = None,
         **kwargs,
     ):
         input_shape = hidden_states.shape[:-1]
@@ -162,6 +192,9 @@ class MoRAttention(LlamaAttention):
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             query_states = (query_states * cos) + (rotate_half(query_states) * sin)
             key_states, value_states = shared_key_value
+        step_key_value = (key_states, value_states)
+        if key_rows is not None:
+            key_states, value_states = key_rows.select(key_states, value_states)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -178,7 +211,7 @@ class MoRAttention(LlamaAttention):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output, *step_args)
-        return attn_output, attn_weights, (key_states, value_states)
+        return attn_output, attn_weights, step_key_value
 
 
 class MoRMLP(LlamaMLP):
@@ -215,6 +248,7 @@ class MoRDecoderLayer(LlamaDecoderLayer):
         cache: Cache | None = None,
         recursion_step: int | None = None,
         shared_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+        key_rows: KeyRows | None = None,
         **kwargs,
     ):
         step_args = (recursion_step,) if self.relaxed else ()
@@ -227,6 +261,7 @@ class MoRDecoderLayer(LlamaDecoderLayer):
             cache=cache,
             recursion_step=recursion_step,
             shared_key_value=shared_key_value,
+            key_rows=key_rows,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -277,7 +312,7 @@ class MoRRecursionBlock(nn.Module):
 
         active = token_valid
         active_by_step: dict[int, ActiveTokens] = {}
-        key_layout_by_step = {}
+        attention_by_step: dict[int, StepAttention] = {}  # built once per step, shared by its layers
         step_one_key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for step, positions in self.unrolled_schedule():
             if step not in active_by_step:
@@ -292,38 +327,25 @@ class MoRRecursionBlock(nn.Module):
             active_tokens = active_by_step[step]
             if active_tokens.rows.numel() == 0:
                 continue
-            query_index = active_tokens.gather(token_index).masked_fill(~active_tokens.valid, -1)
             shares_step_one = config.kv_cache_policy == "shared" and step > 0
-            if shares_step_one:
-                step_one_rows = self._step_one_rows(active_by_step[0], active_tokens)
-            if step not in key_layout_by_step:
-                if shares_step_one:
-                    key_layout_by_step[step] = self._select_rows(key_layout_by_step[0], step_one_rows)
-                elif cache is not None:
-                    key_layout_by_step[step] = cache.prepare_recursion_step(
-                        step, token_index.shape[0], active_tokens.rows, query_index, active_tokens.valid
-                    )
-                else:
-                    key_layout_by_step[step] = (query_index, active_tokens.valid)
-            if active_tokens.is_everything and cache is None and config._attn_implementation == "sdpa":
-                attention_mask = None  # the plain causal layout: sdpa's causal kernel
-            else:
-                attention_mask = build_attention_mask(config, query_index, *key_layout_by_step[step], hidden_states.dtype)
+            if step not in attention_by_step:
+                attention_by_step[step] = self._step_attention(
+                    step, active_by_step, token_index, cache, attention_by_step, hidden_states.dtype
+                )
+            step_attention = attention_by_step[step]
 
             block_input = active_tokens.gather(hidden_states)
             block_hidden = block_input
             step_position_embeddings = tuple(active_tokens.gather(part) for part in position_embeddings)
             for position in positions:
-                shared_key_value = None
-                if shares_step_one:
-                    shared_key_value = self._select_rows(step_one_key_values[position], step_one_rows)
                 block_hidden, key_value = self.layers[position](
                     block_hidden,
-                    attention_mask=attention_mask,
+                    attention_mask=step_attention.mask,
                     position_embeddings=step_position_embeddings,
                     cache=cache,
                     recursion_step=step,
-                    shared_key_value=shared_key_value,
+                    shared_key_value=step_one_key_values[position] if shares_step_one else None,
+                    key_rows=step_attention.key_rows,
                     **kwargs,
                 )
                 if step == 0:
@@ -347,22 +369,40 @@ class MoRRecursionBlock(nn.Module):
         for name, value in losses.items():
             router_losses.setdefault(name, []).append(value)
 
-    @staticmethod
-    def _step_one_rows(step_one_tokens: ActiveTokens, active_tokens: ActiveTokens):
-        """Where the rows taking this step sit among the rows that took step 1 (they are a subset of them, because a
-        token that stops never continues); None when they are the same rows."""
-        if torch.equal(step_one_tokens.rows, active_tokens.rows):
-            return None
-        lookup = torch.full((int(step_one_tokens.rows.max()) + 1,), -1, device=active_tokens.rows.device)
-        lookup[step_one_tokens.rows] = torch.arange(step_one_tokens.rows.numel(), device=lookup.device)
-        return lookup[active_tokens.rows]
+    def _step_attention(self, step, active_by_step, token_index, cache, attention_by_step, dtype) -> StepAttention:
+        """The attention mask of a recursion step and where its rows sit among the rows of the keys it reads.
 
-    @staticmethod
-    def _select_rows(tensors, row_positions):
-        """Restricts batch-first step-1 tensors to the rows taking this step."""
-        if row_positions is None:
-            return tensors
-        return tuple(tensor.index_select(0, row_positions) for tensor in tensors)
+        Keys come from the cache (every batch row), from step 1 under the shared policy (the rows that took step 1),
+        or, without a cache, from the step's own tokens."""
+        config = self.config
+        active_tokens = active_by_step[step]
+        query_index = active_tokens.gather(token_index).masked_fill(~active_tokens.valid, -1)
+        batch_size = token_index.shape[0]
+        every_row = torch.arange(batch_size, device=token_index.device)
+        if config.kv_cache_policy == "shared" and step > 0:
+            key_index, key_valid = attention_by_step[0].key_layout
+            key_row_ids = every_row if cache is not None else active_by_step[0].rows
+        elif cache is not None:
+            key_index, key_valid = cache.prepare_recursion_step(
+                step, batch_size, active_tokens.rows, query_index, active_tokens.valid
+            )
+            key_row_ids = every_row
+        else:
+            key_index, key_valid = query_index, active_tokens.valid
+            key_row_ids = active_tokens.rows
+        key_layout = (key_index, key_valid)
+        key_rows = None
+        if not torch.equal(key_row_ids, active_tokens.rows):
+            # Both are sorted batch indices, and the step's rows are among the key rows (a token that stops never
+            # continues, and the cache holds every row).
+            key_rows = KeyRows(torch.searchsorted(key_row_ids, active_tokens.rows))
+            key_index, key_valid = key_rows.select_layout(key_index, key_valid)
+
+        if active_tokens.is_everything and cache is None and config._attn_implementation == "sdpa":
+            attention_mask = None  # the plain causal layout: sdpa's causal kernel
+        else:
+            attention_mask = build_attention_mask(config, query_index, key_index, key_valid, dtype)
+        return StepAttention(attention_mask, key_rows, key_layout)
 
 
 class MoRPreTrainedModel(PreTrainedModel):

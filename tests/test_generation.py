@@ -4,6 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList, TextStreamer
 
+import modeling_mor.modeling_mor
 from modeling_mor import MoRCache, MoRForCausalLM
 
 from conftest import mixed_routing_model, tiny_mor_config
@@ -84,6 +85,29 @@ def test_batched_left_padded_generation_matches_rows_alone(overrides):
     alone_short = model.generate(short_prompt[None], max_new_tokens=10, do_sample=False)
     assert torch.equal(batch[0], alone_long[0])
     assert torch.equal(batch[1, pad:], alone_short[0])
+
+
+@pytest.mark.parametrize("policy", ["recursion_wise", "shared"])
+def test_batched_decoding_attends_to_each_rows_own_keys(policy, monkeypatch):
+    """Decode steps that only some rows take read those rows' cached keys (KeyRows); every step's logits equal the
+    uncached forward."""
+    selections = []
+    select = modeling_mor.modeling_mor.KeyRows.select
+
+    def recording_select(self, *tensors):
+        selections.append(self.positions.numel())
+        return select(self, *tensors)
+
+    monkeypatch.setattr(modeling_mor.modeling_mor.KeyRows, "select", recording_select)
+    model = _model(routing="expert_choice", kv_cache_policy=policy)
+    prompt = torch.randint(1, model.config.vocab_size, (6, 7))
+    cached = model.generate(prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    with torch.no_grad():
+        full = model(cached.sequences)
+    step_logits = torch.stack(cached.logits, dim=1)
+    assert (step_logits - full.logits[:, prompt.shape[1] - 1 : -1]).abs().max().item() <= 1e-4
+    assert torch.equal(cached.sequences, model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False))
+    assert any(0 < rows < 6 for rows in selections), "some decode steps should be taken by only some rows"
 
 
 @pytest.mark.parametrize("policy", ["recursion_wise", "shared"])

@@ -1,0 +1,58 @@
+"""The benchmark scripts' ideal ratios, and that the scripts run end to end (tiny sizes; their numbers are not
+checked here: timing belongs in the scripts, not in tests)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig
+
+from modeling_mor import MoRConfig
+
+from conftest import TINY_DIMS
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+from common import matmul_flop_ratio, weight_pass_ratio  # noqa: E402
+
+
+def _configs():
+    vanilla = LlamaConfig(**TINY_DIMS, num_hidden_layers=14)
+    mor = MoRConfig(**TINY_DIMS, num_hidden_layers=14, num_recursions=3, sharing_strategy="middle_cycle")
+    return vanilla, mor
+
+
+def test_weight_pass_ratio_counts_the_deepest_token_of_each_decode_step():
+    vanilla, mor = _configs()
+    one_row = torch.tensor([[1, 2, 3, 1, 1, 2]])
+    # Batch 1: every step runs exactly the token's depth, so both ideals agree.
+    assert abs(weight_pass_ratio(vanilla, mor, one_row) - matmul_flop_ratio(vanilla, mor, one_row)) < 1e-12
+    # A batch where some row's token takes step 3 at every decode step pays for the full depth every time.
+    batch = torch.tensor([[1, 1, 1, 1], [3, 3, 3, 3], [1, 2, 1, 1]])
+    assert abs(weight_pass_ratio(vanilla, mor, batch) - 1.0) < 1e-12
+    assert matmul_flop_ratio(vanilla, mor, batch) > 1.3
+
+
+def test_decode_benchmark_runs():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "decode_throughput.py"), "--batch-sizes", "1", "3", "--prompt-len", "6",
+         "--new-tokens", "4", "--repeats", "1", "--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2",
+         "--num-layers", "8", "--vocab-size", "97", "--mode", "forward"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("vanilla Llama", "MoR routing=none", "MoR expert, recursion-wise", "MoR expert, shared KV"):
+        assert result.stdout.count(name) == 2, result.stdout
+
+
+def test_train_benchmark_runs():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--batch-size", "2", "--seq-len", "8", "--steps", "1",
+         "--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2", "--num-layers", "8", "--vocab-size", "97"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "MoR expert-choice" in result.stdout, result.stdout
