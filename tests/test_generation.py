@@ -87,8 +87,18 @@ def test_batched_left_padded_generation_matches_rows_alone(overrides):
     assert torch.equal(batch[1, pad:], alone_short[0])
 
 
-@pytest.mark.parametrize("policy", ["recursion_wise", "shared"])
-def test_batched_decoding_attends_to_each_rows_own_keys(policy, monkeypatch):
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(routing="expert_choice", kv_cache_policy="recursion_wise"),
+        dict(routing="expert_choice", kv_cache_policy="shared"),
+        dict(routing="token_choice", sharing_strategy="cycle", kv_cache_policy="recursion_wise"),
+        dict(routing="token_choice", sharing_strategy="cycle", kv_cache_policy="shared"),
+        dict(routing="expert_choice", kv_cache_policy="recursion_wise", relaxation_rank=2),
+    ],
+    ids=lambda o: "-".join(str(v) for v in o.values()),
+)
+def test_batched_decoding_attends_to_each_rows_own_keys(overrides, monkeypatch):
     """Decode steps that only some rows take read those rows' cached keys (KeyRows); every step's logits equal the
     uncached forward."""
     selections = []
@@ -99,15 +109,20 @@ def test_batched_decoding_attends_to_each_rows_own_keys(policy, monkeypatch):
         return select(self, *tensors)
 
     monkeypatch.setattr(modeling_mor.modeling_mor.KeyRows, "select", recording_select)
-    model = _model(routing="expert_choice", kv_cache_policy=policy)
+    model = _model(**overrides)
+    if model.config.relaxation_rank:
+        with torch.no_grad():  # non-zero per-step deltas, so that each step's projections differ
+            for name, parameter in model.named_parameters():
+                if "relaxation_B" in name:
+                    parameter.normal_(std=0.2)
     prompt = torch.randint(1, model.config.vocab_size, (6, 7))
     cached = model.generate(prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    assert any(0 < rows < 6 for rows in selections), "some decode steps should be taken by only some rows"
     with torch.no_grad():
         full = model(cached.sequences)
     step_logits = torch.stack(cached.logits, dim=1)
     assert (step_logits - full.logits[:, prompt.shape[1] - 1 : -1]).abs().max().item() <= 1e-4
     assert torch.equal(cached.sequences, model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False))
-    assert any(0 < rows < 6 for rows in selections), "some decode steps should be taken by only some rows"
 
 
 @pytest.mark.parametrize("policy", ["recursion_wise", "shared"])
