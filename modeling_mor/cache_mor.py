@@ -1,7 +1,7 @@
 """MoRCache: a KV cache that stores, for each recursion step, only the tokens that took that step.
 
-Layout. The unshared first/last layers (middle_* strategies) cache like Llama (`DynamicLayer`). For the recursion
-block, every (block layer, recursion step) pair has its own storage of shape `[batch, kv_heads, S_r, head_dim]`, where
+Layout. The unshared first/last layers (middle_* strategies) cache every token like Llama (`ChunkGrownLayer`). For
+the recursion block, every (block layer, recursion step) pair has its own storage of shape `[batch, kv_heads, S_r, head_dim]`, where
 each batch row is packed to the left: row b holds `n_b,r` tokens (the ones of that row that took step r), and
 `S_r = max_b n_b,r`. All layers of a step share one `RecursionStepLayout`, which records the sequence index of every
 stored token (what masks are built from) and each row's length. Under the "shared" policy only step 1 is stored; the
@@ -102,6 +102,53 @@ class RecursionStepLayout:
         return 0 if self.index_buffer is None else self.index_buffer.nbytes + self.lengths.nbytes
 
 
+class ChunkGrownLayer(DynamicLayer):
+    """A DynamicLayer (every token of every row, in sequence order) whose storage grows GROWTH_CHUNK slots at a time.
+
+    Used for the unshared first/last layers: a DynamicLayer concatenates, i.e. copies, its whole storage at every
+    decoded token."""
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.device = key_states.device
+        shape = (key_states.shape[0], key_states.shape[1], 0, key_states.shape[-1])
+        self.keys = key_states.new_zeros(shape)
+        self.values = value_states.new_zeros(shape)
+        self.length = 0
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new_length = self.length + key_states.shape[-2]
+        allocated = grown_capacity(new_length, self.keys.shape[2])
+        if allocated > self.keys.shape[2]:
+            self.keys = grown_storage(self.keys, allocated)
+            self.values = grown_storage(self.values, allocated)
+        self.keys[:, :, self.length : new_length] = key_states
+        self.values[:, :, self.length : new_length] = value_states
+        self.length = new_length
+        return self.keys[:, :, :new_length], self.values[:, :, :new_length]
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self.length = 0
+        super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        # The dropped slots stay allocated and are written again.
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}.")
+        if self.is_initialized:
+            self.length = max(0, self.length + tokens_to_remove)
+
+    def batch_select_indices(self, indices) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, indices.to(self.keys.device))
+            self.values = self.values.index_select(0, indices.to(self.values.device))
+
+
 class MoRRecursionLayer(CacheLayerMixin):
     """Keys/values of one block layer at one recursion step, stored per batch row for that step's tokens only."""
 
@@ -180,14 +227,14 @@ class MoRCache(Cache):
         self._slot_of = {}  # (unique layer index, recursion step or None) -> index in self.layers
         if config.has_unshared_ends:
             self._slot_of[(0, None)] = len(layers)
-            layers.append(DynamicLayer())
+            layers.append(ChunkGrownLayer())
         for position in range(config.block_size):
             for step in range(num_stored_steps):
                 self._slot_of[(offset + position, step)] = len(layers)
                 layers.append(MoRRecursionLayer(self.step_layouts[step]))
         if config.has_unshared_ends:
             self._slot_of[(offset + config.block_size, None)] = len(layers)
-            layers.append(DynamicLayer())
+            layers.append(ChunkGrownLayer())
         super().__init__(layers=layers)
         self._seen_tokens = 0
 

@@ -3,9 +3,11 @@
 import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList, TextStreamer
+from transformers.cache_utils import DynamicLayer
 
 import modeling_mor.modeling_mor
 from modeling_mor import MoRCache, MoRForCausalLM
+from modeling_mor.cache_mor import ChunkGrownLayer
 
 from conftest import mixed_routing_model, tiny_mor_config
 
@@ -170,6 +172,33 @@ def test_cache_batch_operations_follow_rows():
         cache.batch_repeat_interleave(2)
         repeated = model(input_ids[[0, 0], 7:], cache=cache).logits
         assert (repeated - model(input_ids[[0, 0]]).logits[:, 7:]).abs().max().item() <= 1e-4
+
+
+def test_end_layer_storage_behaves_like_a_dynamic_layer():
+    """The unshared layers' ChunkGrownLayer returns what transformers' DynamicLayer returns, through updates across
+    growth chunks, crops, row selection and repetition."""
+    grown, dynamic = ChunkGrownLayer(), DynamicLayer()
+
+    def update(length):
+        keys, values = torch.randn(2, (grown.keys.shape[0] if grown.is_initialized else 3), 2, length, 4)
+        for ours, reference in zip(grown.update(keys, values), dynamic.update(keys, values)):
+            assert torch.equal(ours, reference)
+
+    update(30)
+    update(1)
+    update(5)  # past the first chunk of 32 slots
+    grown.crop(-4)
+    dynamic.crop(-4)
+    update(2)
+    indices = torch.tensor([2, 0])
+    grown.batch_select_indices(indices)
+    dynamic.batch_select_indices(indices)
+    update(1)
+    grown.batch_repeat_interleave(2)
+    dynamic.batch_repeat_interleave(2)
+    update(3)
+    assert grown.get_seq_length() == dynamic.get_seq_length() == 38
+    assert grown.keys.shape[2] == 64  # two chunks
 
 
 @pytest.mark.parametrize("policy", ["recursion_wise", "shared"])
