@@ -79,8 +79,9 @@ def matmul_flop_ratio(vanilla_config, mor_config, recursion_depth: torch.Tensor)
 def weight_pass_ratio(vanilla_config, mor_config, generated_depth: torch.Tensor) -> float:
     """Ideal decode speed-up over a model that runs all L layers when a layer costs the same whatever number of rows
     it runs on, i.e. when reading its weights dominates (batched decoding on most hardware). A synchronous decode
-    step of the batch then pays for recursion step r whenever any row's token takes it: 2 + B * (the step's deepest
-    token) layer passes. `generated_depth` is `[batch, new tokens]`; at batch 1 this equals the FLOP ratio."""
+    step of the batch then pays for recursion step r whenever any row's token takes it: 2 unshared layers plus the
+    block's layers times the step's deepest token. `generated_depth` is `[batch, decode steps]`; at batch 1 this
+    equals `matmul_flop_ratio` over the same tokens."""
     per_layer, lm_head = layer_and_head_flops(vanilla_config)
     deepest = generated_depth.max(dim=0).values.float().mean().item()
     ends = 2 if mor_config.has_unshared_ends else 0

@@ -117,9 +117,10 @@ def main():
             print(f"{name:<28}{new_tokens / median:>9.1f}{baseline / median:>11.2f}x{recursive / median:>8.2f}x"
                   f"{flop_ideal:>7.2f}x{weight_ideal:>8.2f}x{nbytes / 2**20:>9.2f}{recursive_bytes / nbytes:>8.2f}x"
                   f"{ideal_memory:>7.2f}x{mean_depth:>12.2f}")
-    print("\nIdeal speed-ups over routing=none: 'FLOPs', weight-matmul FLOPs of the depths taken (reached where matmuls "
-          "are compute-bound); 'weights', layer passes of the decode steps, where a step pays for recursion step r if "
-          "any row's token takes it (the bound where reading the weights dominates, as in small-batch decoding). "
+    print("\nIdeal speed-ups over routing=none: 'FLOPs', weight-matmul FLOPs of the depths taken by every token, prompt "
+          "included (reached where matmuls are compute-bound); 'weights', layer passes of the decode steps only, where "
+          "a step pays for recursion step r if any row's token takes it (the bound where reading the weights "
+          "dominates, as in small-batch decoding; it leaves out the prefill). "
           "'ideal' memory: tokens a full recursion cache holds over the tokens this cache holds (recursion block only; "
           "unshared layers, index tensors and rows padded to the largest one make the measured ratio lower).")
 

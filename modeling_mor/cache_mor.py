@@ -1,11 +1,11 @@
 """MoRCache: a KV cache that stores, for each recursion step, only the tokens that took that step.
 
 Layout. The unshared first/last layers (middle_* strategies) cache every token like Llama (`ChunkGrownLayer`). For
-the recursion block, every (block layer, recursion step) pair has its own storage of shape `[batch, kv_heads, S_r, head_dim]`, where
-each batch row is packed to the left: row b holds `n_b,r` tokens (the ones of that row that took step r), and
-`S_r = max_b n_b,r`. All layers of a step share one `RecursionStepLayout`, which records the sequence index of every
-stored token (what masks are built from) and each row's length. Under the "shared" policy only step 1 is stored; the
-model hands its keys/values to the deeper steps.
+the recursion block, every (block layer, recursion step) pair has its own storage of shape
+`[batch, kv_heads, S_r, head_dim]`, where each batch row is packed to the left: row b holds `n_b,r` tokens (the ones
+of that row that took step r), and `S_r = max_b n_b,r`. All layers of a step share one `RecursionStepLayout`, which
+records the sequence index of every stored token (what masks are built from) and each row's length. Under the
+"shared" policy only step 1 is stored; the model hands its keys/values to the deeper steps.
 
 The number of tokens seen (`get_seq_length`, what `generate` asks) is kept separately from what each step holds.
 """
@@ -106,7 +106,9 @@ class ChunkGrownLayer(DynamicLayer):
     """A DynamicLayer (every token of every row, in sequence order) whose storage grows GROWTH_CHUNK slots at a time.
 
     Used for the unshared first/last layers: a DynamicLayer concatenates, i.e. copies, its whole storage at every
-    decoded token."""
+    decoded token. Like the recursion layers, it writes new tokens in place into storage that earlier forwards
+    returned views of, so a cache serves inference: backpropagating through two forwards that share one cache fails
+    (training runs without a cache)."""
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device = key_states.device
@@ -143,10 +145,20 @@ class ChunkGrownLayer(DynamicLayer):
         if self.is_initialized:
             self.length = max(0, self.length + tokens_to_remove)
 
+    # Row operations apply whenever storage exists, even with no token held (after a crop to 0), so that the rows
+    # stay in step with the recursion layers.
     def batch_select_indices(self, indices) -> None:
         if self.is_initialized:
             self.keys = self.keys.index_select(0, indices.to(self.keys.device))
             self.values = self.values.index_select(0, indices.to(self.values.device))
+
+    def reorder_cache(self, beam_idx) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
 
 
 class MoRRecursionLayer(CacheLayerMixin):

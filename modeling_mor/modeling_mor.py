@@ -192,7 +192,8 @@ class MoRAttention(LlamaAttention):
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
             query_states = (query_states * cos) + (rotate_half(query_states) * sin)
             key_states, value_states = shared_key_value
-        step_key_value = (key_states, value_states)
+        # Returned for deeper steps (shared policy) before the selection: they select their own rows.
+        unselected_key_value = (key_states, value_states)
         if key_rows is not None:
             key_states, value_states = key_rows.select(key_states, value_states)
 
@@ -211,7 +212,7 @@ class MoRAttention(LlamaAttention):
         )
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output, *step_args)
-        return attn_output, attn_weights, step_key_value
+        return attn_output, attn_weights, unselected_key_value
 
 
 class MoRMLP(LlamaMLP):
@@ -372,8 +373,8 @@ class MoRRecursionBlock(nn.Module):
     def _step_attention(self, step, active_by_step, token_index, cache, attention_by_step, dtype) -> StepAttention:
         """The attention mask of a recursion step and where its rows sit among the rows of the keys it reads.
 
-        Keys come from the cache (every batch row), from step 1 under the shared policy (the rows that took step 1),
-        or, without a cache, from the step's own tokens."""
+        Keys come from the cache (every batch row, under either policy), from step 1 under the shared policy without
+        a cache (the rows that took step 1), or, otherwise without a cache, from the step's own tokens."""
         config = self.config
         active_tokens = active_by_step[step]
         query_index = active_tokens.gather(token_index).masked_fill(~active_tokens.valid, -1)

@@ -103,14 +103,16 @@ def test_batched_left_padded_generation_matches_rows_alone(overrides):
 def test_batched_decoding_attends_to_each_rows_own_keys(overrides, monkeypatch):
     """Decode steps that only some rows take read those rows' cached keys (KeyRows); every step's logits equal the
     uncached forward."""
-    selections = []
-    select = modeling_mor.modeling_mor.KeyRows.select
+    decode_selections = []
+    step_attention = modeling_mor.modeling_mor.MoRRecursionBlock._step_attention
 
-    def recording_select(self, *tensors):
-        selections.append(self.positions.numel())
-        return select(self, *tensors)
+    def recording_step_attention(self, step, active_by_step, token_index, *args):
+        attention = step_attention(self, step, active_by_step, token_index, *args)
+        if token_index.shape[1] == 1 and attention.key_rows is not None:
+            decode_selections.append(attention.key_rows.positions.numel())
+        return attention
 
-    monkeypatch.setattr(modeling_mor.modeling_mor.KeyRows, "select", recording_select)
+    monkeypatch.setattr(modeling_mor.modeling_mor.MoRRecursionBlock, "_step_attention", recording_step_attention)
     model = _model(**overrides)
     if model.config.relaxation_rank:
         with torch.no_grad():  # non-zero per-step deltas, so that each step's projections differ
@@ -119,7 +121,7 @@ def test_batched_decoding_attends_to_each_rows_own_keys(overrides, monkeypatch):
                     parameter.normal_(std=0.2)
     prompt = torch.randint(1, model.config.vocab_size, (6, 7))
     cached = model.generate(prompt, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    assert any(0 < rows < 6 for rows in selections), "some decode steps should be taken by only some rows"
+    assert any(0 < rows < 6 for rows in decode_selections), "some decode steps should be taken by only some rows"
     with torch.no_grad():
         full = model(cached.sequences)
     step_logits = torch.stack(cached.logits, dim=1)
@@ -174,6 +176,30 @@ def test_cache_batch_operations_follow_rows():
         assert (repeated - model(input_ids[[0, 0]]).logits[:, 7:]).abs().max().item() <= 1e-4
 
 
+def test_uncached_shared_policy_rows_read_their_own_step_one_keys(monkeypatch):
+    """Without a cache, the shared policy's deeper steps read step 1's keys of their own rows (KeyRows among the rows
+    that took step 1): with left padding, each row of a batch gets the logits it gets alone."""
+    selections = []
+    select = modeling_mor.modeling_mor.KeyRows.select
+
+    def recording_select(self, *tensors):
+        selections.append((self.positions.numel(), tensors[0].shape[0]))
+        return select(self, *tensors)
+
+    monkeypatch.setattr(modeling_mor.modeling_mor.KeyRows, "select", recording_select)
+    model = _model(routing="expert_choice", kv_cache_policy="shared")
+    lengths = [1, 2, 1, 6, 3, 1]
+    rows = [torch.randint(1, model.config.vocab_size, (length,)) for length in lengths]
+    input_ids = torch.stack([torch.cat([torch.zeros(6 - len(row), dtype=torch.long), row]) for row in rows])
+    attention_mask = (input_ids != 0).long()
+    with torch.no_grad():
+        batch = model(input_ids, attention_mask=attention_mask, use_cache=False).logits
+        assert any(selected < key_rows for selected, key_rows in selections), "no step left a row out"
+        for index, row in enumerate(rows):
+            alone = model(row[None], use_cache=False).logits[0]
+            assert (batch[index, 6 - len(row) :] - alone).abs().max().item() <= 1e-4
+
+
 def test_end_layer_storage_behaves_like_a_dynamic_layer():
     """The unshared layers' ChunkGrownLayer returns what transformers' DynamicLayer returns, through updates across
     growth chunks, crops, row selection and repetition."""
@@ -199,6 +225,14 @@ def test_end_layer_storage_behaves_like_a_dynamic_layer():
     update(3)
     assert grown.get_seq_length() == dynamic.get_seq_length() == 38
     assert grown.keys.shape[2] == 64  # two chunks
+
+    # Emptied by a crop, it still follows row operations (DynamicLayer skips them when empty).
+    grown.crop(-38)
+    grown.batch_repeat_interleave(2)
+    keys, values = torch.randn(2, 8, 2, 3, 4)
+    assert [torch.equal(a, b) for a, b in zip(grown.update(keys, values), (keys, values))] == [True, True]
+    grown.reset()
+    assert grown.get_seq_length() == 0 and not grown.is_initialized
 
 
 @pytest.mark.parametrize("policy", ["recursion_wise", "shared"])
