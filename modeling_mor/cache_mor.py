@@ -102,7 +102,26 @@ class RecursionStepLayout:
         return 0 if self.index_buffer is None else self.index_buffer.nbytes + self.lengths.nbytes
 
 
-class ChunkGrownLayer(DynamicLayer):
+class BatchRowOperations:
+    """Beam search and batch expansion for a layer with `keys`/`values` storage: they apply whenever storage exists,
+    even with no token held (after a crop to 0), so that every layer of a MoRCache keeps the same rows (transformers'
+    DynamicLayer skips them when empty)."""
+
+    def batch_select_indices(self, indices) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.index_select(0, indices.to(self.keys.device))
+            self.values = self.values.index_select(0, indices.to(self.values.device))
+
+    def reorder_cache(self, beam_idx) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.keys = self.keys.repeat_interleave(repeats, dim=0)
+            self.values = self.values.repeat_interleave(repeats, dim=0)
+
+
+class ChunkGrownLayer(BatchRowOperations, DynamicLayer):
     """A DynamicLayer (every token of every row, in sequence order) whose storage grows GROWTH_CHUNK slots at a time.
 
     Used for the unshared first/last layers: a DynamicLayer concatenates, i.e. copies, its whole storage at every
@@ -145,23 +164,8 @@ class ChunkGrownLayer(DynamicLayer):
         if self.is_initialized:
             self.length = max(0, self.length + tokens_to_remove)
 
-    # Row operations apply whenever storage exists, even with no token held (after a crop to 0), so that the rows
-    # stay in step with the recursion layers.
-    def batch_select_indices(self, indices) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.index_select(0, indices.to(self.keys.device))
-            self.values = self.values.index_select(0, indices.to(self.values.device))
 
-    def reorder_cache(self, beam_idx) -> None:
-        self.batch_select_indices(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
-
-
-class MoRRecursionLayer(CacheLayerMixin):
+class MoRRecursionLayer(BatchRowOperations, CacheLayerMixin):
     """Keys/values of one block layer at one recursion step, stored per batch row for that step's tokens only."""
 
     is_croppable = True
@@ -210,18 +214,6 @@ class MoRRecursionLayer(CacheLayerMixin):
         # MoRCache.crop drops tokens by sequence index, through the step layouts shared by the layers.
         raise NotImplementedError("Crop a MoRCache as a whole: MoRCache.crop(tokens_to_remove).")
 
-    def reorder_cache(self, beam_idx) -> None:
-        self.batch_select_indices(beam_idx)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
-
-    def batch_select_indices(self, indices) -> None:
-        if self.is_initialized:
-            self.keys = self.keys.index_select(0, indices.to(self.keys.device))
-            self.values = self.values.index_select(0, indices.to(self.values.device))
 
 
 class MoRCache(Cache):
