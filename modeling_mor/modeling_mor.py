@@ -121,6 +121,15 @@ class KeyRows:
 
     positions: torch.LongTensor
 
+    @classmethod
+    def of(cls, rows: torch.LongTensor, among: torch.LongTensor | None, batch_size: int) -> "KeyRows | None":
+        """The selection of `rows` among the key rows `among` (None: every batch row, as in a cache); None when they
+        are the same rows. Both are sorted batch indices, and `rows` are among the key rows: a token that stops never
+        continues, and a cache holds every row."""
+        if among is None:
+            return None if rows.numel() == batch_size else cls(rows)
+        return None if torch.equal(among, rows) else cls(torch.searchsorted(among, rows))
+
     def select_layout(self, key_index, key_valid):
         return key_index.index_select(0, self.positions), key_valid.index_select(0, self.positions)
 
@@ -379,24 +388,20 @@ class MoRRecursionBlock(nn.Module):
         active_tokens = active_by_step[step]
         query_index = active_tokens.gather(token_index).masked_fill(~active_tokens.valid, -1)
         batch_size = token_index.shape[0]
-        every_row = torch.arange(batch_size, device=token_index.device)
         if config.kv_cache_policy == "shared" and step > 0:
             key_index, key_valid = attention_by_step[0].key_layout
-            key_row_ids = every_row if cache is not None else active_by_step[0].rows
+            step_one_rows = None if cache is not None else active_by_step[0].rows
+            key_rows = KeyRows.of(active_tokens.rows, among=step_one_rows, batch_size=batch_size)
         elif cache is not None:
             key_index, key_valid = cache.prepare_recursion_step(
                 step, batch_size, active_tokens.rows, query_index, active_tokens.valid
             )
-            key_row_ids = every_row
+            key_rows = KeyRows.of(active_tokens.rows, among=None, batch_size=batch_size)
         else:
             key_index, key_valid = query_index, active_tokens.valid
-            key_row_ids = active_tokens.rows
+            key_rows = None  # the step's own tokens
         key_layout = (key_index, key_valid)
-        key_rows = None
-        if not torch.equal(key_row_ids, active_tokens.rows):
-            # Both are sorted batch indices, and the step's rows are among the key rows (a token that stops never
-            # continues, and the cache holds every row).
-            key_rows = KeyRows(torch.searchsorted(key_row_ids, active_tokens.rows))
+        if key_rows is not None:
             key_index, key_valid = key_rows.select_layout(key_index, key_valid)
 
         if active_tokens.is_everything and cache is None and config._attn_implementation == "sdpa":
