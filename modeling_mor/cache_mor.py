@@ -72,7 +72,7 @@ class RecursionStepLayout:
         write_slots = slots[query_valid]
         self.index_buffer[write_rows, write_slots] = query_index[query_valid]
         self.lengths = new_lengths
-        self.write_plan = (write_rows, write_slots, query_valid)
+        self.write_plan = (write_rows, write_slots)  # row-major over query_valid: the packed tokens' order
         key_valid = torch.arange(self.capacity, device=device) < self.lengths.unsqueeze(-1)
         return self.token_index, key_valid
 
@@ -183,18 +183,18 @@ class MoRRecursionLayer(BatchRowOperations, CacheLayerMixin):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """Writes the step's packed keys/values (`[rows, kv_heads, A, head_dim]`) into their rows' next free slots and
-        returns a view of the step's storage in use, every batch row of it (the attention selects the rows taking the
-        step)."""
-        write_rows, write_slots, query_valid = self.layout.write_plan
+        """Writes the keys/values of the step's tokens, packed into one sequence (`[1, kv_heads, N, head_dim]`, in
+        (row, position) order), into their rows' next free slots, and returns a view of the step's storage in use,
+        every batch row of it (the attention selects the rows taking the step)."""
+        write_rows, write_slots = self.layout.write_plan
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         allocated = grown_capacity(self.layout.capacity, self.keys.shape[2])
         if allocated > self.keys.shape[2]:
             self.keys = grown_storage(self.keys, allocated)
             self.values = grown_storage(self.values, allocated)
-        self.keys[write_rows, :, write_slots] = key_states.transpose(1, 2)[query_valid]
-        self.values[write_rows, :, write_slots] = value_states.transpose(1, 2)[query_valid]
+        self.keys[write_rows, :, write_slots] = key_states[0].transpose(0, 1)
+        self.values[write_rows, :, write_slots] = value_states[0].transpose(0, 1)
         return self.keys[:, :, : self.layout.capacity], self.values[:, :, : self.layout.capacity]
 
     def get_seq_length(self) -> int:

@@ -67,48 +67,81 @@ class MoRCausalLMOutputWithPast(CausalLMOutputWithPast):
 
 @dataclass
 class ActiveTokens:
-    """The tokens taking a recursion step, packed to the left of their rows.
+    """The tokens taking a recursion step, in two layouts.
 
-    `hidden_states[rows[:, None], index]` gathers them; `valid` marks the real entries of the packed rows (rows hold
-    different numbers of active tokens). Rows without any active token are left out entirely.
+    Token-wise work (projections, MLP, norms, gates) runs on the active tokens alone, packed into one sequence `[N,
+    ...]` in (row, position) order (`take` / `put`): the matmuls then cost exactly the tokens routed to the step.
+    Attention runs per batch row, on the active tokens packed to the left of their rows, `[rows, width, ...]`
+    (`per_row`, `to_rows`, `from_rows`); `valid` marks the real entries, since rows hold different numbers of active
+    tokens. Rows without any active token are left out of both.
     """
 
     rows: torch.LongTensor
     index: torch.LongTensor
     valid: torch.BoolTensor
+    token_rows: torch.LongTensor
+    token_index: torch.LongTensor
     is_everything: bool
 
     @classmethod
     def from_mask(cls, active: torch.BoolTensor) -> "ActiveTokens":
         batch_size, seq_len = active.shape
+        device = active.device
         if bool(active.all()):
-            index = torch.arange(seq_len, device=active.device).expand(batch_size, seq_len)
-            return cls(torch.arange(batch_size, device=active.device), index, active, True)
+            index = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
+            rows = torch.arange(batch_size, device=device)
+            token_rows = rows.repeat_interleave(seq_len)
+            return cls(rows, index, active, token_rows, index.reshape(-1), True)
         if seq_len == 1:  # a decode step: the active rows, one token each
             rows = active[:, 0].nonzero().squeeze(-1)
-            index = torch.zeros(rows.numel(), 1, dtype=torch.long, device=active.device)
-            return cls(rows, index, torch.ones_like(index, dtype=torch.bool), False)
+            index = torch.zeros(rows.numel(), 1, dtype=torch.long, device=device)
+            return cls(rows, index, torch.ones_like(index, dtype=torch.bool), rows, index.squeeze(-1), False)
         counts = active.sum(-1)
         rows = counts.nonzero().squeeze(-1)
         row_active = active[rows]
         width = int(counts.max())
         # A stable sort of "inactive" puts each row's active tokens first, in sequence order.
         index = torch.argsort((~row_active).to(torch.int8), dim=-1, stable=True)[:, :width]
-        valid = torch.arange(width, device=active.device) < counts[rows].unsqueeze(-1)
-        return cls(rows, index, valid, False)
+        valid = torch.arange(width, device=device) < counts[rows].unsqueeze(-1)
+        # Row-major order of `valid` is (row, position) order: the packed sequence and the rows hold the same tokens.
+        token_rows, token_index = active.nonzero(as_tuple=True)
+        return cls(rows, index, valid, token_rows, token_index, False)
 
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Packs a `[batch, seq, ...]` tensor."""
+    @property
+    def num_tokens(self) -> int:
+        return self.token_rows.numel()
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The active tokens of a `[batch, seq, ...]` tensor, packed into one sequence: `[N, ...]`."""
+        if self.is_everything:
+            return tensor.reshape(-1, *tensor.shape[2:])
+        return tensor[self.token_rows, self.token_index]
+
+    def put(self, tensor: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Writes the packed `tokens` back into a copy of `tensor` (out of place, so autograd sees it)."""
+        if self.is_everything:
+            return tokens.view(tensor.shape)
+        return tensor.index_put((self.token_rows, self.token_index), tokens)
+
+    def per_row(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The active tokens of a `[batch, seq, ...]` tensor, packed to the left of their rows: `[rows, width, ...]`
+        (padding entries hold whatever token their index points at; `valid` tells them apart)."""
         if self.is_everything:
             return tensor
         return tensor[self.rows.unsqueeze(-1), self.index]
 
-    def scatter(self, tensor: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        """Writes the valid entries of `packed` back into a copy of `tensor` (out of place, so autograd sees it)."""
-        if self.is_everything:
-            return packed
-        rows = self.rows.unsqueeze(-1).expand_as(self.index)[self.valid]
-        return tensor.index_put((rows, self.index[self.valid]), packed[self.valid])
+    def to_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """`[N, ...]` packed tokens to `[rows, width, ...]`, zero in the padding entries."""
+        if self.is_everything or self.index.shape[1] == 1:  # every entry is valid: a view
+            return tokens.reshape(*self.index.shape, *tokens.shape[1:])
+        rows = tokens.new_zeros((*self.index.shape, *tokens.shape[1:]))
+        return rows.index_put((self.valid,), tokens)
+
+    def from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """`[rows, width, ...]` to the `[N, ...]` packed tokens (drops the padding entries)."""
+        if self.is_everything or self.index.shape[1] == 1:
+            return rows.reshape(-1, *rows.shape[2:])
+        return rows[self.valid]
 
 
 @dataclass
@@ -165,8 +198,10 @@ def build_attention_mask(config, query_index, key_index, key_valid, dtype):
 
 
 class MoRAttention(LlamaAttention):
-    """Llama attention that can reuse the keys/values of recursion step 1 (`shared` KV policy), computing queries only,
-    and that reads the keys of its own rows when keys exist for more rows than take the step (`KeyRows`).
+    """Llama attention for a recursion step's tokens: projections on the step's active tokens packed into one
+    sequence, attention per batch row (`ActiveTokens`). It can reuse the keys/values of recursion step 1 (`shared` KV
+    policy), computing queries only, and reads the keys of its own rows when keys exist for more rows than take the
+    step (`KeyRows`). Without `active_tokens` (the unshared first/last layers) it is Llama's attention.
 
     In a relaxed shared layer (`relaxed=True`) the projections take the recursion step, which picks their delta."""
 
@@ -181,26 +216,45 @@ class MoRAttention(LlamaAttention):
         recursion_step: int | None = None,
         shared_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         key_rows: KeyRows | None = None,
+        active_tokens: ActiveTokens | None = None,
         **kwargs,
     ):
+        # Projections and rotary run token by token, `[..., heads, head_dim]`; attention wants `[rows, heads, seq,
+        # head_dim]`: a transpose for `[batch, seq, hidden]` input, a per-row layout for a step's packed tokens.
+        def head_major(states):
+            if active_tokens is not None:
+                states = active_tokens.to_rows(states)
+            return states.transpose(1, 2)
+
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
         step_args = (recursion_step,) if self.relaxed else ()
 
-        query_states = self.q_proj(hidden_states, *step_args).view(hidden_shape).transpose(1, 2)
+        query_states = self.q_proj(hidden_states, *step_args).view(hidden_shape)
         if shared_key_value is None:
-            key_states = self.k_proj(hidden_states, *step_args).view(hidden_shape).transpose(1, 2)
-            value_states = self.v_proj(hidden_states, *step_args).view(hidden_shape).transpose(1, 2)
-            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
-            if cache is not None:
+            key_states = self.k_proj(hidden_states, *step_args).view(hidden_shape)
+            value_states = self.v_proj(hidden_states, *step_args).view(hidden_shape)
+            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, unsqueeze_dim=-2)
+            if cache is not None and active_tokens is not None:
+                # The recursion cache takes the step's tokens as one packed sequence, [1, kv_heads, N, head_dim].
                 key_states, value_states = cache.update(
-                    key_states, value_states, self.layer_idx, {"recursion_step": recursion_step}
+                    key_states.transpose(0, 1).unsqueeze(0),
+                    value_states.transpose(0, 1).unsqueeze(0),
+                    self.layer_idx,
+                    {"recursion_step": recursion_step},
                 )
+            elif cache is not None:
+                key_states, value_states = cache.update(
+                    key_states.transpose(1, 2), value_states.transpose(1, 2), self.layer_idx
+                )
+            else:
+                key_states, value_states = head_major(key_states), head_major(value_states)
         else:
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
             query_states = (query_states * cos) + (rotate_half(query_states) * sin)
             key_states, value_states = shared_key_value
+        query_states = head_major(query_states)
         # Returned for deeper steps (shared policy) before the selection: they select their own rows.
         unselected_key_value = (key_states, value_states)
         if key_rows is not None:
@@ -219,6 +273,8 @@ class MoRAttention(LlamaAttention):
             scaling=self.scaling,
             **kwargs,
         )
+        if active_tokens is not None:
+            attn_output = active_tokens.from_rows(attn_output)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output, *step_args)
         return attn_output, attn_weights, unselected_key_value
@@ -259,6 +315,7 @@ class MoRDecoderLayer(LlamaDecoderLayer):
         recursion_step: int | None = None,
         shared_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         key_rows: KeyRows | None = None,
+        active_tokens: ActiveTokens | None = None,
         **kwargs,
     ):
         step_args = (recursion_step,) if self.relaxed else ()
@@ -272,6 +329,7 @@ class MoRDecoderLayer(LlamaDecoderLayer):
             recursion_step=recursion_step,
             shared_key_value=shared_key_value,
             key_rows=key_rows,
+            active_tokens=active_tokens,
             **kwargs,
         )
         hidden_states = residual + hidden_states
@@ -344,9 +402,9 @@ class MoRRecursionBlock(nn.Module):
                 )
             step_attention = attention_by_step[step]
 
-            block_input = active_tokens.gather(hidden_states)
+            block_input = active_tokens.take(hidden_states)
             block_hidden = block_input
-            step_position_embeddings = tuple(active_tokens.gather(part) for part in position_embeddings)
+            step_position_embeddings = tuple(active_tokens.take(part) for part in position_embeddings)
             for position in positions:
                 block_hidden, key_value = self.layers[position](
                     block_hidden,
@@ -356,14 +414,15 @@ class MoRRecursionBlock(nn.Module):
                     recursion_step=step,
                     shared_key_value=step_one_key_values[position] if shares_step_one else None,
                     key_rows=step_attention.key_rows,
+                    active_tokens=active_tokens,
                     **kwargs,
                 )
                 if step == 0:
                     step_one_key_values[position] = key_value
 
             if config.routing == "expert_choice":
-                block_hidden = apply_gate(config, block_input, block_hidden, active_tokens.gather(gate))
-            hidden_states = active_tokens.scatter(hidden_states, block_hidden)
+                block_hidden = apply_gate(config, block_input, block_hidden, active_tokens.take(gate))
+            hidden_states = active_tokens.put(hidden_states, block_hidden)
 
         if config.routing == "token_choice":
             # Token-choice gates once, at the end: H^1 + w * f^d(H^1).
@@ -386,7 +445,7 @@ class MoRRecursionBlock(nn.Module):
         a cache (the rows that took step 1), or, otherwise without a cache, from the step's own tokens."""
         config = self.config
         active_tokens = active_by_step[step]
-        query_index = active_tokens.gather(token_index).masked_fill(~active_tokens.valid, -1)
+        query_index = active_tokens.per_row(token_index).masked_fill(~active_tokens.valid, -1)
         batch_size = token_index.shape[0]
         if config.kv_cache_policy == "shared" and step > 0:
             key_index, key_valid = attention_by_step[0].key_layout

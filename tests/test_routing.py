@@ -143,3 +143,26 @@ def test_left_padded_batch_matches_rows_alone(overrides, attn_implementation):
     assert (batch.logits[1, pad:] - alone_short.logits[0]).abs().max().item() <= 1e-4
     assert torch.equal(batch.recursion_depth[1, pad:], alone_short.recursion_depth[0])
     assert (batch.recursion_depth[1, :pad] == 0).all()
+
+
+@pytest.mark.parametrize("overrides", ROUTED + [dict(routing="expert_choice", kv_cache_policy="shared")])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_recursion_steps_compute_only_the_tokens_routed_to_them(overrides, use_cache):
+    # Rows hold different numbers of active tokens at a step; the block's matmuls must not pay for padding them to the
+    # busiest row's count (what a per-row packed layout costs), nor for the batch's padding tokens.
+    model = _model(**overrides).eval()
+    input_ids = torch.randint(1, model.config.vocab_size, (3, 20))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, :6] = 0
+    tokens_seen = []
+    mlp_input = model.model.recursion_block.layers[0].mlp.gate_proj
+    handle = mlp_input.register_forward_pre_hook(lambda module, args: tokens_seen.append(args[0].numel() // args[0].shape[-1]))
+    try:
+        with torch.no_grad():
+            depth = model(input_ids, attention_mask=attention_mask, use_cache=use_cache, output_recursion_depth=True).recursion_depth
+    finally:
+        handle.remove()
+    routed = [int((depth > step).sum()) for step in range(model.config.num_recursions)]
+    assert tokens_seen == [count for count in routed if count > 0]
+    counts_per_row = (depth > 1).sum(-1)
+    assert counts_per_row.min() < counts_per_row.max()  # the rows really differ, so padding would show
