@@ -1,8 +1,9 @@
 """Mixture-of-Recursions for causal language modelling.
 
 A shared block of Llama layers is applied `num_recursions` times; routers (see `routing_mor.py`) give every token its
-own recursion depth, and at each recursion step the block runs only on the tokens still active there, gathered into
-a packed batch. The KV cache that stores only what each step needs lives in `cache_mor.py`.
+own recursion depth, and at each recursion step the block runs only on the tokens still active there: its token-wise
+work on those tokens packed into one sequence, its attention per batch row (`ActiveTokens`). The KV cache that
+stores only what each step needs lives in `cache_mor.py`.
 """
 
 from collections.abc import Callable
@@ -82,6 +83,7 @@ class ActiveTokens:
     token_rows: torch.LongTensor
     token_index: torch.LongTensor
     is_everything: bool
+    rows_are_full: bool  # every row holds `width` tokens (decoding, training top-k): the two layouts are one reshape
 
     @classmethod
     def from_mask(cls, active: torch.BoolTensor) -> "ActiveTokens":
@@ -91,11 +93,11 @@ class ActiveTokens:
             index = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
             rows = torch.arange(batch_size, device=device)
             token_rows = rows.repeat_interleave(seq_len)
-            return cls(rows, index, active, token_rows, index.reshape(-1), True)
+            return cls(rows, index, active, token_rows, index.reshape(-1), True, True)
         if seq_len == 1:  # a decode step: the active rows, one token each
             rows = active[:, 0].nonzero().squeeze(-1)
             index = torch.zeros(rows.numel(), 1, dtype=torch.long, device=device)
-            return cls(rows, index, torch.ones_like(index, dtype=torch.bool), rows, index.squeeze(-1), False)
+            return cls(rows, index, torch.ones_like(index, dtype=torch.bool), rows, index.squeeze(-1), False, True)
         counts = active.sum(-1)
         rows = counts.nonzero().squeeze(-1)
         row_active = active[rows]
@@ -105,11 +107,7 @@ class ActiveTokens:
         valid = torch.arange(width, device=device) < counts[rows].unsqueeze(-1)
         # Row-major order of `valid` is (row, position) order: the packed sequence and the rows hold the same tokens.
         token_rows, token_index = active.nonzero(as_tuple=True)
-        return cls(rows, index, valid, token_rows, token_index, False)
-
-    @property
-    def num_tokens(self) -> int:
-        return self.token_rows.numel()
+        return cls(rows, index, valid, token_rows, token_index, False, bool(valid.all()))
 
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
         """The active tokens of a `[batch, seq, ...]` tensor, packed into one sequence: `[N, ...]`."""
@@ -120,7 +118,7 @@ class ActiveTokens:
     def put(self, tensor: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Writes the packed `tokens` back into a copy of `tensor` (out of place, so autograd sees it)."""
         if self.is_everything:
-            return tokens.view(tensor.shape)
+            return tokens.reshape(tensor.shape)
         return tensor.index_put((self.token_rows, self.token_index), tokens)
 
     def per_row(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -132,14 +130,14 @@ class ActiveTokens:
 
     def to_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """`[N, ...]` packed tokens to `[rows, width, ...]`, zero in the padding entries."""
-        if self.is_everything or self.index.shape[1] == 1:  # every entry is valid: a view
+        if self.rows_are_full:
             return tokens.reshape(*self.index.shape, *tokens.shape[1:])
         rows = tokens.new_zeros((*self.index.shape, *tokens.shape[1:]))
         return rows.index_put((self.valid,), tokens)
 
     def from_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """`[rows, width, ...]` to the `[N, ...]` packed tokens (drops the padding entries)."""
-        if self.is_everything or self.index.shape[1] == 1:
+        if self.rows_are_full:
             return rows.reshape(-1, *rows.shape[2:])
         return rows[self.valid]
 
