@@ -1,7 +1,7 @@
 """Decode throughput (new tokens/s) and KV-cache memory of MoR against a vanilla Llama, measured in one run.
 
-Models with the same width and unrolled depth L: vanilla `LlamaForCausalLM` (DynamicCache); MoR routing "none" (the
-recursive baseline); MoR expert-choice middle_cycle, with the recursion-wise and the shared KV policy. Each does greedy
+Models with the same width and unrolled depth L: vanilla `LlamaForCausalLM`, with its default DynamicCache and with a
+StaticCache (preallocated: no per-token copy of the cache); MoR routing "none" (the recursive baseline); MoR expert-choice middle_cycle, with the recursion-wise and the shared KV policy. Each does greedy
 decoding of `--new-tokens` after a `--prompt-len` prompt, at every batch size asked; runs are interleaved over
 `--repeats` rounds and the median is reported. Routers are random-init with weights scaled by `--router-scale`, so that
 eval-mode routing makes mixed decisions (an untrained router sits at the threshold); the depths actually taken are
@@ -18,7 +18,7 @@ import statistics
 import time
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
 
 from common import add_model_arguments, build_models, matmul_flop_ratio, synchronize, weight_pass_ratio
 from modeling_mor import MoRCache
@@ -32,6 +32,14 @@ def greedy_loop(model, prompt, new_tokens: int, cache):
     for _ in range(new_tokens - 1):
         next_ids = model(next_ids, cache=cache, logits_to_keep=1).logits[:, -1:].argmax(-1)
     return next_ids
+
+
+def new_cache(name: str, model, max_cache_len: int):
+    if name.startswith("MoR"):
+        return MoRCache(model.config)
+    if name.endswith("StaticCache"):
+        return StaticCache(config=model.config, max_cache_len=max_cache_len)
+    return DynamicCache(config=model.config)
 
 
 def cache_nbytes(cache) -> int:
@@ -59,6 +67,10 @@ def main():
         "MoR expert, shared KV": dict(routing="expert_choice", kv_cache_policy="shared"),
     }
     models = build_models(args, variants)
+    # The same vanilla model with a preallocated cache: DynamicCache concatenates, i.e. copies, every layer's cache
+    # at every token, which a batch pays for; MoRCache grows in chunks instead.
+    models = {"vanilla Llama": models["vanilla Llama"], "vanilla Llama, StaticCache": models["vanilla Llama"],
+              **{name: model for name, model in models.items() if name.startswith("MoR")}}
     with torch.no_grad():
         for name, model in models.items():
             model.eval()
@@ -75,7 +87,7 @@ def main():
         caches = {}
         for repeat in range(args.repeats + 1):  # the first round warms up
             for name, model in models.items():
-                cache = MoRCache(model.config) if name.startswith("MoR") else DynamicCache(config=model.config)
+                cache = new_cache(name, model, args.prompt_len + args.new_tokens)
                 synchronize(args.device)
                 start = time.perf_counter()
                 if args.mode == "generate":
