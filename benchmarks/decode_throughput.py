@@ -94,6 +94,8 @@ def main():
                     sequences = model.generate(
                         prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
                         cache=cache, return_dict_in_generate=True,
+                        # On a GPU, generate() would compile vanilla Llama with a StaticCache (and not the others).
+                        disable_compile=True,
                     ).sequences
                 else:
                     greedy_loop(model, prompt, args.new_tokens, cache)

@@ -52,9 +52,9 @@ class RecursionStepLayout:
         return None if self.index_buffer is None else self.index_buffer[:, : self.capacity]
 
     def prepare(self, batch_size, rows, query_index, query_valid):
-        """Appends this forward's tokens of the step (packed `[rows, A]`, `query_valid` marking real entries) and
-        returns the key layout of the step afterwards, `(key_index, key_valid)`, for every batch row: the attention
-        of the rows taking the step selects its rows (`KeyRows` in modeling_mor.py)."""
+        """Appends this forward's tokens of the step (per-row layout `[rows, width]`, `query_valid` marking real
+        entries) and returns the key layout of the step afterwards, `(key_index, key_valid)`, for every batch row:
+        the attention of the rows taking the step selects its rows (`KeyRows` in modeling_mor.py)."""
         device = query_index.device
         if self.index_buffer is None:
             self.index_buffer = torch.full((batch_size, 0), -1, dtype=torch.long, device=device)
@@ -187,6 +187,11 @@ class MoRRecursionLayer(BatchRowOperations, CacheLayerMixin):
         (row, position) order), into their rows' next free slots, and returns a view of the step's storage in use,
         every batch row of it (the attention selects the rows taking the step)."""
         write_rows, write_slots = self.layout.write_plan
+        if key_states.shape[0] != 1 or key_states.shape[2] != write_rows.numel():
+            raise ValueError(
+                f"A recursion layer of MoRCache takes the step's {write_rows.numel()} tokens packed into one sequence, "
+                f"[1, kv_heads, {write_rows.numel()}, head_dim]; got {tuple(key_states.shape)}."
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         allocated = grown_capacity(self.layout.capacity, self.keys.shape[2])

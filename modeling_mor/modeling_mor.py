@@ -73,7 +73,7 @@ class ActiveTokens:
     Token-wise work (projections, MLP, norms, gates) runs on the active tokens alone, packed into one sequence `[N,
     ...]` in (row, position) order (`take` / `put`): the matmuls then cost exactly the tokens routed to the step.
     Attention runs per batch row, on the active tokens packed to the left of their rows, `[rows, width, ...]`
-    (`per_row`, `to_rows`, `from_rows`); `valid` marks the real entries, since rows hold different numbers of active
+    (`per_row`, `to_row_layout`, `from_row_layout`); `valid` marks the real entries, since rows hold different numbers of active
     tokens. Rows without any active token are left out of both.
     """
 
@@ -128,18 +128,18 @@ class ActiveTokens:
             return tensor
         return tensor[self.rows.unsqueeze(-1), self.index]
 
-    def to_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+    def to_row_layout(self, tokens: torch.Tensor) -> torch.Tensor:
         """`[N, ...]` packed tokens to `[rows, width, ...]`, zero in the padding entries."""
         if self.rows_are_full:
             return tokens.reshape(*self.index.shape, *tokens.shape[1:])
-        rows = tokens.new_zeros((*self.index.shape, *tokens.shape[1:]))
-        return rows.index_put((self.valid,), tokens)
+        per_row_states = tokens.new_zeros((*self.index.shape, *tokens.shape[1:]))
+        return per_row_states.index_put((self.valid,), tokens)
 
-    def from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+    def from_row_layout(self, per_row_states: torch.Tensor) -> torch.Tensor:
         """`[rows, width, ...]` to the `[N, ...]` packed tokens (drops the padding entries)."""
         if self.rows_are_full:
-            return rows.reshape(-1, *rows.shape[2:])
-        return rows[self.valid]
+            return per_row_states.reshape(-1, *per_row_states.shape[2:])
+        return per_row_states[self.valid]
 
 
 @dataclass
@@ -217,42 +217,44 @@ class MoRAttention(LlamaAttention):
         active_tokens: ActiveTokens | None = None,
         **kwargs,
     ):
-        # Projections and rotary run token by token, `[..., heads, head_dim]`; attention wants `[rows, heads, seq,
-        # head_dim]`: a transpose for `[batch, seq, hidden]` input, a per-row layout for a step's packed tokens.
-        def head_major(states):
-            if active_tokens is not None:
-                states = active_tokens.to_rows(states)
-            return states.transpose(1, 2)
-
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         cos, sin = position_embeddings
         step_args = (recursion_step,) if self.relaxed else ()
 
+        # Projections and rotary run token by token, on `[..., heads, head_dim]`.
         query_states = self.q_proj(hidden_states, *step_args).view(hidden_shape)
         if shared_key_value is None:
             key_states = self.k_proj(hidden_states, *step_args).view(hidden_shape)
             value_states = self.v_proj(hidden_states, *step_args).view(hidden_shape)
             query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin, unsqueeze_dim=-2)
-            if cache is not None and active_tokens is not None:
-                # The recursion cache takes the step's tokens as one packed sequence, [1, kv_heads, N, head_dim].
+        else:
+            # A deeper step under the shared policy: queries only; keys/values are step 1's.
+            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
+            query_states = (query_states * cos) + (rotate_half(query_states) * sin)
+
+        if active_tokens is None:
+            # The unshared first/last layers: Llama's attention, `[batch, heads, seq, head_dim]`.
+            query_states = query_states.transpose(1, 2)
+            key_states, value_states = key_states.transpose(1, 2), value_states.transpose(1, 2)
+            if cache is not None:
+                key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
+        else:
+            # A recursion step: attention runs per batch row, `[rows, heads, width, head_dim]`.
+            query_states = active_tokens.to_row_layout(query_states).transpose(1, 2)
+            if shared_key_value is not None:
+                key_states, value_states = shared_key_value
+            elif cache is not None:
+                # The recursion cache takes the step's tokens as one packed sequence, `[1, kv_heads, N, head_dim]`.
                 key_states, value_states = cache.update(
                     key_states.transpose(0, 1).unsqueeze(0),
                     value_states.transpose(0, 1).unsqueeze(0),
                     self.layer_idx,
                     {"recursion_step": recursion_step},
                 )
-            elif cache is not None:
-                key_states, value_states = cache.update(
-                    key_states.transpose(1, 2), value_states.transpose(1, 2), self.layer_idx
-                )
             else:
-                key_states, value_states = head_major(key_states), head_major(value_states)
-        else:
-            cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
-            query_states = (query_states * cos) + (rotate_half(query_states) * sin)
-            key_states, value_states = shared_key_value
-        query_states = head_major(query_states)
+                key_states = active_tokens.to_row_layout(key_states).transpose(1, 2)
+                value_states = active_tokens.to_row_layout(value_states).transpose(1, 2)
         # Returned for deeper steps (shared policy) before the selection: they select their own rows.
         unselected_key_value = (key_states, value_states)
         if key_rows is not None:
@@ -272,7 +274,7 @@ class MoRAttention(LlamaAttention):
             **kwargs,
         )
         if active_tokens is not None:
-            attn_output = active_tokens.from_rows(attn_output)
+            attn_output = active_tokens.from_row_layout(attn_output)
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output, *step_args)
         return attn_output, attn_weights, unselected_key_value
@@ -541,6 +543,8 @@ class MoRModel(MoRPreTrainedModel):
         token_index = token_index.unsqueeze(0).expand(batch_size, seq_len)
         if position_ids is None:
             position_ids = token_index
+        # Every step gathers its tokens' positions row by row, so a `[1, seq]` position_ids is spelled out per row.
+        position_ids = position_ids.expand(batch_size, seq_len)
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(
                 f"MoR takes a 2-D attention_mask of shape [batch, past + new tokens] (1 = real token, 0 = padding); "

@@ -155,8 +155,8 @@ def test_recursion_steps_compute_only_the_tokens_routed_to_them(overrides, use_c
     attention_mask = torch.ones_like(input_ids)
     attention_mask[2, :6] = 0
     tokens_seen = []
-    mlp_input = model.model.recursion_block.layers[0].mlp.gate_proj
-    handle = mlp_input.register_forward_pre_hook(lambda module, args: tokens_seen.append(args[0].numel() // args[0].shape[-1]))
+    gate_proj = model.model.recursion_block.layers[0].mlp.gate_proj
+    handle = gate_proj.register_forward_pre_hook(lambda module, args: tokens_seen.append(args[0].numel() // args[0].shape[-1]))
     try:
         with torch.no_grad():
             depth = model(input_ids, attention_mask=attention_mask, use_cache=use_cache, output_recursion_depth=True).recursion_depth
@@ -166,3 +166,14 @@ def test_recursion_steps_compute_only_the_tokens_routed_to_them(overrides, use_c
     assert tokens_seen == [count for count in routed if count > 0]
     counts_per_row = (depth > 1).sum(-1)
     assert counts_per_row.min() < counts_per_row.max()  # the rows really differ, so padding would show
+
+
+@pytest.mark.parametrize("overrides", [dict(routing="none"), dict(routing="expert_choice"), dict(routing="token_choice")])
+def test_position_ids_shared_by_the_batch_are_accepted(overrides):
+    # Llama accepts position_ids of shape [1, seq] for a whole batch; every step gathers positions row by row.
+    model = _model(**overrides).eval()
+    input_ids = torch.randint(1, model.config.vocab_size, (3, 11))
+    with torch.no_grad():
+        implicit = model(input_ids).logits
+        broadcast = model(input_ids, position_ids=torch.arange(11)[None]).logits
+    assert (implicit - broadcast).abs().max().item() <= 1e-6
