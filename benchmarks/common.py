@@ -59,18 +59,14 @@ def layer_applications_per_token(config, recursion_depth: torch.Tensor) -> float
     return ends + config.block_size * real.mean().item()
 
 
-def layer_and_head_flops(config) -> tuple[int, int]:
-    """Weight-matmul FLOPs (multiply-adds) per token of one decoder layer and of the LM head."""
-    hidden, intermediate = config.hidden_size, config.intermediate_size
-    head_dim = hidden // config.num_attention_heads
-    attention = hidden * head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
-    return attention + 3 * hidden * intermediate, hidden * config.vocab_size
-
-
 def matmul_flop_ratio(vanilla_config, mor_config, recursion_depth: torch.Tensor) -> float:
     """Ideal speed-up of MoR over a model that runs all L layers: the ratio of weight-matmul FLOPs per token
     (decoder layers plus the LM head; attention-score FLOPs, small at these lengths, are left out)."""
-    per_layer, lm_head = layer_and_head_flops(vanilla_config)
+    hidden, intermediate = vanilla_config.hidden_size, vanilla_config.intermediate_size
+    head_dim = hidden // vanilla_config.num_attention_heads
+    attention = hidden * head_dim * (2 * vanilla_config.num_attention_heads + 2 * vanilla_config.num_key_value_heads)
+    per_layer = attention + 3 * hidden * intermediate
+    lm_head = hidden * vanilla_config.vocab_size
     full = vanilla_config.num_hidden_layers * per_layer + lm_head
     routed = layer_applications_per_token(mor_config, recursion_depth) * per_layer + lm_head
     return full / routed
@@ -82,11 +78,8 @@ def weight_pass_ratio(vanilla_config, mor_config, generated_depth: torch.Tensor)
     step of the batch then pays for recursion step r whenever any row's token takes it: 2 unshared layers plus the
     block's layers times the step's deepest token. `generated_depth` is `[batch, decode steps]`; at batch 1 this
     equals `matmul_flop_ratio` over the same tokens."""
-    per_layer, lm_head = layer_and_head_flops(vanilla_config)
-    deepest = generated_depth.max(dim=0).values.float().mean().item()
-    ends = 2 if mor_config.has_unshared_ends else 0
-    full = vanilla_config.num_hidden_layers * per_layer + lm_head
-    return full / ((ends + mor_config.block_size * deepest) * per_layer + lm_head)
+    deepest_per_step = generated_depth.max(dim=0, keepdim=True).values
+    return matmul_flop_ratio(vanilla_config, mor_config, deepest_per_step)
 
 
 def synchronize(device):

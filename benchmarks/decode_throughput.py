@@ -1,11 +1,12 @@
 """Decode throughput (new tokens/s) and KV-cache memory of MoR against a vanilla Llama, measured in one run.
 
 Models with the same width and unrolled depth L: vanilla `LlamaForCausalLM`, with its default DynamicCache and with a
-StaticCache (preallocated: no per-token copy of the cache); MoR routing "none" (the recursive baseline); MoR expert-choice middle_cycle, with the recursion-wise and the shared KV policy. Each does greedy
-decoding of `--new-tokens` after a `--prompt-len` prompt, at every batch size asked; runs are interleaved over
-`--repeats` rounds and the median is reported. Routers are random-init with weights scaled by `--router-scale`, so that
-eval-mode routing makes mixed decisions (an untrained router sits at the threshold); the depths actually taken are
-measured and give two ideal speed-ups, by matmul FLOPs and by weight passes (see the note printed at the end), and the
+StaticCache (preallocated: no per-token copy of the cache); MoR routing "none" (the recursive baseline); MoR
+expert-choice middle_cycle, with the recursion-wise and the shared KV policy. Each does greedy decoding of
+`--new-tokens` after a `--prompt-len` prompt, at every batch size asked; runs are interleaved over `--repeats` rounds
+and the median is reported. Routers are random-init with weights scaled by `--router-scale`, so that eval-mode routing
+makes mixed decisions (an untrained router sits at the threshold); the depths actually taken are measured and give
+two ideal speed-ups, by matmul FLOPs and by weight passes (see the note printed at the end), and the
 ideal memory ratio (tokens stored per step).
 
 Example:
@@ -125,7 +126,8 @@ def main():
                     depth = model.recursion_depth_of(sequences[:, :-1])  # the tokens the cache has seen
                 mean_depth = depth.float().mean().item()
                 flop_ideal = matmul_flop_ratio(models["vanilla Llama"].config, model.config, depth)
-                weight_ideal = weight_pass_ratio(models["vanilla Llama"].config, model.config, depth[:, args.prompt_len :])
+                decode_depth = depth[:, args.prompt_len :]
+                weight_ideal = weight_pass_ratio(models["vanilla Llama"].config, model.config, decode_depth)
                 full = model.config.num_recursions * depth.numel()
                 ideal_memory = full / sum(cache.tokens_held_per_step()) if model.config.kv_cache_policy == "recursion_wise" else model.config.num_recursions
             print(f"{name:<28}{new_tokens / median:>9.1f}{baseline / median:>11.2f}x{recursive / median:>8.2f}x"

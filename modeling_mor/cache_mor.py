@@ -102,10 +102,22 @@ class RecursionStepLayout:
         return 0 if self.index_buffer is None else self.index_buffer.nbytes + self.lengths.nbytes
 
 
-class BatchRowOperations:
-    """Beam search and batch expansion for a layer with `keys`/`values` storage: they apply whenever storage exists,
-    even with no token held (after a crop to 0), so that every layer of a MoRCache keeps the same rows (transformers'
-    DynamicLayer skips them when empty)."""
+class SlotStorage:
+    """`keys`/`values` storage `[batch, kv_heads, slots, head_dim]` of a MoRCache layer, grown GROWTH_CHUNK slots at
+    a time. Beam search and batch expansion apply whenever storage exists, even with no token held (after a crop to
+    0), so that every layer of a MoRCache keeps the same rows (transformers' DynamicLayer skips them when empty)."""
+
+    def start_storage(self, batch_size: int, key_states, value_states) -> None:
+        shape = (batch_size, key_states.shape[1], 0, key_states.shape[-1])
+        self.keys = key_states.new_zeros(shape)
+        self.values = value_states.new_zeros(shape)
+        self.is_initialized = True
+
+    def reserve_slots(self, needed: int) -> None:
+        allocated = grown_capacity(needed, self.keys.shape[2])
+        if allocated > self.keys.shape[2]:
+            self.keys = grown_storage(self.keys, allocated)
+            self.values = grown_storage(self.values, allocated)
 
     def batch_select_indices(self, indices) -> None:
         if self.is_initialized:
@@ -121,7 +133,7 @@ class BatchRowOperations:
             self.values = self.values.repeat_interleave(repeats, dim=0)
 
 
-class ChunkGrownLayer(BatchRowOperations, DynamicLayer):
+class ChunkGrownLayer(SlotStorage, DynamicLayer):
     """A DynamicLayer (every token of every row, in sequence order) whose storage grows GROWTH_CHUNK slots at a time.
 
     Used for the unshared first/last layers: a DynamicLayer concatenates, i.e. copies, its whole storage at every
@@ -131,20 +143,14 @@ class ChunkGrownLayer(BatchRowOperations, DynamicLayer):
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device = key_states.device
-        shape = (key_states.shape[0], key_states.shape[1], 0, key_states.shape[-1])
-        self.keys = key_states.new_zeros(shape)
-        self.values = value_states.new_zeros(shape)
+        self.start_storage(key_states.shape[0], key_states, value_states)
         self.length = 0
-        self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new_length = self.length + key_states.shape[-2]
-        allocated = grown_capacity(new_length, self.keys.shape[2])
-        if allocated > self.keys.shape[2]:
-            self.keys = grown_storage(self.keys, allocated)
-            self.values = grown_storage(self.values, allocated)
+        self.reserve_slots(new_length)
         self.keys[:, :, self.length : new_length] = key_states
         self.values[:, :, self.length : new_length] = value_states
         self.length = new_length
@@ -165,7 +171,7 @@ class ChunkGrownLayer(BatchRowOperations, DynamicLayer):
             self.length = max(0, self.length + tokens_to_remove)
 
 
-class MoRRecursionLayer(BatchRowOperations, CacheLayerMixin):
+class MoRRecursionLayer(SlotStorage, CacheLayerMixin):
     """Keys/values of one block layer at one recursion step, stored per batch row for that step's tokens only."""
 
     is_croppable = True
@@ -176,11 +182,7 @@ class MoRRecursionLayer(BatchRowOperations, CacheLayerMixin):
         self.layout = layout
 
     def lazy_initialization(self, key_states, value_states) -> None:
-        batch_size = self.layout.index_buffer.shape[0]
-        shape = (batch_size, key_states.shape[1], 0, key_states.shape[-1])
-        self.keys = key_states.new_zeros(shape)
-        self.values = value_states.new_zeros(shape)
-        self.is_initialized = True
+        self.start_storage(self.layout.index_buffer.shape[0], key_states, value_states)
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Writes the keys/values of the step's tokens, packed into one sequence (`[1, kv_heads, N, head_dim]`, in
@@ -194,10 +196,7 @@ class MoRRecursionLayer(BatchRowOperations, CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        allocated = grown_capacity(self.layout.capacity, self.keys.shape[2])
-        if allocated > self.keys.shape[2]:
-            self.keys = grown_storage(self.keys, allocated)
-            self.values = grown_storage(self.values, allocated)
+        self.reserve_slots(self.layout.capacity)
         self.keys[write_rows, :, write_slots] = key_states[0].transpose(0, 1)
         self.values[write_rows, :, write_slots] = value_states[0].transpose(0, 1)
         return self.keys[:, :, : self.layout.capacity], self.values[:, :, : self.layout.capacity]
@@ -218,7 +217,6 @@ class MoRRecursionLayer(BatchRowOperations, CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         # MoRCache.crop drops tokens by sequence index, through the step layouts shared by the layers.
         raise NotImplementedError("Crop a MoRCache as a whole: MoRCache.crop(tokens_to_remove).")
-
 
 
 class MoRCache(Cache):

@@ -73,8 +73,8 @@ class ActiveTokens:
     Token-wise work (projections, MLP, norms, gates) runs on the active tokens alone, packed into one sequence `[N,
     ...]` in (row, position) order (`take` / `put`): the matmuls then cost exactly the tokens routed to the step.
     Attention runs per batch row, on the active tokens packed to the left of their rows, `[rows, width, ...]`
-    (`per_row`, `to_row_layout`, `from_row_layout`); `valid` marks the real entries, since rows hold different numbers of active
-    tokens. Rows without any active token are left out of both.
+    (`per_row`, `to_row_layout`, `from_row_layout`); `valid` marks the real entries, since rows hold different
+    numbers of active tokens. Rows without any active token are left out of both.
     """
 
     rows: torch.LongTensor
@@ -161,11 +161,9 @@ class KeyRows:
             return None if rows.numel() == batch_size else cls(rows)
         return None if torch.equal(among, rows) else cls(torch.searchsorted(among, rows))
 
-    def select_layout(self, key_index, key_valid):
-        return key_index.index_select(0, self.positions), key_valid.index_select(0, self.positions)
-
-    def select(self, key_states, value_states):
-        return key_states.index_select(0, self.positions), value_states.index_select(0, self.positions)
+    def select(self, *tensors):
+        """The selected rows of each batch-first tensor (keys and values, or the key layout)."""
+        return tuple(tensor.index_select(0, self.positions) for tensor in tensors)
 
 
 class StepAttention(NamedTuple):
@@ -461,7 +459,7 @@ class MoRRecursionBlock(nn.Module):
             key_rows = None  # the step's own tokens
         key_layout = (key_index, key_valid)
         if key_rows is not None:
-            key_index, key_valid = key_rows.select_layout(key_index, key_valid)
+            key_index, key_valid = key_rows.select(key_index, key_valid)
 
         if active_tokens.is_everything and cache is None and config._attn_implementation == "sdpa":
             attention_mask = None  # the plain causal layout: sdpa's causal kernel

@@ -156,10 +156,13 @@ def test_recursion_steps_compute_only_the_tokens_routed_to_them(overrides, use_c
     attention_mask[2, :6] = 0
     tokens_seen = []
     gate_proj = model.model.recursion_block.layers[0].mlp.gate_proj
-    handle = gate_proj.register_forward_pre_hook(lambda module, args: tokens_seen.append(args[0].numel() // args[0].shape[-1]))
+    handle = gate_proj.register_forward_pre_hook(
+        lambda module, args: tokens_seen.append(args[0].numel() // args[0].shape[-1])
+    )
     try:
         with torch.no_grad():
-            depth = model(input_ids, attention_mask=attention_mask, use_cache=use_cache, output_recursion_depth=True).recursion_depth
+            outputs = model(input_ids, attention_mask=attention_mask, use_cache=use_cache, output_recursion_depth=True)
+            depth = outputs.recursion_depth
     finally:
         handle.remove()
     routed = [int((depth > step).sum()) for step in range(model.config.num_recursions)]
@@ -168,7 +171,9 @@ def test_recursion_steps_compute_only_the_tokens_routed_to_them(overrides, use_c
     assert counts_per_row.min() < counts_per_row.max()  # the rows really differ, so padding would show
 
 
-@pytest.mark.parametrize("overrides", [dict(routing="none"), dict(routing="expert_choice"), dict(routing="token_choice")])
+@pytest.mark.parametrize(
+    "overrides", [dict(routing="none"), dict(routing="expert_choice"), dict(routing="token_choice")]
+)
 def test_position_ids_shared_by_the_batch_are_accepted(overrides):
     # Llama accepts position_ids of shape [1, seq] for a whole batch; every step gathers positions row by row.
     model = _model(**overrides).eval()
