@@ -29,6 +29,32 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         raise OutputDirExistsError(f"{output_dir} exists and is not a folder; nothing was written.")
 
 
+def check_output_dir_is_separate(output_dir, **inputs) -> None:
+    """Raises before any work starts when `output_dir` is, contains or lies inside one of the input folders.
+
+    `inputs` maps a name for the message (the option or argument that gave the path) to a local path; Hub ids and
+    `None` are ignored, since they cannot be overwritten. Paths are compared once resolved (relative spellings, `..`
+    and symlinks all name the same folder), so `--overwrite` can never replace or write inside a source checkpoint.
+    """
+    output = Path(output_dir).expanduser().resolve()
+    for name, path in inputs.items():
+        if path is None or not Path(path).expanduser().exists():
+            continue
+        source = Path(path).expanduser().resolve()
+        if output == source:
+            relation = "is the same path as"
+        elif source.is_dir() and source in output.parents:
+            relation = "lies inside"
+        elif output in source.parents:
+            relation = "contains"
+        else:
+            continue
+        raise OutputDirExistsError(
+            f"the output folder {output} {relation} {name} ({source}); writing it would destroy that input. "
+            f"Nothing was written: choose an output folder outside {source}."
+        )
+
+
 def _remove_stale_staging(output_dir: Path) -> None:
     for stale in output_dir.parent.glob(f".{output_dir.name}.incomplete-*"):
         pid = stale.name.rsplit("-", 1)[-1]
