@@ -664,6 +664,8 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         """Recursion depth of every token of `sequences`. Eval-mode routing is causal, so this one uncached pass
         gives exactly the depths taken during cached decoding (tests/test_generation.py checks it)."""
         if attention_mask is not None:
+            # generate() repeats every prompt row for num_return_sequences (and beams) with repeat_interleave.
+            attention_mask = attention_mask.repeat_interleave(sequences.shape[0] // attention_mask.shape[0], dim=0)
             generated = sequences.shape[1] - attention_mask.shape[1]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(sequences.shape[0], generated)], dim=1)
         outputs = self.model(sequences, attention_mask=attention_mask, use_cache=False)

@@ -152,6 +152,26 @@ def test_sampling_and_num_return_sequences_match_uncached():
     assert torch.equal(cached, uncached)
 
 
+@pytest.mark.parametrize("mode", [dict(do_sample=True), dict(num_beams=2)], ids=["sampling", "beam_search"])
+def test_recursion_depth_with_num_return_sequences_and_an_attention_mask(mode):
+    """The prompt's attention mask (as `**tokenizer(...)` passes it) is repeated like the rows generate() returns."""
+    model = _model(routing="expert_choice")
+    input_ids = torch.randint(1, model.config.vocab_size, (2, 6))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0
+    torch.manual_seed(0)
+    outputs = model.generate(
+        input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=4, num_return_sequences=2,
+        return_dict_in_generate=True, output_recursion_depth=True, **mode,
+    )
+    assert outputs.recursion_depth.shape == outputs.sequences.shape == (4, 10)
+    expanded_mask = torch.cat([attention_mask.repeat_interleave(2, dim=0), torch.ones(4, 4, dtype=torch.long)], 1)
+    with torch.no_grad():
+        full = model(outputs.sequences, attention_mask=expanded_mask, output_recursion_depth=True)
+    assert torch.equal(outputs.recursion_depth, full.recursion_depth)
+    assert (outputs.recursion_depth[2:, :2] == 0).all(), "the padded row's padding takes no step"
+
+
 def test_cache_batch_operations_follow_rows():
     model = _model(routing="expert_choice")
     input_ids = torch.randint(1, model.config.vocab_size, (3, 10))
