@@ -8,6 +8,11 @@ records the sequence index of every stored token (what masks are built from) and
 "shared" policy only step 1 is stored; the model hands its keys/values to the deeper steps.
 
 The number of tokens seen (`get_seq_length`, what `generate` asks) is kept separately from what each step holds.
+
+Continuous batching (`serving_mor.py`) stores keys/values in pages instead: `PagedKVStorage` holds, for every
+request, one page table per token set (the end layers' tokens: every token; and, per stored recursion step, the
+tokens that took it), in fixed-size pages from a pool, and `PagedKVView` is what the layers of one engine pass write
+to and read from.
 """
 
 import torch
@@ -335,4 +340,184 @@ class MoRCache(Cache):
             layout.repeat_rows(repeats)
 
 
-__all__ = ["MoRCache"]
+class PagePool:
+    """Keys/values of `num_layers` layers in `num_pages` pages of `page_size` token slots, and the free pages.
+
+    A page serves one token set of one request in every layer that stores that set, so one page table (and one list
+    of sequence indices, `slot_token_index`) serves all of them. Freed pages are reused, last freed first."""
+
+    def __init__(self, num_layers, num_pages, page_size, kv_heads, head_dim, dtype, device):
+        shape = (num_layers, num_pages, kv_heads, page_size, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Sequence index of the token in every slot (-1: free); attention masks are built from it.
+        self.slot_token_index = torch.full((num_pages, page_size), -1, dtype=torch.long, device=device)
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.free_pages = list(range(num_pages - 1, -1, -1))
+
+    def pages_in_use(self) -> int:
+        return self.num_pages - len(self.free_pages)
+
+    def bytes_per_page(self) -> int:
+        return 2 * self.keys[:, 0].nbytes
+
+
+class PageTable:
+    """The pages of one token set of one request, and how many tokens it holds (packed in sequence order)."""
+
+    __slots__ = ("pages", "length")
+
+    def __init__(self):
+        self.pages: list[int] = []
+        self.length = 0
+
+
+END_LAYERS = "end_layers"
+
+
+class PagedKVStorage:
+    """Paged keys/values of every request served by continuous batching, for one MoR model.
+
+    Token sets: `END_LAYERS` (the unshared first and last layers, middle_* strategies: every token) and one per
+    stored recursion step (the tokens that took step r; only step 1 under the "shared" policy). Each has its pool:
+    an end-layer page stores its tokens for 2 layers, a step page for the B block layers."""
+
+    def __init__(self, config: MoRConfig, num_pages: int, page_size: int, dtype, device):
+        self.config = config
+        self.page_size = page_size
+        self.num_stored_steps = 1 if config.kv_cache_policy == "shared" else config.num_recursions
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = config.num_key_value_heads
+        self.pools: dict = {}
+        if config.has_unshared_ends:
+            self.pools[END_LAYERS] = PagePool(2, num_pages, page_size, kv_heads, head_dim, dtype, device)
+        # The steps share one pool: a deep step holds fewer tokens, so its pages serve the shallower steps.
+        step_pool = PagePool(config.block_size, num_pages * self.num_stored_steps, page_size, kv_heads, head_dim, dtype, device)
+        for step in range(self.num_stored_steps):
+            self.pools[step] = step_pool
+        self.tables: dict[str, dict] = {}  # request id -> token set -> PageTable
+        self.device = device
+
+    def token_sets(self) -> list:
+        return list(self.pools)
+
+    def add_request(self, request_id: str) -> None:
+        self.tables[request_id] = {token_set: PageTable() for token_set in self.pools}
+
+    def free_request(self, request_id: str) -> None:
+        """Returns every page of the request to its pool."""
+        for token_set, table in self.tables.pop(request_id, {}).items():
+            pool = self.pools[token_set]
+            pool.slot_token_index[table.pages] = -1
+            pool.free_pages.extend(reversed(table.pages))
+
+    def pages_needed(self, request_id: str, token_set, num_tokens: int) -> int:
+        table = self.tables[request_id][token_set]
+        return max(0, -(-(table.length + num_tokens) // self.page_size) - len(table.pages))
+
+    def unique_pools(self) -> list[PagePool]:
+        return list(self.pools_by_id.values())
+
+    @property
+    def pools_by_id(self) -> dict:
+        return {id(pool): pool for pool in self.pools.values()}
+
+    def tokens_held_by(self, request_id: str) -> dict:
+        return {token_set: table.length for token_set, table in self.tables[request_id].items()}
+
+    def pages_held_by(self, request_id: str) -> dict:
+        return {token_set: len(table.pages) for token_set, table in self.tables[request_id].items()}
+
+    def append(self, request_id: str, token_set, token_index: list[int]) -> tuple[list[int], list[int]]:
+        """Reserves slots for tokens (sequence indices, increasing) at the end of a request's token set; returns
+        their (page, offset) pairs. The caller checked with `pages_needed` that the pool has the pages."""
+        table = self.tables[request_id][token_set]
+        pool = self.pools[token_set]
+        pages, offsets = [], []
+        for index in token_index:
+            if table.length == len(table.pages) * self.page_size:
+                table.pages.append(pool.free_pages.pop())
+            pages.append(table.pages[-1])
+            offsets.append(table.length % self.page_size)
+            table.length += 1
+        pool.slot_token_index[pages, offsets] = torch.tensor(token_index, dtype=torch.long, device=self.device)
+        return pages, offsets
+
+    def read_layout(self, request_ids: list[str], token_sets: list) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """The page table of each row (`[rows, max pages]`, padded with page 0) and the sequence index of every slot
+        it reads (`[rows, max pages * page_size]`, -1 where nothing is stored)."""
+        tables = [self.tables[request_id][token_set] for request_id, token_set in zip(request_ids, token_sets)]
+        width = max(len(table.pages) for table in tables)
+        page_table = torch.zeros(len(tables), width, dtype=torch.long)
+        used = torch.zeros(len(tables), width, dtype=torch.bool)
+        for row, table in enumerate(tables):
+            page_table[row, : len(table.pages)] = torch.tensor(table.pages, dtype=torch.long)
+            used[row, : len(table.pages)] = True
+        page_table, used = page_table.to(self.device), used.to(self.device)
+        pool = self.pools[token_sets[0]]
+        key_index = pool.slot_token_index[page_table].masked_fill(~used.unsqueeze(-1), -1)
+        return page_table, key_index.reshape(len(tables), -1)
+
+    def tokens_held(self) -> dict:
+        """Tokens stored per token set, summed over requests."""
+        held = {token_set: 0 for token_set in self.pools}
+        for tables in self.tables.values():
+            for token_set, table in tables.items():
+                held[token_set] += table.length
+        return held
+
+    def pages_held(self) -> dict:
+        held = {token_set: 0 for token_set in self.pools}
+        for tables in self.tables.values():
+            for token_set, table in tables.items():
+                held[token_set] += len(table.pages)
+        return held
+
+    def memory_report(self) -> dict:
+        """Bytes of keys/values in the pages in use next to the ideal: exactly the tokens stored, per token set."""
+        report = {"pages_held": self.pages_held(), "tokens_held": self.tokens_held()}
+        held_bytes = ideal_bytes = 0
+        for token_set, pool in self.pools.items():
+            per_slot = pool.bytes_per_page() // self.page_size
+            held_bytes += report["pages_held"][token_set] * pool.bytes_per_page()
+            ideal_bytes += report["tokens_held"][token_set] * per_slot
+        report.update(kv_bytes_held=held_bytes, kv_bytes_ideal=ideal_bytes)
+        report["held_over_ideal"] = held_bytes / ideal_bytes if ideal_bytes else 1.0
+        return report
+
+
+class PagedKVView:
+    """What the layers of one continuous-batching pass read and write: each row of the pass is one request's tokens
+    (the layers' `active_tokens` rows), and every layer writes the row's new keys/values into the slots reserved for
+    them and reads the row's whole token set. Used as the layers' `cache`.
+
+    `write_mask` leaves out tokens whose keys are not stored (deeper steps under the "shared" policy, which read step
+    1's keys: their keys are computed with the others' in one projection and dropped)."""
+
+    def __init__(self, storage: PagedKVStorage, token_set_of_layer, write_pages, write_offsets, write_mask, page_table):
+        self.storage = storage
+        self.token_set_of_layer = token_set_of_layer  # layer index -> (pool, layer row in the pool)
+        self.write_pages = write_pages
+        self.write_offsets = write_offsets
+        self.write_mask = write_mask
+        self.page_table = page_table
+
+    def update(self, key_states, value_states, layer_idx: int, cache_kwargs: dict | None = None):
+        """`key_states`: the pass's tokens packed, `[1, kv_heads, N, head_dim]`; returns every row's keys/values,
+        `[rows, kv_heads, slots, head_dim]` (the slots `read_layout` describes)."""
+        pool, layer_row = self.token_set_of_layer[layer_idx]
+        keys, values = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)  # [N, kv_heads, head_dim]
+        if self.write_mask is not None:
+            keys, values = keys[self.write_mask], values[self.write_mask]
+        if self.write_pages.numel():
+            pool.keys[layer_row, self.write_pages, :, self.write_offsets] = keys
+            pool.values[layer_row, self.write_pages, :, self.write_offsets] = values
+        rows, width = self.page_table.shape
+        # [rows, pages, kv_heads, page_size, head_dim] -> [rows, kv_heads, pages * page_size, head_dim]
+        read_keys = pool.keys[layer_row][self.page_table].transpose(1, 2).reshape(rows, pool.keys.shape[2], -1, keys.shape[-1])
+        read_values = pool.values[layer_row][self.page_table].transpose(1, 2).reshape(rows, pool.keys.shape[2], -1, keys.shape[-1])
+        return read_keys, read_values
+
+
+__all__ = ["MoRCache", "PagedKVStorage", "PagedKVView"]

@@ -33,6 +33,7 @@ from .cache_mor import MoRCache
 from .configuration_mor import MoRConfig
 from .relaxation_mor import RelaxedLinear, RelaxedRMSNorm, relax_layer_
 from .routing_mor import ROUTER_LOSS_COEFFICIENTS, MoRRouter, TokenChoiceRouting, apply_gate, build_routing
+from .serving_mor import init_mor_continuous_batching
 
 
 logger = logging.get_logger(__name__)
@@ -107,6 +108,18 @@ class ActiveTokens:
         valid = torch.arange(width, device=device) < counts[rows].unsqueeze(-1)
         # Row-major order of `valid` is (row, position) order: the packed sequence and the rows hold the same tokens.
         token_rows, token_index = active.nonzero(as_tuple=True)
+        return cls(rows, index, valid, token_rows, token_index, False, bool(valid.all()))
+
+    @classmethod
+    def from_row_counts(cls, counts: torch.LongTensor) -> "ActiveTokens":
+        """Tokens already packed row after row (`counts[i]` tokens of row i, in sequence order), as continuous
+        batching holds them: every row takes the step, each with its own number of tokens."""
+        device = counts.device
+        rows = torch.arange(counts.numel(), device=device)
+        width = int(counts.max())
+        index = torch.arange(width, device=device).expand(counts.numel(), width)
+        valid = index < counts.unsqueeze(-1)
+        token_rows, token_index = valid.nonzero(as_tuple=True)
         return cls(rows, index, valid, token_rows, token_index, False, bool(valid.all()))
 
     def take(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -647,6 +660,12 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         model_kwargs["cache"] = MoRCache(self.config)
         if generation_config.is_assistant:
             model_kwargs["cache"].activate_past_recording()
+
+    def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, workload_hints=None):
+        """transformers' continuous-batching entry point (also behind `generate_batch` and
+        `continuous_batching_context_manager`), served by MoR's depth-wise batch processor (serving_mor.py): one pass
+        of the shared block serves tokens of many requests at different recursion steps, with paged per-step KV."""
+        return init_mor_continuous_batching(self, generation_config, continuous_batching_config, workload_hints)
 
     def generate(self, *args, output_recursion_depth: bool = False, **kwargs):
         """`GenerationMixin.generate`, plus `output_recursion_depth=True` (with `return_dict_in_generate=True`): the
