@@ -347,20 +347,31 @@ class PagePool:
     of sequence indices, `slot_token_index`) serves all of them. Freed pages are reused, last freed first."""
 
     def __init__(self, num_layers, num_pages, page_size, kv_heads, head_dim, dtype, device):
-        shape = (num_layers, num_pages, kv_heads, page_size, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        # Token-major pages, [page, slot, kv_heads, head_dim]: the pages a row reads, gathered with index_select,
+        # are its keys in slot order without a further copy (a view transposes them to [kv_heads, slots, head_dim]).
+        shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
+        # Uninitialised: a page is zeroed when it is taken (`take_page`), so memory is touched only as it is used.
+        self.keys = torch.empty(shape, dtype=dtype, device=device)
+        self.values = torch.empty(shape, dtype=dtype, device=device)
         # Sequence index of the token in every slot (-1: free); attention masks are built from it.
         self.slot_token_index = torch.full((num_pages, page_size), -1, dtype=torch.long, device=device)
         self.page_size = page_size
         self.num_pages = num_pages
         self.free_pages = list(range(num_pages - 1, -1, -1))
 
+    def take_page(self) -> int:
+        """A free page, zeroed: attention masks its unused slots, but a masked slot holding NaN would still poison
+        its row (0 * NaN)."""
+        page = self.free_pages.pop()
+        self.keys[:, page].zero_()
+        self.values[:, page].zero_()
+        return page
+
     def pages_in_use(self) -> int:
         return self.num_pages - len(self.free_pages)
 
     def bytes_per_page(self) -> int:
-        return 2 * self.keys[:, 0].nbytes
+        return 2 * self.keys[:, 0].nbytes  # keys and values of every layer
 
 
 class PageTable:
@@ -437,7 +448,7 @@ class PagedKVStorage:
         pages, offsets = [], []
         for index in token_index:
             if table.length == len(table.pages) * self.page_size:
-                table.pages.append(pool.free_pages.pop())
+                table.pages.append(pool.take_page())
             pages.append(table.pages[-1])
             offsets.append(table.length % self.page_size)
             table.length += 1
@@ -510,13 +521,15 @@ class PagedKVView:
         keys, values = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)  # [N, kv_heads, head_dim]
         if self.write_mask is not None:
             keys, values = keys[self.write_mask], values[self.write_mask]
+        layer_keys, layer_values = pool.keys[layer_row], pool.values[layer_row]
         if self.write_pages.numel():
-            pool.keys[layer_row, self.write_pages, :, self.write_offsets] = keys
-            pool.values[layer_row, self.write_pages, :, self.write_offsets] = values
-        rows, width = self.page_table.shape
-        # [rows, pages, kv_heads, page_size, head_dim] -> [rows, kv_heads, pages * page_size, head_dim]
-        read_keys = pool.keys[layer_row][self.page_table].transpose(1, 2).reshape(rows, pool.keys.shape[2], -1, keys.shape[-1])
-        read_values = pool.values[layer_row][self.page_table].transpose(1, 2).reshape(rows, pool.keys.shape[2], -1, keys.shape[-1])
+            layer_keys[self.write_pages, self.write_offsets] = keys
+            layer_values[self.write_pages, self.write_offsets] = values
+        rows = self.page_table.shape[0]
+        pages = self.page_table.reshape(-1)
+        # [rows * pages, page_size, kv_heads, head_dim] -> [rows, kv_heads, pages * page_size, head_dim] (a view)
+        read_keys = layer_keys.index_select(0, pages).reshape(rows, -1, *keys.shape[1:]).transpose(1, 2)
+        read_values = layer_values.index_select(0, pages).reshape(rows, -1, *keys.shape[1:]).transpose(1, 2)
         return read_keys, read_values
 
 

@@ -38,8 +38,9 @@ from .routing_mor import apply_gate
 
 logger = logging.get_logger(__name__)
 
-# Pages of 16 tokens: per request and token set at most 15 slots are unused, a few percent of a request's tokens.
-DEFAULT_PAGE_SIZE = 16
+# Pages of 8 tokens: per request and token set at most 7 slots are unused (3.5 on average), a few percent of its
+# tokens; the gathers cost the same bytes whatever the page size.
+DEFAULT_PAGE_SIZE = 8
 
 
 class TokenGroup:
