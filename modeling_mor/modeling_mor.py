@@ -159,19 +159,16 @@ class ActiveTokens:
 class KeyRows:
     """Which rows of the keys/values a recursion step attends to: those of the rows taking the step.
 
-    Keys exist for every batch row when they come from the cache, and for the rows that took step 1 when the shared
-    policy reuses step 1's keys without a cache; `positions` indexes those rows. Selection uses `index_select`:
-    advanced indexing of the cache's strided views was measured several times slower."""
+    Under the shared policy a deeper step reuses step 1's keys, which exist for the rows that took step 1 (with or
+    without a cache); `positions` indexes the step's rows among them. Selection uses `index_select`: advanced
+    indexing of strided views was measured several times slower."""
 
     positions: torch.LongTensor
 
     @classmethod
-    def of(cls, rows: torch.LongTensor, among: torch.LongTensor | None, batch_size: int) -> "KeyRows | None":
-        """The selection of `rows` among the key rows `among` (None: every batch row, as in a cache); None when they
-        are the same rows. Both are sorted batch indices, and `rows` are among the key rows: a token that stops never
-        continues, and a cache holds every row."""
-        if among is None:
-            return None if rows.numel() == batch_size else cls(rows)
+    def of(cls, rows: torch.LongTensor, among: torch.LongTensor) -> "KeyRows | None":
+        """The selection of `rows` among the key rows `among`; None when they are the same rows. Both are sorted
+        batch indices, and `rows` are among the key rows: a token that stops never continues."""
         return None if torch.equal(among, rows) else cls(torch.searchsorted(among, rows))
 
     def select(self, *tensors):
@@ -452,21 +449,21 @@ class MoRRecursionBlock(nn.Module):
     def _step_attention(self, step, active_by_step, token_index, cache, attention_by_step, dtype) -> StepAttention:
         """The attention mask of a recursion step and where its rows sit among the rows of the keys it reads.
 
-        Keys come from the cache (every batch row, under either policy), from step 1 under the shared policy without
-        a cache (the rows that took step 1), or, otherwise without a cache, from the step's own tokens."""
+        Keys are those of the step's own rows: from the cache (their tokens that took the step, past ones included),
+        or without a cache the step's own tokens; under the shared policy deeper steps read step 1's keys, which
+        exist for the rows that took step 1, and select their own rows among them."""
         config = self.config
         active_tokens = active_by_step[step]
         query_index = active_tokens.per_row(token_index).masked_fill(~active_tokens.valid, -1)
         batch_size = token_index.shape[0]
         if config.kv_cache_policy == "shared" and step > 0:
             key_index, key_valid = attention_by_step[0].key_layout
-            step_one_rows = None if cache is not None else active_by_step[0].rows
-            key_rows = KeyRows.of(active_tokens.rows, among=step_one_rows, batch_size=batch_size)
+            key_rows = KeyRows.of(active_tokens.rows, among=active_by_step[0].rows)
         elif cache is not None:
             key_index, key_valid = cache.prepare_recursion_step(
-                step, batch_size, active_tokens.rows, query_index, active_tokens.valid
+                step, batch_size, active_tokens.rows, query_index, active_tokens.valid, dtype
             )
-            key_rows = KeyRows.of(active_tokens.rows, among=None, batch_size=batch_size)
+            key_rows = None
         else:
             key_index, key_valid = query_index, active_tokens.valid
             key_rows = None  # the step's own tokens

@@ -140,7 +140,7 @@ class DepthwiseBatchProcessor:
 
     def reset(self) -> None:
         for request_id in list(self.active):
-            self.storage.free_request(request_id)
+            self.storage.free_sequence(request_id)
         self.waiting.clear()
         self.active.clear()
         self.runnable = []
@@ -203,7 +203,7 @@ class DepthwiseBatchProcessor:
         }
         while len(self.accounting) > 4096:
             self.accounting.popitem(last=False)
-        self.storage.free_request(request_id)
+        self.storage.free_sequence(request_id)
         return request
 
     def _admit(self) -> None:
@@ -217,7 +217,7 @@ class DepthwiseBatchProcessor:
             if any(len(pool.free_pages) < pages + margin for pool in self.storage.unique_pools()):
                 break
             self.waiting.pop(request_id)
-            self.storage.add_request(request_id)
+            self.storage.add_sequence(request_id)
             state.status = RequestStatus.PREFILLING
             self.active[request_id] = ServedRequest(state, self.seed)
 
@@ -374,13 +374,13 @@ class DepthwiseBatchProcessor:
         token_sets = [self._token_set_of_step(group.step) for group in groups]
         write_pages, write_offsets, write_mask = [], [], []
         for group, token_set in zip(groups, token_sets):
-            positions = group.token_index[group.active].tolist()
+            positions = group.token_index[group.active]
             stores = config.kv_cache_policy == "recursion_wise" or group.step == 0
-            write_mask.extend([stores] * len(positions))
+            write_mask.extend([stores] * positions.numel())
             if stores:
                 pages, offsets = self.storage.append(group.request_id, token_set, positions)
-                write_pages.extend(pages)
-                write_offsets.extend(offsets)
+                write_pages.append(pages)
+                write_offsets.append(offsets)
         hidden = torch.cat([group.hidden[group.active] for group in groups])
         token_index = torch.cat([group.token_index[group.active] for group in groups])
         counts = torch.tensor([int(group.active.sum()) for group in groups], device=self.device)
@@ -414,11 +414,11 @@ class DepthwiseBatchProcessor:
         query_index = active_tokens.to_row_layout(token_index.unsqueeze(-1)).squeeze(-1).masked_fill(~active_tokens.valid, -1)
         attention_mask = build_attention_mask(self.config, query_index, key_index, key_index >= 0, hidden.dtype)
         cos, sin = self.model.model.rotary_emb(hidden.unsqueeze(0), position_ids=token_index.unsqueeze(0))
+        empty = torch.zeros(0, dtype=torch.long, device=self.device)
         view = PagedKVView(
-            self.storage,
             self.layer_storage,
-            torch.tensor(write_pages, dtype=torch.long, device=self.device),
-            torch.tensor(write_offsets, dtype=torch.long, device=self.device),
+            torch.cat(write_pages) if write_pages else empty,
+            torch.cat(write_offsets) if write_offsets else empty,
             write_mask,
             page_table,
         )
@@ -430,9 +430,9 @@ class DepthwiseBatchProcessor:
         the end layers' pages; the last layer writes the same slots."""
         if first:
             for group in groups:
-                group.end_slots = self.storage.append(group.request_id, END_LAYERS, group.token_index.tolist())
-        write_pages = [page for group in groups for page in group.end_slots[0]]
-        write_offsets = [offset for group in groups for offset in group.end_slots[1]]
+                group.end_slots = self.storage.append(group.request_id, END_LAYERS, group.token_index)
+        write_pages = [group.end_slots[0] for group in groups]
+        write_offsets = [group.end_slots[1] for group in groups]
         hidden = torch.cat([group.hidden for group in groups])
         token_index = torch.cat([group.token_index for group in groups])
         counts = torch.tensor([len(group) for group in groups], device=self.device)

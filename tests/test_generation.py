@@ -101,15 +101,15 @@ def test_batched_left_padded_generation_matches_rows_alone(overrides):
     ids=lambda o: "-".join(str(v) for v in o.values()),
 )
 def test_batched_decoding_attends_to_each_rows_own_keys(overrides, monkeypatch):
-    """Decode steps that only some rows take read those rows' cached keys (KeyRows); every step's logits equal the
-    uncached forward."""
+    """Decode steps that only some rows take read those rows' cached keys (the cache's page tables of those rows, or
+    KeyRows among step 1's rows under the shared policy); every step's logits equal the uncached forward."""
     decode_selections = []
     step_attention = modeling_mor.modeling_mor.MoRRecursionBlock._step_attention
 
     def recording_step_attention(self, step, active_by_step, token_index, *args):
         attention = step_attention(self, step, active_by_step, token_index, *args)
-        if token_index.shape[1] == 1 and attention.key_rows is not None:
-            decode_selections.append(attention.key_rows.positions.numel())
+        if token_index.shape[1] == 1:
+            decode_selections.append(active_by_step[step].rows.numel())
         return attention
 
     monkeypatch.setattr(modeling_mor.modeling_mor.MoRRecursionBlock, "_step_attention", recording_step_attention)
@@ -329,40 +329,36 @@ def test_foreign_caches_are_refused():
 def test_cache_accounting_batch_one():
     model = _model(routing="expert_choice")
     input_ids = torch.randint(1, model.config.vocab_size, (1, 20))
-    cache = MoRCache(model.config)
+    cache = MoRCache(model.config, page_size=4)
     with torch.no_grad():
         depth = model(input_ids, cache=cache, output_recursion_depth=True).recursion_depth
     routed = [int((depth >= step + 1).sum()) for step in range(model.config.num_recursions)]
     assert cache.tokens_held_per_step() == routed
     assert routed[0] > routed[-1] > 0
-    held = sum(t.nbytes for layer in cache.layers if layer.is_initialized for t in (layer.keys, layer.values))
-    held += sum(l.index_buffer.nbytes + l.lengths.nbytes for l in cache.step_layouts if l.index_buffer is not None)
-    assert cache.nbytes() == held
-    # Each block layer stores exactly the routed tokens at each step, nothing for the rest; storage grows in chunks.
-    from modeling_mor.cache_mor import GROWTH_CHUNK
-
-    for step, layout in enumerate(cache.step_layouts):
-        assert layout.capacity == routed[step]
-        layers = [layer for layer in cache.layers if getattr(layer, "layout", None) is layout]
-        assert len(layers) == model.config.block_size
-        for layer in layers:
-            assert layer.keys.shape[2] == -(-routed[step] // GROWTH_CHUNK) * GROWTH_CHUNK
+    # Each step's pages hold exactly the routed tokens, in pages of 4; every block layer stores them in the same pages.
+    assert cache.storage.pages_held_by(0) == {step: -(-count // 4) for step, count in enumerate(routed)}
+    (pool,) = cache.storage.unique_pools()
+    assert pool.keys.shape[0] == model.config.block_size
+    ends = sum(t.nbytes for layer in cache.layers[:: len(cache.layers) - 1] for t in (layer.keys, layer.values))
+    per_page = pool.bytes_per_page() + pool.slot_token_index[0].nbytes
+    assert cache.nbytes() == ends + sum(-(-count // 4) for count in routed) * per_page
+    assert cache.reserved_nbytes() >= pool.num_pages * pool.bytes_per_page()
 
 
-def test_cache_accounting_batch_storage_is_the_largest_row():
+def test_cache_accounting_batch_holds_each_rows_own_tokens():
     model = _model(routing="expert_choice")
     input_ids = torch.randint(1, model.config.vocab_size, (4, 16))
-    cache = MoRCache(model.config)
+    cache = MoRCache(model.config, page_size=4)
     with torch.no_grad():
         depth = model(input_ids, cache=cache, output_recursion_depth=True).recursion_depth
         for _ in range(3):  # a few decode steps
             next_ids = torch.randint(1, model.config.vocab_size, (4, 1))
             step_depth = model(next_ids, cache=cache, output_recursion_depth=True).recursion_depth
             depth = torch.cat([depth, step_depth], dim=1)
-    for step, layout in enumerate(cache.step_layouts):
-        per_row = (depth >= step + 1).sum(-1)
-        assert layout.lengths.tolist() == per_row.tolist()
-        assert layout.capacity == int(per_row.max())
+    for row in range(4):
+        per_step = [int((depth[row] >= step + 1).sum()) for step in range(model.config.num_recursions)]
+        assert cache.storage.tokens_held_by(row) == dict(enumerate(per_step))
+        assert cache.storage.pages_held_by(row) == {step: -(-count // 4) for step, count in enumerate(per_step)}
     assert cache.tokens_held_per_step()[-1] < cache.tokens_held_per_step()[0]
 
 
@@ -373,8 +369,8 @@ def test_shared_policy_stores_step_one_only():
     with torch.no_grad():
         model(input_ids, cache=cache)
     assert cache.tokens_held_per_step() == [12]
-    recursive = MoRCache(_model(routing="expert_choice").config)
-    assert len(recursive.step_layouts) == 3 and len(cache.step_layouts) == 1
+    assert list(cache.storage.tables[0]) == [0], "one token set: step 1"
+    assert len([layer for layer in cache.layers if not isinstance(layer, ChunkGrownLayer)]) == model.config.block_size
 
 
 def test_real_checkpoint_greedy_matches_llama(stories_dir):
