@@ -26,6 +26,14 @@ from modeling_mor import MoRConfig, MoRForCausalLM, valid_recursion_layouts
 
 
 INIT_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
+# A router decides at each pass through the recursion block, which only the cycle strategies have (a sequence
+# strategy applies each shared layer several times in a row instead). MoRConfig enforces it.
+ROUTED_SHARING_STRATEGIES = ("cycle", "middle_cycle")
+
+
+def default_routing(sharing_strategy: str) -> str:
+    """Expert-choice routing for the cycle strategies, "none" for the sequence ones (which cannot route)."""
+    return "expert_choice" if sharing_strategy in ROUTED_SHARING_STRATEGIES else "none"
 
 
 def _source_layer_indices(tied_groups: list[list[int]], init_strategy: str, seed: int) -> list[list[int]]:
@@ -61,6 +69,32 @@ def _init_relaxation(mor: MoRForCausalLM, source_layers) -> None:
                     module.init_from_target(recursion_step, source.weight)
 
 
+def mor_config_for(
+    source_config, *, num_recursions: int, sharing_strategy: str, routing: str | None = None, **config_overrides
+) -> MoRConfig:
+    """The `MoRConfig` a conversion of a model with `source_config` builds (raises ValueError when it is not valid).
+
+    Cheap (no weights), so the command line builds it before loading anything to check every option at once.
+    """
+    config_fields = source_config.to_dict()
+    # quantization_config: a GGUF source is dequantized on load; the MoR weights are plain tensors.
+    for field in ("architectures", "model_type", "transformers_version", "auto_map", "dtype", "torch_dtype",
+                  "quantization_config"):
+        config_fields.pop(field, None)
+    config_fields.update(
+        num_recursions=num_recursions,
+        sharing_strategy=sharing_strategy,
+        routing=routing or default_routing(sharing_strategy),
+        gating="update",
+        # The auxiliary router learns the top-k decisions from the BCE loss alone, without competing with the LM
+        # gradient that also reaches the gating router: a short uptraining is enough for eval-mode routing.
+        router_inference="auxiliary",
+        architectures=["MoRForCausalLM"],
+    )
+    config_fields.update(config_overrides)
+    return MoRConfig(**config_fields)
+
+
 @torch.no_grad()
 def convert_llama_to_mor(
     model: LlamaForCausalLM,
@@ -68,13 +102,14 @@ def convert_llama_to_mor(
     num_recursions: int,
     sharing_strategy: str,
     init_strategy: str = "stepwise",
-    routing: str = "expert_choice",
+    routing: str | None = None,
     seed: int = 0,
     **config_overrides,
 ) -> MoRForCausalLM:
     """Returns a new `MoRForCausalLM` initialized from `model` (which is left untouched).
 
-    `config_overrides` set any other `MoRConfig` field (for example `kv_cache_policy`, `capacity`, `gating`,
+    `routing` defaults to "expert_choice" for the cycle strategies and "none" for the sequence ones, which cannot
+    route. `config_overrides` set any other `MoRConfig` field (for example `kv_cache_policy`, `capacity`, `gating`,
     `relaxation_rank`: with it, the per-step deltas start from the SVD of the tied layers' differences).
     """
     if not isinstance(model, LlamaForCausalLM):
@@ -94,23 +129,10 @@ def convert_llama_to_mor(
             f"{', '.join(f'({s!r}, {n})' for s, n in layouts) or 'none'}."
         )
 
-    config_fields = source_config.to_dict()
-    # quantization_config: a GGUF source is dequantized on load; the MoR weights are plain tensors.
-    for field in ("architectures", "model_type", "transformers_version", "auto_map", "dtype", "torch_dtype",
-                  "quantization_config"):
-        config_fields.pop(field, None)
-    config_fields.update(
-        num_recursions=num_recursions,
-        sharing_strategy=sharing_strategy,
-        routing=routing,
-        gating="update",
-        # The auxiliary router learns the top-k decisions from the BCE loss alone, without competing with the LM
-        # gradient that also reaches the gating router: a short uptraining is enough for eval-mode routing.
-        router_inference="auxiliary",
-        architectures=["MoRForCausalLM"],
+    config = mor_config_for(
+        source_config, num_recursions=num_recursions, sharing_strategy=sharing_strategy, routing=routing,
+        **config_overrides,
     )
-    config_fields.update(config_overrides)
-    config = MoRConfig(**config_fields)
     config._attn_implementation = source_config._attn_implementation
     mor = MoRForCausalLM(config).to(dtype=model.dtype, device=model.device)
 
@@ -151,13 +173,21 @@ CLI_EXAMPLE = """
 Examples:
 
     # a local Llama/SmolLM folder (or a Hub id) -> an MoR folder, with perplexities measured on a text file
-    python -m conversion.convert_llama_to_mor ../shared/data/stories260K outputs/stories-mor \\
-        --num-recursions 3 --sharing-strategy middle_cycle --eval-file ../shared/data/tinystories/valid.txt
+    python -m conversion.convert_llama_to_mor examples/assets/stories260K outputs/stories-mor \\
+        --num-recursions 3 --sharing-strategy middle_cycle --eval-file examples/assets/tinystories_valid_sample.txt
 
-    # a GGUF file (dequantized by transformers), then pushed to the Hub as a private repo
+    # a GGUF file (dequantized by transformers; needs pip install "mor-transformers[gguf]"), then pushed to the Hub
     python -m conversion.convert_llama_to_mor path/to/SmolLM2-135M-Instruct.Q4_1.gguf outputs/smollm2-mor \\
         --num-recursions 2 --sharing-strategy middle_cycle --push-to-hub your-name/smollm2-mor --private
+
+Every option is checked before the source is loaded; bad input stops with one "error:" line (exit code 2) and
+nothing written. OUTPUT_DIR may not be SOURCE, lie inside it or contain it, even with --overwrite.
 """
+
+# GGUF metadata keys that name the Hub repo a GGUF file was converted from (gguf-py's `Keys.General`; the first one
+# is what older llama.cpp converters wrote). `general.base_model.N.*` is not used: it names the model the source was
+# itself fine-tuned from, not the source.
+GGUF_SOURCE_REPO_KEYS = ("general.source.huggingface.repository", "general.source.repo_url", "general.repo_url")
 
 
 def build_argument_parser():
@@ -165,32 +195,43 @@ def build_argument_parser():
 
     from modeling_mor.configuration_mor import GATINGS, KV_CACHE_POLICIES, ROUTER_INFERENCE, ROUTINGS, SHARING_STRATEGIES
 
+    from .measure import DEFAULT_BLOCK_SIZE
+
     parser = argparse.ArgumentParser(
         prog="python -m conversion.convert_llama_to_mor",
         description="Convert a Llama-architecture checkpoint (Llama, SmolLM, SmolLM2) into a Mixture-of-Recursions model.",
         epilog=CLI_EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("source", help="Hub id or local folder of the checkpoint, or a .gguf file")
+    parser.add_argument("source", help="local checkpoint folder, .gguf file, or Hub id ('name' or 'org/name')")
     parser.add_argument("output_dir", help="folder to write (refused if it exists, unless --overwrite)")
-    parser.add_argument("--num-recursions", type=int, default=3)
+    parser.add_argument("--num-recursions", type=int, default=3,
+                        help="N_r, how many times the shared block is applied (>= 1; default 3)")
     parser.add_argument("--sharing-strategy", default="middle_cycle", choices=SHARING_STRATEGIES)
     parser.add_argument("--init-strategy", default="stepwise", choices=INIT_STRATEGIES)
-    parser.add_argument("--routing", default="expert_choice", choices=ROUTINGS)
+    parser.add_argument("--routing", choices=ROUTINGS,
+                        help="default: expert_choice for the cycle strategies, none for sequence and middle_sequence "
+                             "(which cannot route)")
     parser.add_argument("--kv-cache-policy", default="recursion_wise", choices=KV_CACHE_POLICIES)
     parser.add_argument("--router-inference", default="auxiliary", choices=ROUTER_INFERENCE,
                         help="expert-choice eval rule: 'auxiliary' (default for conversions) or 'threshold'")
     parser.add_argument("--gating", default="update", choices=GATINGS,
                         help="'update' (default) starts the converted model as the tied recursive model")
-    parser.add_argument("--capacity", type=float, nargs="+", help="expert-choice capacity per step (default (N_r-r+1)/N_r)")
+    parser.add_argument("--capacity", type=float, nargs="+",
+                        help="expert-choice capacity per step: N_r non-increasing fractions in (0, 1] "
+                             "(default (N_r-r+1)/N_r)")
     parser.add_argument("--relaxation-rank", default="0",
                         help="rank of the per-step low-rank deltas (0 = none, 'full' = exact reproduction of the source)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
     parser.add_argument("--gguf-file", help="name of the GGUF file inside SOURCE (a folder or Hub id)")
-    parser.add_argument("--eval-file", help="text file on which to measure perplexity and recursion depths")
+    parser.add_argument("--eval-file", help="UTF-8 text file on which to measure perplexity and recursion depths")
     parser.add_argument("--eval-max-tokens", type=int, default=16384)
-    parser.add_argument("--eval-block-size", type=int, default=256)
-    parser.add_argument("--base-model-name", help="name of the source shown in the model card (default: SOURCE)")
+    parser.add_argument("--eval-block-size", type=int,
+                        help=f"tokens per perplexity block (default: {DEFAULT_BLOCK_SIZE}, capped at the source's "
+                             f"context, max_position_embeddings; a larger explicit value is refused)")
+    parser.add_argument("--base-model-name",
+                        help="Hub id of the source for the model card's base_model (default: SOURCE when it is a Hub "
+                             "id, else the repo a GGUF's metadata names; a local source without one leaves it out)")
     parser.add_argument("--base-model-license", help="licence of the source (default: read from its model card)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
@@ -208,22 +249,174 @@ def resolve_source(source: str, gguf_file: str | None = None):
     path = Path(source)
     if gguf_file is None and path.suffix == ".gguf":
         if not path.is_file():
-            raise FileNotFoundError(f"GGUF file {source} does not exist.")
+            raise FileNotFoundError(
+                f"the GGUF file {source} does not exist ({path.expanduser().absolute()}); nothing was written. "
+                f"Check the path, or give a checkpoint folder or a Hub id instead."
+            )
         return str(path.parent), path.name
     return source, gguf_file
 
 
-def _source_license(source: str, explicit: str | None) -> str:
+def looks_like_hub_id(source: str) -> bool:
+    """Whether `source` has the form of a Hub model id, 'name' or 'org/name' (and so is no local path spelling)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_source(source: str, gguf_file: str | None = None) -> bool:
+    """Raises FileNotFoundError (one line, naming the fix) when `source` (as `resolve_source` returns it) is neither
+    an existing local checkpoint nor a Hub id; returns whether it is a Hub id (to be fetched from the Hub)."""
+    from pathlib import Path
+
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"{source} is a file, not a checkpoint folder; nothing was written. Give the folder that holds "
+                f"config.json and the weights, or a .gguf file."
+            )
+        if gguf_file is not None and not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"--gguf-file {gguf_file} is not in {source}; nothing was written. GGUF files "
+                                    f"there: {', '.join(sorted(p.name for p in path.glob('*.gguf'))) or 'none'}.")
+        if gguf_file is None and not (path / "config.json").is_file():
+            gguf_files = sorted(p.name for p in path.glob("*.gguf"))
+            hint = (f"it holds GGUF file(s) {', '.join(gguf_files)}: pass --gguf-file {gguf_files[0]}, or the .gguf "
+                    f"file's path as SOURCE" if gguf_files else "give the folder of a saved Llama checkpoint")
+            raise FileNotFoundError(f"{source} has no config.json, so it is not a checkpoint folder; nothing was "
+                                    f"written. Fix: {hint}.")
+        return False
+    if looks_like_hub_id(source):
+        return True
+    spelled = f" ({path.absolute()})" if str(path.absolute()) != source else ""
+    raise FileNotFoundError(
+        f"the source folder {source} does not exist{spelled}; nothing was written. Check the path, or give a .gguf "
+        f"file or a Hub id ('name' or 'org/name')."
+    )
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _hub_failure(source: str, error: BaseException) -> str:
+    """Why a Hub id could not be loaded, in one line: the repo is missing (or private), or the Hub is unreachable."""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    causes, cause = [], error
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(cause, GatedRepoError) for cause in causes):
+        problem = f"the Hub repo {source} is gated and this account has not been granted access"
+        fix = "request access on the repo's page, then log in with `hf auth login`"
+    elif any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
+        problem = f"the Hub has no model repo {source} (or it is private and you are not logged in)"
+        fix = "check the repo id or the local path, or log in with `hf auth login`"
+    elif any(isinstance(cause, LocalEntryNotFoundError) for cause in causes) or "connect" in str(error).lower():
+        problem = f"the Hub could not be reached to fetch {source}, and it is not in the local cache"
+        fix = "check the network connection (or HF_HUB_OFFLINE), or give a local checkpoint folder"
+    else:
+        problem = f"the Hub repo {source} could not be loaded ({_one_line(error)})"
+        fix = "check the repo id, the network and your login, or give a local checkpoint folder"
+    return f"{source} is not a local folder, and {problem}; nothing was written. Fix: {fix}."
+
+
+def check_gguf_support(gguf_file: str) -> None:
+    """Raises ImportError (one line, naming the extra to install) when the `gguf` package transformers reads GGUF
+    files with is missing or too old."""
+    from transformers.utils import is_gguf_available
+    from transformers.utils.import_utils import GGUF_MIN_VERSION
+
+    fix = 'pip install "mor-transformers[gguf]" (or pip install gguf)'
+    try:
+        import gguf  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            f"converting the GGUF file {gguf_file} needs the `gguf` package, which is not installed; nothing was "
+            f"written. Fix: {fix}."
+        ) from error
+    if not is_gguf_available(GGUF_MIN_VERSION):
+        raise ImportError(f"converting the GGUF file {gguf_file} needs gguf>={GGUF_MIN_VERSION}, and an older one is "
+                          f"installed; nothing was written. Fix: {fix.replace('install', 'install -U')}.")
+
+
+def read_gguf_metadata(path) -> dict:
+    """The metadata of a local GGUF file (no tensor data is read); ValueError when it is not a GGUF file."""
+    from transformers.integrations.gguf import read_gguf_metadata as read_metadata
+
+    try:
+        metadata, _ = read_metadata(str(path))
+    except (ValueError, OSError, IndexError) as error:  # IndexError/struct errors: a truncated header
+        raise ValueError(f"{path} is not a readable GGUF file ({_one_line(error)}); nothing was written. Download "
+                         f"or copy it again.") from error
+    return metadata
+
+
+def hub_repo_id(value) -> str | None:
+    """'org/name' from a Hub repo id or a Hub model URL; None for anything else (another host, a dataset, a Space)."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub.constants import HF_URL_HOSTS
+
+    if not isinstance(value, str) or not value.strip():
+        return None
+    value = value.strip()
+    if "://" in value:
+        url = urlsplit(value)
+        parts = [part for part in url.path.split("/") if part]
+        if (url.hostname or "").lower() not in HF_URL_HOSTS or len(parts) < 2 or parts[0] in ("datasets", "spaces"):
+            return None
+        value = "/".join(parts[:2])
+    return value if "/" in value and looks_like_hub_id(value) else None
+
+
+def gguf_base_model_name(metadata: dict) -> str | None:
+    """The Hub id of the model a GGUF file was converted from, when its metadata names one."""
+    for key in GGUF_SOURCE_REPO_KEYS:
+        repo_id = hub_repo_id(metadata.get(key))
+        if repo_id:
+            return repo_id
+    return None
+
+
+def check_safetensors_files(folder) -> None:
+    """Raises ValueError naming the file when a weights file of a local checkpoint folder has a corrupt or truncated
+    header (reads the headers only: cheap, before any loading)."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({_one_line(error)}): it is corrupt or truncated; "
+                f"nothing was written. Fix: download or copy the checkpoint again."
+            ) from error
+
+
+def _source_license(source: str, explicit: str | None, gguf_metadata: dict | None = None) -> str:
     from pathlib import Path
 
     if explicit:
         return explicit
+    if gguf_metadata and isinstance(gguf_metadata.get("general.license"), str):
+        return gguf_metadata["general.license"]
     card = Path(source) / "README.md"
     if card.is_file():
         for line in card.read_text(encoding="utf-8").splitlines()[:40]:
             if line.startswith("license:"):
                 return line.split(":", 1)[1].strip()
-    if not Path(source).exists():
+    if not Path(source).exists() and looks_like_hub_id(source):
         try:
             from huggingface_hub import model_info
 
@@ -243,24 +436,100 @@ def _parse_relaxation_rank(value: str, hidden_size: int) -> int:
     return int(value)
 
 
-def _convert_into(args, source, gguf_file, num_layers, relaxation_rank, output_dir, staging) -> dict:
-    """Loads, converts, measures and saves into `staging`; returns the figures of the model card."""
+def _check_recursion_options(args, num_layers: int | None = None) -> None:
+    """--num-recursions, --capacity and --routing, in the command line's terms (MoRConfig checks them again)."""
+    layouts = valid_recursion_layouts(num_layers) if num_layers is not None else None
+    choices = ", ".join(f"--sharing-strategy {s} --num-recursions {n}" for s, n in layouts or [])
+    if args.num_recursions < 1:
+        valid = f"; valid choices for this {num_layers}-layer source: {choices or 'none'}" if layouts is not None else ""
+        raise ValueError(
+            f"--num-recursions {args.num_recursions} is not valid: it is how many times the shared block is applied, "
+            f"so it must be at least 1 (2 or more to share layers). Fix: pass e.g. --num-recursions 3{valid}."
+        )
+    if layouts is not None and args.num_recursions > 1 and (args.sharing_strategy, args.num_recursions) not in layouts:
+        raise ValueError(
+            f"The source has {num_layers} layers, which --sharing-strategy {args.sharing_strategy} with "
+            f"--num-recursions {args.num_recursions} cannot unroll into. Valid choices for it: {choices or 'none'}."
+        )
+    routing = args.routing or default_routing(args.sharing_strategy)
+    if routing != "none" and args.sharing_strategy not in ROUTED_SHARING_STRATEGIES:
+        cycle = args.sharing_strategy.replace("sequence", "cycle")
+        raise ValueError(
+            f"--routing {routing} needs --sharing-strategy cycle or middle_cycle (a router decides at each pass "
+            f"through the shared block, which --sharing-strategy {args.sharing_strategy} does not have). Fix: pass "
+            f"--routing none, or --sharing-strategy {cycle}."
+        )
+    if args.capacity is not None:
+        given = " ".join(f"{fraction:g}" for fraction in args.capacity)
+        steps = args.num_recursions
+        default = " ".join(f"{(steps - step) / steps:.2f}" for step in range(steps))
+        if len(args.capacity) != args.num_recursions:
+            problem = (f"gives {len(args.capacity)} fraction(s), and --num-recursions {args.num_recursions} needs one "
+                       f"per recursion step")
+        elif any(not 0.0 < fraction <= 1.0 for fraction in args.capacity):
+            problem = "has a fraction outside (0, 1] (the share of the tokens that a recursion step keeps)"
+        elif any(later > earlier for earlier, later in zip(args.capacity, args.capacity[1:])):
+            problem = "increases, and a token dropped at one recursion step never returns"
+        else:
+            return
+        raise ValueError(f"--capacity {given} is not valid: it {problem}. Fix: pass {args.num_recursions} "
+                         f"non-increasing fractions in (0, 1], e.g. --capacity {default} (the default).")
+
+
+def _check_arguments(args, output_dir) -> dict:
+    """Every check that needs no weights: paths, the source's config, the options, the output folder. Raises
+    ValueError, OSError or ImportError (one line each); returns what loading and converting need."""
     from pathlib import Path
 
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig
 
-    from .measure import full_depth, perplexity_and_depths, read_eval_tokens
-    from .model_card import save_card
+    from .measure import context_length, eval_block_size, read_eval_text
+    from .output_dir import check_output_dir, check_output_dir_is_separate
 
-    print(f"Loading {args.source} ...")
-    source_model = LlamaForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32).eval()
+    _check_recursion_options(args)
+    if args.eval_file is not None:
+        if not Path(args.eval_file).is_file():
+            raise FileNotFoundError(f"--eval-file {args.eval_file} does not exist or is not a file; nothing was "
+                                    f"written. Pass an existing UTF-8 text file, or leave --eval-file out.")
+        if args.eval_max_tokens < 2:
+            raise ValueError(f"--eval-max-tokens {args.eval_max_tokens} is not valid: perplexity needs at least 2 "
+                             f"tokens. Pass a larger value (default 16384).")
+        read_eval_text(args.eval_file)
+
+    source, gguf_file = resolve_source(args.source, args.gguf_file)
+    is_hub_id = check_source(source, gguf_file)
+    if not is_hub_id:
+        source = str(Path(source).expanduser())  # transformers would take a quoted "~/model" for a Hub id
+    local_source = None if is_hub_id else (str(Path(source) / gguf_file) if gguf_file else source)
+    # What the run reads: OUTPUT_DIR may not be, contain or lie inside any of them, even with --overwrite.
+    inputs = {"SOURCE": local_source, "--eval-file": args.eval_file}
+    check_output_dir_is_separate(output_dir, **inputs)
+    check_output_dir(output_dir, args.overwrite)
+
+    gguf_metadata = None
+    if gguf_file is not None:
+        check_gguf_support(local_source or f"{gguf_file} of {source}")
+        if local_source is not None:
+            gguf_metadata = read_gguf_metadata(local_source)
+    elif local_source is not None:
+        check_safetensors_files(local_source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
     except (OSError, ValueError) as error:
-        if args.eval_file:
-            raise ValueError(f"--eval-file needs the source's tokenizer, which could not be loaded: {error}") from error
-        print(f"warning: no tokenizer could be loaded from {args.source} ({error}); the output folder has none.")
-        tokenizer = None
+        if is_hub_id:
+            raise OSError(_hub_failure(source, error)) from error
+        raise
+    if source_config.model_type != "llama":
+        raise ValueError(
+            f"{args.source} is a {source_config.model_type!r} checkpoint "
+            f"({', '.join(getattr(source_config, 'architectures', None) or ['unknown architecture'])}). Supported: "
+            f"Llama-architecture checkpoints (model_type 'llama': Llama, SmolLM, SmolLM2), as a folder, Hub id or GGUF file."
+        )
+    num_layers = source_config.num_hidden_layers
+    _check_recursion_options(args, num_layers)
+    relaxation_rank = _parse_relaxation_rank(args.relaxation_rank, source_config.hidden_size)
+    block_size = eval_block_size(args.eval_block_size, context_length(source_config)) if args.eval_file else None
+    routing = args.routing or default_routing(args.sharing_strategy)
     overrides = dict(
         kv_cache_policy=args.kv_cache_policy,
         gating=args.gating,
@@ -269,6 +538,56 @@ def _convert_into(args, source, gguf_file, num_layers, relaxation_rank, output_d
     )
     if args.capacity:
         overrides["capacity"] = args.capacity
+    # The very config the conversion will build: whatever the checks above missed fails here, before loading.
+    mor_config_for(source_config, num_recursions=args.num_recursions, sharing_strategy=args.sharing_strategy,
+                   routing=routing, **overrides)
+
+    if args.base_model_name:
+        base_model = args.base_model_name
+    elif is_hub_id:
+        base_model = source
+    else:
+        base_model = gguf_base_model_name(gguf_metadata) if gguf_metadata else None
+    return dict(
+        source=source, gguf_file=gguf_file, inputs=inputs, num_layers=num_layers, routing=routing, overrides=overrides,
+        relaxation_rank=relaxation_rank, block_size=block_size, base_model=base_model, gguf_metadata=gguf_metadata,
+    )
+
+
+def _load_source(args, plan) -> tuple:
+    """(source model, tokenizer or None, evaluation token ids or None); bad weights or text raise ValueError."""
+    from safetensors import SafetensorError
+    from transformers import AutoTokenizer
+
+    from .measure import read_eval_tokens
+
+    source, gguf_file = plan["source"], plan["gguf_file"]
+    print(f"Loading {args.source} ...")
+    try:
+        source_model = LlamaForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32).eval()
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"the weights of {args.source} could not be loaded ({_one_line(error)}); nothing was "
+                         f"written. Fix: download or copy the checkpoint again.") from error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    except (OSError, ValueError) as error:
+        if args.eval_file:
+            raise ValueError(f"--eval-file needs the source's tokenizer, which could not be loaded: "
+                             f"{_one_line(error)}") from error
+        print(f"warning: no tokenizer could be loaded from {args.source} ({_one_line(error)}); the output folder has "
+              f"none.")
+        tokenizer = None
+    token_ids = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens) if args.eval_file else None
+    return source_model, tokenizer, token_ids
+
+
+def _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, staging) -> dict:
+    """Converts, measures and saves into `staging`; returns the figures of the model card."""
+    from pathlib import Path
+
+    from .measure import full_depth, perplexity_and_depths
+    from .model_card import save_card
+
     torch.manual_seed(args.seed)
     print(f"Converting to MoR: {args.sharing_strategy}, {args.num_recursions} recursions, {args.init_strategy} init ...")
     mor = convert_llama_to_mor(
@@ -276,22 +595,28 @@ def _convert_into(args, source, gguf_file, num_layers, relaxation_rank, output_d
         num_recursions=args.num_recursions,
         sharing_strategy=args.sharing_strategy,
         init_strategy=args.init_strategy,
-        routing=args.routing,
+        routing=plan["routing"],
         seed=args.seed,
-        **overrides,
+        **plan["overrides"],
     ).eval()
 
-    license_note = _source_license(source, args.base_model_license)
+    license_note = _source_license(plan["source"], args.base_model_license, plan["gguf_metadata"])
     license_id = license_note if " " not in license_note else "other"
+    # base_model: a Hub id or None (a local source that names none: the card leaves the field out and says why).
+    base_model = plan["base_model"]
+    source_name = base_model or Path(args.source).name
+    gguf_file = plan["gguf_file"]
+    relaxation_rank = plan["relaxation_rank"]
     figures = {
         "model_name": output_dir.name,
-        "base_model": args.base_model_name or args.source,
+        "base_model": base_model,
+        "source_name": source_name,
         "license": license_id,
         "license_note": license_note,
         "provenance_note": f"Converted with `python -m conversion.convert_llama_to_mor` from `{args.source}`"
         + (f" (GGUF file `{gguf_file}`, dequantized by transformers)" if gguf_file else "") + ".",
         "repo_id": args.push_to_hub or f"path/to/{output_dir.name}",
-        "source_layers": num_layers,
+        "source_layers": plan["num_layers"],
         "num_hidden_layers": mor.config.num_hidden_layers,
         "unique_layers": mor.config.num_unique_layers,
         "block_size": mor.config.block_size,
@@ -306,18 +631,18 @@ def _convert_into(args, source, gguf_file, num_layers, relaxation_rank, output_d
         "kv_cache_policy": mor.config.kv_cache_policy,
         "relaxation": f"rank {relaxation_rank}" if relaxation_rank else "none",
     }
-    if args.eval_file:
-        token_ids = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens)
-        source_ppl, _ = perplexity_and_depths(source_model, token_ids, args.eval_block_size, desc="source perplexity")
+    if token_ids is not None:
+        block_size = plan["block_size"]
+        source_ppl, _ = perplexity_and_depths(source_model, token_ids, block_size, desc="source perplexity")
         with full_depth(mor):
-            tied_ppl, _ = perplexity_and_depths(mor, token_ids, args.eval_block_size, desc="tied model perplexity")
-        mor_ppl, depths = perplexity_and_depths(mor, token_ids, args.eval_block_size, desc="MoR perplexity")
+            tied_ppl, _ = perplexity_and_depths(mor, token_ids, block_size, desc="tied model perplexity")
+        mor_ppl, depths = perplexity_and_depths(mor, token_ids, block_size, desc="MoR perplexity")
         figures.update(
             eval_file=Path(args.eval_file).name,
             eval_tokens=token_ids.numel(),
-            eval_block_size=args.eval_block_size,
+            eval_block_size=block_size,
             perplexity={
-                f"source ({figures['base_model']})": source_ppl,
+                f"source ({source_name})": source_ppl,
                 "recursive (tied) model, every token at full depth": tied_ppl,
                 "MoR as converted (untrained routers)": mor_ppl,
             },
@@ -337,41 +662,30 @@ def main(argv=None) -> int:
     import time
     from pathlib import Path
 
-    from transformers import AutoConfig
-
-    from .output_dir import OutputDirExistsError, check_output_dir, staged_output_dir
+    from .output_dir import OutputDirExistsError, staged_output_dir
 
     args = build_argument_parser().parse_args(argv)
     start = time.perf_counter()
+    output_dir = Path(args.output_dir)
     try:
-        output_dir = Path(args.output_dir)
-        check_output_dir(output_dir, args.overwrite)
-        source, gguf_file = resolve_source(args.source, args.gguf_file)
-        source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
-        if source_config.model_type != "llama":
-            raise ValueError(
-                f"{args.source} is a {source_config.model_type!r} checkpoint "
-                f"({', '.join(getattr(source_config, 'architectures', None) or ['unknown architecture'])}). Supported: "
-                f"Llama-architecture checkpoints (model_type 'llama': Llama, SmolLM, SmolLM2), as a folder, Hub id or GGUF file."
-            )
-        num_layers = source_config.num_hidden_layers
-        if args.num_recursions > 1 and (args.sharing_strategy, args.num_recursions) not in valid_recursion_layouts(num_layers):
-            pairs = ", ".join(f"--sharing-strategy {s} --num-recursions {n}" for s, n in valid_recursion_layouts(num_layers))
-            raise ValueError(
-                f"The source has {num_layers} layers, which --sharing-strategy {args.sharing_strategy} with "
-                f"--num-recursions {args.num_recursions} cannot unroll into. Valid choices for it: {pairs or 'none'}."
-            )
-        relaxation_rank = _parse_relaxation_rank(args.relaxation_rank, source_config.hidden_size)
-    except (ValueError, OSError, OutputDirExistsError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        plan = _check_arguments(args, output_dir)
+        if args.routing is None and plan["routing"] != "expert_choice":
+            print(f"note: --sharing-strategy {args.sharing_strategy} cannot route (a router decides at each pass "
+                  f"through the shared block); converting with --routing {plan['routing']}.")
+        # Loaded before the staging folder exists: weights or an evaluation text that cannot be read leave nothing.
+        source_model, tokenizer, token_ids = _load_source(args, plan)
+    except (ValueError, OSError, ImportError, OutputDirExistsError) as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
 
     # Everything is written to a staging folder that becomes OUTPUT_DIR only once complete (see output_dir.py).
-    with staged_output_dir(output_dir, overwrite=args.overwrite) as staging:
-        figures = _convert_into(args, source, gguf_file, num_layers, relaxation_rank, output_dir, staging)
+    with staged_output_dir(output_dir, overwrite=args.overwrite, inputs=plan["inputs"]) as staging:
+        figures = _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, staging)
 
+    num_layers = plan["num_layers"]
     print(f"\nSaved {output_dir} in {time.perf_counter() - start:.0f}s")
-    print(f"  source: {figures['base_model']} ({num_layers} layers, {figures['source_parameters']} parameters, licence: {figures['license_note']})")
+    print(f"  source: {figures['source_name']} ({num_layers} layers, {figures['source_parameters']} parameters, "
+          f"licence: {figures['license_note']})")
     print(f"  MoR: {figures['sharing_strategy']}, {figures['num_recursions']} recursions, {figures['unique_layers']} unique layers "
           f"(block of {figures['block_size']}), {figures['mor_parameters']} parameters, routing {figures['routing']}")
     for label, value in figures.get("perplexity", {}).items():

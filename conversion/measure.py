@@ -9,20 +9,71 @@ import torch
 from tqdm.auto import tqdm
 
 
+DEFAULT_BLOCK_SIZE = 256
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model was trained on (`max_position_embeddings`), or None when its config has none."""
+    return getattr(config, "max_position_embeddings", None)
+
+
+def eval_block_size(requested: int | None, context: int | None, option: str = "--eval-block-size") -> int:
+    """The perplexity block: `requested`, or by default 256 tokens capped at the model's context.
+
+    Blocks longer than the context would measure the model on positions it never saw, so an explicit value larger
+    than the context is refused (ValueError naming `option`) rather than silently shortened.
+    """
+    if requested is None:
+        return min(DEFAULT_BLOCK_SIZE, context) if context else DEFAULT_BLOCK_SIZE
+    if requested < 2:
+        raise ValueError(f"{option} {requested} is not valid: a block needs at least 2 tokens (one to predict from). "
+                         f"Pass a larger value, or leave it out for min({DEFAULT_BLOCK_SIZE}, the model's context).")
+    if context and requested > context:
+        raise ValueError(
+            f"{option} {requested} is longer than the model's context (max_position_embeddings {context}), so the "
+            f"perplexity would be measured on positions it was never trained on. Pass {option} {context} or less, "
+            f"or leave it out for min({DEFAULT_BLOCK_SIZE}, {context}) = {min(DEFAULT_BLOCK_SIZE, context)}."
+        )
+    return requested
+
+
+def read_eval_text(path) -> str:
+    """The text of an evaluation file; ValueError naming the file when it is not UTF-8 or holds no text. Cheap, so the
+    command lines call it before loading any model."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {error.start} cannot be decoded: {error.reason}); nothing was written. "
+            f"Convert it to UTF-8 (for example `iconv -f latin1 -t utf-8`) or pass another file."
+        ) from error
+    if not text.strip():
+        raise ValueError(f"{path} has no text to measure perplexity on ({'empty' if not text else 'blank'} file); "
+                         f"nothing was written. Pass a text file with at least a few sentences.")
+    return text
+
+
 def read_eval_tokens(tokenizer, path, max_tokens: int) -> torch.LongTensor:
     """The first `max_tokens` tokens of a text file (a BOS token first when the tokenizer has one)."""
-    text = open(path, encoding="utf-8").read()
+    text = read_eval_text(path)
     # Tokenizing a prefix is enough and keeps large files cheap; 8 characters per token is a generous bound.
     ids = tokenizer(text[: max_tokens * 8], add_special_tokens=False)["input_ids"][:max_tokens]
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id, *ids[: max_tokens - 1]]
+    if len(ids) < 2:
+        raise ValueError(f"{path} has too little text to measure perplexity on ({len(ids)} token); nothing was "
+                         f"written. Pass a text file with at least a few sentences.")
     return torch.tensor(ids, dtype=torch.long)
 
 
 @torch.no_grad()
-def perplexity_and_depths(model, token_ids: torch.LongTensor, block_size: int = 256, batch_size: int = 8, desc=None):
+def perplexity_and_depths(model, token_ids: torch.LongTensor, block_size: int | None = None, batch_size: int = 8,
+                          desc=None):
     """Perplexity over non-overlapping blocks of `block_size` tokens (each block predicted from its own start), and,
-    for MoR models, a Counter of the recursion depth of every token."""
+    for MoR models, a Counter of the recursion depth of every token. `block_size` defaults to 256 tokens capped at
+    the model's context (see `eval_block_size`, which the command lines use to check an explicit value)."""
+    if block_size is None:
+        block_size = eval_block_size(None, context_length(model.config))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

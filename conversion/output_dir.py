@@ -78,8 +78,13 @@ def _raise_on_sigterm(signum, frame):
 
 
 @contextlib.contextmanager
-def staged_output_dir(output_dir, overwrite: bool = False):
-    """Yields a staging folder; on success it becomes `output_dir`, on any failure it disappears."""
+def staged_output_dir(output_dir, overwrite: bool = False, inputs: dict | None = None):
+    """Yields a staging folder; on success it becomes `output_dir`, on any failure it disappears.
+
+    `inputs` (name -> path, as for `check_output_dir_is_separate`) are the folders and files the run reads: an
+    `output_dir` that is, contains or lies inside one of them is refused before the staging folder is created.
+    """
+    check_output_dir_is_separate(output_dir, **(inputs or {}))
     output_dir = Path(output_dir).resolve()
     check_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)

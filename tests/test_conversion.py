@@ -27,17 +27,18 @@ def run_module(module: str, *args, env=None, timeout=600) -> subprocess.Complete
     )
 
 
+ASSETS = PROJECT_ROOT / "examples" / "assets"
+STORIES = ASSETS / "stories260K"  # the real pretrained checkpoint the repository ships
+VALID_TEXT = ASSETS / "tinystories_valid_sample.txt"
+
+
 @pytest.fixture(scope="module")
 def converted_stories(tmp_path_factory, request):
     """stories260K converted by the CLI (middle_cycle, N_r = 3), with an evaluation text."""
-    shared = PROJECT_ROOT.parent / "shared" / "data"
-    if not (shared / "stories260K").is_dir():
-        pytest.skip(f"the real checkpoint is not available at {shared / 'stories260K'} (a clone without ../shared)")
     output = tmp_path_factory.mktemp("cli") / "stories-mor"
     code = convert_main([
-        str(shared / "stories260K"), str(output), "--num-recursions", "3", "--sharing-strategy", "middle_cycle",
-        "--eval-file", str(shared / "tinystories" / "valid.txt"), "--eval-max-tokens", "2048",
-        "--base-model-license", "mit",
+        str(STORIES), str(output), "--num-recursions", "3", "--sharing-strategy", "middle_cycle",
+        "--eval-file", str(VALID_TEXT), "--eval-max-tokens", "2048", "--base-model-license", "mit",
     ])
     assert code == 0
     return output
