@@ -1,6 +1,9 @@
 """Renders the project's MODEL_CARD.md template with the real figures of a conversion or uptraining run.
 
 The figures are kept next to the weights in `mor_card.json`, so that uptraining can update them and render again.
+Every figure on the card says how it was measured: a perplexity row is either a number, measured as the card's
+`eval_file`, `eval_tokens` and `eval_block_size` say (what a conversion writes), or a dict with its own
+measurement, `{"perplexity": ..., "file": ..., "tokens": ..., "block_size": ...}` (what uptraining adds).
 """
 
 import json
@@ -33,8 +36,31 @@ def _section_text(name: str, figures: dict):
         return depth_section(figures)
     if name == "training_status":
         return training_status(figures)
+    if name in ("base_model_front_matter", "source_description", "base_model_note"):
+        return base_model_fields(figures)[name]
     value = figures.get(name)
     return None if value is None else str(value)
+
+
+def base_model_fields(figures: dict) -> dict[str, str]:
+    """The card's `base_model` metadata names a Hub model. A source without a Hub id (a local folder: the converter
+    stores `base_model: None`) gets no such field, and the card says why instead of showing a local path as one."""
+    base_model = figures.get("base_model")
+    if base_model:
+        return {
+            "base_model_front_matter": f"base_model: {base_model}",
+            "source_description": f"`{base_model}`",
+            "base_model_note": "",
+        }
+    source_name = figures.get("source_name")
+    return {
+        "base_model_front_matter": "# base_model is left out: the source was a local folder, not a Hub model.",
+        "source_description": f"a checkpoint in a local folder{f' (`{source_name}`)' if source_name else ''}",
+        "base_model_note": (
+            "\nThe metadata names no `base_model`: the source was a local folder, not a Hub model, so there is no "
+            "Hub id to link to."
+        ),
+    }
 
 
 def training_status(figures: dict) -> str:
@@ -52,18 +78,40 @@ def training_status(figures: dict) -> str:
     )
 
 
+def conversion_measurement(figures: dict) -> dict:
+    """How the figures stored without their own measurement were measured: the card's `eval_*` fields."""
+    return {"file": figures.get("eval_file"), "tokens": figures.get("eval_tokens"),
+            "block_size": figures.get("eval_block_size")}
+
+
+def perplexity_rows(figures: dict) -> dict[str, dict]:
+    """Every perplexity row as `{"perplexity", "file", "tokens", "block_size"}`, whichever way it was stored."""
+    rows = {}
+    for label, row in (figures.get("perplexity") or {}).items():
+        rows[label] = {**conversion_measurement(figures), "perplexity": row} if isinstance(row, (int, float)) else row
+    return rows
+
+
+def describe_measurement(measurement: dict) -> str:
+    if any(measurement.get(key) is None for key in ("file", "tokens", "block_size")):
+        return "not recorded"
+    return (f"first {measurement['tokens']:,} tokens of `{measurement['file']}`, blocks of "
+            f"{measurement['block_size']} tokens")
+
+
 def evaluation_section(figures: dict) -> str:
-    rows = figures.get("perplexity")
+    rows = perplexity_rows(figures)
     if not rows:
         return "Not measured (the conversion ran without an evaluation text)."
     lines = [
-        f"Perplexity on the first {figures['eval_tokens']:,} tokens of `{figures['eval_file']}` "
-        f"(non-overlapping blocks of {figures['eval_block_size']} tokens):",
+        "Perplexity over non-overlapping blocks of an evaluation text, each block predicted from its own start. The "
+        "last column says how each figure was measured; figures measured on different tokens or block sizes are not "
+        "comparable.",
         "",
-        "| model | perplexity |",
-        "|---|---|",
+        "| model | perplexity | measured on |",
+        "|---|---|---|",
     ]
-    lines += [f"| {label} | {value:.2f} |" for label, value in rows.items()]
+    lines += [f"| {label} | {row['perplexity']:.2f} | {describe_measurement(row)} |" for label, row in rows.items()]
     return "\n".join(lines)
 
 
@@ -73,9 +121,10 @@ def depth_section(figures: dict) -> str:
         return "Not measured (the conversion ran without an evaluation text)."
     total = sum(histogram.values())
     mean = sum(int(depth) * count for depth, count in histogram.items()) / total
+    measurement = figures.get("depth_measurement") or conversion_measurement(figures)
     lines = [
-        f"Recursion steps taken per token on the evaluation text ({figures.get('depth_model', 'this model')}); "
-        f"mean depth {mean:.2f} of {figures['num_recursions']}:",
+        f"Recursion steps taken per token on the evaluation text ({figures.get('depth_model', 'this model')}; "
+        f"{describe_measurement(measurement)}); mean depth {mean:.2f} of {figures['num_recursions']}:",
         "",
         "| depth | tokens | share |",
         "|---|---|---|",

@@ -2,42 +2,65 @@
 from the source model, with `transformers.Trainer`.
 
 It runs as it is on one process, and multi-process (DDP; gloo on CPU, NCCL on GPUs) under `accelerate launch` or
-`torchrun`. Checkpoints land in OUTPUT_DIR/checkpoint-N (resume with --resume-from-checkpoint); the final model,
-its tokenizer, the updated model card and a loss-curve picture land in OUTPUT_DIR itself.
+`torchrun`. Checkpoints (with the tokenizer) land in OUTPUT_DIR/checkpoint-N (resume with --resume-from-checkpoint);
+the final model, its tokenizer, the updated model card and a loss-curve picture land in OUTPUT_DIR itself. Until the
+first checkpoint is saved, a new run writes into a hidden staging folder next to OUTPUT_DIR, so that a run stopped
+before it (an error, Ctrl-C, SIGTERM) leaves nothing behind; from the first checkpoint on, OUTPUT_DIR holds what
+`--resume-from-checkpoint latest` continues from.
 
 Examples:
 
     python -m conversion.uptrain outputs/stories-mor outputs/stories-mor-uptrained \\
-        --train-file ../shared/data/tinystories/train.txt --eval-file ../shared/data/tinystories/valid.txt \\
-        --max-steps 600 --teacher ../shared/data/stories260K
+        --train-file examples/assets/tinystories_train_sample.txt \\
+        --eval-file examples/assets/tinystories_valid_sample.txt --max-steps 600 --teacher examples/assets/stories260K
 
     torchrun --nproc_per_node 2 -m conversion.uptrain outputs/stories-mor outputs/stories-mor-ddp \\
-        --train-file ../shared/data/tinystories/train.txt --max-steps 100
+        --train-file examples/assets/tinystories_train_sample.txt --max-steps 100
 """
 
 import argparse
-import math
+import contextlib
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
 
-from .convert_llama_to_mor import resolve_source
-from .measure import perplexity_and_depths, read_eval_tokens
-from .model_card import load_card_figures, save_card
+from modeling_mor import MoRConfig
+
+from .convert_llama_to_mor import looks_like_hub_id, resolve_source
+from .measure import context_length, eval_block_size, perplexity_and_depths, read_eval_text, read_eval_tokens
+from .model_card import UnfilledPlaceholderError, load_card_figures, perplexity_rows, save_card
+from .output_dir import OutputDirExistsError, check_output_dir_is_separate, staged_output_dir
+
+
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
 
 
 class TokenBlocks(Dataset):
     """A token stream cut into blocks of `block_size` tokens (packing: documents follow each other)."""
 
-    def __init__(self, token_ids: torch.LongTensor, block_size: int):
+    def __init__(self, token_ids: torch.LongTensor, block_size: int, source: str = "the text"):
         num_blocks = token_ids.numel() // block_size
         if num_blocks == 0:
-            raise ValueError(f"The training text has {token_ids.numel()} tokens, fewer than one block of {block_size}.")
+            raise ValueError(
+                f"{source} has {token_ids.numel()} tokens, fewer than one block of {block_size}: give more text, or a "
+                f"smaller --block-size."
+            )
         self.blocks = token_ids[: num_blocks * block_size].view(num_blocks, block_size)
 
     def __len__(self):
@@ -62,6 +85,28 @@ def tokenize_texts(tokenizer, texts) -> torch.LongTensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def read_text_file(path, option: str) -> str:
+    """The text of a file given to `option`; one that cannot serve as text (missing, empty, blank, not UTF-8) is
+    refused with a message naming the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{option} {path} does not exist or is not a file.")
+    data = path.read_bytes()
+    if not data:
+        raise ValueError(f"{option} {path} is empty; nothing was written. Give a text file with documents in it.")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{option} {path} is not UTF-8 text (byte {error.start}, 0x{data[error.start]:02x}, cannot be decoded: "
+            f"{error.reason}); nothing was written. Convert it to UTF-8 (for example `iconv -f latin1 -t utf-8`) or "
+            f"give another file."
+        ) from None
+    if not text.strip():
+        raise ValueError(f"{option} {path} is blank (only white space); nothing was written. Give a file with text.")
+    return text
+
+
 def load_training_texts(args) -> list[str]:
     if args.dataset:
         from datasets import load_dataset
@@ -74,7 +119,7 @@ def load_training_texts(args) -> list[str]:
         return list(dataset[args.text_column])
     texts = []
     for path in args.train_file:
-        text = Path(path).read_text(encoding="utf-8")
+        text = read_text_file(path, "--train-file")
         # TinyStories-style files separate documents by <|endoftext|> or blank lines.
         separator = "<|endoftext|>" if "<|endoftext|>" in text else "\n\n"
         texts.extend(part.strip() for part in text.split(separator))
@@ -108,6 +153,9 @@ class UptrainTrainer(Trainer):
     term (LM, router, distillation) on its own."""
 
     def __init__(self, *args, teacher=None, distill_weight=0.5, distill_temperature=1.0, **kwargs):
+        model = kwargs.get("model")
+        # Trainer sets `config.use_cache = args.use_cache` (False) for training; what is saved keeps the model's own.
+        self.saved_use_cache = getattr(getattr(model, "config", None), "use_cache", True)
         super().__init__(*args, **kwargs)
         self.teacher = teacher
         self.distill_weight = distill_weight
@@ -138,12 +186,44 @@ class UptrainTrainer(Trainer):
                 self._loss_terms.setdefault(name, []).append(value.detach().float().item())
         return (loss, outputs) if return_outputs else loss
 
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Saves with the model's own `use_cache` (the final model and every checkpoint), training goes on without."""
+        config = self.model.config
+        training_use_cache = config.use_cache
+        config.use_cache = self.saved_use_cache
+        try:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            config.use_cache = training_use_cache
+
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:
             for name, values in self._loss_terms.items():
                 logs[name] = round(sum(values) / len(values), 4)
             self._loss_terms = {}
         super().log(logs, *args, **kwargs)
+
+
+class MoveIntoPlaceAtFirstCheckpoint(TrainerCallback):
+    """A new run trains into a hidden staging folder (see `output_dir.staged_output_dir`), so that one stopped before
+    its first checkpoint leaves nothing behind. Once that checkpoint is complete, the folder moves into place as
+    OUTPUT_DIR, where later checkpoints and the final model land and where `--resume-from-checkpoint latest` finds
+    them: a run stopped after it can be resumed."""
+
+    def __init__(self, staging: contextlib.ExitStack, output_dir: Path):
+        self.staging = staging
+        self.output_dir = output_dir
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.output_dir == str(self.output_dir):
+            return
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:  # every process has written its part of the checkpoint (its RNG state)
+            torch.distributed.barrier()
+        self.staging.close()  # renames the staging folder to OUTPUT_DIR, on the process that made it
+        if distributed:  # no process writes again before the folder has moved
+            torch.distributed.barrier()
+        args.output_dir = str(self.output_dir)
 
 
 def save_loss_curve(log_history, path) -> bool:
@@ -181,18 +261,26 @@ def build_argument_parser():
     parser = argparse.ArgumentParser(
         prog="python -m conversion.uptrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("model_dir", help="a converted MoR folder (or Hub id)")
-    parser.add_argument("output_dir", help="checkpoints go to OUTPUT_DIR/checkpoint-N, the final model to OUTPUT_DIR")
+    parser.add_argument("model_dir", metavar="INPUT_DIR", help="a converted MoR folder (or Hub id)")
+    parser.add_argument("output_dir", metavar="OUTPUT_DIR",
+                        help="checkpoints go to OUTPUT_DIR/checkpoint-N, the final model to OUTPUT_DIR; it may not be, "
+                             "contain or lie inside INPUT_DIR, --teacher or the data")
     data = parser.add_argument_group("data")
-    data.add_argument("--train-file", nargs="+", help="local text file(s); documents split on <|endoftext|> or blank lines")
+    data.add_argument("--train-file", nargs="+",
+                      help="local UTF-8 text file(s); documents split on <|endoftext|> or blank lines")
     data.add_argument("--dataset", help="a Hub dataset id or a local dataset folder (instead of --train-file)")
     data.add_argument("--dataset-config")
     data.add_argument("--dataset-split", default="train")
     data.add_argument("--text-column", default="text")
     data.add_argument("--max-train-documents", type=int)
-    data.add_argument("--eval-file", help="text file for evaluation perplexity (during and after training)")
-    data.add_argument("--eval-max-tokens", type=int, default=16384)
-    data.add_argument("--block-size", type=int, default=256, help="training sequence length")
+    data.add_argument("--eval-file", help="text file for the perplexity before and after uptraining (and --eval-steps)")
+    data.add_argument("--eval-max-tokens", type=int, default=16384, help="perplexity on the first N tokens of it")
+    data.add_argument("--block-size", type=int,
+                      help="training sequence length (default: 256 tokens, or the model's context, "
+                           "max_position_embeddings, when shorter; a longer value is refused)")
+    data.add_argument("--eval-block-size", type=int,
+                      help="block of the perplexity before and after uptraining, both measured alike (default: as the "
+                           "conversion, 256 tokens capped at the model's context)")
     method = parser.add_argument_group("MoR uptraining")
     method.add_argument("--teacher", help="the source model (folder, Hub id or .gguf file) to distill from")
     method.add_argument("--distill-weight", type=float, default=0.5)
@@ -200,7 +288,7 @@ def build_argument_parser():
     method.add_argument("--capacity-warmup-steps", type=int, default=0)
     method.add_argument("--router-aux-loss-coef", type=float, help="override the model's BCE router-loss weight")
     trainer = parser.add_argument_group("Trainer")
-    trainer.add_argument("--max-steps", type=int, required=True)
+    trainer.add_argument("--max-steps", type=int, required=True, help="optimizer steps to train (at least 1)")
     trainer.add_argument("--per-device-train-batch-size", type=int, default=16)
     trainer.add_argument("--gradient-accumulation-steps", type=int, default=1)
     trainer.add_argument("--learning-rate", type=float, default=1e-3)
@@ -209,48 +297,187 @@ def build_argument_parser():
     trainer.add_argument("--lr-scheduler-type", default="cosine")
     trainer.add_argument("--logging-steps", type=int, default=10)
     trainer.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: at the end only)")
-    trainer.add_argument("--save-steps", type=int, default=200)
+    trainer.add_argument("--save-steps", type=int, default=200, help="save a checkpoint every N steps and at the end")
     trainer.add_argument("--save-total-limit", type=int, default=2)
-    trainer.add_argument("--resume-from-checkpoint", help="a checkpoint folder, or 'latest' for the newest in OUTPUT_DIR")
+    trainer.add_argument("--resume-from-checkpoint",
+                         help="a checkpoint folder, or 'latest' for the newest in OUTPUT_DIR")
     trainer.add_argument("--gradient-checkpointing", action="store_true")
     trainer.add_argument("--bf16", action="store_true")
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument("--dataloader-num-workers", type=int, default=0)
     trainer.add_argument("--report-to", default="none")
     trainer.add_argument("--disable-tqdm", action="store_true", help="log lines instead of progress bars")
-    parser.add_argument("--overwrite", action="store_true", help="allow an existing OUTPUT_DIR (without resuming)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing OUTPUT_DIR (once this run has saved its first checkpoint)")
     return parser
 
 
-def check_arguments(args) -> None:
-    output_dir = Path(args.output_dir)
-    if bool(args.train_file) == bool(args.dataset):
-        raise ValueError("Give exactly one of --train-file or --dataset.")
-    for path in [*(args.train_file or []), *([args.eval_file] if args.eval_file else [])]:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path} does not exist.")
-    if output_dir.exists() and any(output_dir.iterdir()) and not (args.overwrite or args.resume_from_checkpoint):
-        raise FileExistsError(
-            f"{output_dir} already exists and is not empty; nothing was written. Pass --resume-from-checkpoint to "
-            f"continue a run there, or --overwrite to train into it anyway."
+# The smallest value each option takes (block sizes are checked by `measure.eval_block_size`). Trainer's
+# `max_steps=-1` (train for the epochs instead) is not offered: a run trains for the steps it is given.
+MINIMUM_VALUES = {
+    "max_steps": 1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "logging_steps": 1,
+    "save_steps": 1, "save_total_limit": 1, "eval_steps": 1, "max_train_documents": 1, "eval_max_tokens": 2,
+}
+
+
+class CheckedArguments(NamedTuple):
+    resume_checkpoint: str | None  # the checkpoint folder to resume from
+    in_place: bool  # True: the run continues one already in OUTPUT_DIR; False: it starts in a staging folder
+
+
+def _one_line(error) -> str:
+    return " ".join(str(error).split())
+
+
+def read_model_config(model_dir: str) -> MoRConfig:
+    """INPUT_DIR's config, refused in one line unless it describes an MoR model (with its weights, when local)."""
+    path = Path(model_dir).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"INPUT_DIR {model_dir} is not a model folder: it has no config.json. Give a folder written by "
+                f"`python -m conversion.convert_llama_to_mor` (or by an earlier uptraining)."
+            )
+        if not any((path / name).is_file() for name in WEIGHTS_FILES):
+            raise ValueError(
+                f"INPUT_DIR {model_dir} has a config.json but no model weights (no {WEIGHTS_FILES[0]}): give the "
+                f"complete folder a conversion wrote."
+            )
+    elif path.exists():
+        raise ValueError(f"INPUT_DIR {model_dir} is a file, not a model folder.")
+    elif not looks_like_hub_id(model_dir):
+        raise ValueError(f"INPUT_DIR {model_dir} does not exist.")
+    try:
+        config, _ = MoRConfig.get_config_dict(model_dir)
+    except (OSError, ValueError) as error:
+        where = "has a config.json that cannot be read" if path.exists() else (
+            "is not a local folder, and no config.json could be fetched for it from the Hub")
+        raise ValueError(f"INPUT_DIR {model_dir} {where} ({_one_line(error)}).") from None
+    if config.get("model_type") != "mor":
+        raise ValueError(
+            f"INPUT_DIR {model_dir} is a {config.get('model_type')!r} model, not an MoR one: convert it first with "
+            f"`python -m conversion.convert_llama_to_mor {model_dir} MOR_DIR`, then uptrain MOR_DIR."
         )
+    return MoRConfig.from_dict(config)
+
+
+def check_arguments(args) -> CheckedArguments:
+    """Everything that can be refused before any work: options, INPUT_DIR, the text files, OUTPUT_DIR and the
+    checkpoint to resume from. Resolves the default block sizes in `args`."""
+    if bool(args.train_file) == bool(args.dataset):
+        raise ValueError("give exactly one of --train-file or --dataset.")
+    for name, minimum in MINIMUM_VALUES.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            epochs = " (Trainer's -1, train for the epochs instead, is not offered)" if name == "max_steps" else ""
+            raise ValueError(f"--{name.replace('_', '-')} {value} is not valid: give at least {minimum}{epochs}.")
+
+    config = read_model_config(args.model_dir)
+    # Training blocks and perplexity blocks: 256 tokens by default, capped at the model's context.
+    args.block_size = eval_block_size(args.block_size, context_length(config), option="--block-size")
+    args.eval_block_size = eval_block_size(args.eval_block_size, context_length(config))
+    if args.teacher:
+        teacher_source, _ = resolve_source(args.teacher)  # a missing .gguf file is refused here
+        if not Path(teacher_source).expanduser().exists() and not looks_like_hub_id(args.teacher):
+            raise ValueError(f"--teacher {args.teacher} does not exist.")
+    if args.eval_file:
+        if not Path(args.eval_file).is_file():
+            raise ValueError(f"--eval-file {args.eval_file} does not exist or is not a file.")
+        try:
+            read_eval_text(args.eval_file)
+        except ValueError as error:
+            raise ValueError(f"--eval-file {error}") from None
+
+    output_dir = Path(args.output_dir).expanduser()
+    # Resolved paths, so that no spelling of OUTPUT_DIR (relative, `..`, a symlink) can replace or write into an input.
+    check_output_dir_is_separate(
+        output_dir, INPUT_DIR=args.model_dir, **{"--teacher": args.teacher, "--dataset": args.dataset,
+                                                 "--eval-file": args.eval_file}
+    )
+    for path in args.train_file or []:
+        check_output_dir_is_separate(output_dir, **{"--train-file": path})
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"OUTPUT_DIR {output_dir} exists and is not a folder; nothing was written.")
+    has_content = output_dir.is_dir() and any(output_dir.iterdir())
+
+    resume_checkpoint = None
+    if args.resume_from_checkpoint == "latest":
+        resume_checkpoint = get_last_checkpoint(output_dir) if output_dir.is_dir() else None
+        if resume_checkpoint is None:
+            where = "does not exist" if not output_dir.exists() else "has no checkpoint-N folder"
+            raise ValueError(
+                f"--resume-from-checkpoint latest: there is no checkpoint to resume from, {output_dir} {where} (a run "
+                f"stopped before its first checkpoint leaves nothing); nothing was written. Start the run again "
+                f"without --resume-from-checkpoint."
+            )
+        if not (Path(resume_checkpoint) / TRAINER_STATE_NAME).is_file():
+            raise ValueError(
+                f"--resume-from-checkpoint latest: the newest checkpoint, {resume_checkpoint}, is incomplete (no "
+                f"{TRAINER_STATE_NAME}: the run was stopped while saving it). Delete it to resume from the one before."
+            )
+    elif args.resume_from_checkpoint:
+        resume_checkpoint = str(Path(args.resume_from_checkpoint).expanduser())
+        if not (Path(resume_checkpoint) / TRAINER_STATE_NAME).is_file():
+            raise ValueError(
+                f"--resume-from-checkpoint {args.resume_from_checkpoint} is not a checkpoint (a checkpoint-N folder "
+                f"with {TRAINER_STATE_NAME}); give one, or 'latest' for the newest in OUTPUT_DIR."
+            )
+    if has_content and not (args.overwrite or args.resume_from_checkpoint):
+        raise OutputDirExistsError(
+            f"{output_dir} already exists and is not empty; nothing was written. Pass --resume-from-checkpoint to "
+            f"continue a run there, or --overwrite to replace it."
+        )
+    in_place = args.resume_from_checkpoint == "latest" or (
+        bool(args.resume_from_checkpoint) and has_content and not args.overwrite
+    )
+    return CheckedArguments(resume_checkpoint, in_place)
+
+
+def load_tokenizer(model_dir):
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"the tokenizer of INPUT_DIR {model_dir} could not be loaded ({_one_line(error)}); uptraining needs the "
+            f"one its conversion saved next to the weights."
+        ) from None
+
+
+def staging_folder(staging: contextlib.ExitStack, output_dir: Path, training_args) -> Path:
+    """Enters `staged_output_dir` on the process that saves; every process gets the same staging folder's path."""
+    # overwrite=True: check_arguments has already refused an OUTPUT_DIR that may not be replaced.
+    folder = staging.enter_context(staged_output_dir(output_dir, overwrite=True)) if training_args.should_save else None
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = [str(folder) if folder is not None else None]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        folder = Path(shared[0])
+    return folder
 
 
 def main(argv=None) -> int:
     args = build_argument_parser().parse_args(argv)
     try:
-        check_arguments(args)
+        checked = check_arguments(args)
+        # The text is read and tokenized before the model is loaded, so that unusable data is refused at once.
+        tokenizer = load_tokenizer(args.model_dir)
+        train_source = f"--dataset {args.dataset}" if args.dataset else f"--train-file {' '.join(args.train_file)}"
+        train_dataset = TokenBlocks(tokenize_texts(tokenizer, load_training_texts(args)), args.block_size, train_source)
+        eval_tokens = eval_dataset = None
+        if args.eval_file:
+            eval_tokens = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens)
+            if eval_tokens.numel() < args.eval_block_size:
+                raise ValueError(
+                    f"--eval-file {args.eval_file} has {eval_tokens.numel()} tokens, fewer than one perplexity block "
+                    f"of {args.eval_block_size}: give more text, or a smaller --eval-block-size."
+                )
+            if args.eval_steps:
+                eval_dataset = TokenBlocks(eval_tokens, args.block_size, f"--eval-file {args.eval_file}")
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
 
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=torch.float32)
-    if getattr(model.config, "model_type", None) != "mor":
-        print(f"error: {args.model_dir} is a {model.config.model_type!r} model, not an MoR one. Convert it first with "
-              f"`python -m conversion.convert_llama_to_mor`.", file=sys.stderr)
-        return 2
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
     if args.router_aux_loss_coef is not None:
         model.config.router_aux_loss_coef = args.router_aux_loss_coef
     teacher = None
@@ -260,12 +487,9 @@ def main(argv=None) -> int:
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
 
-    train_dataset = TokenBlocks(tokenize_texts(tokenizer, load_training_texts(args)), args.block_size)
-    eval_tokens = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens) if args.eval_file else None
-    eval_dataset = TokenBlocks(eval_tokens, args.block_size) if eval_tokens is not None else None
-
+    output_dir = Path(args.output_dir).expanduser().resolve()
     training_args = TrainingArguments(
-        output_dir=args.output_dir,
+        output_dir=str(output_dir),
         max_steps=args.max_steps,
         per_device_train_batch_size=args.per_device_train_batch_size,
         per_device_eval_batch_size=args.per_device_train_batch_size,
@@ -275,7 +499,7 @@ def main(argv=None) -> int:
         warmup_steps=args.warmup_steps,
         lr_scheduler_type=args.lr_scheduler_type,
         logging_steps=args.logging_steps,
-        eval_strategy="steps" if (eval_dataset is not None and args.eval_steps) else "no",
+        eval_strategy="steps" if eval_dataset is not None else "no",
         eval_steps=args.eval_steps,
         save_strategy="steps",
         save_steps=args.save_steps,
@@ -290,63 +514,96 @@ def main(argv=None) -> int:
         ddp_find_unused_parameters=True,
         use_cpu=not torch.cuda.is_available(),
     )
-    callbacks = [CapacityWarmup(model, args.capacity_warmup_steps)] if args.capacity_warmup_steps else []
-    trainer = UptrainTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        callbacks=callbacks,
-        teacher=teacher.to(training_args.device) if teacher is not None else None,
-        distill_weight=args.distill_weight,
-        distill_temperature=args.distill_temperature,
-    )
+    staging = contextlib.ExitStack()
+    with staging:  # on leaving it, a run that is still staged (no checkpoint saved) moves into place
+        if not checked.in_place:
+            training_args.output_dir = str(staging_folder(staging, output_dir, training_args))
+        callbacks = [MoveIntoPlaceAtFirstCheckpoint(staging, output_dir)]
+        if args.capacity_warmup_steps:
+            callbacks.append(CapacityWarmup(model, args.capacity_warmup_steps))
+        trainer = UptrainTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            # The tokenizer goes into every checkpoint and the final folder; the blocks need no padding collator.
+            processing_class=tokenizer,
+            data_collator=default_data_collator,
+            callbacks=callbacks,
+            teacher=teacher.to(training_args.device) if teacher is not None else None,
+            distill_weight=args.distill_weight,
+            distill_temperature=args.distill_temperature,
+        )
 
-    before = None
-    if eval_tokens is not None and trainer.is_world_process_zero():
-        before, _ = perplexity_and_depths(model, eval_tokens, args.block_size, desc="perplexity before")
-        print(f"Perplexity before uptraining: {before:.2f}")
+        before = None
+        if eval_tokens is not None and trainer.is_world_process_zero():
+            before, _ = perplexity_and_depths(model, eval_tokens, args.eval_block_size, desc="perplexity before")
+            print(f"Perplexity before uptraining: {before:.2f}")
 
-    resume = args.resume_from_checkpoint
-    trainer.train(resume_from_checkpoint=True if resume == "latest" else resume)
-    train_seconds = time.perf_counter() - start
+        trainer.train(resume_from_checkpoint=checked.resume_checkpoint)
+        train_seconds = time.perf_counter() - start
 
-    trainer.save_model(args.output_dir)  # the final model, in OUTPUT_DIR itself (every process must call this)
-    if not trainer.is_world_process_zero():
-        return 0
-    tokenizer.save_pretrained(args.output_dir)
-    model = trainer.model
-    figures = load_card_figures(args.model_dir)
-    figures.setdefault("perplexity", {})
-    after, depths = (None, None)
-    if eval_tokens is not None:
-        after, depths = perplexity_and_depths(model, eval_tokens, args.block_size, desc="perplexity after")
-        figures.update(eval_file=Path(args.eval_file).name, eval_tokens=eval_tokens.numel(), eval_block_size=args.block_size)
-        figures["perplexity"]["MoR after uptraining"] = after
-        figures["depth_histogram"] = {str(d): c for d, c in sorted(depths.items()) if d > 0}
-        figures["depth_model"] = "after uptraining"
-    figures["uptraining"] = {
-        "steps": trainer.state.global_step,
-        "tokens": trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
-        * training_args.world_size * args.block_size,
-        "train_data": args.dataset or ", ".join(Path(p).name for p in args.train_file),
-        "wall_time": f"{train_seconds / 60:.1f} min on {training_args.world_size} process(es)",
-        "teacher": args.teacher,
-    }
-    figures["model_name"] = Path(args.output_dir).name
-    if figures.get("base_model"):
-        save_card(args.output_dir, figures)
-    curve_saved = save_loss_curve(trainer.state.log_history, Path(args.output_dir) / "loss_curve.png")
+        # OUTPUT_DIR, or the staging folder still when no checkpoint was saved (a run resumed at its last step).
+        final_dir = Path(training_args.output_dir)
+        trainer.save_model(str(final_dir))  # the final model and its tokenizer (every process must call this)
+        if not trainer.is_world_process_zero():
+            return 0
+        after, depths = write_card(args, trainer, final_dir, output_dir, before, eval_tokens, train_seconds)
+        curve_saved = save_loss_curve(trainer.state.log_history, final_dir / "loss_curve.png")
 
-    print(f"\nUptrained {trainer.state.global_step} steps in {train_seconds / 60:.1f} min; saved {args.output_dir}")
+    print(f"\nUptrained {trainer.state.global_step} steps in {train_seconds / 60:.1f} min; saved {output_dir}")
     if before is not None:
-        print(f"  perplexity before {before:.2f} -> after {after:.2f} on {eval_tokens.numel()} tokens of {args.eval_file}")
+        print(f"  perplexity before {before:.2f} -> after {after:.2f} on {eval_tokens.numel()} tokens of "
+              f"{args.eval_file} (blocks of {args.eval_block_size})")
         total = sum(depths.values()) - depths.get(0, 0)
         mean = sum(d * c for d, c in depths.items()) / max(1, total)
         print(f"  recursion depths: {dict(sorted((d, c) for d, c in depths.items() if d > 0))} (mean {mean:.2f})")
     if curve_saved:
-        print(f"  loss curve: {Path(args.output_dir) / 'loss_curve.png'}")
+        print(f"  loss curve: {output_dir / 'loss_curve.png'}")
     return 0
+
+
+def write_card(args, trainer, folder: Path, output_dir: Path, before, eval_tokens, train_seconds):
+    """Updates the conversion's card figures with this run's and renders the card into `folder`; returns the
+    perplexity and depths after uptraining (None when there is no evaluation text)."""
+    after, depths = (None, None)
+    if eval_tokens is not None:
+        after, depths = perplexity_and_depths(trainer.model, eval_tokens, args.eval_block_size, desc="perplexity after")
+    figures = load_card_figures(args.model_dir)
+    if not figures:
+        print(f"note: {args.model_dir} has no card figures (mor_card.json, written by the conversion); no model card "
+              f"was written.")
+        return after, depths
+    if eval_tokens is not None:
+        # "before" and "after" measured alike; the conversion's rows keep their own measurement.
+        measurement = {"file": Path(args.eval_file).name, "tokens": eval_tokens.numel(),
+                       "block_size": args.eval_block_size}
+        rows = perplexity_rows(figures)
+        for label, value in (("MoR before uptraining", before), ("MoR after uptraining", after)):
+            rows.pop(label, None)
+            rows[label] = {"perplexity": value, **measurement}
+        figures.update(
+            perplexity=rows,
+            depth_histogram={str(d): c for d, c in sorted(depths.items()) if d > 0},
+            depth_model="after uptraining",
+            depth_measurement=measurement,
+        )
+    world_size = trainer.args.world_size
+    figures["uptraining"] = {
+        "steps": trainer.state.global_step,
+        "tokens": trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
+        * world_size * args.block_size,
+        "train_data": args.dataset or ", ".join(Path(p).name for p in args.train_file),
+        "wall_time": f"{train_seconds / 60:.1f} min on {world_size} process(es)",
+        "teacher": args.teacher,
+    }
+    figures["model_name"] = output_dir.name
+    figures["repo_id"] = f"path/to/{output_dir.name}"
+    try:
+        save_card(folder, figures)
+    except UnfilledPlaceholderError as error:
+        print(f"warning: no model card was written ({error})")
+    return after, depths
 
 
 if __name__ == "__main__":

@@ -1,29 +1,38 @@
-"""Uptraining with Trainer: the loss falls, resuming continues the same run, and a 2-process DDP run works."""
+"""Uptraining with Trainer: the loss falls, resuming continues the same run, an interrupted run leaves nothing or
+resumable checkpoints, the saved folders and the card are right, and a 2-process DDP run works."""
 
 import json
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from conversion import uptrain
 from conversion.convert_llama_to_mor import main as convert_main
+from conversion.model_card import render_model_card
 from conversion.uptrain import main as uptrain_main
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-SHARED = PROJECT_ROOT.parent / "shared" / "data"
+# The real checkpoint and text the repository ships, so that these tests run in a plain clone.
+ASSETS = PROJECT_ROOT / "examples" / "assets"
+STORIES = ASSETS / "stories260K"
+VALID_TEXT = ASSETS / "tinystories_valid_sample.txt"
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    if not (SHARED / "stories260K").is_dir():
-        pytest.skip(f"the real checkpoint is not available at {SHARED / 'stories260K'} (a clone without ../shared)")
+    """stories260K converted with the conversion's own perplexity figures (2,048 tokens in blocks of 256)."""
     output = tmp_path_factory.mktemp("uptrain") / "stories-mor"
-    assert convert_main([str(SHARED / "stories260K"), str(output), "--num-recursions", "3"]) == 0
+    assert convert_main([str(STORIES), str(output), "--num-recursions", "3", "--eval-file", str(VALID_TEXT),
+                         "--eval-max-tokens", "2048", "--eval-block-size", "256"]) == 0
     return output
 
 
@@ -31,7 +40,8 @@ def converted(tmp_path_factory):
 def train_text(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "train.txt"
     # A slice of the real training text keeps the tests fast.
-    path.write_text((SHARED / "tinystories" / "train.txt").read_text(encoding="utf-8")[:60000], encoding="utf-8")
+    text = (ASSETS / "tinystories_train_sample.txt").read_text(encoding="utf-8")
+    path.write_text(text[:60000], encoding="utf-8")
     return path
 
 
@@ -50,8 +60,8 @@ def _log_history(folder):
 def test_uptraining_lowers_the_loss_and_updates_the_card(converted, train_text, tmp_path):
     output = tmp_path / "up"
     _uptrain(converted, output, train_text, "--max-steps", "12", "--save-steps", "12",
-             "--eval-file", SHARED / "tinystories" / "valid.txt", "--eval-max-tokens", "1024",
-             "--teacher", SHARED / "stories260K", "--capacity-warmup-steps", "4")
+             "--eval-file", VALID_TEXT, "--eval-max-tokens", "1024",
+             "--teacher", STORIES, "--capacity-warmup-steps", "4")
     losses = [entry["lm_loss"] for entry in _log_history(output) if "lm_loss" in entry]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
@@ -93,6 +103,16 @@ def test_existing_output_dir_is_refused(converted, train_text, tmp_path, capsys)
     assert [p.name for p in output.iterdir()] == ["notes.txt"]
 
 
+def test_overwrite_replaces_the_output_dir_once_the_first_checkpoint_is_saved(converted, train_text, tmp_path):
+    output = tmp_path / "busy"
+    (output / "checkpoint-99").mkdir(parents=True)
+    (output / "notes.txt").write_text("an earlier run")
+    _uptrain(converted, output, train_text, "--max-steps", "1", "--overwrite")
+    assert (output / "model.safetensors").is_file() and [p.name for p in _checkpoints(output)] == ["checkpoint-1"]
+    assert not (output / "notes.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["busy"]
+
+
 def test_two_process_ddp_run_saves_a_loadable_model(converted, train_text, tmp_path):
     output = tmp_path / "ddp"
     with socket.socket() as probe:  # a free port for the rendezvous (port 0 is not accepted by torchrun)
@@ -108,6 +128,10 @@ def test_two_process_ddp_run_saves_a_loadable_model(converted, train_text, tmp_p
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "on 2 process(es)" in (output / "README.md").read_text()
+    # Both processes wrote their part of the checkpoint into the same (staged, then moved) folder.
+    rng_states = sorted(p.name for p in (output / "checkpoint-3").glob("rng_state*"))
+    assert rng_states == ["rng_state_0.pth", "rng_state_1.pth"]
+    assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(output).eval()
@@ -127,3 +151,176 @@ def test_uptraining_from_a_local_dataset_folder(converted, train_text, tmp_path)
                          "--save-steps", "2", "--disable-tqdm"]) == 0
     assert (output / "model.safetensors").exists()
     assert "dataset" in json.loads((output / "mor_card.json").read_text())["uptraining"]["train_data"]
+
+
+def _checkpoints(folder):
+    return sorted((p for p in Path(folder).glob("checkpoint-*")), key=lambda p: int(p.name.split("-")[1]))
+
+
+@pytest.fixture(scope="module")
+def uptrained(converted, train_text, tmp_path_factory):
+    """3 steps with checkpoints at steps 2 and 3, perplexity measured on 512 tokens in blocks of 64."""
+    output = tmp_path_factory.mktemp("uptrained") / "up"
+    _uptrain(converted, output, train_text, "--max-steps", "3", "--save-steps", "2", "--save-total-limit", "3",
+             "--eval-file", VALID_TEXT, "--eval-max-tokens", "512", "--eval-block-size", "64")
+    return output
+
+
+def test_saved_model_and_checkpoints_keep_use_cache_and_carry_the_tokenizer(uptrained):
+    from transformers import AutoTokenizer
+
+    folders = [uptrained, *_checkpoints(uptrained)]
+    assert [folder.name for folder in folders] == ["up", "checkpoint-2", "checkpoint-3"]
+    for folder in folders:
+        # Trainer turns the cache off for training; a saved model must generate with it as the source did.
+        assert json.loads((folder / "config.json").read_text())["use_cache"] is True, folder
+        assert (folder / "tokenizer.json").is_file(), folder
+        assert AutoTokenizer.from_pretrained(folder)("Once upon a time").input_ids
+
+
+def test_every_perplexity_on_the_card_names_how_it_was_measured(uptrained, converted):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conversion.measure import perplexity_and_depths, read_eval_tokens
+
+    rows = json.loads((uptrained / "mor_card.json").read_text())["perplexity"]
+    conversion = {"tokens": 2048, "block_size": 256, "file": VALID_TEXT.name}
+    uptraining = {"tokens": 512, "block_size": 64, "file": VALID_TEXT.name}
+    assert list(rows)[0].startswith("source")
+    assert list(rows)[1:] == ["recursive (tied) model, every token at full depth",
+                              "MoR as converted (untrained routers)", "MoR before uptraining", "MoR after uptraining"]
+    for label, row in rows.items():
+        expected = uptraining if "uptraining" in label else conversion
+        assert {key: row[key] for key in expected} == expected, label
+
+    # "before" is measured as "after" is: same tokens, same blocks, on the model uptraining started from.
+    model = AutoModelForCausalLM.from_pretrained(converted).eval()
+    tokens = read_eval_tokens(AutoTokenizer.from_pretrained(converted), VALID_TEXT, 512)
+    before, _ = perplexity_and_depths(model, tokens, 64)
+    assert rows["MoR before uptraining"]["perplexity"] == pytest.approx(before, rel=1e-5)
+
+    card = (uptrained / "README.md").read_text()
+    lines = {label: next(line for line in card.splitlines() if line.startswith(f"| {label} |")) for label in rows}
+    for label, line in lines.items():
+        assert f"| {rows[label]['perplexity']:.2f} |" in line
+        if "uptraining" in label:
+            assert "first 512 tokens" in line and "blocks of 64" in line, line
+        else:
+            assert "first 2,048 tokens" in line and "blocks of 256" in line, line
+        assert f"`{VALID_TEXT.name}`" in line
+    depth_caption = next(line for line in card.splitlines() if line.startswith("Recursion steps taken per token"))
+    assert "after uptraining" in depth_caption
+    assert "first 512 tokens" in depth_caption and "blocks of 64" in depth_caption
+
+
+def test_card_without_a_hub_base_model_leaves_the_field_out_and_says_why(converted, train_text, tmp_path):
+    figures = json.loads((converted / "mor_card.json").read_text())
+    with_hub_id = render_model_card({**figures, "base_model": "karpathy/stories260K"})
+    assert "\nbase_model: karpathy/stories260K\n" in with_hub_id and "`karpathy/stories260K`" in with_hub_id
+
+    local = render_model_card({**figures, "base_model": None})
+    front_matter = local.split("\n---\n", 1)[0]
+    assert "base_model:" not in front_matter.replace("# base_model", "")
+    assert "local folder" in front_matter and "local folder" in local.split("\n---\n", 1)[1]
+    assert "None" not in local and "${" not in local
+
+    # Uptraining a model converted from a local folder still writes its card.
+    source = tmp_path / "local-mor"
+    shutil.copytree(converted, source)
+    (source / "mor_card.json").write_text(json.dumps({**figures, "base_model": None}))
+    _uptrain(source, tmp_path / "up", train_text, "--max-steps", "1")
+    card = (tmp_path / "up" / "README.md").read_text()
+    assert "**Uptrained** for 1 steps" in card and "base_model:" not in card.replace("# base_model", "")
+
+
+def test_default_blocks_are_capped_at_the_model_context(train_text, tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # A Llama with a 32-token context and the stories260K tokenizer (vocabulary 512).
+    torch.manual_seed(0)
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                 num_hidden_layers=5, max_position_embeddings=32)).save_pretrained(llama)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(STORIES / name, llama / name)
+    assert convert_main([str(llama), str(tmp_path / "mor"), "--num-recursions", "3"]) == 0
+
+    assert uptrain_main([str(tmp_path / "mor"), str(tmp_path / "up"), "--train-file", str(train_text),
+                         "--max-steps", "1", "--per-device-train-batch-size", "2", "--eval-file", str(VALID_TEXT),
+                         "--eval-max-tokens", "256", "--disable-tqdm"]) == 0
+    figures = json.loads((tmp_path / "up" / "mor_card.json").read_text())
+    assert figures["uptraining"]["tokens"] == 1 * 2 * 32
+    assert figures["perplexity"]["MoR after uptraining"]["block_size"] == 32
+    assert figures["perplexity"]["MoR before uptraining"]["block_size"] == 32
+    capsys.readouterr()
+
+    # A longer block than the model's context is refused before loading it.
+    assert uptrain_main([str(tmp_path / "mor"), str(tmp_path / "up2"), "--train-file", str(train_text),
+                         "--max-steps", "1", "--block-size", "64"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and "max_position_embeddings" in error and "32" in error
+    assert not (tmp_path / "up2").exists()
+
+
+def _interrupt_at_step(monkeypatch, step):
+    """Ctrl-C (KeyboardInterrupt, which is also what SIGTERM becomes) when training reaches `step`."""
+    training_step = uptrain.UptrainTrainer.training_step
+
+    def interrupted(self, *args, **kwargs):
+        if self.state.global_step == step:
+            raise KeyboardInterrupt
+        return training_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(uptrain.UptrainTrainer, "training_step", interrupted)
+
+
+def test_an_uptraining_interrupted_before_its_first_checkpoint_leaves_nothing(converted, train_text, tmp_path,
+                                                                              monkeypatch, capsys):
+    output = tmp_path / "up"
+    _interrupt_at_step(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        _uptrain(converted, output, train_text, "--max-steps", "6", "--save-steps", "3")
+    assert list(tmp_path.iterdir()) == []  # no OUTPUT_DIR, no hidden staging folder
+    capsys.readouterr()
+
+    assert uptrain_main([str(converted), str(output), "--train-file", str(train_text), "--max-steps", "6",
+                         "--resume-from-checkpoint", "latest"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and "no checkpoint" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_uptraining_interrupted_after_a_checkpoint_resumes_from_latest(converted, train_text, tmp_path,
+                                                                          monkeypatch):
+    output = tmp_path / "up"
+    _interrupt_at_step(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        _uptrain(converted, output, train_text, "--max-steps", "6", "--save-steps", "2")
+    assert [p.name for p in tmp_path.iterdir()] == ["up"]
+    assert [p.name for p in _checkpoints(output)] == ["checkpoint-2"]
+    monkeypatch.undo()
+
+    _uptrain(converted, output, train_text, "--max-steps", "4", "--save-steps", "2", "--resume-from-checkpoint",
+             "latest")
+    assert [entry["step"] for entry in _log_history(output) if "loss" in entry] == [1, 2, 3, 4]
+    assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["up"]
+
+
+def test_a_terminated_uptraining_leaves_no_partial_folder(converted, train_text, tmp_path):
+    output = tmp_path / "terminated"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "conversion.uptrain", str(converted), str(output), "--train-file", str(train_text),
+         "--max-steps", "100000", "--save-steps", "100000", "--block-size", "64", "--disable-tqdm"],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".terminated.incomplete-*")):
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(1.0)  # training, well before the first checkpoint
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=60)
+    assert process.returncode != 0
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,166 @@
+"""Bad input to `python -m conversion.uptrain`: one `error:` line, exit code 2, nothing written, and the model never
+loaded."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conversion import uptrain
+from conversion.convert_llama_to_mor import main as convert_main
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ASSETS = PROJECT_ROOT / "examples" / "assets"
+STORIES = ASSETS / "stories260K"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    output = tmp_path_factory.mktemp("converted") / "stories-mor"
+    assert convert_main([str(STORIES), str(output), "--num-recursions", "3"]) == 0
+    return output
+
+
+@pytest.fixture(scope="module")
+def train_text(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text((ASSETS / "tinystories_train_sample.txt").read_text(encoding="utf-8")[:20000], encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def refused(monkeypatch, capsys):
+    """Runs uptraining on arguments that must be refused before the model is loaded; returns the error line."""
+
+    def never_loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(uptrain.AutoModelForCausalLM, "from_pretrained", never_loaded)
+
+    def run(*arguments) -> str:
+        capsys.readouterr()
+        assert uptrain.main([str(argument) for argument in arguments]) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and error.count("\n") == 1, error
+        return error
+
+    return run
+
+
+def _snapshot(folder):
+    return sorted((str(path.relative_to(folder)), path.stat().st_mtime_ns) for path in Path(folder).rglob("*"))
+
+
+@pytest.mark.parametrize("spelling", ["same", "relative", "symlink", "inside", "contains"])
+def test_output_dir_may_not_be_the_input_dir(converted, train_text, tmp_path, refused, spelling, monkeypatch):
+    before = _snapshot(converted)
+    if spelling == "same":
+        output = converted
+    elif spelling == "relative":
+        monkeypatch.chdir(tmp_path)
+        output = os.path.relpath(converted, tmp_path)
+    elif spelling == "symlink":
+        output = tmp_path / "link"
+        output.symlink_to(converted, target_is_directory=True)
+    elif spelling == "inside":
+        output = converted / "uptrained"
+    else:
+        output = converted.parent
+    error = refused(converted, output, "--train-file", train_text, "--max-steps", "1", "--overwrite")
+    assert "INPUT_DIR" in error and str(converted.resolve()) in error
+    assert _snapshot(converted) == before
+
+
+def test_output_dir_may_not_be_the_teacher(converted, train_text, tmp_path, refused):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(STORIES, teacher)
+    before = _snapshot(teacher)
+    error = refused(converted, teacher, "--train-file", train_text, "--max-steps", "1", "--teacher", teacher,
+                    "--overwrite")
+    assert "--teacher" in error
+    assert _snapshot(teacher) == before
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        (b"", "empty"),
+        (b"  \n\n\t \n", "blank"),
+        (b"Once upon\xff a time", "not UTF-8 text (byte 9"),
+    ],
+)
+@pytest.mark.parametrize("option", ["--train-file", "--eval-file"])
+def test_unreadable_text_files_are_refused(converted, train_text, tmp_path, refused, content, problem, option):
+    text = tmp_path / "text.txt"
+    text.write_bytes(content)
+    files = {"--train-file": train_text, "--eval-file": train_text, option: text}
+    error = refused(converted, tmp_path / "up", *(item for pair in files.items() for item in pair), "--max-steps", "1")
+    assert option in error and str(text) in error and problem in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
+
+
+def test_training_text_shorter_than_one_block_is_refused(converted, tmp_path, refused):
+    text = tmp_path / "short.txt"
+    text.write_text("Once upon a time there was a cat.")
+    error = refused(converted, tmp_path / "up", "--train-file", text, "--max-steps", "1", "--block-size", "64")
+    assert str(text) in error and "fewer than one block of 64" in error and "--block-size" in error
+    assert not (tmp_path / "up").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty folder", "llama", "no weights"])
+def test_input_dir_that_is_not_an_mor_model_is_refused(converted, train_text, tmp_path, refused, kind):
+    model_dir = tmp_path / "model"
+    if kind == "empty folder":
+        model_dir.mkdir()
+        expected = "no config.json"
+    elif kind == "llama":
+        shutil.copytree(STORIES, model_dir)
+        expected = "a 'llama' model, not an MoR one"
+    elif kind == "no weights":
+        model_dir.mkdir()
+        shutil.copyfile(converted / "config.json", model_dir / "config.json")
+        expected = "no model weights"
+    else:
+        expected = "does not exist"
+    error = refused(model_dir, tmp_path / "up", "--train-file", train_text, "--max-steps", "1")
+    assert expected in error and str(model_dir) in error
+    assert not (tmp_path / "up").exists()
+
+
+@pytest.mark.parametrize("max_steps", ["0", "-1"])
+def test_max_steps_must_be_positive(converted, train_text, tmp_path, refused, max_steps):
+    error = refused(converted, tmp_path / "up", "--train-file", train_text, "--max-steps", max_steps)
+    assert f"--max-steps {max_steps}" in error and "at least 1" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("output_state", ["absent", "empty", "no checkpoint"])
+def test_resuming_latest_without_a_checkpoint_says_so(converted, train_text, tmp_path, refused, output_state):
+    output = tmp_path / "up"
+    if output_state != "absent":
+        output.mkdir()
+    if output_state == "no checkpoint":
+        (output / "notes.txt").write_text("keep me")
+    before = _snapshot(tmp_path)
+    error = refused(converted, output, "--train-file", train_text, "--max-steps", "1",
+                    "--resume-from-checkpoint", "latest")
+    assert "no checkpoint" in error and str(output) in error
+    assert _snapshot(tmp_path) == before
+
+
+def test_resuming_from_a_missing_checkpoint_is_refused(converted, train_text, tmp_path, refused):
+    error = refused(converted, tmp_path / "up", "--train-file", train_text, "--max-steps", "1",
+                    "--resume-from-checkpoint", tmp_path / "checkpoint-7")
+    assert "checkpoint-7" in error and "not a checkpoint" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resuming_latest_from_an_incomplete_checkpoint_says_so(converted, train_text, tmp_path, refused):
+    partial = tmp_path / "up" / "checkpoint-4"  # a run killed while saving it: no trainer_state.json yet
+    partial.mkdir(parents=True)
+    (partial / "model.safetensors").write_bytes(b"half written")
+    error = refused(converted, tmp_path / "up", "--train-file", train_text, "--max-steps", "8",
+                    "--resume-from-checkpoint", "latest")
+    assert str(partial) in error and "incomplete" in error
