@@ -13,19 +13,26 @@ setup(
     install_requires=[
         # The model code checks this range at import (modeling_mor/configuration_mor.py).
         "transformers>=5.24.0,<6",
-        "torch>=2.6",  # the floor of transformers 5.24 itself; tested with 2.13
-        "safetensors>=0.4.3",
-        "huggingface-hub>=1.0",
-        "packaging",
+        # The floors below are transformers 5.24's own, so that pip never picks an older one we do not run.
+        "torch>=2.6",  # tested with 2.13
+        "safetensors>=0.8.0",
+        "huggingface-hub>=1.31.0,<3",  # pushing uses HfApi.create_commit; tested with 2.4
+        "packaging>=20.0",
+        # The main job (convert, uptrain with Trainer, the quickstart's progress bars and pictures) needs these, so
+        # that `pip install -e .` runs `python examples/quickstart.py` as it is.
+        "accelerate>=1.1.0",  # Trainer's own floor; tested with 1.15
+        "tqdm>=4.60",
+        "matplotlib>=3.5",  # pyplot.subplots, get_cmap, patches.Rectangle; tested with 3.11
     ],
     extras_require={
-        "train": ["accelerate>=1.1", "tqdm", "matplotlib"],
-        "peft": ["peft>=0.17"],
+        "train": [],  # kept so that `pip install -e ".[train]"` still works: training needs nothing more today
+        "peft": ["peft>=0.17"],  # tested with 0.21
         "eval": ["evaluate>=0.4.3"],
         "lm-eval": ["lm-eval[hf]==0.4.13"],
+        # GGUF sources (`convert_llama_to_mor path/to/model.gguf`): transformers dequantizes them with this package.
+        "gguf": ["gguf>=0.10.0"],  # transformers 5.24's GGUF_MIN_VERSION
         "dev": [
-            "pytest>=8", "accelerate>=1.1", "tqdm", "matplotlib", "peft>=0.17", "evaluate>=0.4.3", "datasets",
-            "lm-eval[hf]==0.4.13",
+            "pytest>=8", "peft>=0.17", "evaluate>=0.4.3", "datasets", "lm-eval[hf]==0.4.13", "gguf>=0.10.0",
         ],
     },
 )

@@ -5,20 +5,18 @@ downloaded); `--metric-source hub` uses the Hub's "perplexity" and "accuracy" me
 reachable. Routing statistics (MoR only) are measured on the tokens the perplexity scores, with eval-mode (causal)
 routing.
 
-Example (from the repository root; the first command builds an MoR folder from the stories260K Llama checkpoint):
+Example (from the repository root; the first command converts the shipped stories260K Llama to an MoR folder):
 
 ```bash
-python -c "
-from transformers import AutoTokenizer, LlamaForCausalLM
-from conversion.convert_llama_to_mor import convert_llama_to_mor
-llama = LlamaForCausalLM.from_pretrained('../shared/data/stories260K')
-convert_llama_to_mor(llama, num_recursions=3, sharing_strategy='middle_cycle').save_pretrained('/tmp/mor-stories')
-AutoTokenizer.from_pretrained('../shared/data/stories260K').save_pretrained('/tmp/mor-stories')
-"
+python -m conversion.convert_llama_to_mor examples/assets/stories260K /tmp/mor-stories --num-recursions 3 \
+    --sharing-strategy middle_cycle
 python examples/evaluate_model.py /tmp/mor-stories \
-    --eval-file ../shared/data/tinystories/valid.txt --max-tokens 20000 \
+    --eval-file examples/assets/tinystories_valid_sample.txt --max-tokens 8192 \
     --mc-file examples/data/tiny_stories_mc.jsonl --num-fewshot 3 --output-json /tmp/mor-stories-eval.json
 ```
+
+A folder that is not an MoR or Llama model, a missing or non-UTF-8 file and a bad option value are refused with one
+`error:` line (exit code 2) before the model is loaded.
 
 Without `--eval-file` and `--mc-file` it uses the small files in `examples/data/`.
 """
@@ -36,7 +34,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from evaluation import (  # noqa: E402
+    check_supported_checkpoint,
     load_model_and_tokenizer,
+    load_multiple_choice_items,
     multiple_choice_accuracy,
     routing_statistics,
     text_file_perplexity,
@@ -44,6 +44,20 @@ from evaluation import (  # noqa: E402
 
 
 DATA_DIR = REPO_ROOT / "examples" / "data"
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not valid; it must be at least 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not valid; it must be 0 or more")
+    return value
 
 
 def parse_args(argv=None):
@@ -60,15 +74,25 @@ def parse_args(argv=None):
         default=str(DATA_DIR / "tiny_stories_mc.jsonl"),
         help="multiple-choice JSONL (context/question, choices, answer index)",
     )
-    parser.add_argument("--num-fewshot", type=int, default=3, help="solved examples before each question")
     parser.add_argument(
-        "--max-tokens", type=int, default=None, help="score only the first N tokens of --eval-file (default: all)"
+        "--num-fewshot", type=non_negative_int, default=3, help="solved examples before each question"
     )
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per perplexity window (BOS included)")
     parser.add_argument(
-        "--stride", type=int, default=128, help="tokens between window starts; 0 truncates to one window instead"
+        "--max-tokens",
+        type=positive_int,
+        default=None,
+        help="score only the first N tokens of --eval-file (default: all)",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    parser.add_argument(
+        "--max-length", type=positive_int, default=256, help="tokens per perplexity window (BOS included)"
+    )
+    parser.add_argument(
+        "--stride",
+        type=non_negative_int,
+        default=128,
+        help="tokens between window starts; 0 truncates to one window instead",
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass")
     parser.add_argument(
         "--metric-source",
         choices=["local", "hub"],
@@ -122,11 +146,83 @@ def print_report(results: dict) -> None:
     )
 
 
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """`name` or `namespace/name` with the Hub's characters; anything else can only be a local path."""
+    from huggingface_hub.utils import validate_repo_id
+
+    if name.startswith((".", "/", "~")):
+        return False
+    try:
+        validate_repo_id(name)
+    except ValueError:
+        return False
+    return True
+
+
+def check_model(model: str) -> None:
+    """Raises ValueError, reading config.json only, unless `model` is an MoR or Llama folder or Hub id."""
+    if not Path(model).expanduser().exists():
+        if not looks_like_hub_id(model):
+            raise ValueError(f"{model} does not exist. Pass a model folder (an MoR or Llama checkpoint saved with "
+                             f"save_pretrained, with its tokenizer) or a Hub id.")
+        try:
+            check_supported_checkpoint(model)
+        except ValueError as error:
+            raise ValueError(
+                f"{model} does not exist as a local folder, and as a Hub id it could not be fetched "
+                f"({_one_line(error.__cause__ or error)}). Check the path; for a Hub id, check the network, "
+                f"HF_ENDPOINT and that the repo exists."
+            ) from error
+        return
+    check_supported_checkpoint(model)
+
+
+def check_text_file(option: str, path: str) -> None:
+    """Raises ValueError unless `path` is a readable, non-empty UTF-8 text file."""
+    file = Path(path)
+    if not file.is_file():
+        raise ValueError(f"{option} {path}: {'is a folder, not a file' if file.is_dir() else 'no such file'}.")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{option} {path} is not UTF-8 text (byte {error.start}: {error.reason}); convert it "
+                         f"to UTF-8 (e.g. iconv -t utf-8).") from error
+    if not text.strip():
+        raise ValueError(f"{option} {path} is empty; pass a file with some text.")
+
+
+def check_inputs(args) -> None:
+    """Every input is checked before the model is loaded; each problem is one ValueError naming it."""
+    check_model(args.model)
+    check_text_file("--eval-file", args.eval_file)
+    check_text_file("--mc-file", args.mc_file)
+    lines = Path(args.mc_file).read_text(encoding="utf-8").splitlines()
+    for line_number, line in enumerate(lines, start=1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--mc-file {args.mc_file}, line {line_number}: not valid JSON ({error.msg}, column "
+                             f"{error.colno}).") from error
+    items = load_multiple_choice_items(args.mc_file)
+    if args.num_fewshot >= len(items):
+        raise ValueError(f"--num-fewshot {args.num_fewshot} needs at least {args.num_fewshot + 1} questions; "
+                         f"{args.mc_file} has {len(items)}. Pass a smaller --num-fewshot.")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     stride = args.stride or None
+    try:
+        check_inputs(args)
+    except ValueError as error:
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        raise SystemExit(2)
 
-    # Loading first: an unsupported folder fails here, before any metric runs.
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     perplexity = text_file_perplexity(
         args.model,

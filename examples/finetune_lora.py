@@ -8,13 +8,14 @@ start constant (zero weights), so every token gets the same recursion depth what
 The script prints a few greedy samples and the perplexity (and mean recursion depth) on an eval set before and after
 training, logs the training loss through Trainer, and saves the adapter (and the tokenizer) to --output-dir.
 
-Example, from the repository root (`pip install -e '.[peft]'`): convert the tiny stories260K Llama into MoR form, then
-fine-tune it on TinyStories text or on the bundled instructions:
+Example, from the repository root (`pip install -e '.[peft]'`): convert the tiny stories260K Llama shipped in
+examples/assets into MoR form, then fine-tune it on TinyStories text or on the bundled instructions:
 
-    python -m conversion.convert_llama_to_mor ../shared/data/stories260K mor-stories260K \\
+    python -m conversion.convert_llama_to_mor examples/assets/stories260K mor-stories260K \\
         --num-recursions 3 --sharing-strategy middle_cycle
     python examples/finetune_lora.py --model mor-stories260K \\
-        --train-file ../shared/data/tinystories/train.txt --eval-file ../shared/data/tinystories/valid.txt \\
+        --train-file examples/assets/tinystories_train_sample.txt \\
+        --eval-file examples/assets/tinystories_valid_sample.txt \\
         --format text --block-size 128 --max-eval-tokens 8192 --lora-routers --max-steps 150 --learning-rate 5e-3 \\
         --output-dir lora-stories260K
     python examples/finetune_lora.py --model mor-stories260K --train-file examples/data/instructions.jsonl \\
@@ -24,18 +25,23 @@ Load the adapter afterwards with:
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    base = AutoModelForCausalLM.from_pretrained("mor-stories260K")
+    base = AutoModelForCausalLM.from_pretrained("mor-stories260K", trust_remote_code=True)
     model = PeftModel.from_pretrained(base, "lora-stories260K")  # or .merge_and_unload() for a plain MoR model
 
 Data formats (--format):
     text          a plain text file; tokenized as one stream and cut into blocks of --block-size tokens.
     instructions  a JSON Lines file of {"instruction": ..., "response": ...}; the loss is on the response tokens.
-Without --eval-file, the last 10% of the training blocks or examples are held out for the perplexity.
+Without --eval-file, the last 10% of the training blocks or examples (at least one) are held out for the perplexity.
+
+Bad input (an OUTPUT_DIR that is, contains or lies inside the --model folder, a missing, non-UTF-8 or too small data
+file, a malformed instruction line) is refused with one `error:` line, exit code 2, before the model is loaded and
+before anything is written.
 """
 
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -43,6 +49,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
 # Importing the package registers the MoR classes with the Auto classes (no remote code needed).
+from conversion.output_dir import OutputDirExistsError, check_output_dir_is_separate
 from modeling_mor.peft_mor import LLAMA_PROJECTIONS, check_lora_target_modules, router_linear_names
 
 
@@ -111,9 +118,39 @@ def build_argument_parser():
     return parser
 
 
+class DataFileError(ValueError):
+    """A data file that cannot be used, named with the problem and the fix."""
+
+
+def read_text_file(path) -> str:
+    """The file's text; DataFileError when it is missing, not a file, not UTF-8 or blank."""
+    file = Path(path)
+    if not file.exists():
+        raise DataFileError(f"{path} does not exist.")
+    if not file.is_file():
+        raise DataFileError(f"{path} is a folder, not a data file.")
+    data = file.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line_number = data[: error.start].count(b"\n") + 1
+        raise DataFileError(
+            f"{path}, line {line_number}: not UTF-8 text (byte {error.start}: {error.reason}); convert the file to "
+            f"UTF-8 (e.g. iconv -t utf-8)."
+        ) from error
+    if not text.strip():
+        raise DataFileError(f"{path} has no examples: it is empty or blank.")
+    return text
+
+
 def text_blocks(path, tokenizer, block_size):
     """The file as one token stream, cut into full blocks of `block_size` tokens (labels = inputs)."""
-    token_ids = tokenizer(Path(path).read_text(encoding="utf-8"))["input_ids"]
+    token_ids = tokenizer(read_text_file(path))["input_ids"]
+    if len(token_ids) < block_size:
+        raise DataFileError(
+            f"{path} has {len(token_ids)} tokens, fewer than one block of --block-size {block_size}; pass a longer "
+            f"file or a smaller --block-size."
+        )
     examples = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         block = token_ids[start : start + block_size]
@@ -124,17 +161,27 @@ def text_blocks(path, tokenizer, block_size):
 def instruction_examples(path, tokenizer, block_size):
     """Prompt + response + EOS per line; the prompt tokens are masked out of the labels."""
     examples = []
-    with open(path, encoding="utf-8") as file:
-        for line in file:
-            if not line.strip():
-                continue
+    for line_number, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {line_number}"
+        try:
             record = json.loads(line)
-            prompt_ids = tokenizer(INSTRUCTION_TEMPLATE.format(instruction=record["instruction"]))["input_ids"]
-            response_ids = tokenizer(record["response"], add_special_tokens=False)["input_ids"]
-            response_ids = response_ids + [tokenizer.eos_token_id]
-            input_ids = (prompt_ids + response_ids)[:block_size]
-            labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:block_size]
-            examples.append({"input_ids": input_ids, "labels": labels})
+        except json.JSONDecodeError as error:
+            raise DataFileError(
+                f"{where}: not valid JSON ({error.msg} at column {error.colno}); each line must be one object "
+                f'{{"instruction": "...", "response": "..."}}.'
+            ) from error
+        fields = ("instruction", "response")
+        if not isinstance(record, dict) or not all(isinstance(record.get(key), str) for key in fields):
+            found = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise DataFileError(f"{where}: needs the text fields 'instruction' and 'response' (found: {found}).")
+        prompt_ids = tokenizer(INSTRUCTION_TEMPLATE.format(instruction=record["instruction"]))["input_ids"]
+        response_ids = tokenizer(record["response"], add_special_tokens=False)["input_ids"]
+        response_ids = response_ids + [tokenizer.eos_token_id]
+        input_ids = (prompt_ids + response_ids)[:block_size]
+        labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:block_size]
+        examples.append({"input_ids": input_ids, "labels": labels})
     return examples
 
 
@@ -142,6 +189,36 @@ def load_examples(path, data_format, tokenizer, block_size):
     if data_format == "text":
         return text_blocks(path, tokenizer, block_size)
     return instruction_examples(path, tokenizer, block_size)
+
+
+def num_predicted_tokens(examples) -> int:
+    """The tokens the loss and the perplexity score (each label after the first position of its example)."""
+    return sum(sum(label != IGNORE_INDEX for label in example["labels"][1:]) for example in examples)
+
+
+def split_train_and_eval(args, train_examples, eval_examples):
+    """Holds out the last 10% of the training examples when there is no eval file; DataFileError unless both sides
+    have something to score (a too small file would otherwise divide by zero in the perplexity)."""
+    unit = "blocks" if args.format == "text" else "examples"
+    fix = "pass a longer file" + (" or a smaller --block-size" if args.format == "text" else "")
+    if eval_examples is None:
+        if len(train_examples) < 2:
+            raise DataFileError(
+                f"{args.train_file} gives {len(train_examples)} training {unit} of --block-size {args.block_size}; "
+                f"without --eval-file one is held out for the perplexity, so it needs at least 2: {fix}, or pass "
+                f"--eval-file."
+            )
+        num_held_out = max(1, len(train_examples) // 10)
+        train_examples, eval_examples = train_examples[:-num_held_out], train_examples[-num_held_out:]
+    eval_examples = eval_examples[: max(1, args.max_eval_tokens // args.block_size)]
+    for option, path, examples in (("--train-file", args.train_file, train_examples),
+                                   ("--eval-file", args.eval_file or args.train_file, eval_examples)):
+        if num_predicted_tokens(examples) == 0:
+            raise DataFileError(
+                f"{path} ({option}) leaves no token to predict within --block-size {args.block_size} (every response "
+                f"is cut off, or there are no {unit}): {fix}."
+            )
+    return train_examples, eval_examples
 
 
 def make_collator(pad_token_id):
@@ -221,23 +298,30 @@ def main(argv=None):
     args = build_argument_parser().parse_args(argv)
     set_seed(args.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    # Everything that can be wrong with the input is checked here: before the model is loaded, before any write.
+    try:
+        check_output_dir_is_separate(args.output_dir, **{"--model": args.model})
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError) as error:
+            raise DataFileError(f"--model {args.model}: no tokenizer could be loaded ({error}).") from error
+        train_examples = load_examples(args.train_file, args.format, tokenizer, args.block_size)
+        eval_examples = None
+        if args.eval_file:
+            eval_examples = load_examples(args.eval_file, args.format, tokenizer, args.block_size)
+        train_examples, eval_examples = split_train_and_eval(args, train_examples, eval_examples)
+    except (DataFileError, OutputDirExistsError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        raise SystemExit(2)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     config = model.config
     print(
         f"Loaded {type(model).__name__}: {config.num_hidden_layers} unrolled layers, {config.num_unique_layers} unique "
         f"({config.sharing_strategy}, num_recursions={config.num_recursions}, routing={config.routing})."
     )
-
-    train_examples = load_examples(args.train_file, args.format, tokenizer, args.block_size)
-    if args.eval_file:
-        eval_examples = load_examples(args.eval_file, args.format, tokenizer, args.block_size)
-    else:
-        num_held_out = max(1, len(train_examples) // 10)
-        train_examples, eval_examples = train_examples[:-num_held_out], train_examples[-num_held_out:]
-    eval_examples = eval_examples[: max(1, args.max_eval_tokens // args.block_size)]
     unit = "blocks" if args.format == "text" else "examples"
     print(f"{len(train_examples)} training and {len(eval_examples)} eval {unit}.")
     collate = make_collator(tokenizer.pad_token_id)
@@ -303,6 +387,9 @@ def main(argv=None):
     print(f"Eval perplexity:      before {perplexity_before:.3f}   after {perplexity_after:.3f}")
     print(f"Mean recursion depth: before {depth_before:.3f}   after {depth_after:.3f}")
 
+    # Trainer sets config.use_cache to TrainingArguments.use_cache (False) for training; what is saved decodes with
+    # the KV cache.
+    model.get_base_model().config.use_cache = True
     model.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     print(f"Saved the adapter to {args.output_dir}")

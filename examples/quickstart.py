@@ -7,6 +7,11 @@ Runs offline in a few CPU minutes with what ships in examples/assets (the storie
 3. print the perplexity of the original, of the converted model and of the uptrained one;
 4. generate a story, print each token's recursion depth and save a picture of them.
 
+It uses one CPU thread unless OMP_NUM_THREADS says otherwise: for a model this small, thread start-up costs more than
+the matrix products it parallelizes (one thread ran it several times faster than the default on a loaded machine).
+The folder it saves is a complete MoR model: weights, config (with the KV cache on), model code, tokenizer and a model
+card (README.md) with the figures of this run.
+
 Example:
 
     python examples/quickstart.py                  # defaults: 300 training steps, outputs/quickstart
@@ -14,26 +19,119 @@ Example:
 """
 
 import argparse
+import importlib.util
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, LlamaForCausalLM, TrainingArguments
+
+# Chosen before torch is imported, so that its thread pool starts with one thread; an explicit OMP_NUM_THREADS wins.
+THREADS_FROM_ENVIRONMENT = bool(os.environ.get("OMP_NUM_THREADS"))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# What the main job needs beyond transformers and torch: Trainer needs accelerate, the progress bars tqdm and the
+# picture matplotlib. All are install requirements of the package; a partial environment is told what to install.
+REQUIRED_PACKAGES = ("accelerate", "tqdm", "matplotlib")
+_missing = [name for name in REQUIRED_PACKAGES if importlib.util.find_spec(name) is None]
+if _missing:
+    print(f"error: the quickstart needs {', '.join(_missing)}, which this Python environment lacks. Install the "
+          f"project with its requirements (`pip install -e .` from the repository root) or `pip install "
+          f"{' '.join(_missing)}`.", file=sys.stderr)
+    raise SystemExit(2)
+
+import torch  # noqa: E402
+from transformers import AutoTokenizer, LlamaForCausalLM, TrainingArguments  # noqa: E402
 
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout without installing
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ASSETS = REPO_ROOT / "examples" / "assets"
+DEFAULT_MODEL = ASSETS / "stories260K"
+sys.path.insert(0, str(REPO_ROOT))  # run from a source checkout without installing
 
 from conversion import convert_llama_to_mor  # noqa: E402
 from conversion.measure import full_depth, perplexity_and_depths, read_eval_tokens  # noqa: E402
+from conversion.model_card import save_card  # noqa: E402
 from conversion.uptrain import TokenBlocks, UptrainTrainer, tokenize_texts  # noqa: E402
 from show_recursion_depth import format_depths, generate_with_depths, plot_token_depths  # noqa: E402
 
 
+def describe_threads() -> str:
+    threads = torch.get_num_threads()
+    if THREADS_FROM_ENVIRONMENT:
+        return f"Using {threads} CPU thread(s), as OMP_NUM_THREADS says."
+    return (f"Using {threads} CPU thread (faster than several for a model this small; set OMP_NUM_THREADS to choose "
+            f"another number).")
+
+
+def display_path(path) -> str:
+    """A path inside the repository relative to its root (the same on every machine), any other as given."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def base_model_name(model: str) -> str | None:
+    """The Hub id of the source, for the card's `base_model`: the shipped checkpoint is llama2.c's stories260K,
+    published in karpathy/tinyllamas; another local folder has none (the card then leaves the field out and says
+    why); a Hub id is its own."""
+    if Path(model).resolve() == DEFAULT_MODEL.resolve():
+        return "karpathy/tinyllamas"
+    return None if Path(model).exists() else model
+
+
+def source_name(model: str) -> str:
+    return base_model_name(model) or Path(model).name
+
+
+def model_card_figures(args, llama, mor, model_dir, num_eval_tokens, perplexity, depths, steps, train_seconds):
+    """The figures `conversion.model_card` renders into the saved folder's README.md (the same fields as the
+    converter's and uptraining's cards)."""
+    shipped = Path(args.model).resolve() == DEFAULT_MODEL.resolve()
+    return {
+        "model_name": f"{Path(args.model).name}-mor (quickstart)",
+        "base_model": base_model_name(args.model),
+        "source_name": source_name(args.model),
+        "license": "mit" if shipped else "other",
+        "license_note": "MIT (Andrej Karpathy, llama2.c)" if shipped else "that of the source model (not checked)",
+        "provenance_note": f"Converted and uptrained with `python examples/quickstart.py` from "
+                           f"`{display_path(args.model)}`.",
+        "repo_id": f"path/to/{model_dir.name}",  # as the converter's card: where the folder will be loaded from
+        "source_layers": llama.config.num_hidden_layers,
+        "num_hidden_layers": mor.config.num_hidden_layers,
+        "unique_layers": mor.config.num_unique_layers,
+        "block_size": mor.config.block_size,
+        "num_recursions": mor.config.num_recursions,
+        "source_parameters": f"{llama.num_parameters():,}",
+        "mor_parameters": f"{mor.num_parameters():,}",
+        "sharing_strategy": mor.config.sharing_strategy,
+        "init_strategy": "stepwise",
+        "routing": mor.config.routing,
+        "capacity": ", ".join(f"{c:.2f}" for c in mor.config.capacity),
+        "gating": mor.config.gating,
+        "kv_cache_policy": mor.config.kv_cache_policy,
+        "relaxation": f"rank {mor.config.relaxation_rank}" if mor.config.relaxation_rank else "none",
+        "eval_file": Path(args.eval_file).name,
+        "eval_tokens": num_eval_tokens,
+        "eval_block_size": args.block_size,
+        "perplexity": perplexity,
+        "depth_histogram": {str(depth): count for depth, count in sorted(depths.items()) if depth > 0},
+        "depth_model": "after uptraining",
+        "uptraining": {
+            "steps": steps,
+            "tokens": steps * args.batch_size * args.block_size,
+            "train_data": Path(args.train_file).name,
+            "wall_time": f"{train_seconds / 60:.1f} min on 1 process(es)",
+            "teacher": source_name(args.model),
+        },
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(ASSETS / "stories260K"), help="a Llama folder (default: the shipped stories260K)")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL),
+                        help="a Llama folder (default: the shipped stories260K)")
     parser.add_argument("--train-file", default=str(ASSETS / "tinystories_train_sample.txt"))
     parser.add_argument("--eval-file", default=str(ASSETS / "tinystories_valid_sample.txt"))
     parser.add_argument("--output-dir", default="outputs/quickstart")
@@ -48,8 +146,10 @@ def main(argv=None):
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
+    print(describe_threads())
 
-    print(f"1. Converting {args.model} to MoR (middle_cycle, {args.num_recursions} recursions, expert-choice)")
+    print(f"1. Converting {display_path(args.model)} to MoR (middle_cycle, {args.num_recursions} recursions, "
+          f"expert-choice)")
     llama = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     mor = convert_llama_to_mor(llama, num_recursions=args.num_recursions, sharing_strategy="middle_cycle")
@@ -79,8 +179,16 @@ def main(argv=None):
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = UptrainTrainer(model=mor, args=training_args, train_dataset=train_dataset, teacher=llama)
+    train_start = time.perf_counter()
     trainer.train()
+    train_seconds = time.perf_counter() - train_start
+    checkpoints = Path(training_args.output_dir)
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):  # Trainer creates it even when it saves nothing
+        checkpoints.rmdir()
     mor.eval()
+    # Trainer sets config.use_cache to TrainingArguments.use_cache (False) for training; the saved model, and the
+    # story below, decode with the KV cache.
+    mor.config.use_cache = True
 
     uptrained_ppl, depths = perplexity_and_depths(mor, eval_tokens, args.block_size, desc="perplexity")
     mean_depth = sum(d * c for d, c in depths.items()) / sum(depths.values())
@@ -88,15 +196,23 @@ def main(argv=None):
     print(f"   original Llama {llama_ppl:.2f} | converted MoR {tied_ppl:.2f} | uptrained MoR {uptrained_ppl:.2f} "
           f"(mean recursion depth {mean_depth:.2f} of {args.num_recursions})")
 
-    print(f"4. A story, with each token's recursion depth in brackets:")
+    print("4. A story, with each token's recursion depth in brackets:")
     tokens, token_depths, prompt_length = generate_with_depths(mor, tokenizer, args.prompt, max_new_tokens=80)
     print(format_depths(tokens, token_depths))
     output_dir.mkdir(parents=True, exist_ok=True)
     picture = output_dir / "recursion_depths.png"
     plot_token_depths(tokens, token_depths, args.num_recursions, picture, prompt_length)
-    mor.save_pretrained(output_dir / "model")
-    tokenizer.save_pretrained(output_dir / "model")
-    print(f"\nSaved the picture to {picture} and the model to {output_dir / 'model'} "
+    model_dir = output_dir / "model"
+    mor.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    save_card(model_dir, model_card_figures(
+        args, llama, mor, model_dir, eval_tokens.numel(), {
+            f"source ({source_name(args.model)})": llama_ppl,
+            "recursive (tied) model, every token at full depth": tied_ppl,
+            "MoR after uptraining": uptrained_ppl,
+        }, depths, steps=trainer.state.global_step, train_seconds=train_seconds,
+    ))
+    print(f"\nSaved the picture to {picture} and the model, with its model card, to {model_dir} "
           f"(load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)); "
           f"total time {time.perf_counter() - start:.0f}s")
     return {"llama": llama_ppl, "converted": tied_ppl, "uptrained": uptrained_ppl, "mean_depth": mean_depth}

@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 
@@ -16,9 +17,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from modeling_mor import MoRConfig
 
 
-SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
-STORIES_DIR = SHARED_DIR / "data" / "stories260K"
-TINYSTORIES_DIR = SHARED_DIR / "data" / "tinystories"
+# The real checkpoint and text the repository ships (examples/assets/README.md), so that no test needs ../shared.
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "examples" / "assets"
+STORIES_DIR = ASSETS_DIR / "stories260K"
+TINYSTORIES_TRAIN = ASSETS_DIR / "tinystories_train_sample.txt"
+TINYSTORIES_VALID = ASSETS_DIR / "tinystories_valid_sample.txt"
 
 TINY_DIMS = dict(
     vocab_size=97,
@@ -55,16 +58,17 @@ def mixed_routing_model(model):
 
 @pytest.fixture
 def stories_dir():
-    if not STORIES_DIR.is_dir():
-        pytest.skip(f"the real checkpoint is not available at {STORIES_DIR} (a clone without ../shared)")
+    """The real pretrained stories260K Llama (5 layers, vocabulary 512) with its tokenizer."""
     return STORIES_DIR
 
 
-@pytest.fixture
-def tinystories_dir():
-    if not TINYSTORIES_DIR.is_dir():
-        pytest.skip(f"the TinyStories text is not available at {TINYSTORIES_DIR} (a clone without ../shared)")
-    return TINYSTORIES_DIR
+@pytest.fixture(scope="session")
+def tinystories_dir(tmp_path_factory):
+    """A folder with `train.txt` and `valid.txt`: copies of the TinyStories samples the repository ships."""
+    folder = tmp_path_factory.mktemp("tinystories")
+    shutil.copyfile(TINYSTORIES_TRAIN, folder / "train.txt")
+    shutil.copyfile(TINYSTORIES_VALID, folder / "valid.txt")
+    return folder
 
 
 @pytest.fixture(autouse=True)

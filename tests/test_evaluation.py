@@ -8,6 +8,9 @@ that the whole file runs in seconds on a shared CPU.
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import evaluate
@@ -31,7 +34,7 @@ from evaluation import (
 from evaluation import core
 from modeling_mor import MoRForCausalLM
 
-from conftest import STORIES_DIR, TINYSTORIES_DIR, mixed_routing_model, tiny_mor_config
+from conftest import STORIES_DIR, TINYSTORIES_VALID, mixed_routing_model, tiny_mor_config
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -49,16 +52,10 @@ def one_cpu_thread():
     torch.set_num_threads(previous)
 
 
-def require_shared_data():
-    if not STORIES_DIR.is_dir():
-        pytest.skip(f"the real checkpoint is not available at {STORIES_DIR} (a clone without ../shared)")
-
-
 @pytest.fixture(scope="module")
 def mixed_mor_dir(tmp_path_factory):
     """A tiny random MoR (vocab 512, so that it takes the stories tokenizer) whose routers send tokens to every
     depth, saved with the stories260K tokenizer."""
-    require_shared_data()
     torch.manual_seed(0)
     model = mixed_routing_model(MoRForCausalLM(tiny_mor_config(vocab_size=512, max_position_embeddings=512))).eval()
     folder = tmp_path_factory.mktemp("mixed_mor")
@@ -70,7 +67,6 @@ def mixed_mor_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def converted_mor_dir(tmp_path_factory):
     """stories260K converted to MoR (middle_cycle, N_r = 3), as conversion/ produces it, with its tokenizer."""
-    require_shared_data()
     from transformers import LlamaForCausalLM
 
     from conversion.convert_llama_to_mor import convert_llama_to_mor
@@ -84,9 +80,8 @@ def converted_mor_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eval_text_file():
-    """Real TinyStories validation text when ../shared is there, the project's own sample otherwise."""
-    valid = TINYSTORIES_DIR / "valid.txt"
-    return valid if valid.is_file() else SAMPLE_TEXT
+    """Real TinyStories validation text (the sample shipped in examples/assets)."""
+    return TINYSTORIES_VALID
 
 
 def load_cli():
@@ -136,7 +131,6 @@ def direct_text_nll(model, token_ids):
 
 @pytest.mark.parametrize("which", ["mixed_mor", "converted_mor", "llama"])
 def test_text_file_perplexity_equals_direct_sliding_window(which, request, eval_text_file):
-    require_shared_data()
     folder = {
         "mixed_mor": lambda: request.getfixturevalue("mixed_mor_dir"),
         "converted_mor": lambda: request.getfixturevalue("converted_mor_dir"),
@@ -379,7 +373,6 @@ def test_recursion_depths_count_every_token_once_across_windows(mixed_mor_dir):
 
 
 def test_llama_has_no_routing_statistics():
-    require_shared_data()
     model, tokenizer = load_model_and_tokenizer(str(STORIES_DIR))
     assert routing_statistics(model, tokenizer, SAMPLE_TEXT, max_tokens=10) is None
 
@@ -413,7 +406,6 @@ def test_folder_without_config_is_rejected(tmp_path):
 
 
 def test_supported_folders_are_accepted(mixed_mor_dir):
-    require_shared_data()
     assert check_supported_checkpoint(str(mixed_mor_dir)) == "mor"
     assert check_supported_checkpoint(str(STORIES_DIR)) == "llama"
 
@@ -470,7 +462,44 @@ def test_cli_end_to_end(tmp_path, capsys, converted_mor_dir, eval_text_file):
     assert saved["routing"]["mean_depth"] == pytest.approx(routing["mean_depth"])
 
 
-def test_cli_rejects_unsupported_folder(tmp_path):
+def run_cli(*arguments):
+    return subprocess.run(
+        [sys.executable, str(REPO_ROOT / "examples" / "evaluate_model.py"), *map(str, arguments), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
+def test_cli_rejects_unsupported_folder(tmp_path, capsys):
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="'gpt2' checkpoint"):
+    with pytest.raises(SystemExit) as exit_info:
         load_cli().main([str(tmp_path), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert "'gpt2' checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["no_config", "gpt2", "missing", "a_file", "bad_eval_file", "bad_mc_file"])
+def test_cli_bad_input_is_one_error_line(tmp_path, problem):
+    folder, extra = tmp_path / "folder", []
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not a model")
+    if problem == "gpt2":
+        GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(folder)
+    elif problem == "missing":
+        folder = tmp_path / "outputs" / "no-such-model"
+    elif problem == "a_file":
+        folder = folder / "notes.txt"
+    elif problem in ("bad_eval_file", "bad_mc_file"):
+        folder = STORIES_DIR
+        bad_file = tmp_path / "bad.txt"
+        bad_file.write_bytes(b"\xff\xfe not utf-8")
+        extra = ["--eval-file" if problem == "bad_eval_file" else "--mc-file", bad_file]
+    result = run_cli(folder, *extra)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    expected = {
+        "no_config": "no config.json", "gpt2": "'gpt2' checkpoint", "missing": "does not exist",
+        "a_file": "is a file", "bad_eval_file": "not UTF-8", "bad_mc_file": "not UTF-8",
+    }[problem]
+    assert expected in lines[0]
+    assert result.stdout == ""  # refused before anything was loaded or printed

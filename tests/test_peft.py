@@ -342,6 +342,91 @@ def test_example_help(capsys):
         assert option in help_text, option
 
 
+def test_example_docstring_loads_the_adapter_with_trust_remote_code():
+    example = load_example_module()
+    snippet = example.__doc__.split("Load the adapter afterwards with:")[1]
+    assert 'AutoModelForCausalLM.from_pretrained("mor-stories260K", trust_remote_code=True)' in snippet
+
+
+def folder_digest(folder: Path) -> dict:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def run_example_expecting_error(capsys, arguments) -> str:
+    """Runs the example, which must stop with exit code 2 and one `error:` line on stderr; returns that line."""
+    example = load_example_module()
+    with pytest.raises(SystemExit) as exit_info:
+        example.main(arguments)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert "Loaded" not in captured.out  # refused before the model was loaded
+    return lines[0]
+
+
+@pytest.mark.parametrize("spelling", ["same", "relative", "symlink", "inside"])
+def test_example_refuses_an_output_dir_that_is_the_model(tmp_path, converted_stories_dir, capsys, monkeypatch,
+                                                         spelling):
+    before = folder_digest(converted_stories_dir)
+    monkeypatch.chdir(converted_stories_dir.parent)
+    link = tmp_path / "link"
+    link.symlink_to(converted_stories_dir)
+    output_dir = {
+        "same": str(converted_stories_dir),
+        "relative": f"./{converted_stories_dir.name}/../{converted_stories_dir.name}",
+        "symlink": str(link),
+        "inside": str(converted_stories_dir / "adapter"),
+    }[spelling]
+    line = run_example_expecting_error(capsys, [
+        "--model", str(converted_stories_dir), "--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions",
+        "--output-dir", output_dir,
+    ])
+    assert "--model" in line and "Nothing was written" in line
+    assert folder_digest(converted_stories_dir) == before
+
+
+@pytest.mark.parametrize("held_out", [True, False])
+def test_example_says_when_the_training_file_is_too_small(tmp_path, converted_stories_dir, capsys, held_out):
+    train_file = tmp_path / "tiny.txt"
+    train_file.write_text("Once upon a time there was a cat.", encoding="utf-8")
+    eval_arguments = [] if held_out else ["--eval-file", str(train_file)]
+    line = run_example_expecting_error(capsys, [
+        "--model", str(converted_stories_dir), "--train-file", str(train_file), *eval_arguments,
+        "--block-size", "64", "--output-dir", str(tmp_path / "out"),
+    ])
+    assert str(train_file) in line and "--block-size" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("problem", ["bad_json", "missing_field", "not_utf8", "empty", "missing_file"])
+def test_example_names_the_file_and_line_of_bad_instructions(tmp_path, converted_stories_dir, capsys, problem):
+    train_file = tmp_path / "instructions.jsonl"
+    good = json.dumps({"instruction": "Say hi.", "response": "Hi."})
+    content = {
+        "bad_json": f"{good}\n\n{good}\n{{'instruction': 'single quotes'}}\n",
+        "missing_field": f"{good}\n{json.dumps({'instruction': 'no response'})}\n",
+        "not_utf8": None,
+        "empty": "\n  \n",
+        "missing_file": None,
+    }[problem]
+    if problem == "not_utf8":
+        train_file.write_bytes(good.encode() + b"\n\xff\xfe\n")
+    elif content is not None:
+        train_file.write_text(content, encoding="utf-8")
+    line = run_example_expecting_error(capsys, [
+        "--model", str(converted_stories_dir), "--train-file", str(train_file), "--format", "instructions",
+        "--output-dir", str(tmp_path / "out"),
+    ])
+    assert str(train_file) in line
+    expected = {
+        "bad_json": "line 4", "missing_field": "line 2", "not_utf8": "UTF-8", "empty": "no examples",
+        "missing_file": "does not exist",
+    }[problem]
+    assert expected in line
+    assert not (tmp_path / "out").exists()
+
+
 def test_instructions_file_is_valid():
     records = [json.loads(line) for line in INSTRUCTIONS_PATH.read_text().splitlines() if line.strip()]
     assert len(records) >= 20
@@ -390,6 +475,8 @@ def test_example_fine_tunes_converted_stories260k(
     reloaded = PeftModel.from_pretrained(MoRForCausalLM.from_pretrained(converted_stories_dir), output_dir).eval()
     assert lora_layers(reloaded)
     if data_format == "text":  # --save-merged: a plain MoR folder equal to base + adapter
+        # Trainer turns the cache off for training; the saved model decodes with it again.
+        assert json.loads((output_dir / "merged" / "config.json").read_text())["use_cache"] is True
         merged = MoRForCausalLM.from_pretrained(output_dir / "merged").eval()
         assert not lora_layers(merged)
         input_ids = torch.randint(3, merged.config.vocab_size, (1, 24))
