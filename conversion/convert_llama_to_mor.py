@@ -487,6 +487,10 @@ def _check_arguments(args, output_dir) -> dict:
     from .output_dir import check_output_dir, check_output_dir_is_separate
 
     _check_recursion_options(args)
+    if args.push_to_hub:
+        from .push_to_hub import check_repo_id
+
+        check_repo_id(args.push_to_hub)  # before converting: a repo id the Hub would refuse wastes the work
     if args.eval_file is not None:
         if not Path(args.eval_file).is_file():
             raise FileNotFoundError(f"--eval-file {args.eval_file} does not exist or is not a file; nothing was "
@@ -663,6 +667,7 @@ def main(argv=None) -> int:
     from pathlib import Path
 
     from .output_dir import OutputDirExistsError, staged_output_dir
+    from .push_to_hub import InvalidPushError
 
     args = build_argument_parser().parse_args(argv)
     start = time.perf_counter()
@@ -674,7 +679,7 @@ def main(argv=None) -> int:
                   f"through the shared block); converting with --routing {plan['routing']}.")
         # Loaded before the staging folder exists: weights or an evaluation text that cannot be read leave nothing.
         source_model, tokenizer, token_ids = _load_source(args, plan)
-    except (ValueError, OSError, ImportError, OutputDirExistsError) as error:
+    except (ValueError, OSError, ImportError, OutputDirExistsError, InvalidPushError) as error:
         print(f"error: {_one_line(error)}", file=sys.stderr)
         return 2
 
@@ -694,14 +699,15 @@ def main(argv=None) -> int:
         print(f"  recursion depths (tokens): {figures['depth_histogram']}")
 
     if args.push_to_hub:
-        from .push_to_hub import PushError, push_folder
+        from .push_to_hub import HubUnreachableError, InvalidPushError, PushError, push_folder
 
         try:
             url = push_folder(output_dir, args.push_to_hub, private=args.private, token=args.token,
                               commit_message=args.commit_message)
         except PushError as error:
             print(f"error: {error}", file=sys.stderr)
-            return 1
+            # As `python -m conversion.push_to_hub`: bad input and an unreachable Hub exit 2, a refused push 1.
+            return 2 if isinstance(error, (InvalidPushError, HubUnreachableError)) else 1
         print(f"Pushed to {url}")
     return 0
 

@@ -8,6 +8,8 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
+from .text_files import read_text_file
+
 
 DEFAULT_BLOCK_SIZE = 256
 
@@ -38,19 +40,8 @@ def eval_block_size(requested: int | None, context: int | None, option: str = "-
 
 
 def read_eval_text(path) -> str:
-    """The text of an evaluation file; ValueError naming the file when it is not UTF-8 or holds no text. Cheap, so the
-    command lines call it before loading any model."""
-    try:
-        text = open(path, encoding="utf-8").read()
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte {error.start} cannot be decoded: {error.reason}); nothing was written. "
-            f"Convert it to UTF-8 (for example `iconv -f latin1 -t utf-8`) or pass another file."
-        ) from error
-    if not text.strip():
-        raise ValueError(f"{path} has no text to measure perplexity on ({'empty' if not text else 'blank'} file); "
-                         f"nothing was written. Pass a text file with at least a few sentences.")
-    return text
+    """The text of an evaluation file (`read_text_file`)."""
+    return read_text_file(path, "--eval-file")
 
 
 def read_eval_tokens(tokenizer, path, max_tokens: int) -> torch.LongTensor:

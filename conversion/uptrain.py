@@ -45,6 +45,7 @@ from .convert_llama_to_mor import looks_like_hub_id, resolve_source
 from .measure import context_length, eval_block_size, perplexity_and_depths, read_eval_text, read_eval_tokens
 from .model_card import UnfilledPlaceholderError, load_card_figures, perplexity_rows, save_card
 from .output_dir import OutputDirExistsError, check_output_dir_is_separate, staged_output_dir
+from .text_files import read_text_file
 
 
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -83,28 +84,6 @@ def tokenize_texts(tokenizer, texts) -> torch.LongTensor:
             document.append(tokenizer.eos_token_id)
         ids.extend(document)
     return torch.tensor(ids, dtype=torch.long)
-
-
-def read_text_file(path, option: str) -> str:
-    """The text of a file given to `option`; one that cannot serve as text (missing, empty, blank, not UTF-8) is
-    refused with a message naming the file and the problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{option} {path} does not exist or is not a file.")
-    data = path.read_bytes()
-    if not data:
-        raise ValueError(f"{option} {path} is empty; nothing was written. Give a text file with documents in it.")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"{option} {path} is not UTF-8 text (byte {error.start}, 0x{data[error.start]:02x}, cannot be decoded: "
-            f"{error.reason}); nothing was written. Convert it to UTF-8 (for example `iconv -f latin1 -t utf-8`) or "
-            f"give another file."
-        ) from None
-    if not text.strip():
-        raise ValueError(f"{option} {path} is blank (only white space); nothing was written. Give a file with text.")
-    return text
 
 
 def load_training_texts(args) -> list[str]:

@@ -50,6 +50,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 
 # Importing the package registers the MoR classes with the Auto classes (no remote code needed).
 from conversion.output_dir import OutputDirExistsError, check_output_dir_is_separate
+from conversion.text_files import TextFileError, read_text_file
 from modeling_mor.peft_mor import LLAMA_PROJECTIONS, check_lora_target_modules, router_linear_names
 
 
@@ -118,29 +119,8 @@ def build_argument_parser():
     return parser
 
 
-class DataFileError(ValueError):
+class DataFileError(TextFileError):
     """A data file that cannot be used, named with the problem and the fix."""
-
-
-def read_text_file(path) -> str:
-    """The file's text; DataFileError when it is missing, not a file, not UTF-8 or blank."""
-    file = Path(path)
-    if not file.exists():
-        raise DataFileError(f"{path} does not exist.")
-    if not file.is_file():
-        raise DataFileError(f"{path} is a folder, not a data file.")
-    data = file.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        line_number = data[: error.start].count(b"\n") + 1
-        raise DataFileError(
-            f"{path}, line {line_number}: not UTF-8 text (byte {error.start}: {error.reason}); convert the file to "
-            f"UTF-8 (e.g. iconv -t utf-8)."
-        ) from error
-    if not text.strip():
-        raise DataFileError(f"{path} has no examples: it is empty or blank.")
-    return text
 
 
 def text_blocks(path, tokenizer, block_size):
@@ -310,7 +290,7 @@ def main(argv=None):
         if args.eval_file:
             eval_examples = load_examples(args.eval_file, args.format, tokenizer, args.block_size)
         train_examples, eval_examples = split_train_and_eval(args, train_examples, eval_examples)
-    except (DataFileError, OutputDirExistsError) as error:
+    except (TextFileError, OutputDirExistsError) as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         raise SystemExit(2)
     if tokenizer.pad_token is None:

@@ -41,8 +41,6 @@ def one_cpu_thread():
 @pytest.fixture(scope="module")
 def mixed_mor_dir(tmp_path_factory):
     """A tiny random MoR whose routers send tokens to every depth, saved with the stories260K tokenizer."""
-    if not STORIES_DIR.is_dir():
-        pytest.skip(f"the stories260K tokenizer is not available at {STORIES_DIR} (a clone without ../shared)")
     torch.manual_seed(0)
     model = mixed_routing_model(MoRForCausalLM(tiny_mor_config(vocab_size=512, max_position_embeddings=512))).eval()
     folder = tmp_path_factory.mktemp("mixed_mor_lm_eval")

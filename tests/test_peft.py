@@ -420,7 +420,7 @@ def test_example_names_the_file_and_line_of_bad_instructions(tmp_path, converted
     ])
     assert str(train_file) in line
     expected = {
-        "bad_json": "line 4", "missing_field": "line 2", "not_utf8": "UTF-8", "empty": "no examples",
+        "bad_json": "line 4", "missing_field": "line 2", "not_utf8": "UTF-8", "empty": "has no text",
         "missing_file": "does not exist",
     }[problem]
     assert expected in line

@@ -143,3 +143,27 @@ def test_unsupported_transformers_fails_at_import_with_a_clear_error(version):
     result = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"transformers {version} is installed" in result.stdout and "pip install 'transformers>=" in result.stdout
+
+
+def test_tokenizer_of_a_saved_folder_loads_without_remote_code(tmp_path):
+    """The documented way (README, model card): `trust_remote_code=False` loads the standard tokenizer of an MoR
+    folder in a process that cannot run the model code, with no `[y/N]` question (stdin is closed)."""
+    from transformers import AutoTokenizer
+
+    from conftest import STORIES_DIR
+
+    MoRForCausalLM(tiny_mor_config(vocab_size=512)).save_pretrained(tmp_path / "checkpoint")
+    AutoTokenizer.from_pretrained(STORIES_DIR).save_pretrained(tmp_path / "checkpoint")
+    script = BLOCK_PROJECT_IMPORTS + textwrap.dedent(
+        f"""
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained({str(tmp_path / "checkpoint")!r}, trust_remote_code=False)
+        print(tokenizer("Once upon a time")["input_ids"])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                            stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[y/N]" not in result.stdout + result.stderr
+    expected = AutoTokenizer.from_pretrained(STORIES_DIR)("Once upon a time")["input_ids"]
+    assert result.stdout.strip().splitlines()[-1] == repr(expected)
