@@ -58,8 +58,10 @@ def run_generate(model, prompts, args) -> tuple[float, list[list[int]]]:
 @torch.no_grad()
 def run_engine(model, prompts, args, slots: int | None):
     """`generate_batch`; for MoR models also the engine's statistics (through the manager)."""
+    # Pages for every slot's longest request (transformers would otherwise size its cache from the free memory).
+    pages_per_request = -(-(args.max_prompt + args.new_tokens) // args.page_size) + 1
     cb_config = ContinuousBatchingConfig(max_requests_per_batch=slots, page_size=args.page_size,
-                                         max_batch_tokens=args.max_batch_tokens)
+                                         max_batch_tokens=args.max_batch_tokens, num_blocks=slots * pages_per_request)
     start = time.perf_counter()
     if hasattr(model, "routers"):
         with model.continuous_batching_context_manager(generation_config=generation_config(args),
@@ -87,13 +89,16 @@ def run_engine(model, prompts, args, slots: int | None):
 
 def depths_taken(model, prompts, outputs):
     """Recursion depth of every token each request ran through the model (prompt and generated tokens but the last,
-    which is sampled and never run), from one uncached forward per request: eval routing is causal."""
-    depths = []
+    which is sampled and never run), from one uncached forward per request: eval routing is causal. Returns all of
+    them and those of the generated tokens alone."""
+    depths, decode_depths = [], []
     with torch.no_grad():
         for prompt, generated in zip(prompts, outputs):
             sequence = torch.tensor([prompt + generated[:-1]], device=next(model.parameters()).device)
-            depths.append(model.recursion_depth_of(sequence)[0])
-    return torch.cat(depths)
+            depth = model.recursion_depth_of(sequence)[0]
+            depths.append(depth)
+            decode_depths.append(depth[len(prompt) :])
+    return torch.cat(depths), torch.cat(decode_depths)
 
 
 def main():
@@ -152,8 +157,9 @@ def main():
     ideal = {}
     for name, model in models.items():
         if name.startswith("MoR"):
-            depth = depths_taken(model, prompts, rows[[r[0] for r in rows].index(name)][4])
-            ideal[name] = (matmul_flop_ratio(models["vanilla Llama"].config, model.config, depth), depth.float().mean().item())
+            depth, decode_depth = depths_taken(model, prompts, rows[[r[0] for r in rows].index(name)][4])
+            ideal[name] = (matmul_flop_ratio(models["vanilla Llama"].config, model.config, depth),
+                           depth.float().mean().item(), decode_depth.float().mean().item())
     print(f"\n{'model':<28}{'mode':<24}{'tok/s':>8}{'vs vanilla':>11}{'vs none':>9}{'ideal':>7}{'gain %':>8}"
           f"{'depth':>7}{'KV MiB':>8}{'/ideal':>8}")
     for name, mode, seconds, stats, _ in rows:
@@ -161,7 +167,7 @@ def main():
         none_row = [r for r in rows if r[0] == "MoR routing=none" and r[1] == mode]
         if name.startswith("MoR") and none_row:
             speedup = none_row[0][2] / seconds
-            flop_ideal, mean_depth = ideal[name]
+            flop_ideal, mean_depth, _ = ideal[name]
             flop_ideal_vs_none = flop_ideal / ideal["MoR routing=none"][0]
             gain = 100 * (speedup - 1) / (flop_ideal_vs_none - 1) if flop_ideal_vs_none > 1.0001 else float("nan")
             line += f"{speedup:>8.2f}x{flop_ideal_vs_none:>6.2f}x{gain:>8.0f}{mean_depth:>7.2f}"
@@ -177,6 +183,11 @@ def main():
         parts = "  ".join(f"{part} {value:.2f}s" for part, value in stats["seconds"].items())
         print(f"  {name:<28}{mode:<18} {stats['iterations']} iterations, {seconds / stats['iterations'] * 1e3:.1f} "
               f"ms each; {parts}; {stats['mean_block_pass_tokens']:.1f} tokens/pass")
+    print("\nMean recursion depth of the generated tokens alone: " + ", ".join(
+        f"{name} {values[2]:.2f}" for name, values in ideal.items()) + ". A decode iteration of the engine reads the "
+        "weights of the 2 end layers and the B block layers once, and a token takes one iteration per recursion step, "
+        "so where reading weights dominates the engine's ideal over routing=none is (2 + B N_r) / ((2 + B) x decode "
+        "depth); where the matmuls are compute-bound it is the FLOP ideal.")
     print("\n'ideal': matmul-FLOP ratio over routing=none from the depths every token took (prompt included); "
           "'gain %': (speed-up - 1) / (ideal - 1). 'KV MiB': peak keys/values held in pages; '/ideal': held over the "
           "bytes of exactly the tokens stored (the block passes' time includes their attention; 'pass_setup' is page "

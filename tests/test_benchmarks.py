@@ -60,3 +60,22 @@ def test_train_benchmark_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "MoR expert-choice" in result.stdout, result.stdout
+
+
+def test_serving_benchmark_runs_and_the_engine_matches_generate():
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "serving_throughput.py"), "--num-requests", "5", "--min-prompt", "3",
+         "--max-prompt", "9", "--new-tokens", "4", "--slots", "2", "3", "--page-size", "4", "--hidden-size", "32",
+         "--num-heads", "4", "--num-kv-heads", "2", "--num-layers", "8", "--vocab-size", "97", "--check"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "differ from generate()" not in result.stdout, result.stdout
+    table = result.stdout.split("\nmodel")[1].split("\n\n")[0].splitlines()[1:]
+    modes = [(row[:28].strip(), row[28:52].strip()) for row in table]
+    assert modes == [
+        ("vanilla Llama", "generate() x16"), ("vanilla Llama", "generate_batch, 3 slots"),
+        *[(name, mode) for name in ("MoR routing=none", "MoR expert, recursion-wise", "MoR expert, shared KV")
+          for mode in ("generate() x16", "engine, 2 slots", "engine, 3 slots")],
+    ], result.stdout
+    assert "block_passes" in result.stdout and "/ideal" in result.stdout
