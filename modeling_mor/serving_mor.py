@@ -38,6 +38,10 @@ from .routing_mor import apply_gate
 
 logger = logging.get_logger(__name__)
 
+# Requests in flight per slot: a token takes one block pass per recursion step, and its request waits for the last and
+# first layers between two tokens, so more requests than slots keep every block pass full (MOR_SPEC section 4).
+IN_FLIGHT_PER_SLOT = 2
+
 # Pages of 8 tokens: per request and token set at most 7 slots are unused (3.5 on average), a few percent of its
 # tokens; the gathers cost the same bytes whatever the page size.
 DEFAULT_PAGE_SIZE = 8
@@ -62,6 +66,7 @@ class TokenGroup:
         self.depth = torch.zeros(len(token_ids), dtype=torch.long, device=device)
         self.recursion_input = self.chosen_depth = self.token_gate = None  # token-choice
         self.end_slots = None  # (pages, offsets) of its tokens in the end layers
+        self.ready_since = 0  # the iteration since which it waits for its next pass
 
     def __len__(self):
         return len(self.token_ids)
@@ -103,7 +108,9 @@ class DepthwiseBatchProcessor:
         self.output_router = manager.output_router
         self.background_thread_status = manager.background_thread_status
         self.device = model.device
-        self.max_slots = self.cb_config.max_requests_per_batch
+        # Slots: the groups one pass takes (`max_requests_per_batch`); requests in flight are bounded by the pages.
+        self.slots = self.cb_config.max_requests_per_batch
+        self.max_in_flight = IN_FLIGHT_PER_SLOT * self.slots
         self.page_size = self.cb_config.page_size
         self.max_tokens_per_pass = self.cb_config.max_batch_tokens or 256
         self.num_pages = self.cb_config.num_blocks or self._default_num_pages(manager.workload_hints)
@@ -122,19 +129,22 @@ class DepthwiseBatchProcessor:
             self.layer_storage[self.offset + position] = (self.storage.pools[0], position)
         self.waiting: OrderedDict[str, RequestState] = OrderedDict()
         self.active: OrderedDict[str, ServedRequest] = OrderedDict()
-        self.runnable: list[ServedRequest] = []
+        self.first_layer_groups: list[TokenGroup] = []
+        self.iteration = 0
         self.finished_this_step: list[ServedRequest] = []
         self.accounting: OrderedDict[str, dict] = OrderedDict()  # per finished request: tokens and pages per set
         self.stats = EngineStats()
 
     def _default_num_pages(self, hints) -> int:
-        """Room for every slot's longest request at full depth, per token set."""
+        """Room for `IN_FLIGHT_PER_SLOT` requests per slot, each at its longest and at full depth, per token set."""
         if hints is not None and hints.max_prompt_length + hints.max_generated_length > 0:
             tokens = hints.max_prompt_length + hints.max_generated_length
         else:
             tokens = self.config.max_position_embeddings
-        slots = min(self.max_slots, hints.num_requests) if hints is not None and hints.num_requests else self.max_slots
-        return slots * (-(-tokens // self.page_size) + 1)
+        requests = self.max_in_flight
+        if hints is not None and hints.num_requests:
+            requests = min(requests, hints.num_requests)
+        return requests * (-(-tokens // self.page_size) + 1)
 
     # ------------------------------------------------ requests ------------------------------------------------ #
 
@@ -143,7 +153,7 @@ class DepthwiseBatchProcessor:
             self.storage.free_sequence(request_id)
         self.waiting.clear()
         self.active.clear()
-        self.runnable = []
+        self.first_layer_groups = []
 
     def has_pending_requests(self) -> bool:
         return bool(self.waiting or self.active)
@@ -207,8 +217,9 @@ class DepthwiseBatchProcessor:
         return request
 
     def _admit(self) -> None:
-        """First come, first served, while a slot and the pages of the first prompt chunk are free."""
-        while self.waiting and len(self.active) < self.max_slots:
+        """First come, first served, while the pages of the first prompt chunk are free (and fewer than
+        `max_in_flight` requests are in flight)."""
+        while self.waiting and len(self.active) < self.max_in_flight:
             request_id, state = next(iter(self.waiting.items()))
             chunk = min(len(state.initial_tokens), self.max_tokens_per_pass)
             pages = -(-chunk // self.page_size)
@@ -230,21 +241,43 @@ class DepthwiseBatchProcessor:
             return TokenGroup(request.state.request_id, tokens, request.processed, end == prompt_length, self.device)
         return TokenGroup(request.state.request_id, sequence[-1:], len(sequence) - 1, True, self.device)
 
-    def _pages_for_this_iteration(self, request: ServedRequest) -> dict:
-        """Pages the group may take in one iteration (first layer and the next recursion step), by pool."""
-        group, request_id = request.group, request.state.request_id
-        needs = {}
-        sets = []
+    def _token_sets_written(self, group: TokenGroup) -> list:
+        """The token sets the group's next stage writes: the end layers and step 1 when it enters, else its step's."""
         if not group.entered:
-            if self.config.has_unshared_ends:
-                sets.append(END_LAYERS)
-            sets.append(0)
-        elif group.step < self.config.num_recursions and self.config.kv_cache_policy == "recursion_wise":
-            sets.append(group.step)
-        for token_set in sets:
-            pool = self.storage.pools[token_set]
-            needs[id(pool)] = needs.get(id(pool), 0) + self.storage.pages_needed(request_id, token_set, len(group))
-        return needs
+            return ([END_LAYERS] if self.config.has_unshared_ends else []) + [0]
+        if self.config.kv_cache_policy == "recursion_wise":
+            return [group.step]
+        return [0] if group.step == 0 else []
+
+    def _reserve_pages(self, group: TokenGroup, reserved: dict) -> bool:
+        """Whether the pools have the pages the group's next stage may take (counting what this iteration already
+        reserved); if so, they are added to `reserved`."""
+        needs = {}
+        for token_set in self._token_sets_written(group):
+            pool_id = id(self.storage.pools[token_set])
+            needs[pool_id] = needs.get(pool_id, 0) + self.storage.pages_needed(group.request_id, token_set, len(group))
+        pools = self.storage.pools_by_id
+        if any(len(pools[pool_id].free_pages) - reserved.get(pool_id, 0) < pages for pool_id, pages in needs.items()):
+            return False
+        for pool_id, pages in needs.items():
+            reserved[pool_id] = reserved.get(pool_id, 0) + pages
+        return True
+
+    def _take(self, groups: list[TokenGroup], reserved: dict | None) -> list[TokenGroup]:
+        """The groups that waited longest, up to `slots` groups and `max_tokens_per_pass` tokens, with the pages
+        their stage writes (`reserved` None: the last layer, whose slots the first layer reserved)."""
+        taken, tokens = [], 0
+        for group in sorted(groups, key=lambda group: group.ready_since):
+            if len(taken) == self.slots:
+                break
+            recursing = group.entered and reserved is not None
+            size = int(group.active.sum()) if recursing else len(group)
+            if taken and tokens + size > self.max_tokens_per_pass:
+                continue
+            if reserved is None or self._reserve_pages(group, reserved):
+                taken.append(group)
+                tokens += size
+        return taken
 
     def _preempt_newest(self) -> None:
         """Gives the newest request's pages back; it is served again later from its tokens so far (recomputed)."""
@@ -259,8 +292,29 @@ class DepthwiseBatchProcessor:
         self.waiting.move_to_end(request_id, last=False)
         logger.info(f"Request {request_id} gave its pages back (the pool is full); it will be recomputed.")
 
+    def _groups(self) -> tuple[list, list, list]:
+        """The groups in flight: entering (first layer next), recursing, exited (last layer next)."""
+        entering, recursing, exited = [], [], []
+        for request in self.active.values():
+            if request.group is None:
+                request.group = self._next_group(request)
+                request.group.ready_since = self.iteration
+            group = request.group
+            if not group.entered:
+                entering.append(group)
+            elif group.is_recursing(self.config.num_recursions):
+                recursing.append(group)
+            else:
+                exited.append(group)
+        return entering, recursing, exited
+
     def prepare_next_batch(self) -> bool:
-        """New requests, cancellations, admission, and the groups that can move this iteration."""
+        """New requests, cancellations, admission, and whether some group can move this iteration.
+
+        The first layer runs when its pass would be full (`slots` groups wait for it) or when the block pass has room
+        for the entering groups; the block pass takes the groups that waited longest; the last layer runs when its
+        pass would be full or the block pass is running short of work (see `_generation_step`). Where every pass of
+        the first/last layers serves few tokens, this keeps their weight reads from dominating."""
         status = self.background_thread_status
         status.update_with_tp_status(status.local_status)
         if status.tp_status == status.HARD_STOP:
@@ -271,31 +325,28 @@ class DepthwiseBatchProcessor:
         self._drain_queues()
         self._admit()
         while True:
-            self.runnable = []
+            entering, recursing, exited = self._groups()
             reserved: dict = {}
-            for request in self.active.values():
-                if request.group is None:
-                    request.group = self._next_group(request)
-                needs = self._pages_for_this_iteration(request)
-                if all(len(self.storage.pools_by_id[pool_id].free_pages) - reserved.get(pool_id, 0) >= pages for pool_id, pages in needs.items()):
-                    for pool_id, pages in needs.items():
-                        reserved[pool_id] = reserved.get(pool_id, 0) + pages
-                    self.runnable.append(request)
-            if self.runnable or not self.active:
+            self.first_layer_groups = []
+            if entering and (len(entering) >= self.slots or len(recursing) < self.slots):
+                self.first_layer_groups = self._take(entering, reserved)
+            can_recurse = any(self._reserve_pages(group, dict(reserved)) for group in recursing)
+            if self.first_layer_groups or exited or can_recurse or not self.active:
                 break
-            self._preempt_newest()
+            self._preempt_newest()  # nothing can move: the pool is full
             self._admit()
         self.stats.scheduling += time.perf_counter() - started
-        return bool(self.runnable)
+        return bool(self.first_layer_groups or exited or can_recurse)
 
     # ------------------------------------------------- passes ------------------------------------------------- #
 
     @torch.no_grad()
     def _generation_step(self, model) -> None:
-        """One engine iteration: first layer for entering groups, one block pass, last layer and sampling for exits."""
-        groups = [request.group for request in self.runnable]
+        """One engine iteration: the first layer for entering groups, one block pass over the recursing groups that
+        waited longest (each at its own step), the last layer, norm, head and sampling for exited groups."""
+        self.iteration += 1
         started = time.perf_counter()
-        entering = [group for group in groups if not group.entered]
+        entering = self.first_layer_groups
         if entering:
             token_ids = torch.tensor([token for group in entering for token in group.token_ids], device=self.device)
             hidden = model.model.embed_tokens(token_ids)
@@ -308,22 +359,25 @@ class DepthwiseBatchProcessor:
         self.stats.end_layers += time.perf_counter() - started
 
         started = time.perf_counter()
-        recursing = [group for group in groups if group.is_recursing(self.config.num_recursions)]
-        if recursing:
-            self._block_pass(recursing)
-            self._decide(recursing)
+        _, recursing, _ = self._groups()
+        block_groups = self._take(recursing, {})
+        self.stats.block_pass_tokens += sum(int(group.active.sum()) for group in block_groups)
+        if block_groups:
+            self._block_pass(block_groups)
+            self._decide(block_groups)
+            for group in block_groups:
+                group.ready_since = self.iteration
         self.stats.block_passes += time.perf_counter() - started
-        self.stats.block_pass_tokens += sum(int(group.active.sum()) for group in recursing) if recursing else 0
 
         started = time.perf_counter()
-        exiting = [group for group in groups if not group.is_recursing(self.config.num_recursions)]
+        _, _, exited = self._groups()
         self.finished_this_step = []
-        if exiting:
-            self._finish_recursion(exiting, model)
+        # Exited tokens wait for a full last-layer pass only while the block pass is full anyway.
+        if exited and (len(exited) >= self.slots or len(block_groups) < self.slots):
+            self._finish_recursion(self._take(exited, None), model)
         self.stats.end_layers += time.perf_counter() - started
         self.stats.iterations += 1
-        report = self.storage.memory_report()
-        self.stats.record_memory(report)
+        self.stats.record_memory(self.storage.memory_report())
 
     def _decide(self, groups: list[TokenGroup]) -> None:
         """Which tokens of each group take its next recursion step (routing_mor.py decides, token by token)."""
