@@ -25,14 +25,16 @@ setup(
         "matplotlib>=3.5",  # pyplot.subplots, get_cmap, patches.Rectangle; tested with 3.11
     ],
     extras_require={
-        "train": [],  # kept so that `pip install -e ".[train]"` still works: training needs nothing more today
+        # `python -m conversion.uptrain --dataset` (a Hub dataset or a local dataset folder); --train-file needs
+        # nothing more than install_requires.
+        "train": ["datasets>=2.19"],  # tested with 5.2
         "peft": ["peft>=0.17"],  # tested with 0.21
         "eval": ["evaluate>=0.4.3"],
         "lm-eval": ["lm-eval[hf]==0.4.13"],
         # GGUF sources (`convert_llama_to_mor path/to/model.gguf`): transformers dequantizes them with this package.
         "gguf": ["gguf>=0.10.0"],  # transformers 5.24's GGUF_MIN_VERSION
         "dev": [
-            "pytest>=8", "peft>=0.17", "evaluate>=0.4.3", "datasets", "lm-eval[hf]==0.4.13", "gguf>=0.10.0",
+            "pytest>=8", "peft>=0.17", "evaluate>=0.4.3", "datasets>=2.19", "lm-eval[hf]==0.4.13", "gguf>=0.10.0",
         ],
     },
 )

@@ -24,6 +24,8 @@ from transformers import LlamaForCausalLM
 
 from modeling_mor import MoRConfig, MoRForCausalLM, valid_recursion_layouts
 
+from .cli_checks import check_safetensors_files, hub_failure, looks_like_hub_id, one_line
+
 
 INIT_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
 # A router decides at each pass through the recursion block, which only the cycle strategies have (a sequence
@@ -257,19 +259,6 @@ def resolve_source(source: str, gguf_file: str | None = None):
     return source, gguf_file
 
 
-def looks_like_hub_id(source: str) -> bool:
-    """Whether `source` has the form of a Hub model id, 'name' or 'org/name' (and so is no local path spelling)."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1:
-        return False
-    try:
-        validate_repo_id(source)
-    except HFValidationError:
-        return False
-    return True
-
-
 def check_source(source: str, gguf_file: str | None = None) -> bool:
     """Raises FileNotFoundError (one line, naming the fix) when `source` (as `resolve_source` returns it) is neither
     an existing local checkpoint nor a Hub id; returns whether it is a Hub id (to be fetched from the Hub)."""
@@ -301,33 +290,6 @@ def check_source(source: str, gguf_file: str | None = None) -> bool:
     )
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
-def _hub_failure(source: str, error: BaseException) -> str:
-    """Why a Hub id could not be loaded, in one line: the repo is missing (or private), or the Hub is unreachable."""
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    causes, cause = [], error
-    while cause is not None and len(causes) < 10:
-        causes.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    if any(isinstance(cause, GatedRepoError) for cause in causes):
-        problem = f"the Hub repo {source} is gated and this account has not been granted access"
-        fix = "request access on the repo's page, then log in with `hf auth login`"
-    elif any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
-        problem = f"the Hub has no model repo {source} (or it is private and you are not logged in)"
-        fix = "check the repo id or the local path, or log in with `hf auth login`"
-    elif any(isinstance(cause, LocalEntryNotFoundError) for cause in causes) or "connect" in str(error).lower():
-        problem = f"the Hub could not be reached to fetch {source}, and it is not in the local cache"
-        fix = "check the network connection (or HF_HUB_OFFLINE), or give a local checkpoint folder"
-    else:
-        problem = f"the Hub repo {source} could not be loaded ({_one_line(error)})"
-        fix = "check the repo id, the network and your login, or give a local checkpoint folder"
-    return f"{source} is not a local folder, and {problem}; nothing was written. Fix: {fix}."
-
-
 def check_gguf_support(gguf_file: str) -> None:
     """Raises ImportError (one line, naming the extra to install) when the `gguf` package transformers reads GGUF
     files with is missing or too old."""
@@ -354,7 +316,7 @@ def read_gguf_metadata(path) -> dict:
     try:
         metadata, _ = read_metadata(str(path))
     except (ValueError, OSError, IndexError) as error:  # IndexError/struct errors: a truncated header
-        raise ValueError(f"{path} is not a readable GGUF file ({_one_line(error)}); nothing was written. Download "
+        raise ValueError(f"{path} is not a readable GGUF file ({one_line(error)}); nothing was written. Download "
                          f"or copy it again.") from error
     return metadata
 
@@ -384,24 +346,6 @@ def gguf_base_model_name(metadata: dict) -> str | None:
         if repo_id:
             return repo_id
     return None
-
-
-def check_safetensors_files(folder) -> None:
-    """Raises ValueError naming the file when a weights file of a local checkpoint folder has a corrupt or truncated
-    header (reads the headers only: cheap, before any loading)."""
-    from pathlib import Path
-
-    from safetensors import SafetensorError, safe_open
-
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt"):
-                pass
-        except (SafetensorError, OSError) as error:
-            raise ValueError(
-                f"{path} is not a readable safetensors file ({_one_line(error)}): it is corrupt or truncated; "
-                f"nothing was written. Fix: download or copy the checkpoint again."
-            ) from error
 
 
 def _source_license(source: str, explicit: str | None, gguf_metadata: dict | None = None) -> str:
@@ -483,18 +427,17 @@ def _check_arguments(args, output_dir) -> dict:
 
     from transformers import AutoConfig
 
+    from .cli_checks import check_option_needs
     from .measure import context_length, eval_block_size, read_eval_text
     from .output_dir import check_output_dir, check_output_dir_is_separate
 
     _check_recursion_options(args)
+    check_option_needs("--eval-file", args.eval_file, {"--eval-block-size": args.eval_block_size})
     if args.push_to_hub:
         from .push_to_hub import check_repo_id
 
         check_repo_id(args.push_to_hub)  # before converting: a repo id the Hub would refuse wastes the work
     if args.eval_file is not None:
-        if not Path(args.eval_file).is_file():
-            raise FileNotFoundError(f"--eval-file {args.eval_file} does not exist or is not a file; nothing was "
-                                    f"written. Pass an existing UTF-8 text file, or leave --eval-file out.")
         if args.eval_max_tokens < 2:
             raise ValueError(f"--eval-max-tokens {args.eval_max_tokens} is not valid: perplexity needs at least 2 "
                              f"tokens. Pass a larger value (default 16384).")
@@ -521,7 +464,7 @@ def _check_arguments(args, output_dir) -> dict:
         source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
     except (OSError, ValueError) as error:
         if is_hub_id:
-            raise OSError(_hub_failure(source, error)) from error
+            raise OSError(hub_failure(source, error)) from error
         raise
     if source_config.model_type != "llama":
         raise ValueError(
@@ -559,29 +502,35 @@ def _check_arguments(args, output_dir) -> dict:
 
 
 def _load_source(args, plan) -> tuple:
-    """(source model, tokenizer or None, evaluation token ids or None); bad weights or text raise ValueError."""
+    """(source model, tokenizer or None, evaluation token ids or None); bad weights or text raise ValueError.
+
+    The tokenizer and the evaluation text come first: they are cheap, and an unusable text is refused before the
+    weights are loaded."""
     from safetensors import SafetensorError
     from transformers import AutoTokenizer
 
-    from .measure import read_eval_tokens
+    from .measure import check_fills_one_block, read_eval_tokens
 
     source, gguf_file = plan["source"], plan["gguf_file"]
-    print(f"Loading {args.source} ...")
-    try:
-        source_model = LlamaForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32).eval()
-    except (OSError, SafetensorError) as error:
-        raise ValueError(f"the weights of {args.source} could not be loaded ({_one_line(error)}); nothing was "
-                         f"written. Fix: download or copy the checkpoint again.") from error
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
     except (OSError, ValueError) as error:
         if args.eval_file:
             raise ValueError(f"--eval-file needs the source's tokenizer, which could not be loaded: "
-                             f"{_one_line(error)}") from error
-        print(f"warning: no tokenizer could be loaded from {args.source} ({_one_line(error)}); the output folder has "
+                             f"{one_line(error)}") from error
+        print(f"warning: no tokenizer could be loaded from {args.source} ({one_line(error)}); the output folder has "
               f"none.")
         tokenizer = None
-    token_ids = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens) if args.eval_file else None
+    token_ids = None
+    if args.eval_file:
+        token_ids = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens)
+        check_fills_one_block(token_ids, plan["block_size"], args.eval_file, args.eval_max_tokens)
+    print(f"Loading {args.source} ...")
+    try:
+        source_model = LlamaForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32).eval()
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"the weights of {args.source} could not be loaded ({one_line(error)}); nothing was "
+                         f"written. Fix: download or copy the checkpoint again.") from error
     return source_model, tokenizer, token_ids
 
 
@@ -680,7 +629,7 @@ def main(argv=None) -> int:
         # Loaded before the staging folder exists: weights or an evaluation text that cannot be read leave nothing.
         source_model, tokenizer, token_ids = _load_source(args, plan)
     except (ValueError, OSError, ImportError, OutputDirExistsError, InvalidPushError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
 
     # Everything is written to a staging folder that becomes OUTPUT_DIR only once complete (see output_dir.py).

@@ -39,6 +39,29 @@ def eval_block_size(requested: int | None, context: int | None, option: str = "-
     return requested
 
 
+def num_blocks(num_tokens: int, block_size: int) -> int:
+    """How many blocks `perplexity_and_depths` scores: the full blocks of `block_size` tokens (the tokens after the
+    last full block are not scored), or one shorter block when there is no full one."""
+    return max(1, num_tokens // block_size)
+
+
+def scored_tokens(num_tokens: int, block_size: int) -> int:
+    """How many of `num_tokens` tokens `perplexity_and_depths` scores in blocks of `block_size`."""
+    return min(num_tokens, num_blocks(num_tokens, block_size) * block_size)
+
+
+def check_fills_one_block(token_ids: torch.LongTensor, block_size: int, path, max_tokens: int) -> None:
+    """Raises ValueError when the evaluation text `path` (read up to `max_tokens` tokens) gives fewer tokens than one
+    perplexity block: the figure would come from one shorter block, not from blocks of `block_size`."""
+    if token_ids.numel() < block_size:
+        limit = " (--eval-max-tokens)" if token_ids.numel() >= max_tokens else ""
+        raise ValueError(
+            f"--eval-file {path} gives {token_ids.numel()} tokens{limit}, fewer than one perplexity block of "
+            f"{block_size}; nothing was written. Fix: give more text, a larger --eval-max-tokens, or a smaller "
+            f"--eval-block-size."
+        )
+
+
 def read_eval_text(path) -> str:
     """The text of an evaluation file (`read_text_file`)."""
     return read_text_file(path, "--eval-file")
@@ -68,11 +91,11 @@ def perplexity_and_depths(model, token_ids: torch.LongTensor, block_size: int | 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    num_blocks = max(1, token_ids.numel() // block_size)
-    blocks = token_ids[: num_blocks * block_size].view(num_blocks, -1)
+    count = num_blocks(token_ids.numel(), block_size)
+    blocks = token_ids[: count * block_size].view(count, -1)
     total_nll, total_tokens, depths = 0.0, 0, Counter()
     is_mor = getattr(model.config, "model_type", None) == "mor"
-    for start in tqdm(range(0, num_blocks, batch_size), desc=desc or "evaluating", leave=False):
+    for start in tqdm(range(0, count, batch_size), desc=desc or "evaluating", leave=False):
         batch = blocks[start : start + batch_size].to(device)
         kwargs = {"output_recursion_depth": True} if is_mor else {}
         outputs = model(batch, use_cache=False, **kwargs)

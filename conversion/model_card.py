@@ -3,7 +3,8 @@
 The figures are kept next to the weights in `mor_card.json`, so that uptraining can update them and render again.
 Every figure on the card says how it was measured: a perplexity row is either a number, measured as the card's
 `eval_file`, `eval_tokens` and `eval_block_size` say (what a conversion writes), or a dict with its own
-measurement, `{"perplexity": ..., "file": ..., "tokens": ..., "block_size": ...}` (what uptraining adds).
+measurement, `{"perplexity": ..., "file": ..., "tokens": ..., "block_size": ...}` (what uptraining adds). The stored
+token counts are those read from the file; the card gives those scored (`describe_measurement`).
 """
 
 import json
@@ -93,10 +94,16 @@ def perplexity_rows(figures: dict) -> dict[str, dict]:
 
 
 def describe_measurement(measurement: dict) -> str:
+    """How a figure was measured, with the tokens actually scored: `tokens` is what was read from the file, and the
+    tokens after the last full block are not scored (2,000 tokens in blocks of 256 score 1,792)."""
+    from .measure import scored_tokens
+
     if any(measurement.get(key) is None for key in ("file", "tokens", "block_size")):
         return "not recorded"
-    return (f"first {measurement['tokens']:,} tokens of `{measurement['file']}`, blocks of "
-            f"{measurement['block_size']} tokens")
+    tokens, block_size = measurement["tokens"], measurement["block_size"]
+    if tokens < block_size:  # what `perplexity_and_depths` does with less than one block; the command lines refuse it
+        return f"all {tokens:,} tokens of `{measurement['file']}`, as one block (shorter than {block_size} tokens)"
+    return f"first {scored_tokens(tokens, block_size):,} tokens of `{measurement['file']}`, blocks of {block_size} tokens"
 
 
 def evaluation_section(figures: dict) -> str:

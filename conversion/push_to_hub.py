@@ -18,6 +18,8 @@ import json
 import sys
 from pathlib import Path
 
+from .cli_checks import one_line
+
 
 # Files of a model repo, at the top of the folder. Pickled files (*.bin, *.pt, *.pth) are never pushed: they run
 # code when loaded, and Trainer's are training state (optimizer, scheduler, RNG, arguments), not the model.
@@ -135,7 +137,7 @@ def check_repo_id(repo_id: str) -> None:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:
-        raise InvalidPushError(f"{repo_id!r} is not a valid repo id ({_one_line(error)}); nothing was pushed. "
+        raise InvalidPushError(f"{repo_id!r} is not a valid repo id ({one_line(error)}); nothing was pushed. "
                                f"Use `your-name/model-name`.") from error
 
 
@@ -163,10 +165,6 @@ def is_network_error(error: BaseException) -> bool:
     return False
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def push_folder(folder, repo_id: str, *, private: bool = False, token: str | None = None,
                 commit_message: str = "Upload MoR model") -> str:
     """Creates `repo_id` (if needed) and uploads the model files of `folder` (see `model_repo_files`) in one commit;
@@ -190,12 +188,12 @@ def push_folder(folder, repo_id: str, *, private: bool = False, token: str | Non
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in pushed]
         commit = api.create_commit(repo_id, operations, commit_message=commit_message, repo_type="model")
     except OfflineModeIsEnabled as error:
-        raise HubUnreachableError(f"{_one_line(error)}; nothing was pushed and {folder} is intact. Unset "
+        raise HubUnreachableError(f"{one_line(error)}; nothing was pushed and {folder} is intact. Unset "
                                   f"HF_HUB_OFFLINE, then {retry}.") from error
     except Exception as error:
         if is_network_error(error):
             raise HubUnreachableError(
-                f"could not reach the Hub endpoint {constants.ENDPOINT} ({_one_line(error)}); nothing was pushed and "
+                f"could not reach the Hub endpoint {constants.ENDPOINT} ({one_line(error)}); nothing was pushed and "
                 f"{folder} is intact. Check the network connection (and proxy settings), HF_ENDPOINT and your token "
                 f"(--token or the logged-in user), then {retry}."
             ) from error
@@ -204,7 +202,7 @@ def push_folder(folder, repo_id: str, *, private: bool = False, token: str | Non
         if not isinstance(error, (HfHubHTTPError, OSError, ValueError)):
             raise
         raise PushError(
-            f"pushing {folder} to {repo_id} failed: {_one_line(error)}. The local folder is intact; {retry} once the "
+            f"pushing {folder} to {repo_id} failed: {one_line(error)}. The local folder is intact; {retry} once the "
             f"cause is fixed."
         ) from error
     return getattr(commit, "commit_url", str(commit))

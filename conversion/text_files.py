@@ -14,18 +14,19 @@ def read_text_file(path, option: str | None = None) -> str:
     name = f"{option} {path}" if option else str(path)
     file = Path(path)
     if not file.exists():
-        raise TextFileError(f"{name} does not exist.")
+        raise TextFileError(f"{name} does not exist. Fix: check the path, or give an existing UTF-8 text file.")
     if not file.is_file():
-        raise TextFileError(f"{name} is a folder, not a text file.")
+        raise TextFileError(f"{name} is a folder, not a text file. Fix: give the path of a text file.")
     data = file.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise TextFileError(
-            f"{name} is not UTF-8 text (byte {error.start}, 0x{data[error.start]:02x}, on line {line}: {error.reason}); "
-            f"convert it to UTF-8 (for example `iconv -f latin1 -t utf-8`) or give another file."
+            f"{name} is not UTF-8 text (byte {error.start}, 0x{data[error.start]:02x}, on line {line}: {error.reason}). "
+            f"Fix: convert it to UTF-8 (for example `iconv -f latin1 -t utf-8`), or give another file."
         ) from None
     if not text.strip():
-        raise TextFileError(f"{name} has no text ({'empty' if not data else 'blank'} file); give a file with text in it.")
+        raise TextFileError(f"{name} has no text ({'empty' if not data else 'blank'} file). Fix: give a file with text "
+                            f"in it.")
     return text

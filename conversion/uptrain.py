@@ -39,17 +39,19 @@ from transformers import (
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from modeling_mor import MoRConfig
-
-from .convert_llama_to_mor import looks_like_hub_id, resolve_source
-from .measure import context_length, eval_block_size, perplexity_and_depths, read_eval_text, read_eval_tokens
-from .model_card import UnfilledPlaceholderError, load_card_figures, perplexity_rows, save_card
+from .cli_checks import check_minimum_values, check_option_needs, looks_like_hub_id, one_line, read_mor_config
+from .convert_llama_to_mor import resolve_source
+from .measure import (
+    check_fills_one_block,
+    context_length,
+    eval_block_size,
+    perplexity_and_depths,
+    read_eval_text,
+    read_eval_tokens,
+)
+from .model_card import UnfilledPlaceholderError, describe_measurement, load_card_figures, perplexity_rows, save_card
 from .output_dir import OutputDirExistsError, check_output_dir_is_separate, staged_output_dir
 from .text_files import read_text_file
-
-
-WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
 
 
 class TokenBlocks(Dataset):
@@ -90,7 +92,18 @@ def load_training_texts(args) -> list[str]:
     if args.dataset:
         from datasets import load_dataset
 
-        dataset = load_dataset(args.dataset, args.dataset_config, split=args.dataset_split)
+        try:
+            dataset = load_dataset(args.dataset, args.dataset_config, split=args.dataset_split)
+        except Exception as error:  # datasets raises many kinds (not found, offline, a bad split or config)
+            if Path(args.dataset).expanduser().exists():
+                fix = ("check that it is a dataset folder (data files such as .jsonl, .csv, .parquet or .txt), and "
+                       "--dataset-config and --dataset-split")
+            else:
+                fix = ("check the dataset name (a Hub dataset id or a local dataset folder), --dataset-config and "
+                       "--dataset-split, the network connection, and unset HF_HUB_OFFLINE (or HF_DATASETS_OFFLINE) "
+                       "to download it")
+            raise ValueError(f"--dataset {args.dataset} could not be loaded ({one_line(error)}); nothing was "
+                             f"written. Fix: {fix}; or give --train-file.") from None
         if args.text_column not in dataset.column_names:
             raise ValueError(f"--text-column {args.text_column!r} is not a column of {args.dataset}: {dataset.column_names}")
         if args.max_train_documents:
@@ -304,68 +317,34 @@ class CheckedArguments(NamedTuple):
     in_place: bool  # True: the run continues one already in OUTPUT_DIR; False: it starts in a staging folder
 
 
-def _one_line(error) -> str:
-    return " ".join(str(error).split())
-
-
-def read_model_config(model_dir: str) -> MoRConfig:
-    """INPUT_DIR's config, refused in one line unless it describes an MoR model (with its weights, when local)."""
-    path = Path(model_dir).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ValueError(
-                f"INPUT_DIR {model_dir} is not a model folder: it has no config.json. Give a folder written by "
-                f"`python -m conversion.convert_llama_to_mor` (or by an earlier uptraining)."
-            )
-        if not any((path / name).is_file() for name in WEIGHTS_FILES):
-            raise ValueError(
-                f"INPUT_DIR {model_dir} has a config.json but no model weights (no {WEIGHTS_FILES[0]}): give the "
-                f"complete folder a conversion wrote."
-            )
-    elif path.exists():
-        raise ValueError(f"INPUT_DIR {model_dir} is a file, not a model folder.")
-    elif not looks_like_hub_id(model_dir):
-        raise ValueError(f"INPUT_DIR {model_dir} does not exist.")
-    try:
-        config, _ = MoRConfig.get_config_dict(model_dir)
-    except (OSError, ValueError) as error:
-        where = "has a config.json that cannot be read" if path.exists() else (
-            "is not a local folder, and no config.json could be fetched for it from the Hub")
-        raise ValueError(f"INPUT_DIR {model_dir} {where} ({_one_line(error)}).") from None
-    if config.get("model_type") != "mor":
-        raise ValueError(
-            f"INPUT_DIR {model_dir} is a {config.get('model_type')!r} model, not an MoR one: convert it first with "
-            f"`python -m conversion.convert_llama_to_mor {model_dir} MOR_DIR`, then uptrain MOR_DIR."
-        )
-    return MoRConfig.from_dict(config)
-
-
 def check_arguments(args) -> CheckedArguments:
     """Everything that can be refused before any work: options, INPUT_DIR, the text files, OUTPUT_DIR and the
     checkpoint to resume from. Resolves the default block sizes in `args`."""
     if bool(args.train_file) == bool(args.dataset):
         raise ValueError("give exactly one of --train-file or --dataset.")
-    for name, minimum in MINIMUM_VALUES.items():
-        value = getattr(args, name)
-        if value is not None and value < minimum:
-            epochs = " (Trainer's -1, train for the epochs instead, is not offered)" if name == "max_steps" else ""
-            raise ValueError(f"--{name.replace('_', '-')} {value} is not valid: give at least {minimum}{epochs}.")
+    check_minimum_values(args, MINIMUM_VALUES)
+    check_option_needs("--eval-file", args.eval_file,
+                       {"--eval-block-size": args.eval_block_size, "--eval-steps": args.eval_steps})
+    if args.dataset:
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            raise ValueError(
+                '--dataset needs the `datasets` package, which is not installed; nothing was written. Fix: pip install '
+                '"mor-transformers[train]" (or pip install datasets), or give --train-file.'
+            ) from None
 
-    config = read_model_config(args.model_dir)
+    config = read_mor_config(args.model_dir, "INPUT_DIR")
     # Training blocks and perplexity blocks: 256 tokens by default, capped at the model's context.
     args.block_size = eval_block_size(args.block_size, context_length(config), option="--block-size")
     args.eval_block_size = eval_block_size(args.eval_block_size, context_length(config))
     if args.teacher:
         teacher_source, _ = resolve_source(args.teacher)  # a missing .gguf file is refused here
         if not Path(teacher_source).expanduser().exists() and not looks_like_hub_id(args.teacher):
-            raise ValueError(f"--teacher {args.teacher} does not exist.")
+            raise ValueError(f"--teacher {args.teacher} does not exist. Fix: check the path, or give a Hub id or a "
+                             f".gguf file.")
     if args.eval_file:
-        if not Path(args.eval_file).is_file():
-            raise ValueError(f"--eval-file {args.eval_file} does not exist or is not a file.")
-        try:
-            read_eval_text(args.eval_file)
-        except ValueError as error:
-            raise ValueError(f"--eval-file {error}") from None
+        read_eval_text(args.eval_file)
 
     output_dir = Path(args.output_dir).expanduser()
     # Resolved paths, so that no spelling of OUTPUT_DIR (relative, `..`, a symlink) can replace or write into an input.
@@ -417,7 +396,7 @@ def load_tokenizer(model_dir):
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     except (OSError, ValueError) as error:
         raise ValueError(
-            f"the tokenizer of INPUT_DIR {model_dir} could not be loaded ({_one_line(error)}); uptraining needs the "
+            f"the tokenizer of INPUT_DIR {model_dir} could not be loaded ({one_line(error)}); uptraining needs the "
             f"one its conversion saved next to the weights."
         ) from None
 
@@ -444,15 +423,11 @@ def main(argv=None) -> int:
         eval_tokens = eval_dataset = None
         if args.eval_file:
             eval_tokens = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens)
-            if eval_tokens.numel() < args.eval_block_size:
-                raise ValueError(
-                    f"--eval-file {args.eval_file} has {eval_tokens.numel()} tokens, fewer than one perplexity block "
-                    f"of {args.eval_block_size}: give more text, or a smaller --eval-block-size."
-                )
+            check_fills_one_block(eval_tokens, args.eval_block_size, args.eval_file, args.eval_max_tokens)
             if args.eval_steps:
                 eval_dataset = TokenBlocks(eval_tokens, args.block_size, f"--eval-file {args.eval_file}")
     except (ValueError, OSError) as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
 
@@ -532,8 +507,9 @@ def main(argv=None) -> int:
 
     print(f"\nUptrained {trainer.state.global_step} steps in {train_seconds / 60:.1f} min; saved {output_dir}")
     if before is not None:
-        print(f"  perplexity before {before:.2f} -> after {after:.2f} on {eval_tokens.numel()} tokens of "
-              f"{args.eval_file} (blocks of {args.eval_block_size})")
+        measured = describe_measurement({"file": args.eval_file, "tokens": eval_tokens.numel(),
+                                         "block_size": args.eval_block_size})
+        print(f"  perplexity before {before:.2f} -> after {after:.2f} ({measured.replace('`', '')})")
         total = sum(depths.values()) - depths.get(0, 0)
         mean = sum(d * c for d, c in depths.items()) / max(1, total)
         print(f"  recursion depths: {dict(sorted((d, c) for d, c in depths.items() if d > 0))} (mean {mean:.2f})")

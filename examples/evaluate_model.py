@@ -33,6 +33,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Lets `python examples/evaluate_model.py` import the project's `evaluation` package without installing it.
 sys.path.insert(0, str(REPO_ROOT))
 
+from conversion.cli_checks import check_model_weights, hub_failure, looks_like_hub_id, one_line  # noqa: E402
+from conversion.text_files import read_text_file  # noqa: E402
 from evaluation import (  # noqa: E402
     check_supported_checkpoint,
     load_model_and_tokenizer,
@@ -146,61 +148,48 @@ def print_report(results: dict) -> None:
     )
 
 
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())
-
-
-def looks_like_hub_id(name: str) -> bool:
-    """`name` or `namespace/name` with the Hub's characters; anything else can only be a local path."""
-    from huggingface_hub.utils import validate_repo_id
-
-    if name.startswith((".", "/", "~")):
-        return False
-    try:
-        validate_repo_id(name)
-    except ValueError:
-        return False
-    return True
-
-
 def check_model(model: str) -> None:
-    """Raises ValueError, reading config.json only, unless `model` is an MoR or Llama folder or Hub id."""
-    if not Path(model).expanduser().exists():
-        if not looks_like_hub_id(model):
-            raise ValueError(f"{model} does not exist. Pass a model folder (an MoR or Llama checkpoint saved with "
-                             f"save_pretrained, with its tokenizer) or a Hub id.")
-        try:
-            check_supported_checkpoint(model)
-        except ValueError as error:
-            raise ValueError(
-                f"{model} does not exist as a local folder, and as a Hub id it could not be fetched "
-                f"({_one_line(error.__cause__ or error)}). Check the path; for a Hub id, check the network, "
-                f"HF_ENDPOINT and that the repo exists."
-            ) from error
-        return
-    check_supported_checkpoint(model)
+    """Raises ValueError, reading config.json, the weights' headers and the tokenizer only, unless `model` is an MoR
+    or Llama folder (with its weights and tokenizer) or Hub id."""
+    from transformers import AutoTokenizer
 
-
-def check_text_file(option: str, path: str) -> None:
-    """Raises ValueError unless `path` is a readable, non-empty UTF-8 text file."""
-    file = Path(path)
-    if not file.is_file():
-        raise ValueError(f"{option} {path}: {'is a folder, not a file' if file.is_dir() else 'no such file'}.")
+    path = Path(model).expanduser()
+    if not path.exists() and not looks_like_hub_id(model):
+        raise ValueError(f"{model} does not exist. Pass a model folder (an MoR or Llama checkpoint saved with "
+                         f"save_pretrained, with its tokenizer) or a Hub id.")
     try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{option} {path} is not UTF-8 text (byte {error.start}: {error.reason}); convert it "
-                         f"to UTF-8 (e.g. iconv -t utf-8).") from error
-    if not text.strip():
-        raise ValueError(f"{option} {path} is empty; pass a file with some text.")
+        check_supported_checkpoint(model)
+    except ValueError as error:
+        if path.exists() or error.__cause__ is None:  # a local folder, or a Hub config that was read
+            raise
+        raise ValueError(hub_failure(model, error.__cause__)) from error
+    if path.exists():
+        check_model_weights(path, model)
+    try:
+        AutoTokenizer.from_pretrained(model, trust_remote_code=True)  # as load_model_and_tokenizer loads it
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"{model}: no tokenizer could be loaded ({one_line(error)}). Fix: save the tokenizer next to the weights "
+            f"(tokenizer.save_pretrained(folder); the converter copies its source's)."
+        ) from error
+
+
+def check_output_json(path: str) -> None:
+    """Raises ValueError unless a JSON file can be written at `path`: checked before the evaluation, not after it."""
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise ValueError(f"--output-json {path} is a folder. Fix: give a file name, e.g. --output-json "
+                         f"{target / 'results.json'}.")
+    if not target.parent.is_dir():
+        raise ValueError(f"--output-json {path}: the folder {target.parent} does not exist. Fix: create it first, "
+                         f"or give a file in an existing folder.")
 
 
 def check_inputs(args) -> None:
     """Every input is checked before the model is loaded; each problem is one ValueError naming it."""
     check_model(args.model)
-    check_text_file("--eval-file", args.eval_file)
-    check_text_file("--mc-file", args.mc_file)
-    lines = Path(args.mc_file).read_text(encoding="utf-8").splitlines()
+    read_text_file(args.eval_file, "--eval-file")
+    lines = read_text_file(args.mc_file, "--mc-file").splitlines()
     for line_number, line in enumerate(lines, start=1):
         try:
             if line.strip():
@@ -212,6 +201,8 @@ def check_inputs(args) -> None:
     if args.num_fewshot >= len(items):
         raise ValueError(f"--num-fewshot {args.num_fewshot} needs at least {args.num_fewshot + 1} questions; "
                          f"{args.mc_file} has {len(items)}. Pass a smaller --num-fewshot.")
+    if args.output_json:
+        check_output_json(args.output_json)
 
 
 def main(argv=None) -> dict:
@@ -220,7 +211,7 @@ def main(argv=None) -> dict:
     try:
         check_inputs(args)
     except ValueError as error:
-        print(f"error: {_one_line(error)}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2)
 
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)

@@ -33,9 +33,11 @@ Data formats (--format):
     instructions  a JSON Lines file of {"instruction": ..., "response": ...}; the loss is on the response tokens.
 Without --eval-file, the last 10% of the training blocks or examples (at least one) are held out for the perplexity.
 
-Bad input (an OUTPUT_DIR that is, contains or lies inside the --model folder, a missing, non-UTF-8 or too small data
-file, a malformed instruction line) is refused with one `error:` line, exit code 2, before the model is loaded and
-before anything is written.
+Bad input (a --model that is not an MoR checkpoint (convert a Llama first), an existing OUTPUT_DIR without
+--overwrite, an OUTPUT_DIR that is, contains or lies inside the --model folder or a data file, a missing, non-UTF-8 or
+too small data file, a malformed instruction line, an option value out of range) is refused with one `error:` line,
+exit code 2, before the model is loaded and before anything is written. The output is written to a hidden staging
+folder that becomes OUTPUT_DIR only once complete.
 """
 
 import argparse
@@ -49,7 +51,9 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
 # Importing the package registers the MoR classes with the Auto classes (no remote code needed).
-from conversion.output_dir import OutputDirExistsError, check_output_dir_is_separate
+from conversion.cli_checks import check_minimum_values, one_line, read_mor_config
+from conversion.measure import context_length, eval_block_size
+from conversion.output_dir import check_output_dir, check_output_dir_is_separate, staged_output_dir
 from conversion.text_files import TextFileError, read_text_file
 from modeling_mor.peft_mor import LLAMA_PROJECTIONS, check_lora_target_modules, router_linear_names
 
@@ -83,7 +87,13 @@ def build_argument_parser():
     parser.add_argument("--train-file", required=True, help="Training data: a .txt file or an instruction .jsonl file.")
     parser.add_argument("--eval-file", default=None, help="Eval data in the same format (default: hold out 10%%).")
     parser.add_argument("--format", choices=["text", "instructions"], default="text", help="How to read the files.")
-    parser.add_argument("--block-size", type=int, default=256, help="Tokens per training block / longest example.")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=None,
+        help="Tokens per training block / longest example (default: 256, or the model's context, "
+        "max_position_embeddings, when shorter; a longer value is refused).",
+    )
     parser.add_argument("--max-eval-tokens", type=int, default=32768, help="At most this many eval tokens.")
 
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank.")
@@ -114,9 +124,22 @@ def build_argument_parser():
 
     parser.add_argument("--prompts", nargs="*", default=None, help="Prompts (instructions) for the samples.")
     parser.add_argument("--sample-tokens", type=int, default=40, help="New tokens per greedy sample.")
-    parser.add_argument("--output-dir", required=True, help="Where the adapter and tokenizer are saved.")
+    parser.add_argument(
+        "--output-dir",
+        required=True,
+        help="Where the adapter and tokenizer are saved (refused if it exists, unless --overwrite); it may not be, "
+        "contain or lie inside --model or the data files.",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT_DIR if it exists.")
     parser.add_argument("--save-merged", action="store_true", help="Also save the merged model to OUTPUT_DIR/merged.")
     return parser
+
+
+# The smallest value each option takes (--block-size is checked by `conversion.measure.eval_block_size`).
+MINIMUM_VALUES = {
+    "max_steps": 1, "batch_size": 1, "logging_steps": 1, "warmup_steps": 0, "lora_r": 1, "max_eval_tokens": 1,
+    "sample_tokens": 0,
+}
 
 
 class DataFileError(TextFileError):
@@ -274,24 +297,36 @@ def print_samples(title, prompts, samples):
         print(f"[prompt] {prompt}\n[sample] {sample.strip()}\n")
 
 
+def check_arguments(args):
+    """Everything that can be wrong with the input, before the model is loaded and before any write: the option
+    values, --model (an MoR checkpoint), OUTPUT_DIR and the data files. Resolves the default --block-size in `args`;
+    returns the tokenizer, the training and eval examples and the inputs OUTPUT_DIR must stay clear of."""
+    check_minimum_values(args, MINIMUM_VALUES)
+    config = read_mor_config(args.model, "--model")
+    args.block_size = eval_block_size(args.block_size, context_length(config), option="--block-size")
+    inputs = {"--model": args.model, "--train-file": args.train_file, "--eval-file": args.eval_file}
+    check_output_dir_is_separate(args.output_dir, **inputs)
+    check_output_dir(Path(args.output_dir).expanduser(), args.overwrite)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise DataFileError(f"--model {args.model}: no tokenizer could be loaded ({one_line(error)}). Fix: save the "
+                            f"tokenizer next to the weights (the converter copies its source's).") from error
+    train_examples = load_examples(args.train_file, args.format, tokenizer, args.block_size)
+    eval_examples = None
+    if args.eval_file:
+        eval_examples = load_examples(args.eval_file, args.format, tokenizer, args.block_size)
+    train_examples, eval_examples = split_train_and_eval(args, train_examples, eval_examples)
+    return tokenizer, train_examples, eval_examples, inputs
+
+
 def main(argv=None):
     args = build_argument_parser().parse_args(argv)
     set_seed(args.seed)
-
-    # Everything that can be wrong with the input is checked here: before the model is loaded, before any write.
     try:
-        check_output_dir_is_separate(args.output_dir, **{"--model": args.model})
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        except (OSError, ValueError) as error:
-            raise DataFileError(f"--model {args.model}: no tokenizer could be loaded ({error}).") from error
-        train_examples = load_examples(args.train_file, args.format, tokenizer, args.block_size)
-        eval_examples = None
-        if args.eval_file:
-            eval_examples = load_examples(args.eval_file, args.format, tokenizer, args.block_size)
-        train_examples, eval_examples = split_train_and_eval(args, train_examples, eval_examples)
-    except (TextFileError, OutputDirExistsError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        tokenizer, train_examples, eval_examples, inputs = check_arguments(args)
+    except (ValueError, OSError) as error:  # OSError: OutputDirExistsError
+        print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
@@ -343,41 +378,46 @@ def main(argv=None):
     print(f"{num_lora_modules} LoRA modules (one per unique layer and target; shared layers serve every recursion).")
     model.print_trainable_parameters()
 
-    training_arguments = TrainingArguments(
-        output_dir=args.output_dir,
-        max_steps=args.max_steps,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        warmup_steps=args.warmup_steps,
-        lr_scheduler_type="linear",
-        logging_steps=args.logging_steps,
-        seed=args.seed,
-        save_strategy="no",
-        report_to="none",
-        remove_unused_columns=False,
-        disable_tqdm=True,  # one printed line per logging step instead of a progress bar
-        dataloader_pin_memory=torch.cuda.is_available(),
-    )
-    trainer = Trainer(model=model, args=training_arguments, train_dataset=train_examples, data_collator=collate)
-    trainer.train()
+    # Everything is written to a hidden staging folder that becomes OUTPUT_DIR once complete: a run that fails or is
+    # interrupted leaves nothing, and --overwrite replaces an existing OUTPUT_DIR only then.
+    output_dir = Path(args.output_dir).expanduser()
+    with staged_output_dir(output_dir, overwrite=args.overwrite, inputs=inputs) as staging:
+        training_arguments = TrainingArguments(
+            output_dir=str(staging),
+            max_steps=args.max_steps,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            warmup_steps=args.warmup_steps,
+            lr_scheduler_type="linear",
+            logging_steps=args.logging_steps,
+            seed=args.seed,
+            save_strategy="no",
+            report_to="none",
+            remove_unused_columns=False,
+            disable_tqdm=True,  # one printed line per logging step instead of a progress bar
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+        trainer = Trainer(model=model, args=training_arguments, train_dataset=train_examples, data_collator=collate)
+        trainer.train()
 
-    perplexity_after, depth_after = perplexity_and_depth(model, eval_examples, collate, args.batch_size)
-    samples_after = greedy_samples(model, tokenizer, model_prompts, args.sample_tokens)
-    print_samples("Samples after fine-tuning", prompts, samples_after)
-    print(f"Eval perplexity:      before {perplexity_before:.3f}   after {perplexity_after:.3f}")
-    print(f"Mean recursion depth: before {depth_before:.3f}   after {depth_after:.3f}")
+        perplexity_after, depth_after = perplexity_and_depth(model, eval_examples, collate, args.batch_size)
+        samples_after = greedy_samples(model, tokenizer, model_prompts, args.sample_tokens)
+        print_samples("Samples after fine-tuning", prompts, samples_after)
+        print(f"Eval perplexity:      before {perplexity_before:.3f}   after {perplexity_after:.3f}")
+        print(f"Mean recursion depth: before {depth_before:.3f}   after {depth_after:.3f}")
 
-    # Trainer sets config.use_cache to TrainingArguments.use_cache (False) for training; what is saved decodes with
-    # the KV cache.
-    model.get_base_model().config.use_cache = True
-    model.save_pretrained(args.output_dir)
-    tokenizer.save_pretrained(args.output_dir)
-    print(f"Saved the adapter to {args.output_dir}")
+        # Trainer sets config.use_cache to TrainingArguments.use_cache (False) for training; what is saved decodes
+        # with the KV cache.
+        model.get_base_model().config.use_cache = True
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if args.save_merged:
+            merged = model.merge_and_unload()
+            merged.save_pretrained(staging / "merged")
+            tokenizer.save_pretrained(staging / "merged")
+    print(f"Saved the adapter to {output_dir}")
     if args.save_merged:
-        merged_dir = Path(args.output_dir) / "merged"
-        model.merge_and_unload().save_pretrained(merged_dir)
-        tokenizer.save_pretrained(merged_dir)
-        print(f"Saved the merged model to {merged_dir}")
+        print(f"Saved the merged model to {output_dir / 'merged'}")
     return {
         "perplexity_before": perplexity_before,
         "perplexity_after": perplexity_after,

@@ -257,6 +257,9 @@ def test_hub_sources_name_the_base_model_and_a_missing_repo_says_so(tmp_path, ll
         (["--capacity", "0.3", "0.5", "1"], "--capacity 0.3 0.5 1 is not valid: it increases"),
         (["--eval-file", "missing.txt"], "--eval-file missing.txt does not exist"),
         (["--eval-file", str(VALID_TEXT), "--eval-block-size", "1"], "--eval-block-size 1 is not valid"),
+        # Without --eval-file nothing is measured: a block size would be ignored silently.
+        (["--eval-block-size", "1"], "--eval-block-size 1 needs --eval-file"),
+        (["--eval-block-size", "32"], "--eval-block-size 32 needs --eval-file"),
     ],
 )
 def test_bad_options_are_one_error_line_and_nothing_is_written(tmp_path, llama, monkeypatch, capsys, options, expected):
@@ -345,6 +348,38 @@ def test_conversion_measures_in_blocks_capped_at_the_source_context(tmp_path, mo
                          "--eval-block-size", "256"]) == 2
     assert "longer than the model's context (max_position_embeddings 64)" in _one_error_line(capsys)
     assert not (tmp_path / "mor2").exists()
+
+
+def test_an_eval_text_shorter_than_one_block_is_refused_before_loading(tmp_path, monkeypatch, capsys):
+    """As uptraining does: one short block would be scored and labelled as blocks of 256 tokens."""
+    stories = PROJECT_ROOT / "examples" / "assets" / "stories260K"
+    (tmp_path / "short.txt").write_text("Once upon a time there was a cat.", encoding="utf-8")
+
+    def never_loaded(*args, **kwargs):
+        raise AssertionError("the source model was loaded before the evaluation text was checked")
+
+    monkeypatch.setattr(LlamaForCausalLM, "from_pretrained", never_loaded)
+    assert convert_main([str(stories), str(tmp_path / "out"), "--eval-file", str(tmp_path / "short.txt")]) == 2
+    error = _one_error_line(capsys)
+    assert str(tmp_path / "short.txt") in error and "fewer than one perplexity block of 256" in error
+    assert "--eval-block-size" in error
+    assert _tree(tmp_path) == ["short.txt"]
+
+
+def test_the_card_gives_the_tokens_actually_scored(tmp_path):
+    """300 tokens in blocks of 64 score 4 blocks, 256 tokens: the card says 256, not the 300 read."""
+    from conversion.model_card import describe_measurement
+
+    assert describe_measurement({"file": "t.txt", "tokens": 2000, "block_size": 256}) == (
+        "first 1,792 tokens of `t.txt`, blocks of 256 tokens")
+    stories = PROJECT_ROOT / "examples" / "assets" / "stories260K"
+    assert convert_main([str(stories), str(tmp_path / "mor"), "--eval-file", str(VALID_TEXT), "--eval-max-tokens",
+                         "300", "--eval-block-size", "64"]) == 0
+    card = (tmp_path / "mor" / "README.md").read_text()
+    rows = [line for line in card.splitlines() if line.startswith("| ") and "blocks of" in line]
+    assert len(rows) == 3 and all("first 256 tokens" in row and "blocks of 64 tokens" in row for row in rows), rows
+    caption = next(line for line in card.splitlines() if line.startswith("Recursion steps taken per token"))
+    assert "first 256 tokens" in caption
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -477,12 +477,35 @@ def test_cli_rejects_unsupported_folder(tmp_path, capsys):
     assert "'gpt2' checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("problem", ["no_config", "gpt2", "missing", "a_file", "bad_eval_file", "bad_mc_file"])
+@pytest.mark.parametrize(
+    "problem",
+    ["no_config", "gpt2", "missing", "a_file", "bad_eval_file", "bad_mc_file", "blank_eval_file", "corrupt_weights",
+     "config_only", "no_tokenizer", "output_json_folder", "output_json_missing_folder", "unreachable_hub_id"],
+)
 def test_cli_bad_input_is_one_error_line(tmp_path, problem):
+    import shutil
+
     folder, extra = tmp_path / "folder", []
     folder.mkdir()
     (folder / "notes.txt").write_text("not a model")
-    if problem == "gpt2":
+    if problem == "corrupt_weights":
+        folder = Path(shutil.copytree(STORIES_DIR, tmp_path / "corrupt"))
+        (folder / "model.safetensors").write_bytes(b"not a safetensors file")
+    elif problem == "config_only":
+        shutil.copyfile(STORIES_DIR / "config.json", folder / "config.json")
+    elif problem == "no_tokenizer":
+        for name in ("config.json", "model.safetensors"):
+            shutil.copyfile(STORIES_DIR / name, folder / name)
+    elif problem in ("output_json_folder", "output_json_missing_folder"):
+        extra = ["--output-json", tmp_path if problem == "output_json_folder" else tmp_path / "no-such" / "r.json"]
+        folder = STORIES_DIR
+    elif problem == "unreachable_hub_id":
+        folder = "someone/some-model"  # HF_HUB_OFFLINE=1 in run_cli
+    elif problem == "blank_eval_file":
+        folder = STORIES_DIR
+        (tmp_path / "blank.txt").write_text("  \n")
+        extra = ["--eval-file", tmp_path / "blank.txt"]
+    elif problem == "gpt2":
         GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(folder)
     elif problem == "missing":
         folder = tmp_path / "outputs" / "no-such-model"
@@ -500,6 +523,12 @@ def test_cli_bad_input_is_one_error_line(tmp_path, problem):
     expected = {
         "no_config": "no config.json", "gpt2": "'gpt2' checkpoint", "missing": "does not exist",
         "a_file": "is a file", "bad_eval_file": "not UTF-8", "bad_mc_file": "not UTF-8",
+        "blank_eval_file": "--eval-file " + str(tmp_path / "blank.txt") + " has no text",
+        "corrupt_weights": "model.safetensors is not a readable safetensors file",
+        "config_only": "no model weights", "no_tokenizer": "no tokenizer could be loaded",
+        "output_json_folder": f"--output-json {tmp_path} is a folder",
+        "output_json_missing_folder": f"the folder {tmp_path / 'no-such'} does not exist",
+        "unreachable_hub_id": "the Hub could not be reached",
     }[problem]
     assert expected in lines[0]
     assert result.stdout == ""  # refused before anything was loaded or printed

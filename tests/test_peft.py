@@ -427,6 +427,49 @@ def test_example_names_the_file_and_line_of_bad_instructions(tmp_path, converted
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--block-size", "0"], "--block-size 0 is not valid"),
+        (["--block-size", "-5"], "--block-size -5 is not valid"),
+        (["--block-size", "4096"], "--block-size 4096 is longer than the model's context"),
+        (["--max-steps", "0"], "--max-steps 0 is not valid: give at least 1"),
+        (["--max-steps", "-1"], "--max-steps -1 is not valid: give at least 1"),
+        (["--batch-size", "0"], "--batch-size 0 is not valid: give at least 1"),
+        (["--lora-r", "0"], "--lora-r 0 is not valid: give at least 1"),
+    ],
+)
+def test_example_refuses_bad_option_values(tmp_path, converted_stories_dir, capsys, options, expected):
+    line = run_example_expecting_error(capsys, [
+        "--model", str(converted_stories_dir), "--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions",
+        "--output-dir", str(tmp_path / "out"), *options,
+    ])
+    assert expected in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_refuses_a_plain_llama_model_before_loading_it(tmp_path, stories_dir, capsys):
+    line = run_example_expecting_error(capsys, [
+        "--model", str(stories_dir), "--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions",
+        "--output-dir", str(tmp_path / "out"),
+    ])
+    assert f"--model {stories_dir} is a 'llama' model, not an MoR one" in line
+    assert "python -m conversion.convert_llama_to_mor" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_refuses_an_existing_output_dir_without_overwrite(tmp_path, converted_stories_dir, capsys):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "notes.txt").write_text("keep me")
+    line = run_example_expecting_error(capsys, [
+        "--model", str(converted_stories_dir), "--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions",
+        "--output-dir", str(output_dir),
+    ])
+    assert f"{output_dir} already exists" in line and "--overwrite" in line
+    assert [path.name for path in output_dir.iterdir()] == ["notes.txt"]
+
+
 def test_instructions_file_is_valid():
     records = [json.loads(line) for line in INSTRUCTIONS_PATH.read_text().splitlines() if line.strip()]
     assert len(records) >= 20
@@ -453,7 +496,11 @@ def test_example_fine_tunes_converted_stories260k(
     example = load_example_module()
     output_dir = tmp_path / "adapter"
     if data_format == "instructions":
-        data_arguments = ["--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions", "--lora-routers"]
+        # An earlier run's folder, replaced as a whole with --overwrite.
+        output_dir.mkdir()
+        (output_dir / "stale.txt").write_text("from an earlier run")
+        data_arguments = ["--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions", "--lora-routers",
+                          "--overwrite"]
     else:
         train_file, eval_file = tmp_path / "train.txt", tmp_path / "valid.txt"
         train_file.write_text((tinystories_dir / "train.txt").read_text(encoding="utf-8")[:20000], encoding="utf-8")
@@ -472,6 +519,8 @@ def test_example_fine_tunes_converted_stories260k(
     assert "Eval perplexity:" in printed and "'loss'" in printed  # Trainer's logging lines
     assert results["perplexity_after"] < results["perplexity_before"]
     assert (output_dir / "adapter_model.safetensors").is_file() and (output_dir / "tokenizer.json").is_file()
+    assert not (output_dir / "stale.txt").exists()
+    assert not list(tmp_path.glob(".adapter.incomplete-*"))  # the staging folder became OUTPUT_DIR
     reloaded = PeftModel.from_pretrained(MoRForCausalLM.from_pretrained(converted_stories_dir), output_dir).eval()
     assert lora_layers(reloaded)
     if data_format == "text":  # --save-merged: a plain MoR folder equal to base + adapter

@@ -1,11 +1,15 @@
 """Bad input to `python -m conversion.uptrain`: one `error:` line, exit code 2, nothing written, and the model never
 loaded."""
 
+import ast
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from conversion import uptrain
 from conversion.convert_llama_to_mor import main as convert_main
@@ -97,7 +101,9 @@ def test_unreadable_text_files_are_refused(converted, train_text, tmp_path, refu
     text.write_bytes(content)
     files = {"--train-file": train_text, "--eval-file": train_text, option: text}
     error = refused(converted, tmp_path / "up", *(item for pair in files.items() for item in pair), "--max-steps", "1")
-    assert option in error and str(text) in error and problem in error
+    # The option is named once, before its file (a reviewer saw "--eval-file --eval-file blank.txt has no text").
+    assert error.startswith(f"error: {option} {text} ") and error.count(option) == 1, error
+    assert problem in error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["text.txt"]
 
 
@@ -164,3 +170,49 @@ def test_resuming_latest_from_an_incomplete_checkpoint_says_so(converted, train_
     error = refused(converted, tmp_path / "up", "--train-file", train_text, "--max-steps", "8",
                     "--resume-from-checkpoint", "latest")
     assert str(partial) in error and "incomplete" in error
+
+
+def test_dataset_without_the_datasets_package_names_the_extra(converted, tmp_path, refused, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` now fails as if it were not installed
+    error = refused(converted, tmp_path / "up", "--dataset", "someone/stories", "--max-steps", "1")
+    assert "--dataset needs the `datasets` package" in error and 'pip install "mor-transformers[train]"' in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_setup_puts_datasets_in_the_train_extra():
+    tree = ast.parse((PROJECT_ROOT / "setup.py").read_text(encoding="utf-8"))
+    extras = next(ast.literal_eval(node.value) for node in ast.walk(tree)
+                  if isinstance(node, ast.keyword) and node.arg == "extras_require")
+    for extra in ("train", "dev"):
+        assert any(Requirement(requirement).name == "datasets" for requirement in extras[extra]), extra
+
+
+def test_an_unknown_dataset_offline_names_the_fix(converted, tmp_path):
+    """Offline (HF_HUB_OFFLINE=1, as on a machine without network), a Hub dataset id is one error line that says what
+    to check; in a fresh process, since `datasets` reads HF_HUB_OFFLINE when it is imported."""
+    result = subprocess.run(
+        [sys.executable, "-m", "conversion.uptrain", str(converted), str(tmp_path / "up"), "--dataset", "nosuch/x",
+         "--max-steps", "1"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --dataset nosuch/x could not be loaded"), result.stderr
+    assert "check the dataset name" in lines[0] and "network" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_options_without_an_eval_file_are_refused(converted, train_text, tmp_path, refused):
+    error = refused(converted, tmp_path / "up", "--train-file", train_text, "--max-steps", "1",
+                    "--eval-block-size", "64")
+    assert "--eval-block-size" in error and "--eval-file" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_corrupt_safetensors_input_is_refused(converted, train_text, tmp_path, refused):
+    model_dir = Path(shutil.copytree(converted, tmp_path / "model"))
+    weights = model_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    error = refused(model_dir, tmp_path / "up", "--train-file", train_text, "--max-steps", "1")
+    assert f"{weights} is not a readable safetensors file" in error
+    assert not (tmp_path / "up").exists()

@@ -1,0 +1,142 @@
+"""Checks and error messages shared by the command lines (the converter, uptraining, pushing, and the example scripts).
+
+Bad input is reported as one `error: <problem and the fix>` line, found before any heavy work (loading a model,
+training): the checks here read config files and file headers only.
+"""
+
+from pathlib import Path
+
+
+# The weights `save_pretrained` writes (one file, or an index of shards).
+WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def one_line(error: BaseException) -> str:
+    """The message of `error` on one line (what follows `error: `); its type when it has no message."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def looks_like_hub_id(name: str) -> bool:
+    """Whether `name` has the form of a Hub model id, 'name' or 'org/name', and so is no local path spelling (a
+    relative, absolute or home path, or one with more than one '/')."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_failure(repo_id: str, error: BaseException, name: str | None = None) -> str:
+    """Why the Hub id `repo_id`, which is no local folder, could not be loaded, in one line with the fix: the repo is
+    gated, missing (or private), or the Hub could not be reached. `name` is the argument that gave it
+    ("INPUT_DIR", "--model"), for the message."""
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    causes, cause = [], error
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(cause, GatedRepoError) for cause in causes):
+        problem = f"the Hub repo {repo_id} is gated and this account has not been granted access"
+        fix = "request access on the repo's page, then log in with `hf auth login`"
+    elif any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
+        problem = f"the Hub has no model repo {repo_id} (or it is private and you are not logged in)"
+        fix = "check the repo id or the local path, or log in with `hf auth login`"
+    elif any(isinstance(cause, LocalEntryNotFoundError) for cause in causes) or any(
+        "connect" in str(cause).lower() for cause in causes
+    ):
+        problem = f"the Hub could not be reached to fetch {repo_id}, and it is not in the local cache"
+        fix = "check the network connection (or HF_HUB_OFFLINE), or give a local checkpoint folder"
+    else:
+        problem = f"the Hub repo {repo_id} could not be loaded ({one_line(error)})"
+        fix = "check the repo id, the network and your login, or give a local checkpoint folder"
+    given = f"{name} {repo_id}" if name else repo_id
+    return f"{given} is not a local folder, and {problem}; nothing was written. Fix: {fix}."
+
+
+def check_minimum_values(args, minimums: dict[str, int]) -> None:
+    """Raises ValueError for the first option of `args` (an argparse Namespace) below its minimum in `minimums`
+    (option destination -> smallest value); options left at None are not checked."""
+    for name, minimum in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            # Trainer reads max_steps=-1 as "train for the epochs instead": the command lines train for the steps given.
+            epochs = " (Trainer's -1, train for the epochs instead, is not offered)" if name == "max_steps" else ""
+            raise ValueError(f"--{name.replace('_', '-')} {value} is not valid: give at least {minimum}{epochs}.")
+
+
+def check_option_needs(needed: str, needed_value, options: dict) -> None:
+    """Raises ValueError when one of `options` (option -> value, None when not given) is given without the option
+    `needed` (the evaluation text) it only applies to: it would otherwise be ignored silently."""
+    if needed_value is not None:
+        return
+    for option, value in options.items():
+        if value is not None:
+            raise ValueError(f"{option} {value} needs {needed}: without it nothing is measured, and {option} would be "
+                             f"ignored. Fix: pass {needed}, or leave {option} out.")
+
+
+def check_safetensors_files(folder) -> None:
+    """Raises ValueError naming the file when a weights file of a local checkpoint folder has a corrupt or truncated
+    header (reads the headers only: cheap, before any loading)."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({one_line(error)}): it is corrupt or truncated; "
+                f"nothing was written. Fix: download or copy the checkpoint again."
+            ) from error
+
+
+def check_model_weights(folder, described: str) -> None:
+    """Raises ValueError unless the local model folder `folder` (named `described` in the message) holds weights
+    whose headers can be read."""
+    if not any((Path(folder) / name).is_file() for name in WEIGHTS_FILES):
+        raise ValueError(
+            f"{described} has a config.json but no model weights (no {WEIGHTS_FILES[0]}); nothing was written. Fix: "
+            f"give the complete folder that save_pretrained wrote (copy or download it again)."
+        )
+    check_safetensors_files(folder)
+
+
+def read_mor_config(model: str, name: str):
+    """The `MoRConfig` of `model` (a local folder or a Hub id, given as the argument `name`), reading config.json and
+    the weights' headers only; ValueError (one line, naming the fix) unless it is a complete MoR checkpoint."""
+    from modeling_mor import MoRConfig
+
+    given = f"{name} {model}"
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(
+                f"{given} is not a model folder: it has no config.json. Fix: give a folder written by "
+                f"`python -m conversion.convert_llama_to_mor` (or by `python -m conversion.uptrain`)."
+            )
+        check_model_weights(path, given)
+    elif path.exists():
+        raise ValueError(f"{given} is a file, not a model folder. Fix: give the folder that holds config.json and the "
+                         f"weights.")
+    elif not looks_like_hub_id(model):
+        raise ValueError(f"{given} does not exist. Fix: check the path, or give a Hub id ('name' or 'org/name').")
+    try:
+        config, _ = MoRConfig.get_config_dict(model)
+    except (OSError, ValueError) as error:
+        if path.exists():
+            raise ValueError(f"{given} has a config.json that cannot be read ({one_line(error)}). Fix: copy or "
+                             f"download the folder again.") from None
+        raise ValueError(hub_failure(model, error, name)) from None
+    if config.get("model_type") != "mor":
+        raise ValueError(
+            f"{given} is a {config.get('model_type')!r} model, not an MoR one. Fix: convert it first with "
+            f"`python -m conversion.convert_llama_to_mor {model} MOR_DIR`, then give MOR_DIR."
+        )
+    return MoRConfig.from_dict(config)
