@@ -45,6 +45,7 @@ IN_FLIGHT_PER_SLOT = 2
 # Pages of 8 tokens: per request and token set at most 7 slots are unused (3.5 on average), a few percent of its
 # tokens; the gathers cost the same bytes whatever the page size.
 DEFAULT_PAGE_SIZE = 8
+TRANSFORMERS_DEFAULT_PAGE_SIZE = ContinuousBatchingConfig.__dataclass_fields__["page_size"].default
 
 
 class TokenGroup:
@@ -112,6 +113,10 @@ class DepthwiseBatchProcessor:
         self.slots = self.cb_config.max_requests_per_batch
         self.max_in_flight = IN_FLIGHT_PER_SLOT * self.slots
         self.page_size = self.cb_config.page_size
+        if self.page_size == TRANSFORMERS_DEFAULT_PAGE_SIZE:
+            # transformers' default page (256 tokens) is sized for its GPU kernels; per request and recursion step it
+            # would leave up to 255 slots unused, so MoR reads the default as unset.
+            self.page_size = DEFAULT_PAGE_SIZE
         self.max_tokens_per_pass = self.cb_config.max_batch_tokens or 256
         self.num_pages = self.cb_config.num_blocks or self._default_num_pages(manager.workload_hints)
         self.storage = PagedKVStorage(self.config, self.num_pages, self.page_size, model.dtype, self.device)
@@ -653,7 +658,7 @@ def init_mor_continuous_batching(model, generation_config=None, continuous_batch
     if generation_config.eos_token_id is None:
         generation_config.eos_token_id = -1  # as transformers does: no EOS (the caller's config is left as it is)
     if continuous_batching_config is None:
-        continuous_batching_config = ContinuousBatchingConfig(page_size=DEFAULT_PAGE_SIZE)
+        continuous_batching_config = ContinuousBatchingConfig()
     return MoRContinuousBatchingManager(model, generation_config, continuous_batching_config, workload_hints)
 
 

@@ -281,3 +281,14 @@ def test_remote_code_serves_generate_batch(tmp_path):
     manager_name, tokens = stdout.strip().splitlines()[-2:]
     assert manager_name == "MoRContinuousBatchingManager"
     assert tokens == repr(expected)
+
+
+def test_transformers_default_page_size_reads_as_unset():
+    """transformers' default page (256 tokens, sized for its GPU kernels) would waste most of every page per recursion
+    step: MoR's engine takes its own default (8) then, and any other value as given."""
+    model = _model(routing="expert_choice")
+    default = model.init_continuous_batching(generation_config=_greedy(), continuous_batching_config=ContinuousBatchingConfig())
+    assert default._create_batch_processor().storage.page_size == 8
+    chosen = model.init_continuous_batching(generation_config=_greedy(),
+                                            continuous_batching_config=ContinuousBatchingConfig(page_size=32))
+    assert chosen._create_batch_processor().storage.page_size == 32
