@@ -41,34 +41,56 @@ def grown_storage(storage: torch.Tensor, allocated: int) -> torch.Tensor:
 
 
 class SlotStorage:
-    """`keys`/`values` storage `[batch, kv_heads, slots, head_dim]` of a MoRCache layer, grown GROWTH_CHUNK slots at
-    a time. Beam search and batch expansion apply whenever storage exists, even with no token held (after a crop to
-    0), so that every layer of a MoRCache keeps the same rows (transformers' DynamicLayer skips them when empty)."""
+    """Storage `[batch, kv_heads, slots, head_dim]` of the unshared layers' cache, grown GROWTH_CHUNK slots at a time
+    (`key_storage` / `value_storage`; `keys` / `values` are the slots in use). Beam search and batch expansion apply
+    whenever storage exists, even with no token held (after a crop to 0), so that every layer of a MoRCache keeps the
+    same rows (transformers' DynamicLayer skips them when empty)."""
+
+    key_storage = value_storage = None
+    length = 0
+
+    @property
+    def keys(self):
+        return None if self.key_storage is None else self.key_storage[:, :, : self.length]
+
+    @keys.setter
+    def keys(self, tensor):  # CacheLayerMixin and offloading assign whole tensors
+        self.key_storage = tensor
+        self.length = 0 if tensor is None else tensor.shape[2]
+
+    @property
+    def values(self):
+        return None if self.value_storage is None else self.value_storage[:, :, : self.length]
+
+    @values.setter
+    def values(self, tensor):
+        self.value_storage = tensor
 
     def start_storage(self, batch_size: int, key_states, value_states) -> None:
         shape = (batch_size, key_states.shape[1], 0, key_states.shape[-1])
-        self.keys = key_states.new_zeros(shape)
-        self.values = value_states.new_zeros(shape)
+        self.key_storage = key_states.new_zeros(shape)
+        self.value_storage = value_states.new_zeros(shape)
+        self.length = 0
         self.is_initialized = True
 
     def reserve_slots(self, needed: int) -> None:
-        allocated = grown_capacity(needed, self.keys.shape[2])
-        if allocated > self.keys.shape[2]:
-            self.keys = grown_storage(self.keys, allocated)
-            self.values = grown_storage(self.values, allocated)
+        allocated = grown_capacity(needed, self.key_storage.shape[2])
+        if allocated > self.key_storage.shape[2]:
+            self.key_storage = grown_storage(self.key_storage, allocated)
+            self.value_storage = grown_storage(self.value_storage, allocated)
 
     def batch_select_indices(self, indices) -> None:
         if self.is_initialized:
-            self.keys = self.keys.index_select(0, indices.to(self.keys.device))
-            self.values = self.values.index_select(0, indices.to(self.values.device))
+            self.key_storage = self.key_storage.index_select(0, indices.to(self.key_storage.device))
+            self.value_storage = self.value_storage.index_select(0, indices.to(self.value_storage.device))
 
     def reorder_cache(self, beam_idx) -> None:
         self.batch_select_indices(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self.keys = self.keys.repeat_interleave(repeats, dim=0)
-            self.values = self.values.repeat_interleave(repeats, dim=0)
+            self.key_storage = self.key_storage.repeat_interleave(repeats, dim=0)
+            self.value_storage = self.value_storage.repeat_interleave(repeats, dim=0)
 
 
 class ChunkGrownLayer(SlotStorage, DynamicLayer):
@@ -82,24 +104,25 @@ class ChunkGrownLayer(SlotStorage, DynamicLayer):
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device = key_states.device
         self.start_storage(key_states.shape[0], key_states, value_states)
-        self.length = 0
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         new_length = self.length + key_states.shape[-2]
         self.reserve_slots(new_length)
-        self.keys[:, :, self.length : new_length] = key_states
-        self.values[:, :, self.length : new_length] = value_states
+        self.key_storage[:, :, self.length : new_length] = key_states
+        self.value_storage[:, :, self.length : new_length] = value_states
         self.length = new_length
-        return self.keys[:, :, :new_length], self.values[:, :, :new_length]
+        return self.keys, self.values
 
     def get_seq_length(self) -> int:
         return self.length if self.is_initialized else 0
 
     def reset(self) -> None:
-        self.length = 0
         super().reset()
+        self.key_storage = self.value_storage = None
+        self.length = 0
+        self.is_initialized = False
 
     def crop(self, tokens_to_remove: int) -> None:
         # The dropped slots stay allocated and are written again.
@@ -415,7 +438,31 @@ class MoRRecursionLayer(CacheLayerMixin):
         write_pages(pool, self.position, plan.write_pages, plan.write_offsets, keys, values)
         return gather_pages(pool, self.position, plan.page_table)
 
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """Every row's keys at this step, `[batch, kv_heads, tokens held by the fullest row, head_dim]`, in sequence
+        order, zeros after a row's own tokens (a copy gathered from the pages; None before anything is stored)."""
+        return self._held()[0]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """Every row's values at this step, laid out as `keys`."""
+        return self._held()[1]
+
+    def _held(self):
+        storage = self.cache.storage
+        if storage is None:
+            return None, None
+        rows = sorted(storage.tables)
+        page_table, key_index = storage.read_layout(rows, [self.step] * len(rows))
+        keys, values = gather_pages(storage.pools[self.step], self.position, page_table)
+        held = (key_index >= 0)[:, None, :, None].to(keys.dtype)
+        length = self.get_seq_length()
+        return (keys * held)[:, :, :length], (values * held)[:, :, :length]
+
     def get_seq_length(self) -> int:
+        if self.cache.storage is None:
+            return 0
         return max((tables[self.step].length for tables in self.cache.storage.tables.values()), default=0)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -539,7 +586,11 @@ class MoRCache(Cache):
     def nbytes(self) -> int:
         """Bytes of the keys/values the cache holds: the end layers' storage (with its chunked growth room) and the
         pages in use with their index of sequence positions (the pool's free pages are `reserved_nbytes()`)."""
-        total = sum(layer.keys.nbytes + layer.values.nbytes for layer in self.layers if isinstance(layer, ChunkGrownLayer) and layer.is_initialized)
+        total = sum(
+            layer.key_storage.nbytes + layer.value_storage.nbytes
+            for layer in self.layers
+            if isinstance(layer, ChunkGrownLayer) and layer.is_initialized
+        )
         if self.storage is not None:
             for pool in self.storage.unique_pools():
                 per_page_index = pool.slot_token_index[0].nbytes

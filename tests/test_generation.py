@@ -244,7 +244,8 @@ def test_end_layer_storage_behaves_like_a_dynamic_layer():
     dynamic.batch_repeat_interleave(2)
     update(3)
     assert grown.get_seq_length() == dynamic.get_seq_length() == 38
-    assert grown.keys.shape[2] == 64  # two chunks
+    assert grown.key_storage.shape[2] == 64  # two chunks
+    assert grown.keys.shape[2] == 38  # the public view holds the tokens, not the growth room
 
     # Emptied by a crop, it still follows row operations (DynamicLayer skips them when empty).
     grown.crop(-38)
@@ -339,7 +340,7 @@ def test_cache_accounting_batch_one():
     assert cache.storage.pages_held_by(0) == {step: -(-count // 4) for step, count in enumerate(routed)}
     (pool,) = cache.storage.unique_pools()
     assert pool.keys.shape[0] == model.config.block_size
-    ends = sum(t.nbytes for layer in cache.layers[:: len(cache.layers) - 1] for t in (layer.keys, layer.values))
+    ends = sum(t.nbytes for layer in cache.layers[:: len(cache.layers) - 1] for t in (layer.key_storage, layer.value_storage))
     per_page = pool.bytes_per_page() + pool.slot_token_index[0].nbytes
     assert cache.nbytes() == ends + sum(-(-count // 4) for count in routed) * per_page
     assert cache.reserved_nbytes() >= pool.num_pages * pool.bytes_per_page()
@@ -407,3 +408,27 @@ def test_past_key_values_is_still_accepted():
     with torch.no_grad():
         outputs = model(input_ids, past_key_values=cache)
     assert outputs.cache is cache and cache.get_seq_length() == 6
+
+
+@pytest.mark.parametrize("strategy", ["cycle", "middle_cycle"])
+def test_cache_layers_show_what_llamas_cache_holds(strategy):
+    """`cache.layers[i].keys` / `.values` are `[batch, kv_heads, tokens held, head_dim]` without spare slots: with one
+    recursion and routing "none" every layer holds exactly the sequence, as Llama's DynamicCache with the same weights."""
+    from conversion import convert_llama_to_mor
+    from conftest import tiny_llama
+
+    llama = tiny_llama(num_hidden_layers=6)
+    mor = convert_llama_to_mor(llama, num_recursions=1, sharing_strategy=strategy, routing="none").eval()
+    input_ids = torch.randint(0, llama.config.vocab_size, (2, 11))
+    cache = MoRCache(mor.config, page_size=4)
+    with torch.no_grad():
+        reference = llama(input_ids, use_cache=True).past_key_values
+        mor(input_ids, cache=cache)
+        mor(input_ids[:, :1], cache=cache)  # one decode step: 12 tokens held, over 3 pages of 4
+        reference = llama(input_ids[:, :1], past_key_values=reference, use_cache=True).past_key_values
+    assert len(cache.layers) == len(reference.layers) == 6
+    for ours, theirs in zip(cache.layers, reference.layers):
+        assert ours.keys.shape == theirs.keys.shape == (2, 2, 12, 8)
+        assert ours.get_seq_length() == 12
+        assert (ours.keys - theirs.keys).abs().max().item() <= 1e-5
+        assert (ours.values - theirs.values).abs().max().item() <= 1e-5
