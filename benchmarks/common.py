@@ -50,6 +50,28 @@ def build_models(args, variants):
     return models
 
 
+# The models the decoding and serving benchmarks compare.
+DECODE_VARIANTS = {
+    "vanilla Llama": None,
+    "MoR routing=none": dict(routing="none"),
+    "MoR expert, recursion-wise": dict(routing="expert_choice", kv_cache_policy="recursion_wise"),
+    "MoR expert, shared KV": dict(routing="expert_choice", kv_cache_policy="shared"),
+}
+
+
+def build_decode_models(args):
+    """`DECODE_VARIANTS` in eval mode, with router weights scaled by `args.router_scale`: an untrained router sits at
+    the threshold, a scaled one makes mixed routing decisions."""
+    models = build_models(args, DECODE_VARIANTS)
+    with torch.no_grad():
+        for model in models.values():
+            model.eval()
+            for router in getattr(model, "routers", lambda: [])():
+                for parameter in router.parameters():
+                    parameter.mul_(args.router_scale)
+    return models
+
+
 def layer_applications_per_token(config, recursion_depth: torch.Tensor) -> float:
     """Mean decoder-layer applications per real token: 2 + B * mean depth for middle_cycle, L for a vanilla model."""
     if not isinstance(config, MoRConfig):

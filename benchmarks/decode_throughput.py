@@ -21,7 +21,7 @@ import time
 import torch
 from transformers import DynamicCache, StaticCache
 
-from common import add_model_arguments, build_models, matmul_flop_ratio, synchronize, weight_pass_ratio
+from common import add_model_arguments, build_decode_models, matmul_flop_ratio, synchronize, weight_pass_ratio
 from modeling_mor import MoRCache
 
 
@@ -61,23 +61,11 @@ def main():
                         help="time model.generate() (what users see) or a plain greedy loop over model() calls")
     args = parser.parse_args()
 
-    variants = {
-        "vanilla Llama": None,
-        "MoR routing=none": dict(routing="none"),
-        "MoR expert, recursion-wise": dict(routing="expert_choice", kv_cache_policy="recursion_wise"),
-        "MoR expert, shared KV": dict(routing="expert_choice", kv_cache_policy="shared"),
-    }
-    models = build_models(args, variants)
+    models = build_decode_models(args)
     # The same vanilla model with a preallocated cache: DynamicCache concatenates, i.e. copies, every layer's cache
     # at every token, which a batch pays for; MoRCache grows in chunks instead.
     models = {"vanilla Llama": models["vanilla Llama"], "vanilla Llama, StaticCache": models["vanilla Llama"],
               **{name: model for name, model in models.items() if name.startswith("MoR")}}
-    with torch.no_grad():
-        for name, model in models.items():
-            model.eval()
-            for router in getattr(model, "routers", lambda: [])():
-                for parameter in router.parameters():
-                    parameter.mul_(args.router_scale)
 
     print(f"device={args.device} dtype={args.dtype} L={args.num_layers} hidden={args.hidden_size} "
           f"prompt={args.prompt_len} new={args.new_tokens} repeats={args.repeats} mode={args.mode} (median)")

@@ -24,7 +24,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-from common import add_model_arguments, build_models, matmul_flop_ratio, synchronize
+from common import add_model_arguments, build_decode_models, matmul_flop_ratio, synchronize
 
 
 def workload(args) -> list[list[int]]:
@@ -118,19 +118,7 @@ def main():
     parser.add_argument("--check", action="store_true", help="check that every engine row's tokens equal generate()'s")
     args = parser.parse_args()
 
-    variants = {
-        "vanilla Llama": None,
-        "MoR routing=none": dict(routing="none"),
-        "MoR expert, recursion-wise": dict(routing="expert_choice", kv_cache_policy="recursion_wise"),
-        "MoR expert, shared KV": dict(routing="expert_choice", kv_cache_policy="shared"),
-    }
-    models = build_models(args, variants)
-    with torch.no_grad():
-        for model in models.values():
-            model.eval()
-            for router in getattr(model, "routers", lambda: [])():
-                for parameter in router.parameters():
-                    parameter.mul_(args.router_scale)
+    models = build_decode_models(args)
     prompts = workload(args)
     new_tokens = args.num_requests * args.new_tokens
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} L={args.num_layers} "

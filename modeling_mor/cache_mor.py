@@ -40,11 +40,16 @@ def grown_storage(storage: torch.Tensor, allocated: int) -> torch.Tensor:
     return grown
 
 
-class SlotStorage:
-    """Storage `[batch, kv_heads, slots, head_dim]` of the unshared layers' cache, grown GROWTH_CHUNK slots at a time
-    (`key_storage` / `value_storage`; `keys` / `values` are the slots in use). Beam search and batch expansion apply
-    whenever storage exists, even with no token held (after a crop to 0), so that every layer of a MoRCache keeps the
-    same rows (transformers' DynamicLayer skips them when empty)."""
+class ChunkGrownLayer(DynamicLayer):
+    """A DynamicLayer (every token of every row, in sequence order) whose storage grows GROWTH_CHUNK slots at a time.
+
+    Used for the unshared first/last layers: a DynamicLayer concatenates, i.e. copies, its whole storage at every
+    decoded token. The storage, `[batch, kv_heads, slots, head_dim]`, is `key_storage` / `value_storage`; `keys` /
+    `values` are the slots in use. Like the recursion layers, it writes new tokens in place into storage that earlier
+    forwards returned views of, so a cache serves inference: backpropagating through two forwards that share one
+    cache fails (training runs without a cache). Beam search and batch expansion apply whenever storage exists, even
+    with no token held (after a crop to 0), so that every layer of a MoRCache keeps the same rows (transformers'
+    DynamicLayer skips them when empty)."""
 
     key_storage = value_storage = None
     length = 0
@@ -66,13 +71,6 @@ class SlotStorage:
     def values(self, tensor):
         self.value_storage = tensor
 
-    def start_storage(self, batch_size: int, key_states, value_states) -> None:
-        shape = (batch_size, key_states.shape[1], 0, key_states.shape[-1])
-        self.key_storage = key_states.new_zeros(shape)
-        self.value_storage = value_states.new_zeros(shape)
-        self.length = 0
-        self.is_initialized = True
-
     def reserve_slots(self, needed: int) -> None:
         allocated = grown_capacity(needed, self.key_storage.shape[2])
         if allocated > self.key_storage.shape[2]:
@@ -92,18 +90,13 @@ class SlotStorage:
             self.key_storage = self.key_storage.repeat_interleave(repeats, dim=0)
             self.value_storage = self.value_storage.repeat_interleave(repeats, dim=0)
 
-
-class ChunkGrownLayer(SlotStorage, DynamicLayer):
-    """A DynamicLayer (every token of every row, in sequence order) whose storage grows GROWTH_CHUNK slots at a time.
-
-    Used for the unshared first/last layers: a DynamicLayer concatenates, i.e. copies, its whole storage at every
-    decoded token. Like the recursion layers, it writes new tokens in place into storage that earlier forwards
-    returned views of, so a cache serves inference: backpropagating through two forwards that share one cache fails
-    (training runs without a cache)."""
-
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device = key_states.device
-        self.start_storage(key_states.shape[0], key_states, value_states)
+        shape = (key_states.shape[0], key_states.shape[1], 0, key_states.shape[-1])
+        self.key_storage = key_states.new_zeros(shape)
+        self.value_storage = value_states.new_zeros(shape)
+        self.length = 0
+        self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -229,15 +222,12 @@ class PagedKVStorage:
         )
         for step in range(self.num_stored_steps):
             self.pools[step] = step_pool
+        self.pools_by_id = {id(pool): pool for pool in self.pools.values()}  # the distinct pools
         self.tables: dict = {}  # sequence id -> token set -> PageTable
         self.device = device
 
     def unique_pools(self) -> list[PagePool]:
         return list(self.pools_by_id.values())
-
-    @property
-    def pools_by_id(self) -> dict:
-        return {id(pool): pool for pool in self.pools.values()}
 
     def add_sequence(self, sequence_id) -> None:
         self.tables[sequence_id] = {token_set: PageTable() for token_set in self.pools}

@@ -429,7 +429,6 @@ class DepthwiseBatchProcessor:
 
     def _run_block(self, groups: list[TokenGroup], relaxed_step: int | None) -> None:
         config = self.config
-        request_ids = [group.request_id for group in groups]
         token_sets = [self._token_set_of_step(group.step) for group in groups]
         write_pages, write_offsets, write_mask = [], [], []
         for group, token_set in zip(groups, token_sets):
@@ -440,49 +439,55 @@ class DepthwiseBatchProcessor:
                 pages, offsets = self.storage.append(group.request_id, token_set, positions)
                 write_pages.append(pages)
                 write_offsets.append(offsets)
-        hidden = torch.cat([group.hidden[group.active] for group in groups])
-        token_index = torch.cat([group.token_index[group.active] for group in groups])
-        counts = torch.tensor([int(group.active.sum()) for group in groups], device=self.device)
-        mask_tensor = None if all(write_mask) else torch.tensor(write_mask, device=self.device)
-        view, attention_mask, position_embeddings, active_tokens = self._pass_inputs(
-            hidden, token_index, counts, request_ids, token_sets, write_pages, write_offsets, mask_tensor
+        mask = None if all(write_mask) else torch.tensor(write_mask, device=self.device)
+        selections = [group.active for group in groups]
+        block_input, hidden, counts = self._run_layers(
+            self.block.layers, groups, selections, token_sets, (write_pages, write_offsets, mask), relaxed_step
         )
-        block_input = hidden
-        for layer in self.block.layers:
-            hidden, _ = layer(
-                hidden,
-                attention_mask=attention_mask,
-                position_embeddings=position_embeddings,
-                cache=view,
-                recursion_step=relaxed_step,
-                active_tokens=active_tokens,
-            )
         if config.routing == "expert_choice":
             gate = torch.cat([group.gate[group.active] for group in groups])
             hidden = apply_gate(config, block_input, hidden, gate)
-        for group, group_hidden in zip(groups, hidden.split(counts.tolist())):
+        for group, group_hidden in zip(groups, hidden.split(counts)):
             group.hidden = group.hidden.index_put((group.active.nonzero().squeeze(-1),), group_hidden)
 
-    def _pass_inputs(self, hidden, token_index, counts, request_ids, token_sets, write_pages, write_offsets, write_mask):
-        """The view, mask, rotary embeddings and row layout one pass's layers share."""
+    def _run_layers(self, layers, groups, selections, token_sets, writes, recursion_step=None):
+        """Runs `layers` over the selected tokens of every group (None: all of them), packed row after row, each
+        row reading its request's token set in the pages and writing its new keys/values to `writes` (pages,
+        offsets, and the mask of tokens whose keys are stored). Returns the packed input, output and row sizes."""
         from .modeling_mor import ActiveTokens, build_attention_mask
 
         started = time.perf_counter()
-        active_tokens = ActiveTokens.from_row_counts(counts)
-        page_table, key_index = self.storage.read_layout(request_ids, token_sets)
+        rows = list(zip(groups, selections))
+        hidden = torch.cat([group.hidden if chosen is None else group.hidden[chosen] for group, chosen in rows])
+        positions = [group.token_index if chosen is None else group.token_index[chosen] for group, chosen in rows]
+        token_index = torch.cat(positions)
+        counts = [row_positions.numel() for row_positions in positions]
+        active_tokens = ActiveTokens.from_row_counts(torch.tensor(counts, device=self.device))
+        page_table, key_index = self.storage.read_layout([group.request_id for group in groups], token_sets)
         query_index = active_tokens.to_row_layout(token_index.unsqueeze(-1)).squeeze(-1).masked_fill(~active_tokens.valid, -1)
         attention_mask = build_attention_mask(self.config, query_index, key_index, key_index >= 0, hidden.dtype)
         cos, sin = self.model.model.rotary_emb(hidden.unsqueeze(0), position_ids=token_index.unsqueeze(0))
+        pages, offsets, write_mask = writes
         empty = torch.zeros(0, dtype=torch.long, device=self.device)
         view = PagedKVView(
             self.layer_storage,
-            torch.cat(write_pages) if write_pages else empty,
-            torch.cat(write_offsets) if write_offsets else empty,
+            torch.cat(pages) if pages else empty,
+            torch.cat(offsets) if offsets else empty,
             write_mask,
             page_table,
         )
         self.stats.pass_setup += time.perf_counter() - started
-        return view, attention_mask, (cos[0], sin[0]), active_tokens
+        layer_input = hidden
+        for layer in layers:
+            hidden, _ = layer(
+                hidden,
+                attention_mask=attention_mask,
+                position_embeddings=(cos[0], sin[0]),
+                cache=view,
+                recursion_step=recursion_step,
+                active_tokens=active_tokens,
+            )
+        return layer_input, hidden, counts
 
     def _end_layer_pass(self, groups: list[TokenGroup], layer, first: bool) -> None:
         """The unshared first or last layer on every token of the groups. The first layer reserves their slots in
@@ -490,23 +495,9 @@ class DepthwiseBatchProcessor:
         if first:
             for group in groups:
                 group.end_slots = self.storage.append(group.request_id, END_LAYERS, group.token_index)
-        write_pages = [group.end_slots[0] for group in groups]
-        write_offsets = [group.end_slots[1] for group in groups]
-        hidden = torch.cat([group.hidden for group in groups])
-        token_index = torch.cat([group.token_index for group in groups])
-        counts = torch.tensor([len(group) for group in groups], device=self.device)
-        view, attention_mask, position_embeddings, active_tokens = self._pass_inputs(
-            hidden, token_index, counts, [group.request_id for group in groups], [END_LAYERS] * len(groups),
-            write_pages, write_offsets, None,
-        )
-        hidden, _ = layer(
-            hidden,
-            attention_mask=attention_mask,
-            position_embeddings=position_embeddings,
-            cache=view,
-            active_tokens=active_tokens,
-        )
-        for group, group_hidden in zip(groups, hidden.split(counts.tolist())):
+        writes = ([group.end_slots[0] for group in groups], [group.end_slots[1] for group in groups], None)
+        _, hidden, counts = self._run_layers([layer], groups, [None] * len(groups), [END_LAYERS] * len(groups), writes)
+        for group, group_hidden in zip(groups, hidden.split(counts)):
             group.hidden = group_hidden
 
     def _finish_recursion(self, groups: list[TokenGroup], model) -> None:
