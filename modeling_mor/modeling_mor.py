@@ -12,8 +12,16 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
+from transformers import AutoModel
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+)
+from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.models.llama.modeling_llama import (
@@ -27,7 +35,9 @@ from transformers.models.llama.modeling_llama import (
     rotate_half,
 )
 from transformers.utils import can_return_tuple, logging
+from transformers.utils.generic import is_flash_attention_requested
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import OutputRecorder, _active_collector, capture_outputs
 
 from .cache_mor import MoRCache
 from .configuration_mor import MoRConfig
@@ -178,24 +188,78 @@ class KeyRows:
 
 class StepAttention(NamedTuple):
     """What every layer of a recursion step shares: its attention mask, the key rows it reads (None when they are
-    exactly its rows), and the key layout `(key_index, key_valid)` of every key row (read again by deeper steps under
-    the shared policy)."""
+    exactly its rows), the key layout `(key_index, key_valid)` of every key row (read again by deeper steps under
+    the shared policy), and the sequence index of each of its queries and of each key they read (-1 in padding
+    entries), which place its attention weights in the whole sequence when they are recorded."""
 
     mask: torch.Tensor | None
     key_rows: KeyRows | None
     key_layout: tuple[torch.LongTensor, torch.BoolTensor]
+    query_index: torch.LongTensor
+    key_index: torch.LongTensor
+
+    def weights_over_sequence(self, attn_weights, rows, batch_size, past_length, num_keys):
+        """The step's attention weights, `[rows, heads, width, key width]` in its packed layout, placed in the whole
+        sequence as Llama returns them: `[batch, heads, queries, keys]` (queries are the forward's tokens, keys the
+        past and new ones), zero where a token did not take the step."""
+        query_len = num_keys - past_length
+        weights = attn_weights.new_zeros(batch_size, attn_weights.shape[1], query_len, num_keys)
+        pairs = (self.query_index >= 0).unsqueeze(-1) & (self.key_index >= 0).unsqueeze(1)
+        row, query, key = pairs.nonzero(as_tuple=True)
+        query_position = self.query_index[row, query] - past_length
+        weights[rows[row], :, query_position, self.key_index[row, key]] = attn_weights[row, :, query, key]
+        return weights
 
 
-def build_attention_mask(config, query_index, key_index, key_valid, dtype):
+class LayerOutput(NamedTuple):
+    """A decoder layer's output: its hidden states, its attention weights (None under kernels that do not return
+    them) and its keys/values (read by deeper steps under the shared policy)."""
+
+    hidden_states: torch.Tensor
+    attn_weights: torch.Tensor | None
+    key_value: tuple[torch.Tensor, torch.Tensor]
+
+
+class UnrolledLayerOutput(nn.Module):
+    """Where transformers' output capturing (`_can_record_outputs`) reads each unrolled layer's outputs.
+
+    A shared layer runs on the packed tokens of a recursion step, so its own outputs are not the sequence's. While
+    outputs are recorded (only then), this module is called after every unrolled layer, in the order a full-depth
+    token meets them, with the whole sequence: the hidden states `[batch, seq, hidden]` (a token that did not take the
+    step keeps its state) and the attention weights `[batch, heads, queries, keys]` (zero where a token did not take
+    the step; None under kernels that do not return them). `layer_input` comes first so that the first call records
+    the embeddings as the initial hidden state."""
+
+    def forward(self, layer_input, hidden_states, attn_weights=None):
+        return hidden_states, attn_weights
+
+
+def recorded_outputs() -> set[str]:
+    """The outputs transformers' output capturing records during this forward ("hidden_states", "attentions")."""
+    return set(_active_collector.get() or ())
+
+
+def build_attention_mask(config, query_index, key_index, key_valid, dtype, query_start=None):
     """A `[batch, 1, queries, keys]` mask from each query's and key's position in the sequence.
 
     Packed layouts make the usual "lower triangle" meaningless, so causality is decided from the tokens' sequence
-    indices. Returns None for the plain causal layout under sdpa, so that its causal kernels can be used.
+    indices. `query_start` (same layout as `query_index`), where a row packs several documents (padding-free
+    training), is the index of the first token of each query's document: documents are contiguous, so a query sees
+    the keys from there to itself.
     """
     allowed = (key_index.unsqueeze(1) <= query_index.unsqueeze(-1)) & key_valid.unsqueeze(1)
+    if query_start is not None:
+        allowed = allowed & (key_index.unsqueeze(1) >= query_start.unsqueeze(-1))
     # A query that sees no key (a packing slot or a padding token) would turn softmax into NaN; its output is dropped.
     allowed = allowed | ~allowed.any(-1, keepdim=True)
     allowed = allowed.unsqueeze(1)
+    if config._attn_implementation == "flex_attention":
+        # A block mask whose mask_mod reads the allowed pairs (an additive score mask crashes flex on CPU).
+        def mask_mod(batch_idx, head_idx, query_idx, key_idx):
+            return allowed[batch_idx, 0, query_idx, key_idx]
+
+        batch_size, _, num_queries, num_keys = allowed.shape
+        return create_block_mask(mask_mod, batch_size, None, num_queries, num_keys, device=allowed.device)
     if config._attn_implementation == "eager":
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
             ~allowed, torch.finfo(dtype).min
@@ -300,7 +364,7 @@ class MoRMLP(LlamaMLP):
 
 
 class MoRDecoderLayer(LlamaDecoderLayer):
-    """A Llama decoder layer that also returns its keys/values (read by deeper steps under the `shared` policy).
+    """A Llama decoder layer that also returns its attention weights and its keys/values (`LayerOutput`).
 
     `relaxed=True` (a shared layer with `config.relaxation_rank > 0`) gives its projections and norms a delta per
     recursion step (see relaxation_mor.py)."""
@@ -329,7 +393,7 @@ class MoRDecoderLayer(LlamaDecoderLayer):
         step_args = (recursion_step,) if self.relaxed else ()
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states, *step_args)
-        hidden_states, _, key_value = self.self_attn(
+        hidden_states, attn_weights, key_value = self.self_attn(
             hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -346,7 +410,7 @@ class MoRDecoderLayer(LlamaDecoderLayer):
         hidden_states = self.post_attention_layernorm(hidden_states, *step_args)
         hidden_states = self.mlp(hidden_states, *step_args)
         hidden_states = residual + hidden_states
-        return hidden_states, key_value
+        return LayerOutput(hidden_states, attn_weights, key_value)
 
 
 class MoRRecursionBlock(nn.Module):
@@ -362,6 +426,7 @@ class MoRRecursionBlock(nn.Module):
             ]
         )
         self.routing = build_routing(config)
+        self.layer_output = UnrolledLayerOutput()
 
     def unrolled_schedule(self) -> list[tuple[int, list[int]]]:
         """(recursion step, block layer positions) in the order they run: whole-block passes for the cycle
@@ -372,13 +437,26 @@ class MoRRecursionBlock(nn.Module):
             return [(step, list(positions)) for step in steps]
         return [(step, [position]) for position in positions for step in steps]
 
-    def forward(self, hidden_states, token_index, token_valid, position_embeddings, cache=None, **kwargs):
+    def forward(
+        self,
+        hidden_states,
+        token_index,
+        token_valid,
+        position_embeddings,
+        cache=None,
+        sequence_index=None,
+        document_start=None,
+        **kwargs,
+    ):
         """Applies the recursion steps to the tokens routed to them.
 
         `token_index` ([batch, seq]) is every token's index in the whole sequence (past tokens included): masks are
-        built from it because each step sees a packed subset of the tokens. Returns the hidden states, the recursion
-        depth of every token and the (unweighted) router losses, averaged over steps."""
+        built from it because each step sees a packed subset of the tokens. In a row that packs several documents,
+        `sequence_index` numbers them and `document_start` is the index of each token's first document token. Returns
+        the hidden states, the recursion depth of every token and the (unweighted) router losses, averaged over
+        steps."""
         config = self.config
+        recording = recorded_outputs()
         recursion_depth = torch.zeros_like(token_index)
         router_losses: dict[str, list[torch.Tensor]] = {}
         if config.routing == "token_choice":
@@ -394,7 +472,7 @@ class MoRRecursionBlock(nn.Module):
             if step not in active_by_step:
                 # The first time this step runs in this forward: decide who takes it.
                 if config.routing == "expert_choice":
-                    active, gate, losses = self.routing(hidden_states, active, token_valid, step)
+                    active, gate, losses = self.routing(hidden_states, active, token_valid, step, sequence_index)
                     self._collect(router_losses, losses)
                 elif config.routing == "token_choice":
                     active = chosen_depth > step
@@ -402,19 +480,22 @@ class MoRRecursionBlock(nn.Module):
                 active_by_step[step] = ActiveTokens.from_mask(active)
             active_tokens = active_by_step[step]
             if active_tokens.rows.numel() == 0:
+                for _ in positions:
+                    self._record_layer_output(recording, hidden_states, hidden_states, None, active_tokens, None, token_index)
                 continue
             shares_step_one = config.kv_cache_policy == "shared" and step > 0
             if step not in attention_by_step:
                 attention_by_step[step] = self._step_attention(
-                    step, active_by_step, token_index, cache, attention_by_step, hidden_states.dtype
+                    step, active_by_step, token_index, cache, attention_by_step, hidden_states.dtype, document_start
                 )
             step_attention = attention_by_step[step]
 
             block_input = active_tokens.take(hidden_states)
             block_hidden = block_input
             step_position_embeddings = tuple(active_tokens.take(part) for part in position_embeddings)
-            for position in positions:
-                block_hidden, key_value = self.layers[position](
+            for order, position in enumerate(positions):
+                layer_input = hidden_states
+                block_hidden, attn_weights, key_value = self.layers[position](
                     block_hidden,
                     attention_mask=step_attention.mask,
                     position_embeddings=step_position_embeddings,
@@ -427,10 +508,16 @@ class MoRRecursionBlock(nn.Module):
                 )
                 if step == 0:
                     step_one_key_values[position] = key_value
-
-            if config.routing == "expert_choice":
-                block_hidden = apply_gate(config, block_input, block_hidden, active_tokens.take(gate))
-            hidden_states = active_tokens.put(hidden_states, block_hidden)
+                if order == len(positions) - 1:
+                    if config.routing == "expert_choice":
+                        block_hidden = apply_gate(config, block_input, block_hidden, active_tokens.take(gate))
+                    hidden_states = active_tokens.put(hidden_states, block_hidden)
+                    layer_states = hidden_states
+                else:
+                    layer_states = active_tokens.put(hidden_states, block_hidden) if recording else None
+                self._record_layer_output(
+                    recording, layer_input, layer_states, attn_weights, active_tokens, step_attention, token_index
+                )
 
         if config.routing == "token_choice":
             # Token-choice gates once, at the end: H^1 + w * f^d(H^1).
@@ -441,12 +528,30 @@ class MoRRecursionBlock(nn.Module):
         mean_losses = {name: torch.stack(values).mean() for name, values in router_losses.items()}
         return hidden_states, recursion_depth, mean_losses
 
+    def _record_layer_output(self, recording, layer_input, layer_states, attn_weights, active_tokens, step_attention, token_index):
+        """Hands one unrolled layer's whole-sequence outputs to the output capturing, while it records them."""
+        if not recording:
+            return
+        batch_size, seq_len = token_index.shape
+        past_length = token_index[0, 0]
+        num_keys = seq_len + int(past_length)
+        if attn_weights is not None:
+            attn_weights = step_attention.weights_over_sequence(
+                attn_weights, active_tokens.rows, batch_size, past_length, num_keys
+            )
+        elif step_attention is None and "attentions" in recording and self.config._attn_implementation == "eager":
+            # A step no token takes: nothing attends.
+            attn_weights = layer_states.new_zeros(batch_size, self.config.num_attention_heads, seq_len, num_keys)
+        self.layer_output(layer_input, layer_states, attn_weights)
+
     @staticmethod
     def _collect(router_losses, losses):
         for name, value in losses.items():
             router_losses.setdefault(name, []).append(value)
 
-    def _step_attention(self, step, active_by_step, token_index, cache, attention_by_step, dtype) -> StepAttention:
+    def _step_attention(
+        self, step, active_by_step, token_index, cache, attention_by_step, dtype, document_start=None
+    ) -> StepAttention:
         """The attention mask of a recursion step and where its rows sit among the rows of the keys it reads.
 
         Keys are those of the step's own rows: from the cache (their tokens that took the step, past ones included),
@@ -471,11 +576,14 @@ class MoRRecursionBlock(nn.Module):
         if key_rows is not None:
             key_index, key_valid = key_rows.select(key_index, key_valid)
 
-        if active_tokens.is_everything and cache is None and config._attn_implementation == "sdpa":
-            attention_mask = None  # the plain causal layout: sdpa's causal kernel
+        plain_causal = active_tokens.is_everything and cache is None and document_start is None
+        if plain_causal and config._attn_implementation == "sdpa":
+            attention_mask = None  # sdpa's causal kernel
         else:
-            attention_mask = build_attention_mask(config, query_index, key_index, key_valid, dtype)
-        return StepAttention(attention_mask, key_rows, key_layout)
+            # Documents exist only when nothing was cached before: queries and keys are the same tokens.
+            query_start = None if document_start is None else active_tokens.per_row(document_start)
+            attention_mask = build_attention_mask(config, query_index, key_index, key_valid, dtype, query_start)
+        return StepAttention(attention_mask, key_rows, key_layout, query_index, key_index.masked_fill(~key_valid, -1))
 
 
 class MoRPreTrainedModel(PreTrainedModel):
@@ -486,9 +594,28 @@ class MoRPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["MoRDecoderLayer"]
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = False
-    _supports_attention_backend = False
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # The shared layers run on packed subsets of the tokens: every unrolled layer hands its whole-sequence outputs to
+    # an `UnrolledLayerOutput`, which is what transformers' output capturing reads.
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(UnrolledLayerOutput, index=0),
+        "attentions": OutputRecorder(UnrolledLayerOutput, index=1),
+    }
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        """Refuses flash attention with MoR's reason (transformers' own refusal asks to request support)."""
+        if attn_implementation is not None and is_flash_attention_requested(
+            requested_attention_implementation=attn_implementation.removeprefix("paged|")
+        ):
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r} is not supported by MoR models: a recursion step attends "
+                f"over a packed subset of the tokens with its own mask, which the flash-attention kernels are not "
+                f"wired for yet (they need a GPU, and none was available to test them). Use 'sdpa' (the default), "
+                f"'eager' (for output_attentions) or 'flex_attention'."
+            )
+        return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -518,10 +645,12 @@ class MoRModel(MoRPreTrainedModel):
         self.last_layer = MoRDecoderLayer(config, offset + config.block_size) if config.has_unshared_ends else None
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.layer_output = UnrolledLayerOutput()
         self.gradient_checkpointing = False
         self.post_init()
 
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -562,29 +691,39 @@ class MoRModel(MoRPreTrainedModel):
             token_valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=inputs_embeds.device)
         else:
             token_valid = attention_mask[:, -seq_len:].bool()
+        # Padding-free batches (`DataCollatorWithFlattening`): one row packs documents whose positions restart at 0.
+        # As for Llama, they are found from position_ids when there is no mask; unlike Llama, also in an eval forward
+        # that starts an empty cache (Trainer's evaluation of such batches).
+        sequence_index = document_start = None
+        if attention_mask is None and past_seen_tokens == 0:
+            sequence_index = find_packed_sequence_indices(position_ids)
+        if sequence_index is not None:
+            is_first = torch.diff(sequence_index, dim=-1, prepend=sequence_index[:, :1] - 1) != 0
+            document_start = torch.where(is_first, token_index, 0).cummax(dim=-1).values
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         end_layer_mask = None
         if self.first_layer is not None:
-            end_layer_mask = self._end_layer_mask(attention_mask, token_index, token_valid, cache, hidden_states.dtype)
-            hidden_states, _ = self.first_layer(
-                hidden_states,
-                attention_mask=end_layer_mask,
-                position_embeddings=position_embeddings,
-                cache=cache,
-                **kwargs,
+            end_layer_mask = self._end_layer_mask(
+                attention_mask, token_index, token_valid, cache, hidden_states.dtype, document_start
+            )
+            hidden_states = self._end_layer(
+                self.first_layer, hidden_states, end_layer_mask, position_embeddings, cache, **kwargs
             )
         hidden_states, recursion_depth, router_losses = self.recursion_block(
-            hidden_states, token_index, token_valid, position_embeddings, cache=cache, **kwargs
+            hidden_states,
+            token_index,
+            token_valid,
+            position_embeddings,
+            cache=cache,
+            sequence_index=sequence_index,
+            document_start=document_start,
+            **kwargs,
         )
         if self.last_layer is not None:
-            hidden_states, _ = self.last_layer(
-                hidden_states,
-                attention_mask=end_layer_mask,
-                position_embeddings=position_embeddings,
-                cache=cache,
-                **kwargs,
+            hidden_states = self._end_layer(
+                self.last_layer, hidden_states, end_layer_mask, position_embeddings, cache, **kwargs
             )
         if cache is not None:
             cache.record_forward(seq_len)
@@ -593,7 +732,7 @@ class MoRModel(MoRPreTrainedModel):
             last_hidden_state=hidden_states,
             cache=cache,
             recursion_depth=recursion_depth,
-            router_losses=router_losses,
+            router_losses=router_losses or None,
         )
 
     def unrolled_layers(self, with_recursion_step: bool = False) -> list:
@@ -606,20 +745,35 @@ class MoRModel(MoRPreTrainedModel):
             unrolled = [(self.first_layer, None), *unrolled, (self.last_layer, None)]
         return unrolled if with_recursion_step else [layer for layer, _ in unrolled]
 
-    def _end_layer_mask(self, attention_mask, token_index, token_valid, cache, dtype):
+    def _end_layer(self, layer, hidden_states, attention_mask, position_embeddings, cache, **kwargs):
+        """An unshared first/last layer on every token, its outputs handed to the output capturing."""
+        output = layer(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            cache=cache,
+            **kwargs,
+        )
+        if recorded_outputs():
+            self.layer_output(hidden_states, output.hidden_states, output.attn_weights)
+        return output.hidden_states
+
+    def _end_layer_mask(self, attention_mask, token_index, token_valid, cache, dtype, document_start=None):
         """Mask of the unshared first/last layers: every real token, like Llama's."""
         if cache is None:
-            if attention_mask is None and self.config._attn_implementation == "sdpa":
+            if attention_mask is None and document_start is None and self.config._attn_implementation == "sdpa":
                 return None
-            return build_attention_mask(self.config, token_index, token_index, token_valid, dtype)
+            return build_attention_mask(self.config, token_index, token_index, token_valid, dtype, document_start)
         total = token_index.shape[1] + cache.get_seq_length()
         key_index = torch.arange(total, device=token_index.device).expand(token_index.shape[0], total)
         key_valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(key_index, dtype=torch.bool)
-        return build_attention_mask(self.config, token_index, key_index, key_valid, dtype)
+        return build_attention_mask(self.config, token_index, key_index, key_valid, dtype, document_start)
 
 
 class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: MoRConfig):
         super().__init__(config)
@@ -723,6 +877,7 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            return_dict=True,  # this forward makes the tuple; also when the config says return_dict=False
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -741,6 +896,8 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             lm_loss=lm_loss,
             router_aux_loss=router_losses.get("router_aux_loss"),
             balance_loss=router_losses.get("balance_loss"),
@@ -749,4 +906,26 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         )
 
 
-__all__ = ["MoRPreTrainedModel", "MoRModel", "MoRForCausalLM"]
+class MoRForSequenceClassification(GenericForSequenceClassification, MoRPreTrainedModel): ...
+
+
+class MoRForTokenClassification(GenericForTokenClassification, MoRPreTrainedModel): ...
+
+
+class MoRForQuestionAnswering(GenericForQuestionAnswering, MoRPreTrainedModel): ...
+
+
+# The generic heads build their base model with `AutoModel.from_config(config)`. Registering here, next to the classes,
+# makes that work both for the installed package and for this file loaded as a checkpoint's remote code (whose
+# MoRConfig is a class of its own).
+AutoModel.register(MoRConfig, MoRModel, exist_ok=True)
+
+
+__all__ = [
+    "MoRPreTrainedModel",
+    "MoRModel",
+    "MoRForCausalLM",
+    "MoRForSequenceClassification",
+    "MoRForTokenClassification",
+    "MoRForQuestionAnswering",
+]

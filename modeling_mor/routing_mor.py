@@ -52,15 +52,28 @@ def apply_gate(config: MoRConfig, hidden_states, block_output, gate):
     return hidden_states + gate * (block_output - hidden_states)
 
 
-def hierarchical_top_k(scores, active, token_valid, config: MoRConfig, step: int):
-    """Training-time expert choice: among the `active` tokens of each row, keep the top k_r = ceil(capacity_r * T)
-    by score (T = the row's real tokens). Tokens outside `active` can never be selected again."""
-    num_tokens = token_valid.sum(-1)
-    top_k = torch.ceil(num_tokens.to(torch.float64) * config.capacity[step] - 1e-6).long()
+def hierarchical_top_k(scores, active, token_valid, config: MoRConfig, step: int, sequence_index=None):
+    """Training-time expert choice: among the `active` tokens of each sequence, keep the top k_r = ceil(capacity_r *
+    T) by score (T = the sequence's real tokens). A sequence is a batch row, or one of the documents a padding-free
+    row packs (`sequence_index`, [batch, seq]: 0, 0, 1, 1, 1, ... as transformers' `find_packed_sequence_indices`
+    gives it), so packing documents in one row selects exactly what padding them into rows does. Tokens outside
+    `active` can never be selected again."""
+    if sequence_index is None:
+        sequence_index, num_sequences = torch.zeros_like(active, dtype=torch.long), 1
+    else:
+        num_sequences = int(sequence_index.max()) + 1
+    per_sequence = torch.zeros(active.shape[0], num_sequences, dtype=torch.long, device=active.device)
+    num_tokens = per_sequence.scatter_add(-1, sequence_index, token_valid.long())
+    top_k = torch.ceil(num_tokens.to(torch.float64) * config.capacity[step] - 1e-6).long().gather(-1, sequence_index)
     masked_scores = scores.detach().float().masked_fill(~active, float("-inf"))
     order = masked_scores.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
-    return (rank < top_k.unsqueeze(-1)) & active
+    # A stable sort by sequence keeps the score order inside each sequence.
+    order = order.gather(-1, sequence_index.gather(-1, order).argsort(dim=-1, stable=True))
+    sorted_position = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    sequence_sizes = per_sequence.scatter_add(-1, sequence_index, torch.ones_like(sequence_index))
+    sequence_offset = (sequence_sizes.cumsum(-1) - sequence_sizes).gather(-1, sequence_index)
+    rank = torch.empty_like(order).scatter_(-1, order, sorted_position) - sequence_offset
+    return (rank < top_k) & active
 
 
 # sigmoid(1) = 0.73: above the default threshold, so every token continues, yet close enough to it that a short
@@ -99,8 +112,9 @@ class ExpertChoiceRouting(nn.Module):
         neutral = activation(torch.zeros((), device=logits.device))
         return 1.0 + self.config.router_alpha * (activation(logits.float()) - neutral)
 
-    def forward(self, hidden_states, active, token_valid, step: int):
-        """Decides which of the `active` tokens take recursion step `step` (0-based).
+    def forward(self, hidden_states, active, token_valid, step: int, sequence_index=None):
+        """Decides which of the `active` tokens take recursion step `step` (0-based); `sequence_index` tells the
+        documents of a padding-free packed row apart (see `hierarchical_top_k`).
 
         Returns `selected` ([batch, seq] bool), the gate weight of every token ([batch, seq] float32) and a dict of
         this step's (unweighted) router losses.
@@ -111,7 +125,7 @@ class ExpertChoiceRouting(nn.Module):
             # A full-capacity step makes no decision: every token still active takes it.
             selected = active
         elif self.training:
-            selected = hierarchical_top_k(logits, active, token_valid, self.config, step)
+            selected = hierarchical_top_k(logits, active, token_valid, self.config, step, sequence_index)
             # BCE teaches the router to predict, causally, what top-k decided, so eval can route token by token.
             target = selected[active].float()
             losses["router_aux_loss"] = F.binary_cross_entropy_with_logits(logits[active], target)

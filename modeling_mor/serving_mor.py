@@ -479,14 +479,14 @@ class DepthwiseBatchProcessor:
         self.stats.pass_setup += time.perf_counter() - started
         layer_input = hidden
         for layer in layers:
-            hidden, _ = layer(
+            hidden = layer(
                 hidden,
                 attention_mask=attention_mask,
                 position_embeddings=(cos[0], sin[0]),
                 cache=view,
                 recursion_step=recursion_step,
                 active_tokens=active_tokens,
-            )
+            ).hidden_states
         return layer_input, hidden, counts
 
     def _end_layer_pass(self, groups: list[TokenGroup], layer, first: bool) -> None:
