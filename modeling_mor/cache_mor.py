@@ -130,18 +130,41 @@ class PagePool:
 
     Token-major pages, `[page, slot, kv_heads, head_dim]`: the pages a row reads, gathered with index_select, are its
     keys in slot order without a further copy (a view transposes them to `[kv_heads, slots, head_dim]`). Freed pages
-    are reused, lowest first. A growable pool doubles when it runs out (MoRCache); a fixed one never does (serving)."""
+    are reused, lowest first. A growable pool doubles when it runs out (MoRCache); a fixed one never does (serving).
+
+    `kv_heads=None` allocates the pages at the first write, with the head count of the keys written: under tensor
+    parallelism a process holds only its share of the heads."""
 
     def __init__(self, num_layers, num_pages, page_size, kv_heads, head_dim, dtype, device, growable=False):
-        shape = (num_layers, num_pages, page_size, kv_heads, head_dim)
-        # Uninitialised: a page is zeroed when it is taken (`take_page`), so memory is touched only as it is used.
-        self.keys = torch.empty(shape, dtype=dtype, device=device)
-        self.values = torch.empty(shape, dtype=dtype, device=device)
+        self.num_layers, self.head_dim, self.dtype, self.device = num_layers, head_dim, dtype, device
+        self.keys = self.values = None
         self.slot_token_index = torch.full((num_pages, page_size), -1, dtype=torch.long, device=device)
         self.page_size = page_size
         self.num_pages = num_pages
         self.growable = growable
         self.free_pages = list(range(num_pages - 1, -1, -1))
+        if kv_heads is not None:
+            self.allocate(kv_heads)
+
+    def allocate(self, kv_heads: int) -> None:
+        shape = (self.num_layers, self.num_pages, self.page_size, kv_heads, self.head_dim)
+        # Uninitialised: a page is zeroed when it is taken (`take_page`), so memory is touched only as it is used.
+        self.keys = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.values = torch.empty(shape, dtype=self.dtype, device=self.device)
+        taken = sorted(set(range(self.num_pages)) - set(self.free_pages))
+        self.keys[:, taken] = 0
+        self.values[:, taken] = 0
+
+    def check_writable(self, keys: torch.Tensor) -> None:
+        """Allocates the pages for `keys` (`[N, kv_heads, head_dim]`) at the first write; refuses another shape."""
+        if self.keys is None:
+            self.allocate(keys.shape[1])
+        if keys.shape[1:] != self.keys.shape[3:]:
+            raise ValueError(
+                f"keys of shape [tokens, kv_heads, head_dim] = {tuple(keys.shape)} do not fit this cache's pages of "
+                f"{tuple(self.keys.shape[3:])} (kv_heads, head_dim): one cache serves one model (and one tensor-"
+                f"parallel rank); build a new MoRCache."
+            )
 
     def take_page(self) -> int:
         """A free page, zeroed: attention masks its unused slots, but a masked slot holding NaN would still poison
@@ -151,8 +174,9 @@ class PagePool:
                 raise RuntimeError("the KV page pool is exhausted")
             self._grow(self.num_pages)
         page = self.free_pages.pop()
-        self.keys[:, page].zero_()
-        self.values[:, page].zero_()
+        if self.keys is not None:
+            self.keys[:, page].zero_()
+            self.values[:, page].zero_()
         return page
 
     def _grow(self, extra_pages: int) -> None:
@@ -163,16 +187,18 @@ class PagePool:
             tail = tensor.new_full(shape, fill) if fill is not None else tensor.new_empty(shape)
             return torch.cat([tensor, tail], dim=axis)
 
-        self.keys, self.values = grown(self.keys), grown(self.values)
+        if self.keys is not None:
+            self.keys, self.values = grown(self.keys), grown(self.values)
         self.slot_token_index = grown(self.slot_token_index, -1)
         self.free_pages = list(range(self.num_pages + extra_pages - 1, self.num_pages - 1, -1)) + self.free_pages
         self.num_pages += extra_pages
 
     def copy_pages(self, source: list[int], destination: list[int]) -> None:
-        source = torch.tensor(source, dtype=torch.long, device=self.keys.device)
-        destination = torch.tensor(destination, dtype=torch.long, device=self.keys.device)
-        self.keys[:, destination] = self.keys[:, source]
-        self.values[:, destination] = self.values[:, source]
+        source = torch.tensor(source, dtype=torch.long, device=self.device)
+        destination = torch.tensor(destination, dtype=torch.long, device=self.device)
+        if self.keys is not None:
+            self.keys[:, destination] = self.keys[:, source]
+            self.values[:, destination] = self.values[:, source]
         self.slot_token_index[destination] = self.slot_token_index[source]
 
     def free(self, pages: list[int]) -> None:
@@ -185,7 +211,7 @@ class PagePool:
         return self.num_pages - len(self.free_pages)
 
     def bytes_per_page(self) -> int:
-        return 2 * self.keys[:, 0].nbytes  # keys and values of every layer
+        return 0 if self.keys is None else 2 * self.keys[:, 0].nbytes  # keys and values of every layer
 
 
 class PageTable:
@@ -208,12 +234,14 @@ class PagedKVStorage:
     layers (a deep step holds fewer tokens, so its pages serve the shallower steps), and, with `end_layers=True` and
     unshared ends, `END_LAYERS`, a pool of the 2 end layers. Sequences are named by any hashable id."""
 
-    def __init__(self, config, num_pages: int, page_size: int, dtype, device, end_layers=True, growable=False):
+    def __init__(
+        self, config, num_pages: int, page_size: int, dtype, device, end_layers=True, growable=False, kv_heads="config"
+    ):
         self.config = config
         self.page_size = page_size
         self.num_stored_steps = 1 if config.kv_cache_policy == "shared" else config.num_recursions
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        kv_heads = config.num_key_value_heads
+        kv_heads = config.num_key_value_heads if kv_heads == "config" else kv_heads  # None: from the first write
         self.pools: dict = {}
         if end_layers and config.has_unshared_ends:
             self.pools[END_LAYERS] = PagePool(2, num_pages, page_size, kv_heads, head_dim, dtype, device, growable)
@@ -355,6 +383,7 @@ def gather_pages(pool: PagePool, layer_row: int, page_table: torch.LongTensor):
 def write_pages(pool: PagePool, layer_row: int, pages, offsets, keys, values) -> None:
     """Writes tokens' keys/values (`[N, kv_heads, head_dim]`) into their slots."""
     if pages.numel():
+        pool.check_writable(keys)
         pool.keys[layer_row][pages, offsets] = keys
         pool.values[layer_row][pages, offsets] = values
 
@@ -442,6 +471,8 @@ class MoRRecursionLayer(CacheLayerMixin):
     def _held(self):
         storage = self.cache.storage
         if storage is None:
+            return None, None
+        if storage.pools[self.step].keys is None:
             return None, None
         rows = sorted(storage.tables)
         page_table, key_index = storage.read_layout(rows, [self.step] * len(rows))
@@ -532,7 +563,7 @@ class MoRCache(Cache):
     def _start_storage(self, batch_size: int, dtype, device) -> None:
         self.storage = PagedKVStorage(
             self.config, batch_size * INITIAL_PAGES_PER_ROW, self.page_size, dtype, device, end_layers=False,
-            growable=True,
+            growable=True, kv_heads=None,  # a tensor-parallel rank holds only its share of the heads
         )
         for row in range(batch_size):
             self.storage.add_sequence(row)
@@ -591,7 +622,9 @@ class MoRCache(Cache):
         """Bytes allocated for pages, used or free (the pool doubles when it runs out)."""
         if self.storage is None:
             return 0
-        return sum(pool.keys.nbytes + pool.values.nbytes + pool.slot_token_index.nbytes for pool in self.storage.unique_pools())
+        return sum(
+            pool.bytes_per_page() * pool.num_pages + pool.slot_token_index.nbytes for pool in self.storage.unique_pools()
+        )
 
     def reset(self) -> None:
         super().reset()

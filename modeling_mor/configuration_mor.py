@@ -53,6 +53,14 @@ def valid_recursion_layouts(num_hidden_layers: int) -> list[tuple[str, int]]:
     ]
 
 
+# Llama's tensor-parallel plan of one decoder layer (its `layers.*.` prefix removed): MoR's layers are Llama's.
+_LLAMA_LAYER_TP_PLAN = {
+    name.removeprefix("layers.*."): style
+    for name, style in LlamaConfig.base_model_tp_plan.items()
+    if name.startswith("layers.*.")
+}
+
+
 def _check_choice(field: str, value, choices: tuple) -> None:
     if value not in choices:
         raise ValueError(f"MoRConfig.{field}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
@@ -126,6 +134,9 @@ class MoRConfig(LlamaConfig):
                 "AutoConfig": "configuration_mor.MoRConfig",
                 "AutoModel": "modeling_mor.MoRModel",
                 "AutoModelForCausalLM": "modeling_mor.MoRForCausalLM",
+                "AutoModelForSequenceClassification": "modeling_mor.MoRForSequenceClassification",
+                "AutoModelForTokenClassification": "modeling_mor.MoRForTokenClassification",
+                "AutoModelForQuestionAnswering": "modeling_mor.MoRForQuestionAnswering",
             }
         self.validate_recursion()
 
@@ -174,6 +185,46 @@ class MoRConfig(LlamaConfig):
         for field in ("router_aux_loss_coef", "balance_loss_coef", "balance_update_rate", "router_z_loss_coef"):
             if getattr(self, field) < 0:
                 raise ValueError(f"MoRConfig.{field}={getattr(self, field)} is not valid; it must be >= 0.")
+
+    @property
+    def base_model_tp_plan(self) -> dict[str, str]:
+        """Tensor-parallel plan of `MoRModel`, naming MoR's modules: Llama's per-layer plan (attention and MLP
+        projections colwise in, rowwise out) for the unshared first/last layers and the shared block's layers, and
+        the embeddings sharded on the vocabulary (tied to `lm_head`, which `MoRForCausalLM._tp_plan` shards alike).
+
+        The routers stay replicated (not in the plan): every rank needs every routing decision, and they are tiny.
+        A relaxed model's shared layers (`relaxation_rank > 0`) stay replicated too: transformers' colwise/rowwise
+        styles shard every parameter of the module they name along the weight's dimension, which splits the low-rank
+        factors on their rank (colwise `relaxation_A`, rowwise `relaxation_B`); the inference path, on local shards,
+        then fails with a shape mismatch. A property, not a class attribute: which modules exist depends on the
+        sharing strategy and the relaxation."""
+        layers = [] if self.relaxation_rank > 0 else ["recursion_block.layers.*"]
+        if self.has_unshared_ends:
+            layers = ["first_layer", *layers, "last_layer"]
+        plan = {"embed_tokens": "embedding_rowwise"}
+        for layer in layers:
+            plan.update({f"{layer}.{name}": style for name, style in _LLAMA_LAYER_TP_PLAN.items()})
+        return plan
+
+    @property
+    def base_model_pp_plan(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Pipeline stages of `MoRModel` in forward order, each with the inputs it takes and the outputs it gives.
+        The recursion block is one stage: its shared layers run once per recursion step, so splitting them across
+        stages would send the activations back and forth N_r times. transformers' own pipeline parallelism
+        (`DistributedConfig(pp_size=...)`) does not read this plan: it splits `base_model.layers` evenly, a list
+        MoR does not have."""
+        plan = {"embed_tokens": (["input_ids"], ["inputs_embeds"])}
+        end_layer = (["hidden_states", "attention_mask", "position_embeddings"], ["hidden_states"])
+        if self.has_unshared_ends:
+            plan["first_layer"] = end_layer
+        plan["recursion_block"] = (
+            ["hidden_states", "token_index", "token_valid", "position_embeddings"],
+            ["hidden_states", "recursion_depth", "router_losses"],
+        )
+        if self.has_unshared_ends:
+            plan["last_layer"] = end_layer
+        plan["norm"] = (["hidden_states"], ["hidden_states"])
+        return plan
 
     @property
     def block_size(self) -> int | None:

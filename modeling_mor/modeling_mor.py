@@ -16,6 +16,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers import AutoModel
+from transformers import initialization as init
 from transformers.modeling_layers import (
     GenericForQuestionAnswering,
     GenericForSequenceClassification,
@@ -37,7 +38,7 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.generic import is_flash_attention_requested
 from transformers.utils.deprecation import deprecate_kwarg
-from transformers.utils.output_capturing import OutputRecorder, _active_collector, capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_mor import MoRCache
 from .configuration_mor import MoRConfig
@@ -86,6 +87,9 @@ class ActiveTokens:
     Attention runs per batch row, on the active tokens packed to the left of their rows, `[rows, width, ...]`
     (`per_row`, `to_row_layout`, `from_row_layout`); `valid` marks the real entries, since rows hold different
     numbers of active tokens. Rows without any active token are left out of both.
+
+    Under torch.compile (`in_place`) the layouts keep every token in its place instead: shapes then do not depend on
+    the routing, so the forward compiles as one graph; the step computes every token and keeps the active ones.
     """
 
     rows: torch.LongTensor
@@ -93,13 +97,19 @@ class ActiveTokens:
     valid: torch.BoolTensor
     token_rows: torch.LongTensor
     token_index: torch.LongTensor
-    is_everything: bool
+    is_everything: bool  # every token of the batch is in the layouts, in place
     rows_are_full: bool  # every row holds `width` tokens (decoding, training top-k): the two layouts are one reshape
+    in_place: torch.BoolTensor | None = None  # the active tokens, when inactive ones are computed and dropped
 
     @classmethod
-    def from_mask(cls, active: torch.BoolTensor) -> "ActiveTokens":
+    def from_mask(cls, active: torch.BoolTensor, in_place: bool = False) -> "ActiveTokens":
         batch_size, seq_len = active.shape
         device = active.device
+        if in_place:
+            index = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
+            rows = torch.arange(batch_size, device=device)
+            token_rows = rows.repeat_interleave(seq_len)
+            return cls(rows, index, active, token_rows, index.reshape(-1), True, True, in_place=active)
         if bool(active.all()):
             index = torch.arange(seq_len, device=device).expand(batch_size, seq_len)
             rows = torch.arange(batch_size, device=device)
@@ -140,6 +150,8 @@ class ActiveTokens:
 
     def put(self, tensor: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Writes the packed `tokens` back into a copy of `tensor` (out of place, so autograd sees it)."""
+        if self.in_place is not None:
+            return torch.where(self.in_place.unsqueeze(-1), tokens.reshape(tensor.shape), tensor)
         if self.is_everything:
             return tokens.reshape(tensor.shape)
         return tensor.index_put((self.token_rows, self.token_index), tokens)
@@ -234,9 +246,10 @@ class UnrolledLayerOutput(nn.Module):
         return hidden_states, attn_weights
 
 
-def recorded_outputs() -> set[str]:
-    """The outputs transformers' output capturing records during this forward ("hidden_states", "attentions")."""
-    return set(_active_collector.get() or ())
+def recorded_outputs(config, kwargs) -> set[str]:
+    """The outputs transformers' output capturing records in this forward ("hidden_states", "attentions"): asked for
+    in the call, else by the config, as `capture_outputs` decides (which passes the call's flags on)."""
+    return {name for name in ("hidden_states", "attentions") if kwargs.get(f"output_{name}", getattr(config, f"output_{name}", False))}
 
 
 def build_attention_mask(config, query_index, key_index, key_valid, dtype, query_start=None):
@@ -456,7 +469,10 @@ class MoRRecursionBlock(nn.Module):
         the hidden states, the recursion depth of every token and the (unweighted) router losses, averaged over
         steps."""
         config = self.config
-        recording = recorded_outputs()
+        recording = recorded_outputs(config, kwargs)
+        # Under torch.compile without a cache, steps keep every token in place (static shapes, one graph); a cache
+        # stores only the tokens that take each step, so cached steps pack them.
+        in_place = torch.compiler.is_compiling() and cache is None
         recursion_depth = torch.zeros_like(token_index)
         router_losses: dict[str, list[torch.Tensor]] = {}
         if config.routing == "token_choice":
@@ -477,7 +493,7 @@ class MoRRecursionBlock(nn.Module):
                 elif config.routing == "token_choice":
                     active = chosen_depth > step
                 recursion_depth = recursion_depth + active
-                active_by_step[step] = ActiveTokens.from_mask(active)
+                active_by_step[step] = ActiveTokens.from_mask(active, in_place)
             active_tokens = active_by_step[step]
             if active_tokens.rows.numel() == 0:
                 for _ in positions:
@@ -563,7 +579,9 @@ class MoRRecursionBlock(nn.Module):
         batch_size = token_index.shape[0]
         if config.kv_cache_policy == "shared" and step > 0:
             key_index, key_valid = attention_by_step[0].key_layout
-            key_rows = KeyRows.of(active_tokens.rows, among=active_by_step[0].rows)
+            # In place (compiled), every step holds every row: the same rows as step 1's keys.
+            in_place = active_tokens.in_place is not None
+            key_rows = None if in_place else KeyRows.of(active_tokens.rows, among=active_by_step[0].rows)
         elif cache is not None:
             key_index, key_valid = cache.prepare_recursion_step(
                 step, batch_size, active_tokens.rows, query_index, active_tokens.valid, dtype
@@ -576,7 +594,8 @@ class MoRRecursionBlock(nn.Module):
         if key_rows is not None:
             key_index, key_valid = key_rows.select(key_index, key_valid)
 
-        plain_causal = active_tokens.is_everything and cache is None and document_start is None
+        plain_causal = active_tokens.is_everything and active_tokens.in_place is None
+        plain_causal = plain_causal and cache is None and document_start is None
         if plain_causal and config._attn_implementation == "sdpa":
             attention_mask = None  # sdpa's causal kernel
         else:
@@ -584,6 +603,13 @@ class MoRRecursionBlock(nn.Module):
             query_start = None if document_start is None else active_tokens.per_row(document_start)
             attention_mask = build_attention_mask(config, query_index, key_index, key_valid, dtype, query_start)
         return StepAttention(attention_mask, key_rows, key_layout, query_index, key_index.masked_fill(~key_valid, -1))
+
+
+def add_router_losses(loss, router_losses: dict, config: MoRConfig):
+    """A task loss plus the router losses, each weighted by its config coefficient."""
+    for name, value in router_losses.items():
+        loss = loss + getattr(config, ROUTER_LOSS_COEFFICIENTS[name]) * value
+    return loss
 
 
 class MoRPreTrainedModel(PreTrainedModel):
@@ -604,6 +630,23 @@ class MoRPreTrainedModel(PreTrainedModel):
         "attentions": OutputRecorder(UnrolledLayerOutput, index=1),
     }
 
+    @classmethod
+    def prepare_distribute_model(cls, distributed_config, *args, **kwargs):
+        """Refuses pipeline parallelism before loading (transformers' pipeline stages split a `layers` list, and
+        MoR's shared block runs its layers several times); tensor parallelism goes on as transformers does it."""
+        pp_size = distributed_config.get("pp_size", 1) if isinstance(distributed_config, dict) else getattr(distributed_config, "pp_size", 1)
+        if (pp_size or 1) > 1:
+            raise ValueError(
+                f"pp_size={pp_size}: pipeline parallelism is not supported by MoR models (the shared recursion block "
+                f"runs its layers several times, so it cannot be split into stages). Use tensor parallelism "
+                f"(tp_plan='auto') instead."
+            )
+        return super().prepare_distribute_model(distributed_config, *args, **kwargs)
+
+    def routers(self) -> list[nn.Module]:
+        """Every router module (the step routers, the auxiliary routers, or the token-choice router)."""
+        return [module for module in self.modules() if isinstance(module, MoRRouter)]
+
     def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
         """Refuses flash attention with MoR's reason (transformers' own refusal asks to request support)."""
         if attn_implementation is not None and is_flash_attention_requested(
@@ -620,16 +663,18 @@ class MoRPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
+        # transformers' `initialization` functions skip tensors a checkpoint has loaded (a module missing one key
+        # keeps its other, loaded parameters).
         if isinstance(module, TokenChoiceRouting):
-            module.selection_bias.zero_()
+            init.zeros_(module.selection_bias)
         elif isinstance(module, RelaxedLinear):
             # LoRA-style: A random, B zero, so the deltas start at zero yet receive gradients.
-            module.relaxation_A.normal_(mean=0.0, std=self.config.initializer_range)
-            module.relaxation_B.zero_()
+            init.normal_(module.relaxation_A, mean=0.0, std=self.config.initializer_range)
+            init.zeros_(module.relaxation_B)
             if module.relaxation_bias is not None:
-                module.relaxation_bias.zero_()
+                init.zeros_(module.relaxation_bias)
         elif isinstance(module, RelaxedRMSNorm):
-            module.relaxation_weight.zero_()
+            init.zeros_(module.relaxation_weight)
 
 
 class MoRModel(MoRPreTrainedModel):
@@ -754,7 +799,7 @@ class MoRModel(MoRPreTrainedModel):
             cache=cache,
             **kwargs,
         )
-        if recorded_outputs():
+        if recorded_outputs(self.config, kwargs):
             self.layer_output(hidden_states, output.hidden_states, output.attn_weights)
         return output.hidden_states
 
@@ -790,10 +835,6 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         if routing is not None:
             routing.start_from_recursive_model_()
 
-    def routers(self) -> list[nn.Module]:
-        """Every router module (the step routers, the auxiliary routers, or the token-choice router)."""
-        return [module for module in self.modules() if isinstance(module, MoRRouter)]
-
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """`generate` builds a MoRCache instead of a DynamicCache, and checks a cache the user passes."""
         user_cache = model_kwargs.get("cache")
@@ -811,6 +852,17 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         model_kwargs["cache"] = MoRCache(self.config)
         if generation_config.is_assistant:
             model_kwargs["cache"].activate_past_recording()
+
+    def _valid_auto_compile_criteria(self, model_kwargs, generation_config) -> bool:
+        """generate() compiles the forward only for static caches; MoRCache grows by the tokens each recursion step
+        takes, so a requested compile_config is refused instead of being ignored with a warning."""
+        if generation_config.compile_config is not None and not generation_config.disable_compile:
+            raise ValueError(
+                "compile_config is not supported by MoR models: a decode step stores a data-dependent number of "
+                "keys per recursion step (MoRCache), which cannot be one static graph. torch.compile(model) compiles "
+                "the uncached forward as one graph; for cached decoding, leave compile_config unset."
+            )
+        return False
 
     def init_continuous_batching(self, generation_config=None, continuous_batching_config=None, workload_hints=None):
         """transformers' continuous-batching entry point (also behind `generate_batch` and
@@ -888,9 +940,7 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         router_losses = outputs.router_losses or {}
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            loss = lm_loss
-            for name, value in router_losses.items():
-                loss = loss + getattr(self.config, ROUTER_LOSS_COEFFICIENTS[name]) * value
+            loss = add_router_losses(lm_loss, router_losses, self.config)
 
         return MoRCausalLMOutputWithPast(
             loss=loss,
@@ -906,19 +956,65 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         )
 
 
-class MoRForSequenceClassification(GenericForSequenceClassification, MoRPreTrainedModel): ...
+class MoRHeadMixin:
+    """What transformers' generic heads need from MoR: their base model found by `AutoModel.from_config`, and the
+    weighted router losses in their training loss (as MoRForCausalLM's), so that fine-tuning a head keeps teaching
+    the routers the eval-mode routing rule."""
+
+    def __init__(self, config: MoRConfig):
+        # A checkpoint's remote code loads configuration_mor.py twice, in two module folders named by different
+        # hashes, so the config a head receives may be of another MoRConfig class than the one this file imports:
+        # register the config's own class before the generic `__init__` asks AutoModel for it.
+        AutoModel.register(type(config), MoRModel, exist_ok=True)
+        super().__init__(config)
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        inputs_embeds=None,
+        labels=None,
+        start_positions=None,
+        end_positions=None,
+        use_cache=None,
+        **kwargs,
+    ):
+        # Named arguments (not *args) because Trainer keeps the dataset columns that forward's signature names.
+        targets = dict(labels=labels, start_positions=start_positions, end_positions=end_positions)
+        kwargs.update({name: value for name, value in targets.items() if value is not None})
+        router_losses = {}
+
+        def keep_router_losses(module, inputs, outputs):
+            router_losses.update(getattr(outputs, "router_losses", None) or {})
+
+        # The generic forward keeps only the base model's hidden states; a hook on it reads the router losses.
+        handle = self.model.register_forward_hook(keep_router_losses)
+        try:
+            outputs = super().forward(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        finally:
+            handle.remove()
+        if getattr(outputs, "loss", None) is not None:
+            outputs.loss = add_router_losses(outputs.loss, router_losses, self.config)
+        return outputs
 
 
-class MoRForTokenClassification(GenericForTokenClassification, MoRPreTrainedModel): ...
+class MoRForSequenceClassification(MoRHeadMixin, GenericForSequenceClassification, MoRPreTrainedModel): ...
 
 
-class MoRForQuestionAnswering(GenericForQuestionAnswering, MoRPreTrainedModel): ...
+class MoRForTokenClassification(MoRHeadMixin, GenericForTokenClassification, MoRPreTrainedModel): ...
 
 
-# The generic heads build their base model with `AutoModel.from_config(config)`. Registering here, next to the classes,
-# makes that work both for the installed package and for this file loaded as a checkpoint's remote code (whose
-# MoRConfig is a class of its own).
-AutoModel.register(MoRConfig, MoRModel, exist_ok=True)
+class MoRForQuestionAnswering(MoRHeadMixin, GenericForQuestionAnswering, MoRPreTrainedModel): ...
 
 
 __all__ = [

@@ -68,6 +68,9 @@ def test_remote_code_round_trip_in_fresh_process(tmp_path, overrides):
         "AutoConfig": "configuration_mor.MoRConfig",
         "AutoModel": "modeling_mor.MoRModel",
         "AutoModelForCausalLM": "modeling_mor.MoRForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_mor.MoRForSequenceClassification",
+        "AutoModelForTokenClassification": "modeling_mor.MoRForTokenClassification",
+        "AutoModelForQuestionAnswering": "modeling_mor.MoRForQuestionAnswering",
     }
 
     input_ids = torch.randint(0, model.config.vocab_size, (2, 12))
