@@ -567,14 +567,17 @@ class EngineStats:
         self.block_pass_tokens = 0
         self.depth_histogram: dict[int, int] = {}
         self.peak_kv_bytes_held = 0
-        self.peak_held_over_ideal = 1.0
+        self.held_over_ideal_at_peak = 1.0  # when the most memory is held: what a pool must be sized for
+        self.peak_held_over_ideal = 1.0  # the largest ratio at any iteration (small holdings round up the most)
 
     def record_depths(self, depth: torch.LongTensor) -> None:
         for value, count in zip(*torch.unique(depth, return_counts=True)):
             self.depth_histogram[int(value)] = self.depth_histogram.get(int(value), 0) + int(count)
 
     def record_memory(self, report: dict) -> None:
-        self.peak_kv_bytes_held = max(self.peak_kv_bytes_held, report["kv_bytes_held"])
+        if report["kv_bytes_held"] > self.peak_kv_bytes_held:
+            self.peak_kv_bytes_held = report["kv_bytes_held"]
+            self.held_over_ideal_at_peak = report["held_over_ideal"]
         if report["kv_bytes_ideal"]:
             self.peak_held_over_ideal = max(self.peak_held_over_ideal, report["held_over_ideal"])
 
@@ -595,6 +598,7 @@ class EngineStats:
             "depth_histogram": dict(sorted(self.depth_histogram.items())),
             "mean_depth": self.mean_depth(),
             "peak_kv_bytes_held": self.peak_kv_bytes_held,
+            "kv_held_over_ideal_at_peak": self.held_over_ideal_at_peak,
             "peak_kv_held_over_ideal": self.peak_held_over_ideal,
         }
 
