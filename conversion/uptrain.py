@@ -8,6 +8,11 @@ first checkpoint is saved, a new run writes into a hidden staging folder next to
 before it (an error, Ctrl-C, SIGTERM) leaves nothing behind; from the first checkpoint on, OUTPUT_DIR holds what
 `--resume-from-checkpoint latest` continues from.
 
+Compute: every run counts its training FLOPs from the recursion depths its tokens actually take (`conversion.flops`)
+and the tokens it has seen; both are logged (`train_flops`, `num_input_tokens_seen`) and written to
+OUTPUT_DIR/training_summary.json. `--max-train-flops` trains to a FLOP budget instead of (or as well as) a number of
+steps. `python -m conversion.pretrain` trains a fresh model from a config with the same code.
+
 Examples:
 
     python -m conversion.uptrain outputs/stories-mor outputs/stories-mor-uptrained \\
@@ -20,8 +25,11 @@ Examples:
 
 import argparse
 import contextlib
+import json
+import math
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,6 +49,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .cli_checks import check_minimum_values, check_option_needs, looks_like_hub_id, one_line, read_mor_config
 from .convert_llama_to_mor import resolve_source
+from .flops import FlopCounter
 from .measure import (
     check_fills_one_block,
     context_length,
@@ -140,11 +149,39 @@ class CapacityWarmup(TrainerCallback):
         self.config.capacity = self.target
 
 
-class UptrainTrainer(Trainer):
-    """Trainer whose loss adds distillation from a teacher (KL to its softened logits), and which logs every loss
-    term (LM, router, distillation) on its own."""
+class FlopBudget(TrainerCallback):
+    """Keeps Trainer's FLOP count (`state.total_flos`, the depth-aware count of `UptrainTrainer.floating_point_ops`)
+    summed over every process after each optimizer step, and stops training at the end of the first step that brings
+    it to `max_flops` or beyond: the budget is checked right after the step that crosses it, so a run overshoots by
+    less than one step's FLOPs and never stops short of the budget. That step is saved (and evaluated, with
+    evaluation on), as the last step of a run that reaches max_steps is."""
 
-    def __init__(self, *args, teacher=None, distill_weight=0.5, distill_temperature=1.0, **kwargs):
+    def __init__(self, trainer: Trainer, max_flops: float | None = None):
+        self.trainer = trainer
+        self.max_flops = max_flops
+        self.reached = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Every process ends the step together, so the count's all-gather (under DDP) is safe here.
+        self.trainer.store_flos()
+        if self.max_flops is not None and state.total_flos >= self.max_flops:
+            self.reached = True
+            control.should_training_stop = True
+            if args.save_strategy == "steps":
+                control.should_save = True
+            if args.eval_strategy == "steps":
+                control.should_evaluate = True
+
+
+class UptrainTrainer(Trainer):
+    """Trainer whose loss adds distillation from a teacher (KL to its softened logits), which logs every loss term
+    (LM, router, distillation) on its own, and which counts the training FLOPs from the recursion depths taken
+    (`conversion.flops.FlopCounter`; the teacher's forward passes are not counted), logged as `train_flops` with the
+    tokens seen. `max_train_flops` stops training once the count reaches it (`FlopBudget`). Vanilla Llama models train
+    with it too (the plain LM loss; every token at full depth)."""
+
+    def __init__(self, *args, teacher=None, distill_weight=0.5, distill_temperature=1.0, max_train_flops=None,
+                 **kwargs):
         model = kwargs.get("model")
         # Trainer sets `config.use_cache = args.use_cache` (False) for training; what is saved keeps the model's own.
         self.saved_use_cache = getattr(getattr(model, "config", None), "use_cache", True)
@@ -153,11 +190,27 @@ class UptrainTrainer(Trainer):
         self.distill_weight = distill_weight
         self.distill_temperature = distill_temperature
         self._loss_terms: dict[str, list[float]] = {}
+        self.flop_counter = flop_counter_of(self.model)
+        if max_train_flops is not None and self.flop_counter is None:
+            raise ValueError(f"a FLOP budget needs a model whose FLOPs can be counted (a Llama or an MoR causal LM), "
+                             f"not a {type(self.model).__name__}.")
+        self._micro_batch_flops = None
+        self.flop_budget = FlopBudget(self, max_train_flops)
+        self.add_callback(self.flop_budget)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
+        counts_depth = self.flop_counter is not None and self.flop_counter.is_mor
+        outputs = model(**inputs, output_recursion_depth=True) if counts_depth else model(**inputs)
+        if model.training and self.flop_counter is not None:
+            token_valid = inputs.get("attention_mask")
+            if token_valid is None:
+                token_valid = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+            self._micro_batch_flops = self.flop_counter.batch_flops(
+                token_valid, outputs.recursion_depth if counts_depth else None
+            )
         loss = outputs.loss
-        terms = {"lm_loss": outputs.lm_loss}
+        # A vanilla model's loss is the LM loss.
+        terms = {"lm_loss": outputs.lm_loss if getattr(outputs, "lm_loss", None) is not None else outputs.loss}
         for name in ("router_aux_loss", "balance_loss", "router_z_loss"):
             if getattr(outputs, name, None) is not None:
                 terms[name] = getattr(outputs, name)
@@ -178,6 +231,14 @@ class UptrainTrainer(Trainer):
                 self._loss_terms.setdefault(name, []).append(value.detach().float().item())
         return (loss, outputs) if return_outputs else loss
 
+    def floating_point_ops(self, inputs) -> float:
+        """The FLOPs of the micro-batch just trained, counted by `compute_loss` from its recursion depths (Trainer
+        calls this after every training step and adds it to `state.total_flos`, which checkpoints keep)."""
+        if self.flop_counter is None:
+            return super().floating_point_ops(inputs)
+        flops, self._micro_batch_flops = self._micro_batch_flops, None
+        return flops or 0.0
+
     def save_model(self, output_dir=None, _internal_call=False):
         """Saves with the model's own `use_cache` (the final model and every checkpoint), training goes on without."""
         config = self.model.config
@@ -188,12 +249,51 @@ class UptrainTrainer(Trainer):
         finally:
             config.use_cache = training_use_cache
 
+    def _save(self, output_dir=None, state_dict=None):
+        """Saves a sharded model (FSDP2, DeepSpeed) as a one-process run saves it. Their gathered state dicts hold
+        the tied head and the embeddings as two tensors, which `save_pretrained` (which finds ties by storage) would
+        both write: the head is dropped, as `tie_word_embeddings` restores it on loading. And FSDP2's `fully_shard`
+        turns the model's class into a subclass FSDP<Class> defined in torch, for which `save_pretrained` would write
+        torch's FSDP source files as the model's code and point config.json's auto_map at them: the model saves as
+        its own class."""
+        from torch.distributed.fsdp import FSDPModule
+
+        head = self.model.get_output_embeddings()
+        if state_dict is not None and head is not None and head.weight is self.model.get_input_embeddings().weight:
+            head_names = {f"{name}.weight" for name, module in self.model.named_modules() if module is head}
+            state_dict = {name: tensor for name, tensor in state_dict.items() if name not in head_names}
+        model_class = type(self.model)
+        if not issubclass(model_class, FSDPModule):
+            return super()._save(output_dir, state_dict=state_dict)
+        self.model.__class__ = next(cls for cls in model_class.__mro__ if not issubclass(cls, FSDPModule))
+        try:
+            super()._save(output_dir, state_dict=state_dict)
+        finally:
+            self.model.__class__ = model_class
+
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:
-            for name, values in self._loss_terms.items():
-                logs[name] = round(sum(values) / len(values), 4)
+            # Every process logs a training step (Trainer gathers the loss there), so the terms are averaged over
+            # the processes here, as Trainer averages the loss: the global batch's, not the main process's part.
+            names = sorted(self._loss_terms)
+            local = torch.tensor([sum(self._loss_terms[n]) / len(self._loss_terms[n]) for n in names],
+                                 device=self.args.device)
+            means = self.accelerator.reduce(local, reduction="mean") if names else local
+            for name, value in zip(names, means.tolist()):
+                logs[name] = round(value, 4)
             self._loss_terms = {}
+            # Current: `FlopBudget` has summed the count at the end of this step.
+            logs["train_flops"] = self.state.total_flos + self.current_flos
         super().log(logs, *args, **kwargs)
+
+
+def flop_counter_of(model) -> FlopCounter | None:
+    """A `FlopCounter` for `model` (DDP-unwrapped), or None for a model it does not know (a PEFT wrapper, another
+    architecture): Trainer's own 6 * parameters * tokens count is used then."""
+    try:
+        return FlopCounter(model)
+    except AttributeError:
+        return None
 
 
 class MoveIntoPlaceAtFirstCheckpoint(TrainerCallback):
@@ -218,7 +318,7 @@ class MoveIntoPlaceAtFirstCheckpoint(TrainerCallback):
         args.output_dir = str(self.output_dir)
 
 
-def save_loss_curve(log_history, path) -> bool:
+def save_loss_curve(log_history, path, title: str = "MoR uptraining") -> bool:
     try:
         import matplotlib
 
@@ -241,7 +341,7 @@ def save_loss_curve(log_history, path) -> bool:
             axis.plot(*zip(*points), linestyle="--", label=name)
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
-    axis.set_title("MoR uptraining")
+    axis.set_title(title)
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -257,6 +357,19 @@ def build_argument_parser():
     parser.add_argument("output_dir", metavar="OUTPUT_DIR",
                         help="checkpoints go to OUTPUT_DIR/checkpoint-N, the final model to OUTPUT_DIR; it may not be, "
                              "contain or lie inside INPUT_DIR, --teacher or the data")
+    add_data_arguments(parser, eval_help="text file for the perplexity before and after uptraining (and --eval-steps)")
+    method = parser.add_argument_group("MoR uptraining")
+    method.add_argument("--teacher", help="the source model (folder, Hub id or .gguf file) to distill from")
+    method.add_argument("--distill-weight", type=float, default=0.5)
+    method.add_argument("--distill-temperature", type=float, default=1.0)
+    method.add_argument("--capacity-warmup-steps", type=int, default=0)
+    method.add_argument("--router-aux-loss-coef", type=float, help="override the model's BCE router-loss weight")
+    add_trainer_arguments(parser)
+    return parser
+
+
+def add_data_arguments(parser, eval_help: str) -> None:
+    """The data options of the training command lines (uptraining, and pretraining in conversion/pretrain.py)."""
     data = parser.add_argument_group("data")
     data.add_argument("--train-file", nargs="+",
                       help="local UTF-8 text file(s); documents split on <|endoftext|> or blank lines")
@@ -265,27 +378,32 @@ def build_argument_parser():
     data.add_argument("--dataset-split", default="train")
     data.add_argument("--text-column", default="text")
     data.add_argument("--max-train-documents", type=int)
-    data.add_argument("--eval-file", help="text file for the perplexity before and after uptraining (and --eval-steps)")
+    data.add_argument("--eval-file", help=eval_help)
     data.add_argument("--eval-max-tokens", type=int, default=16384, help="perplexity on the first N tokens of it")
     data.add_argument("--block-size", type=int,
                       help="training sequence length (default: 256 tokens, or the model's context, "
                            "max_position_embeddings, when shorter; a longer value is refused)")
     data.add_argument("--eval-block-size", type=int,
-                      help="block of the perplexity before and after uptraining, both measured alike (default: as the "
-                           "conversion, 256 tokens capped at the model's context)")
-    method = parser.add_argument_group("MoR uptraining")
-    method.add_argument("--teacher", help="the source model (folder, Hub id or .gguf file) to distill from")
-    method.add_argument("--distill-weight", type=float, default=0.5)
-    method.add_argument("--distill-temperature", type=float, default=1.0)
-    method.add_argument("--capacity-warmup-steps", type=int, default=0)
-    method.add_argument("--router-aux-loss-coef", type=float, help="override the model's BCE router-loss weight")
+                      help="block of the perplexity, every measurement alike (default: 256 tokens capped at the "
+                           "model's context)")
+
+
+def add_trainer_arguments(parser) -> None:
+    """The Trainer options and the compute budget of the training command lines, and --overwrite."""
     trainer = parser.add_argument_group("Trainer")
-    trainer.add_argument("--max-steps", type=int, required=True, help="optimizer steps to train (at least 1)")
+    trainer.add_argument("--max-steps", type=int,
+                         help="optimizer steps to train (at least 1); the learning-rate schedule's length. Without it, "
+                              "--max-train-flops plans the steps")
+    trainer.add_argument("--max-train-flops", type=float,
+                         help="training FLOP budget (forward + backward, counted from the recursion depths taken; see "
+                              "conversion/flops.py): training stops at the end of the first step that reaches it. "
+                              "Without --max-steps, the schedule spans the steps the budget is planned to take")
     trainer.add_argument("--per-device-train-batch-size", type=int, default=16)
     trainer.add_argument("--gradient-accumulation-steps", type=int, default=1)
     trainer.add_argument("--learning-rate", type=float, default=1e-3)
     trainer.add_argument("--weight-decay", type=float, default=0.0)
-    trainer.add_argument("--warmup-steps", type=int, default=20)
+    trainer.add_argument("--warmup-steps", type=float, default=20,
+                         help="linear warm-up steps; a value below 1 is a fraction of the run's steps (default: 20)")
     trainer.add_argument("--lr-scheduler-type", default="cosine")
     trainer.add_argument("--logging-steps", type=int, default=10)
     trainer.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: at the end only)")
@@ -301,14 +419,14 @@ def build_argument_parser():
     trainer.add_argument("--disable-tqdm", action="store_true", help="log lines instead of progress bars")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing OUTPUT_DIR (once this run has saved its first checkpoint)")
-    return parser
 
 
 # The smallest value each option takes (block sizes are checked by `measure.eval_block_size`). Trainer's
-# `max_steps=-1` (train for the epochs instead) is not offered: a run trains for the steps it is given.
+# `max_steps=-1` (train for the epochs instead) is not offered: a run trains for the steps or the FLOPs it is given.
 MINIMUM_VALUES = {
     "max_steps": 1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "logging_steps": 1,
     "save_steps": 1, "save_total_limit": 1, "eval_steps": 1, "max_train_documents": 1, "eval_max_tokens": 2,
+    "max_train_flops": 1, "warmup_steps": 0,
 }
 
 
@@ -320,8 +438,26 @@ class CheckedArguments(NamedTuple):
 def check_arguments(args) -> CheckedArguments:
     """Everything that can be refused before any work: options, INPUT_DIR, the text files, OUTPUT_DIR and the
     checkpoint to resume from. Resolves the default block sizes in `args`."""
+    check_training_options(args)
+    config = read_mor_config(args.model_dir, "INPUT_DIR")
+    resolve_block_sizes(args, config)
+    if args.teacher:
+        teacher_source, _ = resolve_source(args.teacher)  # a missing .gguf file is refused here
+        if not Path(teacher_source).expanduser().exists() and not looks_like_hub_id(args.teacher):
+            raise ValueError(f"--teacher {args.teacher} does not exist. Fix: check the path, or give a Hub id or a "
+                             f".gguf file.")
+    if args.eval_file:
+        read_eval_text(args.eval_file)
+    return check_run_folder(args, INPUT_DIR=args.model_dir, **{"--teacher": args.teacher})
+
+
+def check_training_options(args) -> None:
+    """The checks of the data and Trainer options that read no file (shared with conversion/pretrain.py)."""
     if bool(args.train_file) == bool(args.dataset):
         raise ValueError("give exactly one of --train-file or --dataset.")
+    if args.max_steps is None and args.max_train_flops is None:
+        raise ValueError("give --max-steps (optimizer steps to train), --max-train-flops (a training FLOP budget), "
+                         "or both.")
     check_minimum_values(args, MINIMUM_VALUES)
     check_option_needs("--eval-file", args.eval_file,
                        {"--eval-block-size": args.eval_block_size, "--eval-steps": args.eval_steps})
@@ -334,24 +470,19 @@ def check_arguments(args) -> CheckedArguments:
                 '"mor-transformers[train]" (or pip install datasets), or give --train-file.'
             ) from None
 
-    config = read_mor_config(args.model_dir, "INPUT_DIR")
-    # Training blocks and perplexity blocks: 256 tokens by default, capped at the model's context.
+
+def resolve_block_sizes(args, config) -> None:
+    """Training blocks and perplexity blocks: 256 tokens by default, capped at the model's context."""
     args.block_size = eval_block_size(args.block_size, context_length(config), option="--block-size")
     args.eval_block_size = eval_block_size(args.eval_block_size, context_length(config))
-    if args.teacher:
-        teacher_source, _ = resolve_source(args.teacher)  # a missing .gguf file is refused here
-        if not Path(teacher_source).expanduser().exists() and not looks_like_hub_id(args.teacher):
-            raise ValueError(f"--teacher {args.teacher} does not exist. Fix: check the path, or give a Hub id or a "
-                             f".gguf file.")
-    if args.eval_file:
-        read_eval_text(args.eval_file)
 
+
+def check_run_folder(args, **inputs) -> CheckedArguments:
+    """OUTPUT_DIR and the checkpoint to resume from. `inputs` (name -> local path or Hub id) are the model inputs of
+    the run, which OUTPUT_DIR may not be, contain or lie inside; the data options are added here."""
     output_dir = Path(args.output_dir).expanduser()
     # Resolved paths, so that no spelling of OUTPUT_DIR (relative, `..`, a symlink) can replace or write into an input.
-    check_output_dir_is_separate(
-        output_dir, INPUT_DIR=args.model_dir, **{"--teacher": args.teacher, "--dataset": args.dataset,
-                                                 "--eval-file": args.eval_file}
-    )
+    check_output_dir_is_separate(output_dir, **inputs, **{"--dataset": args.dataset, "--eval-file": args.eval_file})
     for path in args.train_file or []:
         check_output_dir_is_separate(output_dir, **{"--train-file": path})
     if output_dir.exists() and not output_dir.is_dir():
@@ -391,14 +522,34 @@ def check_arguments(args) -> CheckedArguments:
     return CheckedArguments(resume_checkpoint, in_place)
 
 
-def load_tokenizer(model_dir):
+def load_tokenizer(model_dir, described: str = "INPUT_DIR", needed_by: str = "uptraining needs the one its "
+                   "conversion saved next to the weights"):
     try:
         return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
     except (OSError, ValueError) as error:
         raise ValueError(
-            f"the tokenizer of INPUT_DIR {model_dir} could not be loaded ({one_line(error)}); uptraining needs the "
-            f"one its conversion saved next to the weights."
+            f"the tokenizer of {described} {model_dir} could not be loaded ({one_line(error)}); {needed_by}."
         ) from None
+
+
+class TrainingData(NamedTuple):
+    train_dataset: TokenBlocks
+    eval_tokens: torch.LongTensor | None  # the perplexity text, when --eval-file is given
+    eval_dataset: TokenBlocks | None  # its blocks for Trainer's evaluation, when --eval-steps is given too
+
+
+def load_training_data(args, tokenizer) -> TrainingData:
+    """Reads and tokenizes the training and evaluation text (before any model is loaded, so that unusable data is
+    refused at once)."""
+    train_source = f"--dataset {args.dataset}" if args.dataset else f"--train-file {' '.join(args.train_file)}"
+    train_dataset = TokenBlocks(tokenize_texts(tokenizer, load_training_texts(args)), args.block_size, train_source)
+    eval_tokens = eval_dataset = None
+    if args.eval_file:
+        eval_tokens = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens)
+        check_fills_one_block(eval_tokens, args.eval_block_size, args.eval_file, args.eval_max_tokens)
+        if args.eval_steps:
+            eval_dataset = TokenBlocks(eval_tokens, args.block_size, f"--eval-file {args.eval_file}")
+    return TrainingData(train_dataset, eval_tokens, eval_dataset)
 
 
 def staging_folder(staging: contextlib.ExitStack, output_dir: Path, training_args) -> Path:
@@ -416,16 +567,8 @@ def main(argv=None) -> int:
     args = build_argument_parser().parse_args(argv)
     try:
         checked = check_arguments(args)
-        # The text is read and tokenized before the model is loaded, so that unusable data is refused at once.
         tokenizer = load_tokenizer(args.model_dir)
-        train_source = f"--dataset {args.dataset}" if args.dataset else f"--train-file {' '.join(args.train_file)}"
-        train_dataset = TokenBlocks(tokenize_texts(tokenizer, load_training_texts(args)), args.block_size, train_source)
-        eval_tokens = eval_dataset = None
-        if args.eval_file:
-            eval_tokens = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens)
-            check_fills_one_block(eval_tokens, args.eval_block_size, args.eval_file, args.eval_max_tokens)
-            if args.eval_steps:
-                eval_dataset = TokenBlocks(eval_tokens, args.block_size, f"--eval-file {args.eval_file}")
+        data = load_training_data(args, tokenizer)
     except (ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
@@ -441,10 +584,19 @@ def main(argv=None) -> int:
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
 
-    output_dir = Path(args.output_dir).expanduser().resolve()
-    training_args = TrainingArguments(
+    def finish(trainer, folder, before, after, depths, train_seconds):
+        write_card(args, trainer, folder, Path(args.output_dir).expanduser().resolve(), before, after, depths,
+                   data.eval_tokens, train_seconds)
+
+    return run_training(args, checked, model, tokenizer, data, start, teacher=teacher, measure_before=True,
+                        finish=finish, activity="uptraining")
+
+
+def build_training_arguments(args, output_dir: Path, evaluates: bool) -> TrainingArguments:
+    return TrainingArguments(
         output_dir=str(output_dir),
-        max_steps=args.max_steps,
+        # Without --max-steps, `run_training` plans the steps from the FLOP budget.
+        max_steps=args.max_steps if args.max_steps is not None else 1,
         per_device_train_batch_size=args.per_device_train_batch_size,
         per_device_eval_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -453,7 +605,7 @@ def main(argv=None) -> int:
         warmup_steps=args.warmup_steps,
         lr_scheduler_type=args.lr_scheduler_type,
         logging_steps=args.logging_steps,
-        eval_strategy="steps" if eval_dataset is not None else "no",
+        eval_strategy="steps" if evaluates else "no",
         eval_steps=args.eval_steps,
         save_strategy="steps",
         save_steps=args.save_steps,
@@ -464,35 +616,72 @@ def main(argv=None) -> int:
         dataloader_num_workers=args.dataloader_num_workers,
         report_to=args.report_to,
         disable_tqdm=args.disable_tqdm,
+        # Counted over every process (the blocks are packed: every token is a real one).
+        include_num_input_tokens_seen="all",
         # Routing can leave a router or a relaxation delta without gradient in a step (no token routed to it).
         ddp_find_unused_parameters=True,
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+# Token-choice depths vary from step to step, so its plan (an even load) is an estimate: its schedule gets this many
+# times the planned steps, so that the budget, not the step count, ends a run up to that much lighter than planned
+# (the last steps of a cosine schedule run at a small fraction of the peak rate).
+TOKEN_CHOICE_STEP_MARGIN = 1.05
+
+
+def planned_steps(model, args, world_size: int) -> int:
+    """The optimizer steps the FLOP budget is planned to take, from the FLOPs of a training step with the depths
+    training is expected to route (`FlopCounter.planned_batch_flops`: exact for vanilla models, routing "none" and
+    expert-choice; token-choice at an even load, with `TOKEN_CHOICE_STEP_MARGIN`)."""
+    counter = flop_counter_of(model)
+    step_flops = (counter.planned_batch_flops(args.per_device_train_batch_size, args.block_size)
+                  * args.gradient_accumulation_steps * world_size)
+    steps = args.max_train_flops / step_flops
+    if getattr(model.config, "routing", None) == "token_choice":
+        steps *= TOKEN_CHOICE_STEP_MARGIN
+    return max(1, math.ceil(steps))
+
+
+def run_training(args, checked: CheckedArguments, model, tokenizer, data: TrainingData, start: float, *,
+                 teacher=None, measure_before: bool = False, finish=None, activity: str = "training") -> int:
+    """Trains `model` with `UptrainTrainer` as `args` say (the options of `add_data_arguments` and
+    `add_trainer_arguments`), saves it with its tokenizer, a loss curve and OUTPUT_DIR/training_summary.json (steps,
+    tokens seen, training FLOPs, the evaluation), and calls `finish(trainer, folder, before, after, depths,
+    train_seconds)` before the folder moves into place (uptraining renders its model card there)."""
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    training_args = build_training_arguments(args, output_dir, evaluates=data.eval_dataset is not None)
+    steps_planned = None
+    if args.max_train_flops is not None:
+        steps_planned = planned_steps(model, args, training_args.world_size)
+        if args.max_steps is None:
+            training_args.max_steps = steps_planned
     staging = contextlib.ExitStack()
     with staging:  # on leaving it, a run that is still staged (no checkpoint saved) moves into place
         if not checked.in_place:
             training_args.output_dir = str(staging_folder(staging, output_dir, training_args))
         callbacks = [MoveIntoPlaceAtFirstCheckpoint(staging, output_dir)]
-        if args.capacity_warmup_steps:
+        if getattr(args, "capacity_warmup_steps", 0):
             callbacks.append(CapacityWarmup(model, args.capacity_warmup_steps))
         trainer = UptrainTrainer(
             model=model,
             args=training_args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
+            train_dataset=data.train_dataset,
+            eval_dataset=data.eval_dataset,
             # The tokenizer goes into every checkpoint and the final folder; the blocks need no padding collator.
             processing_class=tokenizer,
             data_collator=default_data_collator,
             callbacks=callbacks,
             teacher=teacher.to(training_args.device) if teacher is not None else None,
-            distill_weight=args.distill_weight,
-            distill_temperature=args.distill_temperature,
+            distill_weight=getattr(args, "distill_weight", 0.5),
+            distill_temperature=getattr(args, "distill_temperature", 1.0),
+            max_train_flops=args.max_train_flops,
         )
 
         before = None
-        if eval_tokens is not None and trainer.is_world_process_zero():
-            before, _ = perplexity_and_depths(model, eval_tokens, args.eval_block_size, desc="perplexity before")
-            print(f"Perplexity before uptraining: {before:.2f}")
+        if measure_before and data.eval_tokens is not None and trainer.is_world_process_zero():
+            before, _ = perplexity_and_depths(model, data.eval_tokens, args.eval_block_size, desc="perplexity before")
+            print(f"Perplexity before {activity}: {before:.2f}")
 
         trainer.train(resume_from_checkpoint=checked.resume_checkpoint)
         train_seconds = time.perf_counter() - start
@@ -500,35 +689,92 @@ def main(argv=None) -> int:
         # OUTPUT_DIR, or the staging folder still when no checkpoint was saved (a run resumed at its last step).
         final_dir = Path(training_args.output_dir)
         trainer.save_model(str(final_dir))  # the final model and its tokenizer (every process must call this)
+        after = depths = None
+        # An FSDP-sharded model all-gathers its parameters in every forward: every process runs the measurement.
+        if data.eval_tokens is not None and (trainer.is_world_process_zero() or trainer.is_fsdp_enabled):
+            after, depths = perplexity_and_depths(trainer.model, data.eval_tokens, args.eval_block_size,
+                                                  desc="perplexity after")
         if not trainer.is_world_process_zero():
             return 0
-        after, depths = write_card(args, trainer, final_dir, output_dir, before, eval_tokens, train_seconds)
-        curve_saved = save_loss_curve(trainer.state.log_history, final_dir / "loss_curve.png")
+        summary = training_summary(args, trainer, steps_planned, data, after, depths, train_seconds)
+        (final_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        if finish is not None:
+            finish(trainer, final_dir, before, after, depths, train_seconds)
+        curve_saved = save_loss_curve(trainer.state.log_history, final_dir / "loss_curve.png",
+                                      title=f"{type(model).__name__}, {activity}")
 
-    print(f"\nUptrained {trainer.state.global_step} steps in {train_seconds / 60:.1f} min; saved {output_dir}")
-    if before is not None:
-        measured = describe_measurement({"file": args.eval_file, "tokens": eval_tokens.numel(),
+    print(f"\n{activity.capitalize()}: {trainer.state.global_step} steps in {train_seconds / 60:.1f} min; saved "
+          f"{output_dir}")
+    print(f"  training FLOPs {summary['train_flops']:.4g} ({summary['stopped_by']}), tokens seen "
+          f"{summary['tokens_seen']:,}")
+    if after is not None:
+        measured = describe_measurement({"file": args.eval_file, "tokens": data.eval_tokens.numel(),
                                          "block_size": args.eval_block_size})
-        print(f"  perplexity before {before:.2f} -> after {after:.2f} ({measured.replace('`', '')})")
-        total = sum(depths.values()) - depths.get(0, 0)
-        mean = sum(d * c for d, c in depths.items()) / max(1, total)
-        print(f"  recursion depths: {dict(sorted((d, c) for d, c in depths.items() if d > 0))} (mean {mean:.2f})")
+        prefix = f"perplexity before {before:.2f} -> after" if before is not None else "perplexity"
+        print(f"  {prefix} {after:.2f} ({measured.replace('`', '')})")
+        if depths:
+            print(f"  recursion depths: {summary['eval']['depth_histogram']} (mean {summary['eval']['mean_depth']:.2f})")
     if curve_saved:
         print(f"  loss curve: {output_dir / 'loss_curve.png'}")
     return 0
 
 
-def write_card(args, trainer, folder: Path, output_dir: Path, before, eval_tokens, train_seconds):
-    """Updates the conversion's card figures with this run's and renders the card into `folder`; returns the
-    perplexity and depths after uptraining (None when there is no evaluation text)."""
-    after, depths = (None, None)
-    if eval_tokens is not None:
-        after, depths = perplexity_and_depths(trainer.model, eval_tokens, args.eval_block_size, desc="perplexity after")
+SUMMARY_FILE = "training_summary.json"
+
+
+def mean_depth(depths: Counter) -> float | None:
+    """Mean recursion depth of the real tokens of a depth Counter (`perplexity_and_depths`; 0 marks padding)."""
+    total = sum(count for depth, count in depths.items() if depth > 0)
+    return sum(depth * count for depth, count in depths.items() if depth > 0) / total if total else None
+
+
+def training_summary(args, trainer, steps_planned, data: TrainingData, after, depths, train_seconds) -> dict:
+    """What OUTPUT_DIR/training_summary.json records: the compute spent, the data seen and the evaluation."""
+    state = trainer.state
+    budget = args.max_train_flops
+    if trainer.flop_budget.reached:
+        stopped_by = "FLOP budget"
+    elif state.global_step >= state.max_steps:
+        stopped_by = "max steps"
+    else:
+        stopped_by = "end of run"
+    summary = {
+        "model_type": trainer.model.config.model_type,
+        "steps": state.global_step,
+        "max_steps": state.max_steps,
+        "planned_steps": steps_planned,
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "train_flops": state.total_flos,
+        "max_train_flops": budget,
+        "stopped_by": stopped_by,
+        "flop_count": "conversion/flops.py: 6 * parameters touched at each token's depth + causal attention, "
+                      "forward + backward" if trainer.flop_counter is not None else "Trainer: 6 * parameters * tokens",
+        "wall_time_s": round(train_seconds, 2),
+        "world_size": trainer.args.world_size,
+        "train_data": args.dataset or [Path(p).name for p in args.train_file],
+        "block_size": args.block_size,
+        "eval": None,
+    }
+    if after is not None:
+        summary["eval"] = {
+            "perplexity": after,
+            "file": Path(args.eval_file).name,
+            "tokens": data.eval_tokens.numel(),
+            "block_size": args.eval_block_size,
+            "routing": "eval mode (causal)",
+            "depth_histogram": {str(d): c for d, c in sorted(depths.items()) if d > 0} if depths else None,
+            "mean_depth": mean_depth(depths) if depths else None,
+        }
+    return summary
+
+
+def write_card(args, trainer, folder: Path, output_dir: Path, before, after, depths, eval_tokens, train_seconds):
+    """Updates the conversion's card figures with this run's and renders the card into `folder`."""
     figures = load_card_figures(args.model_dir)
     if not figures:
         print(f"note: {args.model_dir} has no card figures (mor_card.json, written by the conversion); no model card "
               f"was written.")
-        return after, depths
+        return
     if eval_tokens is not None:
         # "before" and "after" measured alike; the conversion's rows keep their own measurement.
         measurement = {"file": Path(args.eval_file).name, "tokens": eval_tokens.numel(),
@@ -546,8 +792,8 @@ def write_card(args, trainer, folder: Path, output_dir: Path, before, eval_token
     world_size = trainer.args.world_size
     figures["uptraining"] = {
         "steps": trainer.state.global_step,
-        "tokens": trainer.state.global_step * args.per_device_train_batch_size * args.gradient_accumulation_steps
-        * world_size * args.block_size,
+        "tokens": int(trainer.state.num_input_tokens_seen),
+        "train_flops": trainer.state.total_flos,
         "train_data": args.dataset or ", ".join(Path(p).name for p in args.train_file),
         "wall_time": f"{train_seconds / 60:.1f} min on {world_size} process(es)",
         "teacher": args.teacher,
@@ -558,7 +804,6 @@ def write_card(args, trainer, folder: Path, output_dir: Path, before, eval_token
         save_card(folder, figures)
     except UnfilledPlaceholderError as error:
         print(f"warning: no model card was written ({error})")
-    return after, depths
 
 
 if __name__ == "__main__":
