@@ -66,3 +66,19 @@ def test_generate_refuses_compile_config_clearly():
         model.generate(input_ids, max_new_tokens=2, compile_config=CompileConfig())
     # Without it, generate does not try to compile (MoRCache is not a static cache).
     assert model.generate(input_ids, max_new_tokens=2, do_sample=False).shape == (1, 7)
+
+
+def test_cached_generation_under_torch_compile_gives_the_eager_tokens():
+    """A compiled forward in generate(): cached decode steps run through dynamo with graph breaks (the cache stores
+    a data-dependent number of tokens per step). The "eager" backend traces exactly as inductor's does, without its
+    code generation, which would take minutes here."""
+    torch._dynamo.reset()
+    model = _model()
+    prompt = torch.randint(1, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(1))
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    model.forward = torch.compile(model.forward, backend="eager")
+    try:
+        actual = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    finally:
+        del model.forward
+    assert torch.equal(actual, expected)
