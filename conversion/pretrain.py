@@ -16,9 +16,12 @@ with 5% more steps, so that the budget ends its run). FLOPs and tokens seen
 are logged (`train_flops`, `num_input_tokens_seen`) and written to OUTPUT_DIR/training_summary.json, with the
 held-out perplexity and recursion depths (eval-mode, causal routing) when `--eval-file` is given.
 
-Example:
+Example (the config: stories260K's shape as MoR; any MoRConfig or LlamaConfig saved with save_pretrained):
 
-    python -m conversion.pretrain mor_config.json outputs/mor-scratch --tokenizer examples/assets/stories260K \\
+    python -c "from modeling_mor import MoRConfig; MoRConfig(vocab_size=512, hidden_size=64, intermediate_size=172, \\
+    num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, router_aux_loss_coef=1e-2, \\
+    tie_word_embeddings=True).save_pretrained('outputs/mor-config')"
+    python -m conversion.pretrain outputs/mor-config outputs/mor-scratch --tokenizer examples/assets/stories260K \\
         --train-file examples/assets/tinystories_train_sample.txt \\
         --eval-file examples/assets/tinystories_valid_sample.txt --max-train-flops 2e12 --learning-rate 3e-3
 """
