@@ -11,8 +11,8 @@ the forward + backward FLOPs of the depths the tokens actually took (`conversion
 token is multiplied with at its depth, plus the causal attention term), so a routed model, whose tokens skip
 recursion steps, trains on more tokens for the same budget than a vanilla one. Without `--max-steps`, the
 learning-rate schedule spans the steps the budget is planned to take (exact for vanilla models, routing "none" and
-expert-choice, whose training top-k fixes the depths; token-choice, whose depths vary, is planned at an even load
-with 5% more steps, so that the budget ends its run). FLOPs and tokens seen
+expert-choice, whose training top-k fixes the depths; token-choice and `--random-capacity`, whose depths vary, are
+planned at their average depth with 5% more steps, so that the budget ends its run). FLOPs and tokens seen
 are logged (`train_flops`, `num_input_tokens_seen`) and written to OUTPUT_DIR/training_summary.json, with the
 held-out perplexity and recursion depths (eval-mode, causal routing) when `--eval-file` is given.
 
@@ -43,6 +43,7 @@ from .measure import read_eval_text
 from .uptrain import (
     add_data_arguments,
     add_trainer_arguments,
+    check_capacity_schedule,
     check_run_folder,
     check_training_options,
     load_tokenizer,
@@ -101,6 +102,7 @@ def check_arguments(args):
     check_training_options(args)
     config = read_model_config(args.config)
     resolve_block_sizes(args, config)
+    check_capacity_schedule(args, config)
     tokenizer = load_tokenizer(args.tokenizer, "--tokenizer", "give a folder that holds a tokenizer "
                                "(tokenizer.json, or a sentencepiece model, with tokenizer_config.json)")
     if len(tokenizer) > config.vocab_size:

@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import math
+import random
 import sys
 import time
 from collections import Counter
@@ -129,24 +130,90 @@ def load_training_texts(args) -> list[str]:
     return texts
 
 
-class CapacityWarmup(TrainerCallback):
-    """Expert-choice capacity warm-up: every step starts at capacity 1 (all tokens at full depth) and moves linearly
-    to the configured capacities over `warmup_steps`, so the routers learn before they start dropping tokens."""
+class CapacitySchedule(TrainerCallback):
+    """The expert-choice capacities (`config.capacity`) each optimizer step trains with: set before the step, and the
+    configured ones restored after it and at the end of training, so that evaluation, every checkpoint and the final
+    model keep the configured capacities (which eval-mode routing reads: a step of capacity 1 makes no decision).
 
-    def __init__(self, model, warmup_steps: int):
+    - Warm-up (`warmup_steps`): every step starts at capacity 1 (all tokens at full depth) and moves linearly to its
+      target over `warmup_steps`, so the routers learn before they start dropping tokens.
+    - Random capacities (`random_min`): every optimizer step draws its own target: the first recursion step keeps its
+      configured capacity c_1 and the later steps' capacities are N_r - 1 draws, uniform in [random_min, c_1], sorted
+      non-increasing (a mean training depth anywhere from c_1 + (N_r - 1) * random_min to N_r * c_1). The model
+      learns to work at any depth, and each router's sigmoid, trained by the BCE against top-k decisions taken at
+      varying capacities, learns the probability that a token is kept: a ranking, so that `router_threshold` at
+      inference trades quality for compute on one checkpoint. The draws depend on `seed` and the step only: every
+      process draws the same, and a resumed run draws what the straight run drew.
+    """
+
+    def __init__(self, model, warmup_steps: int = 0, random_min: float | None = None, seed: int = 0):
         self.config = model.config
-        self.target = list(model.config.capacity)
+        self.configured = list(model.config.capacity)
         self.warmup_steps = warmup_steps
+        self.random_min = random_min
+        self.seed = seed
+
+    def target_at(self, step: int) -> list[float]:
+        """The capacities step `step` routes to after warm-up: the configured ones, or this step's random draw."""
+        if self.random_min is None:
+            return list(self.configured)
+        first = self.configured[0]
+        draws = random.Random(f"capacity-{self.seed}-{step}")
+        later = sorted((draws.uniform(self.random_min, first) for _ in self.configured[1:]), reverse=True)
+        return [first, *later]
+
+    def expected_capacity(self) -> list[float]:
+        """The mean capacities over the steps (the k-th largest of n uniform draws on [a, b] averages
+        a + (b - a) * (n + 1 - k) / (n + 1)), which the FLOP budget plans with."""
+        if self.random_min is None:
+            return list(self.configured)
+        first, draws = self.configured[0], len(self.configured) - 1
+        return [first, *(self.random_min + (first - self.random_min) * (draws + 1 - k) / (draws + 1)
+                         for k in range(1, draws + 1))]
 
     def capacity_at(self, step: int) -> list[float]:
-        progress = min(1.0, step / max(1, self.warmup_steps))
-        return [1.0 - progress * (1.0 - target) for target in self.target]
+        progress = min(1.0, step / max(1, self.warmup_steps)) if self.warmup_steps else 1.0
+        return [1.0 - progress * (1.0 - target) for target in self.target_at(step)]
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.config.capacity = self.capacity_at(state.global_step)
 
+    def on_step_end(self, args, state, control, **kwargs):
+        # Trainer logs, evaluates and saves right after this: with the configured capacities.
+        self.config.capacity = list(self.configured)
+
     def on_train_end(self, args, state, control, **kwargs):
-        self.config.capacity = self.target
+        self.config.capacity = list(self.configured)
+
+
+def capacity_schedule_of(args, model) -> CapacitySchedule | None:
+    """The `CapacitySchedule` of --capacity-warmup-steps and --random-capacity, or None when neither is given."""
+    warmup_steps, random_min = getattr(args, "capacity_warmup_steps", 0), getattr(args, "random_capacity", None)
+    if not warmup_steps and random_min is None:
+        return None
+    return CapacitySchedule(model, warmup_steps, random_min, seed=args.seed)
+
+
+def check_capacity_schedule(args, config) -> None:
+    """Refuses a capacity schedule the model cannot follow (ValueError, one line naming the fix): only expert-choice
+    routing has capacities, and a random one needs a later step to draw for, below the first step's capacity."""
+    warmup_steps, random_min = getattr(args, "capacity_warmup_steps", 0), getattr(args, "random_capacity", None)
+    if not warmup_steps and random_min is None:
+        return
+    option = "--random-capacity" if random_min is not None else "--capacity-warmup-steps"
+    if getattr(config, "model_type", None) != "mor" or config.routing != "expert_choice":
+        routing = getattr(config, "routing", None)
+        raise ValueError(f"{option} schedules expert-choice capacities, and this model "
+                         f"{'routes ' + repr(routing) if routing else 'is not an MoR model'}; nothing was written. Fix: "
+                         f"leave {option} out, or train an MoR model with routing 'expert_choice'.")
+    if random_min is not None:
+        if config.num_recursions < 2:
+            raise ValueError("--random-capacity draws the capacities of the recursion steps after the first, and this "
+                             "model has one recursion step; nothing was written. Fix: leave --random-capacity out.")
+        if random_min >= config.capacity[0]:
+            raise ValueError(f"--random-capacity {random_min} is not below the first recursion step's capacity "
+                             f"{config.capacity[0]}, the most a later step can keep; nothing was written. Fix: give a "
+                             f"value below {config.capacity[0]} (for example 0.1).")
 
 
 class FlopBudget(TrainerCallback):
@@ -362,7 +429,6 @@ def build_argument_parser():
     method.add_argument("--teacher", help="the source model (folder, Hub id or .gguf file) to distill from")
     method.add_argument("--distill-weight", type=float, default=0.5)
     method.add_argument("--distill-temperature", type=float, default=1.0)
-    method.add_argument("--capacity-warmup-steps", type=int, default=0)
     method.add_argument("--router-aux-loss-coef", type=float, help="override the model's BCE router-loss weight")
     add_trainer_arguments(parser)
     return parser
@@ -417,6 +483,15 @@ def add_trainer_arguments(parser) -> None:
     trainer.add_argument("--dataloader-num-workers", type=int, default=0)
     trainer.add_argument("--report-to", default="none")
     trainer.add_argument("--disable-tqdm", action="store_true", help="log lines instead of progress bars")
+    schedule = parser.add_argument_group("expert-choice capacity schedule (see CapacitySchedule)")
+    schedule.add_argument("--capacity-warmup-steps", type=int, default=0,
+                          help="move the capacities linearly from 1 (every token at full depth) to their targets over "
+                               "the first N optimizer steps")
+    schedule.add_argument("--random-capacity", type=float, metavar="MIN",
+                          help="every optimizer step trains with its own capacities: the steps after the first draw "
+                               "theirs uniformly in [MIN, the first step's capacity], sorted non-increasing, so that "
+                               "one checkpoint works at any depth and router_threshold trades quality for compute at "
+                               "inference (examples/budget_curve.py); the saved config keeps the configured capacities")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing OUTPUT_DIR (once this run has saved its first checkpoint)")
 
@@ -426,7 +501,7 @@ def add_trainer_arguments(parser) -> None:
 MINIMUM_VALUES = {
     "max_steps": 1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "logging_steps": 1,
     "save_steps": 1, "save_total_limit": 1, "eval_steps": 1, "max_train_documents": 1, "eval_max_tokens": 2,
-    "max_train_flops": 1, "warmup_steps": 0,
+    "max_train_flops": 1, "warmup_steps": 0, "capacity_warmup_steps": 0,
 }
 
 
@@ -441,6 +516,7 @@ def check_arguments(args) -> CheckedArguments:
     check_training_options(args)
     config = read_mor_config(args.model_dir, "INPUT_DIR")
     resolve_block_sizes(args, config)
+    check_capacity_schedule(args, config)
     if args.teacher:
         teacher_source, _ = resolve_source(args.teacher)  # a missing .gguf file is refused here
         if not Path(teacher_source).expanduser().exists() and not looks_like_hub_id(args.teacher):
@@ -459,6 +535,10 @@ def check_training_options(args) -> None:
         raise ValueError("give --max-steps (optimizer steps to train), --max-train-flops (a training FLOP budget), "
                          "or both.")
     check_minimum_values(args, MINIMUM_VALUES)
+    random_min = getattr(args, "random_capacity", None)
+    if random_min is not None and not 0.0 < random_min < 1.0:
+        raise ValueError(f"--random-capacity {random_min} is not valid: it is the smallest capacity a recursion step "
+                         f"may draw, a fraction of the sequence in (0, 1). Fix: give for example 0.1.")
     check_option_needs("--eval-file", args.eval_file,
                        {"--eval-block-size": args.eval_block_size, "--eval-steps": args.eval_steps})
     if args.dataset:
@@ -624,22 +704,33 @@ def build_training_arguments(args, output_dir: Path, evaluates: bool) -> Trainin
     )
 
 
-# Token-choice depths vary from step to step, so its plan (an even load) is an estimate: its schedule gets this many
-# times the planned steps, so that the budget, not the step count, ends a run up to that much lighter than planned
-# (the last steps of a cosine schedule run at a small fraction of the peak rate).
-TOKEN_CHOICE_STEP_MARGIN = 1.05
+# Token-choice depths, and expert-choice depths under --random-capacity, vary from step to step, so their plan (an even
+# load; the mean capacities) is an estimate: their schedule gets this many times the planned steps, so that the budget,
+# not the step count, ends a run up to that much lighter than planned (the last steps of a cosine schedule run at a
+# small fraction of the peak rate).
+VARYING_DEPTH_STEP_MARGIN = 1.05
 
 
-def planned_steps(model, args, world_size: int) -> int:
+def planned_steps(model, args, world_size: int, capacity_schedule: CapacitySchedule | None = None) -> int:
     """The optimizer steps the FLOP budget is planned to take, from the FLOPs of a training step with the depths
     training is expected to route (`FlopCounter.planned_batch_flops`: exact for vanilla models, routing "none" and
-    expert-choice; token-choice at an even load, with `TOKEN_CHOICE_STEP_MARGIN`)."""
+    expert-choice; token-choice at an even load, and random capacities at their mean, with
+    `VARYING_DEPTH_STEP_MARGIN`)."""
     counter = flop_counter_of(model)
-    step_flops = (counter.planned_batch_flops(args.per_device_train_batch_size, args.block_size)
-                  * args.gradient_accumulation_steps * world_size)
+    varies = getattr(model.config, "routing", None) == "token_choice"
+    configured = getattr(model.config, "capacity", None)
+    if capacity_schedule is not None and capacity_schedule.random_min is not None:
+        varies = True
+        model.config.capacity = capacity_schedule.expected_capacity()
+    try:
+        step_flops = (counter.planned_batch_flops(args.per_device_train_batch_size, args.block_size)
+                      * args.gradient_accumulation_steps * world_size)
+    finally:
+        if configured is not None:
+            model.config.capacity = configured
     steps = args.max_train_flops / step_flops
-    if getattr(model.config, "routing", None) == "token_choice":
-        steps *= TOKEN_CHOICE_STEP_MARGIN
+    if varies:
+        steps *= VARYING_DEPTH_STEP_MARGIN
     return max(1, math.ceil(steps))
 
 
@@ -649,11 +740,18 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
     `add_trainer_arguments`), saves it with its tokenizer, a loss curve and OUTPUT_DIR/training_summary.json (steps,
     tokens seen, training FLOPs, the evaluation), and calls `finish(trainer, folder, before, after, depths,
     train_seconds)` before the folder moves into place (uptraining renders its model card there)."""
+    try:
+        # Uptraining checks it before loading the model; this is for entry points that only know the model here.
+        check_capacity_schedule(args, model.config)
+    except ValueError as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    capacity_schedule = capacity_schedule_of(args, model)
     output_dir = Path(args.output_dir).expanduser().resolve()
     training_args = build_training_arguments(args, output_dir, evaluates=data.eval_dataset is not None)
     steps_planned = None
     if args.max_train_flops is not None:
-        steps_planned = planned_steps(model, args, training_args.world_size)
+        steps_planned = planned_steps(model, args, training_args.world_size, capacity_schedule)
         if args.max_steps is None:
             training_args.max_steps = steps_planned
     staging = contextlib.ExitStack()
@@ -661,8 +759,8 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
         if not checked.in_place:
             training_args.output_dir = str(staging_folder(staging, output_dir, training_args))
         callbacks = [MoveIntoPlaceAtFirstCheckpoint(staging, output_dir)]
-        if getattr(args, "capacity_warmup_steps", 0):
-            callbacks.append(CapacityWarmup(model, args.capacity_warmup_steps))
+        if capacity_schedule is not None:
+            callbacks.append(capacity_schedule)
         trainer = UptrainTrainer(
             model=model,
             args=training_args,

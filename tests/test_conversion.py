@@ -126,15 +126,20 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, capsys):
 
 @pytest.mark.parametrize("kill_signal", [signal.SIGTERM, signal.SIGINT])
 def test_an_interrupted_conversion_leaves_no_partial_folder(tmp_path, kill_signal, stories_dir, tinystories_dir):
-    output = tmp_path / "interrupted"
-    # A long evaluation keeps the conversion busy long enough to be killed mid-way.
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    output = workdir / "interrupted"
+    # A long evaluation keeps the conversion busy long enough to be killed mid-way: the shipped sample repeated (on
+    # its own it is evaluated in well under the second this test waits on a fast machine).
+    eval_file = tmp_path / "long_eval.txt"
+    eval_file.write_text((tinystories_dir / "train.txt").read_text(encoding="utf-8") * 20, encoding="utf-8")
     process = subprocess.Popen(
         [sys.executable, "-m", "conversion.convert_llama_to_mor", str(stories_dir), str(output),
-         "--eval-file", str(tinystories_dir / "train.txt"), "--eval-max-tokens", "400000"],
+         "--eval-file", str(eval_file), "--eval-max-tokens", "4000000"],
         cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     deadline = time.time() + 120
-    while not list(tmp_path.glob(".interrupted.incomplete-*")):
+    while not list(workdir.glob(".interrupted.incomplete-*")):
         assert process.poll() is None, process.stdout.read()
         assert time.time() < deadline
         time.sleep(0.05)
@@ -142,7 +147,7 @@ def test_an_interrupted_conversion_leaves_no_partial_folder(tmp_path, kill_signa
     process.send_signal(kill_signal)
     process.wait(timeout=60)
     assert process.returncode != 0
-    assert list(tmp_path.iterdir()) == []
+    assert list(workdir.iterdir()) == []
 
 
 def test_a_staging_folder_left_by_sigkill_is_cleaned_by_the_next_run(tmp_path):
