@@ -137,6 +137,9 @@ def test_an_interrupted_conversion_leaves_no_partial_folder(tmp_path, kill_signa
         [sys.executable, "-m", "conversion.convert_llama_to_mor", str(stories_dir), str(output),
          "--eval-file", str(eval_file), "--eval-max-tokens", "4000000"],
         cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        # Ctrl-C's default action: a shell that starts the test suite in the background hands its children SIGINT
+        # ignored, and Python then never raises KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.time() + 120
     while not list(workdir.glob(".interrupted.incomplete-*")):
