@@ -894,7 +894,8 @@ def write_card(args, trainer, folder: Path, output_dir: Path, before, after, dep
         "train_flops": trainer.state.total_flos,
         "train_data": args.dataset or ", ".join(Path(p).name for p in args.train_file),
         "wall_time": f"{train_seconds / 60:.1f} min on {world_size} process(es)",
-        "teacher": args.teacher,
+        # A local teacher by its name only: the card is published, the machine's paths are not.
+        "teacher": Path(args.teacher).name if args.teacher and Path(args.teacher).exists() else args.teacher,
     }
     figures["model_name"] = output_dir.name
     figures["repo_id"] = f"path/to/{output_dir.name}"
