@@ -201,14 +201,14 @@ class KeyRows:
 class StepAttention(NamedTuple):
     """What every layer of a recursion step shares: its attention mask, the key rows it reads (None when they are
     exactly its rows), the key layout `(key_index, key_valid)` of every key row (read again by deeper steps under
-    the shared policy), and the sequence index of each of its queries and of each key they read (-1 in padding
-    entries), which place its attention weights in the whole sequence when they are recorded."""
+    the shared policy), the sequence index of each of its queries (-1 in padding entries) and the layout of the keys
+    they read, which place its attention weights in the whole sequence when they are recorded."""
 
     mask: torch.Tensor | None
     key_rows: KeyRows | None
     key_layout: tuple[torch.LongTensor, torch.BoolTensor]
     query_index: torch.LongTensor
-    key_index: torch.LongTensor
+    read_key_layout: tuple[torch.LongTensor, torch.BoolTensor]  # key_layout with key_rows selected
 
     def weights_over_sequence(self, attn_weights, rows, batch_size, past_length, num_keys):
         """The step's attention weights, `[rows, heads, width, key width]` in its packed layout, placed in the whole
@@ -216,10 +216,11 @@ class StepAttention(NamedTuple):
         past and new ones), zero where a token did not take the step."""
         query_len = num_keys - past_length
         weights = attn_weights.new_zeros(batch_size, attn_weights.shape[1], query_len, num_keys)
-        pairs = (self.query_index >= 0).unsqueeze(-1) & (self.key_index >= 0).unsqueeze(1)
+        key_index, key_valid = self.read_key_layout
+        pairs = (self.query_index >= 0).unsqueeze(-1) & key_valid.unsqueeze(1)
         row, query, key = pairs.nonzero(as_tuple=True)
         query_position = self.query_index[row, query] - past_length
-        weights[rows[row], :, query_position, self.key_index[row, key]] = attn_weights[row, :, query, key]
+        weights[rows[row], :, query_position, key_index[row, key]] = attn_weights[row, :, query, key]
         return weights
 
 
@@ -602,7 +603,7 @@ class MoRRecursionBlock(nn.Module):
             # Documents exist only when nothing was cached before: queries and keys are the same tokens.
             query_start = None if document_start is None else active_tokens.per_row(document_start)
             attention_mask = build_attention_mask(config, query_index, key_index, key_valid, dtype, query_start)
-        return StepAttention(attention_mask, key_rows, key_layout, query_index, key_index.masked_fill(~key_valid, -1))
+        return StepAttention(attention_mask, key_rows, key_layout, query_index, (key_index, key_valid))
 
 
 def add_router_losses(loss, router_losses: dict, config: MoRConfig):
