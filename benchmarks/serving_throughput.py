@@ -15,9 +15,13 @@ the routed-token ideal (exactly the tokens stored, no page rounding) and where a
 Example:
 
     OMP_NUM_THREADS=1 python benchmarks/serving_throughput.py --num-requests 64 --new-tokens 128 --slots 16 32
+
+This machine class is noisy (the same row has differed by 20% between sessions): `--repeats 3` measures every row
+three times, round after round, and reports the median.
 """
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -25,6 +29,7 @@ from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 from common import add_model_arguments, build_decode_models, matmul_flop_ratio, synchronize
+from modeling_mor.serving_mor import IN_FLIGHT_PER_SLOT
 
 
 def workload(args) -> list[list[int]]:
@@ -58,10 +63,12 @@ def run_generate(model, prompts, args) -> tuple[float, list[list[int]]]:
 @torch.no_grad()
 def run_engine(model, prompts, args, slots: int | None):
     """`generate_batch`; for MoR models also the engine's statistics (through the manager)."""
-    # Pages for every slot's longest request (transformers would otherwise size its cache from the free memory).
+    # Pages for `--requests-per-slot` requests per slot at their longest, as MoR's engine sizes its pool by default
+    # (transformers would otherwise size its cache from the free memory).
     pages_per_request = -(-(args.max_prompt + args.new_tokens) // args.page_size) + 1
+    num_pages = args.requests_per_slot * slots * pages_per_request
     cb_config = ContinuousBatchingConfig(max_requests_per_batch=slots, page_size=args.page_size,
-                                         max_batch_tokens=args.max_batch_tokens, num_blocks=slots * pages_per_request)
+                                         max_batch_tokens=args.max_batch_tokens, num_blocks=num_pages)
     start = time.perf_counter()
     if hasattr(model, "routers"):
         with model.continuous_batching_context_manager(generation_config=generation_config(args),
@@ -112,6 +119,10 @@ def main():
     parser.add_argument("--slots", type=int, nargs="+", default=[16, 32], help="concurrent requests of the engine rows")
     parser.add_argument("--page-size", type=int, default=8, help="tokens per KV page")
     parser.add_argument("--max-batch-tokens", type=int, default=256, help="largest prefill chunk per iteration")
+    parser.add_argument("--requests-per-slot", type=int, default=IN_FLIGHT_PER_SLOT,
+                        help="KV pages for this many requests per slot at their longest (the engine's default pool)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="measure every row this many times, interleaved, and report the median")
     parser.add_argument("--router-scale", type=float, default=40.0)
     parser.add_argument("--skip-vanilla-engine", action="store_true",
                         help="leave out transformers' own generate_batch for vanilla Llama")
@@ -123,23 +134,39 @@ def main():
     new_tokens = args.num_requests * args.new_tokens
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} L={args.num_layers} "
           f"hidden={args.hidden_size} requests={args.num_requests} prompts {args.min_prompt}-{args.max_prompt} "
-          f"new={args.new_tokens} page={args.page_size}", flush=True)
+          f"new={args.new_tokens} page={args.page_size} pool: {args.requests_per_slot} requests per slot at their longest, "
+          f"repeats={args.repeats} (median)", flush=True)
 
-    rows = []  # (name, mode, seconds, stats, outputs)
+    # Every row once per round, rounds one after another: a slow spell of the machine hits every row alike.
+    runs = []  # (name, model, mode, slots or None for generate())
     for name, model in models.items():
-        seconds, outputs = run_generate(model, prompts, args)
-        rows.append((name, f"generate() x{args.generate_batch}", seconds, None, outputs))
-        print(f"  {name:<28} {rows[-1][1]:<22} {new_tokens / seconds:8.1f} tok/s", flush=True)
-        reference = outputs
+        runs.append((name, model, f"generate() x{args.generate_batch}", None))
         engine_slots = args.slots if name.startswith("MoR") else ([] if args.skip_vanilla_engine else [max(args.slots)])
         for slots in engine_slots:
-            seconds, outputs, stats = run_engine(model, prompts, args, slots)
             mode = f"engine, {slots} slots" if name.startswith("MoR") else f"generate_batch, {slots} slots"
-            rows.append((name, mode, seconds, stats, outputs))
-            print(f"  {name:<28} {mode:<22} {new_tokens / seconds:8.1f} tok/s", flush=True)
-            if args.check and outputs != reference:
+            runs.append((name, model, mode, slots))
+    times = {(name, mode): [] for name, _, mode, _ in runs}
+    first = {}  # (name, mode) -> (stats, outputs) of the first round
+    for round_index in range(args.repeats):
+        for name, model, mode, slots in runs:
+            if slots is None:
+                seconds, outputs = run_generate(model, prompts, args)
+                stats = None
+            else:
+                seconds, outputs, stats = run_engine(model, prompts, args, slots)
+            times[(name, mode)].append(seconds)
+            first.setdefault((name, mode), (stats, outputs))
+            print(f"  [{round_index + 1}/{args.repeats}] {name:<28} {mode:<22} {new_tokens / seconds:8.1f} tok/s", flush=True)
+    rows = []  # (name, mode, median seconds, stats, outputs)
+    for name, _, mode, _ in runs:
+        stats, outputs = first[(name, mode)]
+        rows.append((name, mode, statistics.median(times[(name, mode)]), stats, outputs))
+    if args.check:
+        for name, mode, _, _, outputs in rows:
+            reference = first[(name, f"generate() x{args.generate_batch}")][1]
+            if outputs != reference:
                 mismatched = sum(a != b for a, b in zip(outputs, reference))
-                print(f"    warning: {mismatched} of {len(outputs)} requests differ from generate()")
+                print(f"  warning: {name}, {mode}: {mismatched} of {len(outputs)} requests differ from generate()")
 
     vanilla_best = min(seconds for name, _, seconds, _, _ in rows if name == "vanilla Llama")
     ideal = {}

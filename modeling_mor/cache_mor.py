@@ -13,6 +13,8 @@ indices (`slot_token_index`), what attention masks are built from. Pages come fr
 each step holds.
 """
 
+import math
+
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
 
@@ -253,6 +255,7 @@ class PagedKVStorage:
         self.pools_by_id = {id(pool): pool for pool in self.pools.values()}  # the distinct pools
         self.tables: dict = {}  # sequence id -> token set -> PageTable
         self.device = device
+        self.gather_buffers = GatherBuffers()
 
     def unique_pools(self) -> list[PagePool]:
         return list(self.pools_by_id.values())
@@ -299,6 +302,13 @@ class PagedKVStorage:
         pool = self.pools[token_sets[0]]
         key_index = pool.slot_token_index[page_table].masked_fill(~used.unsqueeze(-1), -1)
         return page_table, key_index.reshape(len(tables), -1)
+
+    def slots_read(self, sequence_ids: list, token_sets: list) -> list[int]:
+        """The slots each row of `read_layout` reads before its padding (its pages times the page size)."""
+        return [
+            len(self.tables[sequence_id][token_set].pages) * self.page_size
+            for sequence_id, token_set in zip(sequence_ids, token_sets)
+        ]
 
     def select_sequences(self, sources: list) -> None:
         """Sequence i becomes a copy of sequence `sources[i]` (beam search, batch expansion): the first copy takes
@@ -370,14 +380,47 @@ class PagedKVStorage:
         return report
 
 
-def gather_pages(pool: PagePool, layer_row: int, page_table: torch.LongTensor):
-    """Every row's keys/values in one layer: `[rows, kv_heads, pages * page_size, head_dim]` (a transposed view)."""
+class GatherBuffers:
+    """Reusable outputs of `gather_pages`, one pair per key (a layer, or one for a whole serving pass).
+
+    A gather copies every row's pages, several MiB per layer; a fresh tensor of that size is mapped and unmapped by
+    the allocator on every call, and its page faults cost more than the copy (measured: an engine decode pass took
+    1.4x as long). Without autograd, a layer's gathered keys are written into the buffer of its key, grown by
+    doubling; a buffer may only be shared by layers whose gathered keys are not read once the next one gathers."""
+
+    def __init__(self):
+        self.buffers: dict = {}
+
+    def take(self, key, shape, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Two tensors of `shape` (keys, values) backed by the buffers of `key`; None under autograd, where a fresh
+        tensor is needed for the graph."""
+        if torch.is_grad_enabled():
+            return None
+        numel = math.prod(shape)
+        held = self.buffers.get(key)
+        if held is None or held[0].numel() < numel or held[0].dtype != like.dtype or held[0].device != like.device:
+            size = max(numel, 2 * held[0].numel() if held is not None else 0)
+            held = (like.new_empty(size), like.new_empty(size))
+            self.buffers[key] = held
+        return held[0][:numel].view(shape), held[1][:numel].view(shape)
+
+
+def gather_pages(pool: PagePool, layer_row: int, page_table: torch.LongTensor, buffers=None):
+    """Every row's keys/values in one layer: `[rows, kv_heads, pages * page_size, head_dim]` (a transposed view).
+    `buffers`: `(GatherBuffers, key)` to gather into reused memory."""
     rows = page_table.shape[0]
     pages = page_table.reshape(-1)
-    shape = (rows, -1, *pool.keys.shape[3:])
-    keys = pool.keys[layer_row].index_select(0, pages).reshape(shape).transpose(1, 2)
-    values = pool.values[layer_row].index_select(0, pages).reshape(shape).transpose(1, 2)
-    return keys, values
+    source_keys, source_values = pool.keys[layer_row], pool.values[layer_row]
+    out = None
+    if buffers is not None:
+        out = buffers[0].take(buffers[1], (pages.numel(), *source_keys.shape[1:]), source_keys)
+    if out is None:
+        keys, values = source_keys.index_select(0, pages), source_values.index_select(0, pages)
+    else:
+        keys = torch.index_select(source_keys, 0, pages, out=out[0])
+        values = torch.index_select(source_values, 0, pages, out=out[1])
+    shape = (rows, -1, *source_keys.shape[2:])
+    return keys.reshape(shape).transpose(1, 2), values.reshape(shape).transpose(1, 2)
 
 
 def write_pages(pool: PagePool, layer_row: int, pages, offsets, keys, values) -> None:
@@ -396,8 +439,9 @@ class PagedKVView:
     `write_mask` leaves out tokens whose keys are not stored (deeper steps under the "shared" policy, which read step
     1's keys: their keys are computed with the others' in one projection and dropped)."""
 
-    def __init__(self, layer_storage, write_pages, write_offsets, write_mask, page_table):
+    def __init__(self, layer_storage, write_pages, write_offsets, write_mask, page_table, gather_buffers=None):
         self.layer_storage = layer_storage  # layer index -> (pool, layer row in the pool)
+        self.gather_buffers = gather_buffers  # one pair for every layer: a layer's keys are dead once it attended
         self.write_pages = write_pages
         self.write_offsets = write_offsets
         self.write_mask = write_mask
@@ -411,7 +455,8 @@ class PagedKVView:
         if self.write_mask is not None:
             keys, values = keys[self.write_mask], values[self.write_mask]
         write_pages(pool, layer_row, self.write_pages, self.write_offsets, keys, values)
-        return gather_pages(pool, layer_row, self.page_table)
+        buffers = None if self.gather_buffers is None else (self.gather_buffers, "pass")
+        return gather_pages(pool, layer_row, self.page_table, buffers)
 
 
 class RecursionStepPlan:
@@ -455,7 +500,10 @@ class MoRRecursionLayer(CacheLayerMixin):
         pool = self.cache.storage.pools[self.step]
         keys, values = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
         write_pages(pool, self.position, plan.write_pages, plan.write_offsets, keys, values)
-        return gather_pages(pool, self.position, plan.page_table)
+        # One buffer per block position: under the shared policy deeper steps read step 1's gathered keys of the
+        # same position, which no other layer overwrites within the forward.
+        buffers = (self.cache.storage.gather_buffers, self.position)
+        return gather_pages(pool, self.position, plan.page_table, buffers)
 
     @property
     def keys(self) -> torch.Tensor | None:

@@ -8,6 +8,7 @@ stores only what each step needs lives in `cache_mor.py`.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -177,6 +178,45 @@ class ActiveTokens:
         return per_row_states[self.valid]
 
 
+class RowBuckets(NamedTuple):
+    """Ranges of rows that attend with their own query and key widths.
+
+    Continuous batching packs rows of very different sizes into one pass: one-token decode rows next to a prefill
+    chunk of a hundred tokens. In one padded call every row would score the widest row's queries against the longest
+    row's keys (most of a mixed pass's time); each range `(first row, end row, query width, key width)` attends alone
+    instead, over the slices of the padded layouts. Attention weights are not returned."""
+
+    ranges: tuple[tuple[int, int, int, int], ...]
+
+    @classmethod
+    def of(cls, query_counts: list[int], key_widths: list[int]) -> "RowBuckets":
+        """Rows ordered so that equal query counts are contiguous: one range per run of equal counts (decode rows
+        share one), each as wide as its widest row's keys."""
+        ranges, first = [], 0
+        for row in range(1, len(query_counts) + 1):
+            if row == len(query_counts) or query_counts[row] != query_counts[first]:
+                ranges.append((first, row, query_counts[first], max(key_widths[first:row])))
+                first = row
+        return cls(tuple(ranges))
+
+    def attend(self, attention_interface, module, query, key, value, attention_mask, **kwargs):
+        """`attention_interface` on every range; the output in the padded layout, `[rows, width, heads, head_dim]`
+        (zeros where a row has no query)."""
+        output = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
+        for first, end, query_width, key_width in self.ranges:
+            mask = attention_mask[first:end, :, :query_width, :key_width] if attention_mask is not None else None
+            range_output, _ = attention_interface(
+                module,
+                query[first:end, :, :query_width],
+                key[first:end, :, :key_width],
+                value[first:end, :, :key_width],
+                mask,
+                **kwargs,
+            )
+            output[first:end, :query_width] = range_output
+        return output, None
+
+
 @dataclass
 class KeyRows:
     """Which rows of the keys/values a recursion step attends to: those of the rows taking the step.
@@ -301,6 +341,7 @@ class MoRAttention(LlamaAttention):
         shared_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         key_rows: KeyRows | None = None,
         active_tokens: ActiveTokens | None = None,
+        row_buckets: RowBuckets | None = None,
         **kwargs,
     ):
         input_shape = hidden_states.shape[:-1]
@@ -349,6 +390,8 @@ class MoRAttention(LlamaAttention):
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
+        if row_buckets is not None:
+            attention_interface = partial(row_buckets.attend, attention_interface)
         attn_output, attn_weights = attention_interface(
             self,
             query_states,

@@ -429,6 +429,7 @@ class DepthwiseBatchProcessor:
 
     def _run_block(self, groups: list[TokenGroup], relaxed_step: int | None) -> None:
         config = self.config
+        groups = sorted(groups, key=lambda group: int(group.active.sum()))  # equal query counts attend together
         token_sets = [self._token_set_of_step(group.step) for group in groups]
         write_pages, write_offsets, write_mask = [], [], []
         for group, token_set in zip(groups, token_sets):
@@ -454,7 +455,7 @@ class DepthwiseBatchProcessor:
         """Runs `layers` over the selected tokens of every group (None: all of them), packed row after row, each
         row reading its request's token set in the pages and writing its new keys/values to `writes` (pages,
         offsets, and the mask of tokens whose keys are stored). Returns the packed input, output and row sizes."""
-        from .modeling_mor import ActiveTokens, build_attention_mask
+        from .modeling_mor import ActiveTokens, RowBuckets, build_attention_mask
 
         started = time.perf_counter()
         rows = list(zip(groups, selections))
@@ -463,7 +464,9 @@ class DepthwiseBatchProcessor:
         token_index = torch.cat(positions)
         counts = [row_positions.numel() for row_positions in positions]
         active_tokens = ActiveTokens.from_row_counts(torch.tensor(counts, device=self.device))
-        page_table, key_index = self.storage.read_layout([group.request_id for group in groups], token_sets)
+        request_ids = [group.request_id for group in groups]
+        page_table, key_index = self.storage.read_layout(request_ids, token_sets)
+        row_buckets = RowBuckets.of(counts, self.storage.slots_read(request_ids, token_sets))
         query_index = active_tokens.to_row_layout(token_index.unsqueeze(-1)).squeeze(-1).masked_fill(~active_tokens.valid, -1)
         attention_mask = build_attention_mask(self.config, query_index, key_index, key_index >= 0, hidden.dtype)
         cos, sin = self.model.model.rotary_emb(hidden.unsqueeze(0), position_ids=token_index.unsqueeze(0))
@@ -475,6 +478,7 @@ class DepthwiseBatchProcessor:
             torch.cat(offsets) if offsets else empty,
             write_mask,
             page_table,
+            self.storage.gather_buffers,
         )
         self.stats.pass_setup += time.perf_counter() - started
         layer_input = hidden
@@ -486,12 +490,14 @@ class DepthwiseBatchProcessor:
                 cache=view,
                 recursion_step=recursion_step,
                 active_tokens=active_tokens,
+                row_buckets=row_buckets,
             ).hidden_states
         return layer_input, hidden, counts
 
     def _end_layer_pass(self, groups: list[TokenGroup], layer, first: bool) -> None:
         """The unshared first or last layer on every token of the groups. The first layer reserves their slots in
         the end layers' pages; the last layer writes the same slots."""
+        groups = sorted(groups, key=len)  # equal query counts attend together
         if first:
             for group in groups:
                 group.end_slots = self.storage.append(group.request_id, END_LAYERS, group.token_index)
