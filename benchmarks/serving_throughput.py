@@ -117,7 +117,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--generate-batch", type=int, default=16, help="batch size of the synchronous generate() rows")
     parser.add_argument("--slots", type=int, nargs="+", default=[16, 32], help="concurrent requests of the engine rows")
-    parser.add_argument("--page-size", type=int, default=8, help="tokens per KV page")
+    parser.add_argument("--page-size", type=int, default=4, help="tokens per KV page (the engine's default)")
     parser.add_argument("--max-batch-tokens", type=int, default=256, help="largest prefill chunk per iteration")
     parser.add_argument("--requests-per-slot", type=int, default=IN_FLIGHT_PER_SLOT,
                         help="KV pages for this many requests per slot at their longest (the engine's default pool)")
@@ -207,8 +207,9 @@ def main():
     print("\n'ideal': matmul-FLOP ratio over routing=none from the depths every token took (prompt included); "
           "'gain %': (speed-up - 1) / (ideal - 1). 'KV MiB': peak keys/values held in pages; '/ideal': held over the "
           "bytes of exactly the tokens stored, at that peak; 'max': the largest such ratio at any iteration (small "
-          "holdings early in a request round up the most). The block passes' time includes their attention; "
-          "'pass_setup' is page tables, masks and rotary.")
+          "holdings early in a request round up the most). Engine parts do not overlap: the layers of the block "
+          "passes, those of the first/last layers with the head and sampling, attention in every pass (KV writes, page "
+          "gathers, attention kernels), pass setup (page tables, masks, rotary) and scheduling.")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ each step holds.
 """
 
 import math
+import time
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
@@ -439,9 +440,12 @@ class PagedKVView:
     `write_mask` leaves out tokens whose keys are not stored (deeper steps under the "shared" policy, which read step
     1's keys: their keys are computed with the others' in one projection and dropped)."""
 
-    def __init__(self, layer_storage, write_pages, write_offsets, write_mask, page_table, gather_buffers=None):
+    def __init__(
+        self, layer_storage, write_pages, write_offsets, write_mask, page_table, gather_buffers=None, stopwatch=None
+    ):
         self.layer_storage = layer_storage  # layer index -> (pool, layer row in the pool)
         self.gather_buffers = gather_buffers  # one pair for every layer: a layer's keys are dead once it attended
+        self.stopwatch = stopwatch  # anything with `add(seconds)`: told how long the writes and gathers took
         self.write_pages = write_pages
         self.write_offsets = write_offsets
         self.write_mask = write_mask
@@ -450,13 +454,17 @@ class PagedKVView:
     def update(self, key_states, value_states, layer_idx: int, cache_kwargs: dict | None = None):
         """`key_states`: the pass's tokens packed, `[1, kv_heads, N, head_dim]`; returns every row's keys/values,
         `[rows, kv_heads, slots, head_dim]` (the slots `read_layout` describes)."""
+        started = time.perf_counter()
         pool, layer_row = self.layer_storage[layer_idx]
         keys, values = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)  # [N, kv_heads, head_dim]
         if self.write_mask is not None:
             keys, values = keys[self.write_mask], values[self.write_mask]
         write_pages(pool, layer_row, self.write_pages, self.write_offsets, keys, values)
         buffers = None if self.gather_buffers is None else (self.gather_buffers, "pass")
-        return gather_pages(pool, layer_row, self.page_table, buffers)
+        gathered = gather_pages(pool, layer_row, self.page_table, buffers)
+        if self.stopwatch is not None:
+            self.stopwatch.add(time.perf_counter() - started)
+        return gathered
 
 
 class RecursionStepPlan:

@@ -6,6 +6,7 @@ work on those tokens packed into one sequence, its attention per batch row (`Act
 stores only what each step needs lives in `cache_mor.py`.
 """
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -184,12 +185,14 @@ class RowBuckets(NamedTuple):
     Continuous batching packs rows of very different sizes into one pass: one-token decode rows next to a prefill
     chunk of a hundred tokens. In one padded call every row would score the widest row's queries against the longest
     row's keys (most of a mixed pass's time); each range `(first row, end row, query width, key width)` attends alone
-    instead, over the slices of the padded layouts. Attention weights are not returned."""
+    instead, over the slices of the padded layouts. Attention weights are not returned. `stopwatch` (anything with
+    `add(seconds)`) is told how long the kernels took."""
 
     ranges: tuple[tuple[int, int, int, int], ...]
+    stopwatch: object | None = None
 
     @classmethod
-    def of(cls, query_counts: list[int], key_widths: list[int]) -> "RowBuckets":
+    def of(cls, query_counts: list[int], key_widths: list[int], stopwatch=None) -> "RowBuckets":
         """Rows ordered so that equal query counts are contiguous: one range per run of equal counts (decode rows
         share one), each as wide as its widest row's keys."""
         ranges, first = [], 0
@@ -197,11 +200,12 @@ class RowBuckets(NamedTuple):
             if row == len(query_counts) or query_counts[row] != query_counts[first]:
                 ranges.append((first, row, query_counts[first], max(key_widths[first:row])))
                 first = row
-        return cls(tuple(ranges))
+        return cls(tuple(ranges), stopwatch)
 
     def attend(self, attention_interface, module, query, key, value, attention_mask, **kwargs):
         """`attention_interface` on every range; the output in the padded layout, `[rows, width, heads, head_dim]`
         (zeros where a row has no query)."""
+        started = time.perf_counter()
         output = query.new_zeros(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
         for first, end, query_width, key_width in self.ranges:
             mask = attention_mask[first:end, :, :query_width, :key_width] if attention_mask is not None else None
@@ -214,6 +218,8 @@ class RowBuckets(NamedTuple):
                 **kwargs,
             )
             output[first:end, :query_width] = range_output
+        if self.stopwatch is not None:
+            self.stopwatch.add(time.perf_counter() - started)
         return output, None
 
 

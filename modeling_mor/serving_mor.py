@@ -24,6 +24,7 @@ import copy
 import time
 import zlib
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
@@ -42,9 +43,10 @@ logger = logging.get_logger(__name__)
 # first layers between two tokens, so more requests than slots keep every block pass full (MOR_SPEC section 4).
 IN_FLIGHT_PER_SLOT = 2
 
-# Pages of 8 tokens: per request and token set at most 7 slots are unused (3.5 on average), a few percent of its
-# tokens; the gathers cost the same bytes whatever the page size.
-DEFAULT_PAGE_SIZE = 8
+# Pages of 4 tokens: per request and token set at most 3 slots are unused (1.5 on average), which holds 1.01x-1.03x
+# of exactly the tokens stored; a gather copies the same bytes whatever the page size (measured: pages of 8 held
+# 1.03x-1.07x and ran within 2% of pages of 4, benchmarks/serving_throughput.py --page-size).
+DEFAULT_PAGE_SIZE = 4
 TRANSFORMERS_DEFAULT_PAGE_SIZE = ContinuousBatchingConfig.__dataclass_fields__["page_size"].default
 
 
@@ -350,37 +352,34 @@ class DepthwiseBatchProcessor:
         """One engine iteration: the first layer for entering groups, one block pass over the recursing groups that
         waited longest (each at its own step), the last layer, norm, head and sampling for exited groups."""
         self.iteration += 1
-        started = time.perf_counter()
-        entering = self.first_layer_groups
-        if entering:
-            token_ids = torch.tensor([token for group in entering for token in group.token_ids], device=self.device)
-            hidden = model.model.embed_tokens(token_ids)
-            for group, group_hidden in zip(entering, hidden.split([len(group) for group in entering])):
-                group.hidden = group_hidden
-                group.entered = True
-            if self.config.has_unshared_ends:
-                self._end_layer_pass(entering, model.model.first_layer, first=True)
-            self._decide(entering)
-        self.stats.end_layers += time.perf_counter() - started
+        with self.stats.part("end_layers"):
+            entering = self.first_layer_groups
+            if entering:
+                token_ids = torch.tensor([token for group in entering for token in group.token_ids], device=self.device)
+                hidden = model.model.embed_tokens(token_ids)
+                for group, group_hidden in zip(entering, hidden.split([len(group) for group in entering])):
+                    group.hidden = group_hidden
+                    group.entered = True
+                if self.config.has_unshared_ends:
+                    self._end_layer_pass(entering, model.model.first_layer, first=True)
+                self._decide(entering)
 
-        started = time.perf_counter()
-        _, recursing, _ = self._groups()
-        block_groups = self._take(recursing, {})
-        self.stats.block_pass_tokens += sum(int(group.active.sum()) for group in block_groups)
-        if block_groups:
-            self._block_pass(block_groups)
-            self._decide(block_groups)
-            for group in block_groups:
-                group.ready_since = self.iteration
-        self.stats.block_passes += time.perf_counter() - started
+        with self.stats.part("block_passes"):
+            _, recursing, _ = self._groups()
+            block_groups = self._take(recursing, {})
+            self.stats.block_pass_tokens += sum(int(group.active.sum()) for group in block_groups)
+            if block_groups:
+                self._block_pass(block_groups)
+                self._decide(block_groups)
+                for group in block_groups:
+                    group.ready_since = self.iteration
 
-        started = time.perf_counter()
-        _, _, exited = self._groups()
-        self.finished_this_step = []
-        # Exited tokens wait for a full last-layer pass only while the block pass is full anyway.
-        if exited and (len(exited) >= self.slots or len(block_groups) < self.slots):
-            self._finish_recursion(self._take(exited, None), model)
-        self.stats.end_layers += time.perf_counter() - started
+        with self.stats.part("end_layers"):
+            _, _, exited = self._groups()
+            self.finished_this_step = []
+            # Exited tokens wait for a full last-layer pass only while the block pass is full anyway.
+            if exited and (len(exited) >= self.slots or len(block_groups) < self.slots):
+                self._finish_recursion(self._take(exited, None), model)
         self.stats.iterations += 1
         self.stats.record_memory(self.storage.memory_report())
 
@@ -466,7 +465,7 @@ class DepthwiseBatchProcessor:
         active_tokens = ActiveTokens.from_row_counts(torch.tensor(counts, device=self.device))
         request_ids = [group.request_id for group in groups]
         page_table, key_index = self.storage.read_layout(request_ids, token_sets)
-        row_buckets = RowBuckets.of(counts, self.storage.slots_read(request_ids, token_sets))
+        row_buckets = RowBuckets.of(counts, self.storage.slots_read(request_ids, token_sets), self.stats.attention)
         query_index = active_tokens.to_row_layout(token_index.unsqueeze(-1)).squeeze(-1).masked_fill(~active_tokens.valid, -1)
         attention_mask = build_attention_mask(self.config, query_index, key_index, key_index >= 0, hidden.dtype)
         cos, sin = self.model.model.rotary_emb(hidden.unsqueeze(0), position_ids=token_index.unsqueeze(0))
@@ -479,6 +478,7 @@ class DepthwiseBatchProcessor:
             write_mask,
             page_table,
             self.storage.gather_buffers,
+            self.stats.attention,
         )
         self.stats.pass_setup += time.perf_counter() - started
         layer_input = hidden
@@ -564,17 +564,39 @@ class DepthwiseBatchProcessor:
             self.output_router.deliver_batch(outputs)
 
 
+class Stopwatch:
+    """Seconds added up by the code it is handed to (`add`): the attention of every pass, timed where it runs."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.seconds += seconds
+
+
 class EngineStats:
-    """Where an engine's time went, the depths its tokens took, and its KV memory next to the routed-token ideal."""
+    """Where an engine's time went, the depths its tokens took, and its KV memory next to the routed-token ideal.
+
+    The parts do not overlap: attention (KV writes, page gathers, attention kernels) and pass setup (page tables,
+    masks, rotary) are counted once, apart from the layers of the passes they belong to."""
 
     def __init__(self):
         self.iterations = 0
         self.scheduling = self.end_layers = self.block_passes = self.pass_setup = 0.0
+        self.attention = Stopwatch()
         self.block_pass_tokens = 0
         self.depth_histogram: dict[int, int] = {}
         self.peak_kv_bytes_held = 0
         self.held_over_ideal_at_peak = 1.0  # when the most memory is held: what a pool must be sized for
         self.peak_held_over_ideal = 1.0  # the largest ratio at any iteration (small holdings round up the most)
+
+    @contextmanager
+    def part(self, name: str):
+        """Adds the time of the block to the part `name`, less the attention and pass setup timed inside it."""
+        started, nested = time.perf_counter(), self.attention.seconds + self.pass_setup
+        yield
+        elapsed = time.perf_counter() - started - (self.attention.seconds + self.pass_setup - nested)
+        setattr(self, name, getattr(self, name) + elapsed)
 
     def record_depths(self, depth: torch.LongTensor) -> None:
         for value, count in zip(*torch.unique(depth, return_counts=True)):
@@ -596,9 +618,10 @@ class EngineStats:
             "iterations": self.iterations,
             "seconds": {
                 "scheduling": self.scheduling,
+                "block_pass_layers": self.block_passes,
                 "end_layers_head_sampling": self.end_layers,
-                "block_passes": self.block_passes,
-                "pass_setup_paging_masks": self.pass_setup,
+                "attention_kv_paging": self.attention.seconds,
+                "pass_setup_tables_masks": self.pass_setup,
             },
             "mean_block_pass_tokens": self.block_pass_tokens / max(self.iterations, 1),
             "depth_histogram": dict(sorted(self.depth_histogram.items())),

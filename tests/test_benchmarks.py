@@ -78,4 +78,4 @@ def test_serving_benchmark_runs_and_the_engine_matches_generate():
         *[(name, mode) for name in ("MoR routing=none", "MoR expert, recursion-wise", "MoR expert, shared KV")
           for mode in ("generate() x16", "engine, 2 slots", "engine, 3 slots")],
     ], result.stdout
-    assert "block_passes" in result.stdout and "/ideal" in result.stdout
+    assert "block_pass_layers" in result.stdout and "attention_kv_paging" in result.stdout and "/ideal" in result.stdout

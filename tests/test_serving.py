@@ -12,7 +12,7 @@ from transformers.generation.continuous_batching.requests import RequestStatus
 
 from modeling_mor import MoRForCausalLM
 from modeling_mor.cache_mor import END_LAYERS
-from modeling_mor.serving_mor import MoRContinuousBatchingManager
+from modeling_mor.serving_mor import DEFAULT_PAGE_SIZE, MoRContinuousBatchingManager
 
 from conftest import mixed_routing_model, tiny_mor_config
 
@@ -285,10 +285,70 @@ def test_remote_code_serves_generate_batch(tmp_path):
 
 def test_transformers_default_page_size_reads_as_unset():
     """transformers' default page (256 tokens, sized for its GPU kernels) would waste most of every page per recursion
-    step: MoR's engine takes its own default (8) then, and any other value as given."""
+    step: MoR's engine takes its own default (4) then, and any other value as given."""
     model = _model(routing="expert_choice")
     default = model.init_continuous_batching(generation_config=_greedy(), continuous_batching_config=ContinuousBatchingConfig())
-    assert default._create_batch_processor().storage.page_size == 8
+    assert default._create_batch_processor().storage.page_size == DEFAULT_PAGE_SIZE == 4
     chosen = model.init_continuous_batching(generation_config=_greedy(),
                                             continuous_batching_config=ContinuousBatchingConfig(page_size=32))
     assert chosen._create_batch_processor().storage.page_size == 32
+
+
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_row_buckets_attend_as_one_padded_call(implementation):
+    """Rows of 1, 1, 3 and 5 queries over keys of different lengths: attention per range of equal query counts
+    gives every real query what one call over the padded layout gives it."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from modeling_mor.modeling_mor import RowBuckets, build_attention_mask
+
+    torch.manual_seed(0)
+    config = tiny_mor_config()
+    config._attn_implementation = implementation
+    module = MoRForCausalLM(config).model.recursion_block.layers[0].self_attn
+    query_counts, key_lengths = [1, 1, 3, 5], [4, 9, 6, 12]
+    rows, width, keys_width, heads, head_dim = 4, 5, 12, config.num_attention_heads, module.head_dim
+    query = torch.randn(rows, heads, width, head_dim)
+    kv_heads = config.num_key_value_heads
+    key, value = torch.randn(rows, kv_heads, keys_width, head_dim), torch.randn(rows, kv_heads, keys_width, head_dim)
+    key_index = torch.arange(keys_width).expand(rows, keys_width)
+    key_valid = key_index < torch.tensor(key_lengths).unsqueeze(-1)
+    # Each row's queries are its last tokens.
+    query_index = torch.tensor(key_lengths).unsqueeze(-1) - torch.tensor(query_counts).unsqueeze(-1) + torch.arange(width)
+    query_valid = torch.arange(width) < torch.tensor(query_counts).unsqueeze(-1)
+    mask = build_attention_mask(config, query_index.masked_fill(~query_valid, -1), key_index, key_valid, torch.float32)
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, None) if implementation != "eager" else None
+    if interface is None:
+        from transformers.models.llama.modeling_llama import eager_attention_forward as interface
+    expected, _ = interface(module, query, key, value, mask, scaling=module.scaling, dropout=0.0)
+    buckets = RowBuckets.of(query_counts, key_lengths)
+    assert buckets.ranges == ((0, 2, 1, 9), (2, 3, 3, 6), (3, 4, 5, 12))
+    output, weights = buckets.attend(interface, module, query, key, value, mask, scaling=module.scaling, dropout=0.0)
+    assert weights is None
+    torch.testing.assert_close(output[query_valid], expected[query_valid], rtol=1e-6, atol=1e-6)
+
+
+def test_prefill_chunks_and_decode_tokens_share_block_passes_and_attend_apart(monkeypatch):
+    """A block pass holds prefill chunks next to decode tokens; their attention runs per range of equal query
+    counts (one-token rows together), so a decode row does not pay for a chunk's queries."""
+    from modeling_mor.modeling_mor import RowBuckets
+
+    mixed_passes = []
+    attend = RowBuckets.attend
+
+    def counting_attend(self, *args, **kwargs):
+        query_widths = [query_width for _, _, query_width, _ in self.ranges]
+        if 1 in query_widths and max(query_widths) > 1:
+            mixed_passes.append(query_widths)
+        return attend(self, *args, **kwargs)
+
+    monkeypatch.setattr(RowBuckets, "attend", counting_attend)
+    model = _model(routing="expert_choice")
+    prompts = _prompts()
+    config = _greedy()
+    outputs = model.generate_batch(
+        prompts, generation_config=config, continuous_batching_config=ContinuousBatchingConfig(**SMALL_ENGINE)
+    )
+    assert mixed_passes, "no pass mixed prefill chunks with decode tokens"
+    assert all(sorted(widths) == widths and widths.count(1) == 1 for widths in mixed_passes)
+    assert [output.generated_tokens for output in outputs.values()] == [_reference(model, p, config) for p in prompts]
