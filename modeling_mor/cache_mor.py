@@ -386,8 +386,9 @@ class GatherBuffers:
 
     A gather copies every row's pages, several MiB per layer; a fresh tensor of that size is mapped and unmapped by
     the allocator on every call, and its page faults cost more than the copy (measured: an engine decode pass took
-    1.4x as long). Without autograd, a layer's gathered keys are written into the buffer of its key, grown by
-    doubling; a buffer may only be shared by layers whose gathered keys are not read once the next one gathers."""
+    1.4x as long). Without autograd, a layer's gathered keys are written into the buffer of its key, grown by a
+    quarter when too small (a row's keys grow a page at a time); a buffer may only be shared by layers whose gathered
+    keys are not read once the next one gathers."""
 
     def __init__(self):
         self.buffers: dict = {}
@@ -400,10 +401,13 @@ class GatherBuffers:
         numel = math.prod(shape)
         held = self.buffers.get(key)
         if held is None or held[0].numel() < numel or held[0].dtype != like.dtype or held[0].device != like.device:
-            size = max(numel, 2 * held[0].numel() if held is not None else 0)
+            size = max(numel, (5 * held[0].numel()) // 4 if held is not None else 0)
             held = (like.new_empty(size), like.new_empty(size))
             self.buffers[key] = held
         return held[0][:numel].view(shape), held[1][:numel].view(shape)
+
+    def nbytes(self) -> int:
+        return sum(keys.nbytes + values.nbytes for keys, values in self.buffers.values())
 
 
 def gather_pages(pool: PagePool, layer_row: int, page_table: torch.LongTensor, buffers=None):
@@ -497,7 +501,8 @@ class MoRRecursionLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         """Writes the step's tokens, packed into one sequence (`[1, kv_heads, N, head_dim]`, in (row, position)
         order), into their slots; returns the keys/values of the rows taking the step, `[rows, kv_heads, slots,
-        head_dim]`, over the slots `MoRCache.prepare_recursion_step` described."""
+        head_dim]`, over the slots `MoRCache.prepare_recursion_step` described (without autograd, views of memory
+        the cache reuses at its next gather of this block position: `keys`/`values` give copies)."""
         plan = self.cache.step_plans[self.step]
         if key_states.shape[0] != 1 or key_states.shape[2] != plan.write_pages.numel():
             raise ValueError(
@@ -675,10 +680,11 @@ class MoRCache(Cache):
         return total
 
     def reserved_nbytes(self) -> int:
-        """Bytes allocated for pages, used or free (the pool doubles when it runs out)."""
+        """Bytes allocated for pages, used or free (the pool doubles when it runs out), and for the memory that
+        gathers reuse (`GatherBuffers`)."""
         if self.storage is None:
             return 0
-        return sum(
+        return self.storage.gather_buffers.nbytes() + sum(
             pool.bytes_per_page() * pool.num_pages + pool.slot_token_index.nbytes for pool in self.storage.unique_pools()
         )
 

@@ -272,7 +272,8 @@ class StepAttention(NamedTuple):
 
 class LayerOutput(NamedTuple):
     """A decoder layer's output: its hidden states, its attention weights (None under kernels that do not return
-    them) and its keys/values (read by deeper steps under the shared policy)."""
+    them) and its keys/values (read by deeper steps under the shared policy). With a cache the keys/values are views
+    of memory the cache reuses for its next gather of the same layer: read them before the next forward."""
 
     hidden_states: torch.Tensor
     attn_weights: torch.Tensor | None
@@ -572,7 +573,8 @@ class MoRRecursionBlock(nn.Module):
                     active_tokens=active_tokens,
                     **kwargs,
                 )
-                if step == 0:
+                if step == 0 and config.kv_cache_policy == "shared":
+                    # Read by the deeper steps of this forward; a cache's gathered keys live in memory it reuses.
                     step_one_key_values[position] = key_value
                 if order == len(positions) - 1:
                     if config.routing == "expert_choice":

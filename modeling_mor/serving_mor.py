@@ -578,7 +578,9 @@ class EngineStats:
     """Where an engine's time went, the depths its tokens took, and its KV memory next to the routed-token ideal.
 
     The parts do not overlap: attention (KV writes, page gathers, attention kernels) and pass setup (page tables,
-    masks, rotary) are counted once, apart from the layers of the passes they belong to."""
+    masks, rotary) are counted once, apart from the layers of the passes they belong to. They are wall-clock times
+    on the host: on a GPU, which runs kernels asynchronously, they say where the host waited, not where the kernels
+    ran."""
 
     def __init__(self):
         self.iterations = 0
