@@ -62,7 +62,8 @@ def run_generate(model, prompts, args) -> tuple[float, list[list[int]]]:
 
 @torch.no_grad()
 def run_engine(model, prompts, args, slots: int | None):
-    """`generate_batch`; for MoR models also the engine's statistics (through the manager)."""
+    """`generate_batch` (for MoR models in the calling thread, or `--engine-api manager`: the manager's background
+    thread), and for MoR models the engine's statistics."""
     # Pages for `--requests-per-slot` requests per slot at their longest, as MoR's engine sizes its pool by default
     # (transformers would otherwise size its cache from the free memory).
     pages_per_request = -(-(args.max_prompt + args.new_tokens) // args.page_size) + 1
@@ -70,7 +71,8 @@ def run_engine(model, prompts, args, slots: int | None):
     cb_config = ContinuousBatchingConfig(max_requests_per_batch=slots, page_size=args.page_size,
                                          max_batch_tokens=args.max_batch_tokens, num_blocks=num_pages)
     start = time.perf_counter()
-    if hasattr(model, "routers"):
+    if hasattr(model, "routers") and args.engine_api == "manager":
+        # The manager's background thread, as a server would run it.
         with model.continuous_batching_context_manager(generation_config=generation_config(args),
                                                        continuous_batching_config=cb_config) as manager:
             request_ids = manager.add_requests(prompts, max_new_tokens=args.new_tokens)
@@ -82,6 +84,13 @@ def run_engine(model, prompts, args, slots: int | None):
                 if result.is_finished():
                     results[result.request_id] = result
             stats = manager.engine_stats()
+    elif hasattr(model, "routers"):
+        # generate_batch serves in the calling thread; the kept manager gives the engine's statistics.
+        results = model.generate_batch(prompts, generation_config=generation_config(args),
+                                       continuous_batching_config=cb_config, persistent_manager=True)
+        request_ids = list(results)
+        stats = model._cached_continuous_batching_manager.engine_stats()
+        model.destroy_cached_continuous_batching_manager()
     else:
         results = model.generate_batch(prompts, generation_config=generation_config(args),
                                        continuous_batching_config=cb_config, warmup=False)
@@ -121,6 +130,9 @@ def main():
     parser.add_argument("--max-batch-tokens", type=int, default=256, help="largest prefill chunk per iteration")
     parser.add_argument("--requests-per-slot", type=int, default=IN_FLIGHT_PER_SLOT,
                         help="KV pages for this many requests per slot at their longest (the engine's default pool)")
+    parser.add_argument("--engine-api", choices=["generate_batch", "manager"], default="generate_batch",
+                        help="serve the MoR engine rows through generate_batch (in the calling thread) or through the "
+                             "manager's background thread (continuous_batching_context_manager)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="measure every row this many times, interleaved, and report the median")
     parser.add_argument("--router-scale", type=float, default=40.0)

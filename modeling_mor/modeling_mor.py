@@ -46,7 +46,7 @@ from .cache_mor import MoRCache
 from .configuration_mor import MoRConfig
 from .relaxation_mor import RelaxedLinear, RelaxedRMSNorm, relax_layer_
 from .routing_mor import ROUTER_LOSS_COEFFICIENTS, MoRRouter, TokenChoiceRouting, apply_gate, build_routing
-from .serving_mor import init_mor_continuous_batching
+from .serving_mor import init_mor_continuous_batching, serving_in_calling_thread
 
 
 logger = logging.get_logger(__name__)
@@ -921,6 +921,13 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         `continuous_batching_context_manager`), served by MoR's depth-wise batch processor (serving_mor.py): one pass
         of the shared block serves tokens of many requests at different recursion steps, with paged per-step KV."""
         return init_mor_continuous_batching(self, generation_config, continuous_batching_config, workload_hints)
+
+    def generate_batch(self, inputs, *args, **kwargs):
+        """transformers' `generate_batch` (same arguments, same results: a dict of `GenerationOutput` in input order),
+        with MoR's engine run in the calling thread, which only waits for the results: on CPU a background thread
+        doing the work makes OpenMP throttle its workers (see `MoRContinuousBatchingManager`)."""
+        with serving_in_calling_thread():
+            return super().generate_batch(inputs, *args, **kwargs)
 
     def generate(self, *args, output_recursion_depth: bool = False, **kwargs):
         """`GenerationMixin.generate`, plus `output_recursion_depth=True` (with `return_dict_in_generate=True`): the

@@ -352,3 +352,60 @@ def test_prefill_chunks_and_decode_tokens_share_block_passes_and_attend_apart(mo
     assert mixed_passes, "no pass mixed prefill chunks with decode tokens"
     assert all(sorted(widths) == widths and widths.count(1) == 1 for widths in mixed_passes)
     assert [output.generated_tokens for output in outputs.values()] == [_reference(model, p, config) for p in prompts]
+
+
+def test_generate_batch_serves_in_the_calling_thread(monkeypatch):
+    """generate_batch only waits for its results: the engine runs in the caller's thread (no background thread,
+    whose OpenMP workers would be throttled on CPU), with the same results; the manager API keeps its thread."""
+    from modeling_mor.serving_mor import DepthwiseBatchProcessor
+
+    threads = set()
+    step = DepthwiseBatchProcessor._generation_step
+
+    def recording_step(self, model):
+        threads.add(threading.get_ident())
+        return step(self, model)
+
+    monkeypatch.setattr(DepthwiseBatchProcessor, "_generation_step", recording_step)
+    model = _model(routing="expert_choice")
+    prompts = _prompts(count=8)
+    config = _greedy()
+    def running():  # tqdm starts its monitor thread with transformers' progress bar
+        return {thread for thread in threading.enumerate() if thread.name != "tqdm_monitor"}
+
+    running_before = running()
+    outputs = model.generate_batch(
+        prompts, generation_config=config, continuous_batching_config=ContinuousBatchingConfig(**SMALL_ENGINE),
+        persistent_manager=True,
+    )
+    assert threads == {threading.get_ident()}
+    assert running() == running_before
+    assert [output.generated_tokens for output in outputs.values()] == [_reference(model, p, config) for p in prompts]
+
+    # The manager kept by persistent_manager=True serves from its background thread when used directly.
+    threads.clear()
+    manager = model.init_continuous_batching(generation_config=config)
+    assert not manager.in_calling_thread
+    manager.start()
+    request_id = manager.add_request(prompts[0])
+    result = manager.get_result(request_id=request_id, timeout=60)
+    while not result.is_finished():
+        result = manager.get_result(request_id=request_id, timeout=60)
+    manager.stop(block=True, timeout=30)
+    model.destroy_cached_continuous_batching_manager()
+    assert result.generated_tokens == _reference(model, prompts[0], config)
+    assert threads and threading.get_ident() not in threads
+
+
+def test_a_fault_in_generate_batch_fails_every_request_without_hanging(monkeypatch):
+    from modeling_mor.serving_mor import DepthwiseBatchProcessor
+
+    def broken_step(self, model):
+        raise RuntimeError("simulated kernel failure")
+
+    monkeypatch.setattr(DepthwiseBatchProcessor, "_generation_step", broken_step)
+    model = _model(routing="expert_choice")
+    prompts = _prompts(count=3)
+    outputs = model.generate_batch(prompts, generation_config=_greedy(),
+                                   continuous_batching_config=ContinuousBatchingConfig(**SMALL_ENGINE))
+    assert len(outputs) == 3 and all("simulated kernel failure" in output.error for output in outputs.values())
