@@ -54,15 +54,15 @@ import torch  # noqa: E402
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))  # run from a source checkout without installing
 
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoTokenizer, LlamaConfig  # noqa: E402
 
 from conversion import pretrain  # noqa: E402
-from conversion.flops import non_embedding_parameters  # noqa: E402
-from conversion.measure import perplexity_and_depths, read_eval_tokens  # noqa: E402
+from conversion.cli_checks import one_line  # noqa: E402
+from conversion.measure import depth_histogram, mean_depth, perplexity_and_depths, read_eval_tokens  # noqa: E402
 from conversion.output_dir import check_output_dir  # noqa: E402
-from conversion.uptrain import SUMMARY_FILE, mean_depth, tokenize_texts  # noqa: E402
+from conversion.uptrain import SUMMARY_FILE, tokenize_texts  # noqa: E402
 from conversion.text_files import read_text_file  # noqa: E402
-from modeling_mor import MoRConfig, MoRForCausalLM  # noqa: E402
+from modeling_mor import MoRConfig  # noqa: E402
 
 
 ASSETS = PROJECT_ROOT / "examples" / "assets"
@@ -193,9 +193,10 @@ def training_time_routing(model):
 
 def evaluate(model, eval_tokens, block_size) -> dict:
     causal, causal_depths = perplexity_and_depths(model, eval_tokens, block_size, desc="causal routing")
+    causal_mean_depth = mean_depth(causal_depths)
     result = {"ppl_causal": causal, "nll_causal": math.log(causal), "ppl_topk": causal,
-              "mean_depth_causal": mean_depth(causal_depths), "mean_depth_topk": mean_depth(causal_depths),
-              "depths_causal": {str(d): c for d, c in sorted(causal_depths.items()) if d > 0}}
+              "mean_depth_causal": causal_mean_depth, "mean_depth_topk": causal_mean_depth,
+              "depths_causal": depth_histogram(causal_depths)}
     if getattr(model.config, "routing", None) == "expert_choice":
         with training_time_routing(model):
             top_k, top_k_depths = perplexity_and_depths(model, eval_tokens, block_size, desc="top-k routing")
@@ -203,8 +204,9 @@ def evaluate(model, eval_tokens, block_size) -> dict:
     return result
 
 
-def train_one(args, settings, name, budget, seed, folder: Path, vocab_size: int) -> dict:
-    """Pretrains one variant to one budget with conversion.pretrain and evaluates it; returns its table row."""
+def train_one(args, settings, name, budget, seed, folder: Path, vocab_size: int, eval_tokens) -> dict:
+    """Pretrains one variant to one budget with conversion.pretrain and evaluates it on `eval_tokens`; returns its
+    table row."""
     folder.mkdir(parents=True, exist_ok=True)
     config_file = folder / "config.json"
     model_config(name, settings, vocab_size).to_json_file(config_file)
@@ -226,13 +228,11 @@ def train_one(args, settings, name, budget, seed, folder: Path, vocab_size: int)
     for checkpoint in model_dir.glob("checkpoint-*"):  # the final model stays; optimizer states are not needed
         shutil.rmtree(checkpoint)
     summary = json.loads((model_dir / SUMMARY_FILE).read_text())
-    model_class = MoRForCausalLM if VARIANTS[name] is not None else LlamaForCausalLM
+    model_class = pretrain.MODEL_CLASSES["mor" if VARIANTS[name] is not None else "llama"][1]
     model = model_class.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    eval_tokens = read_eval_tokens(tokenizer, args.eval_file, settings["eval_max_tokens"])
     row = {
         "variant": name, "budget": budget, "seed": seed,
-        "non_embedding_params": non_embedding_parameters(model),
+        "non_embedding_params": model.num_parameters(exclude_embeddings=True),
         "train_flops": summary["train_flops"], "tokens_seen": summary["tokens_seen"], "steps": summary["steps"],
         "wall_time_s": summary["wall_time_s"],
         **evaluate(model, eval_tokens, settings["block_size"]),
@@ -364,7 +364,7 @@ def main(argv=None) -> int:
         check_arguments(args, settings)
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     except (ValueError, OSError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir)
     if args.overwrite and output_dir.exists():
@@ -379,6 +379,7 @@ def main(argv=None) -> int:
         documents = documents[: settings["max_train_documents"]]
     dataset_tokens = tokenize_texts(tokenizer, documents).numel() // settings["block_size"] * settings["block_size"]
 
+    eval_tokens = read_eval_tokens(tokenizer, args.eval_file, settings["eval_max_tokens"])  # the same for every run
     runs = runs_to_train(args, settings)
     print(f"{len(runs)} runs; settings {settings}; {dataset_tokens:,} training tokens; threads "
           f"{torch.get_num_threads()}", flush=True)
@@ -390,7 +391,7 @@ def main(argv=None) -> int:
         else:
             if folder.exists():
                 shutil.rmtree(folder)
-            row = train_one(args, settings, name, budget, seed, folder, len(tokenizer))
+            row = train_one(args, settings, name, budget, seed, folder, len(tokenizer), eval_tokens)
         rows.append(row)
         print(f"[{index}/{len(runs)} {time.perf_counter() - start:.0f} s] {name:<28} budget {budget:.3g} seed {seed}: "
               f"ppl causal {row['ppl_causal']:.3f} top-k {row['ppl_topk']:.3f}, depth "

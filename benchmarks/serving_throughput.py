@@ -172,7 +172,7 @@ def main():
     rows = []  # (name, mode, median seconds, the median run's stats, outputs)
     for name, _, mode, _ in runs:
         by_time = sorted(measured[(name, mode)], key=lambda run: run[0])
-        seconds, stats, _ = by_time[(len(by_time) - 1) // 2]  # the median run (the lower one of an even count)
+        _, stats, _ = by_time[(len(by_time) - 1) // 2]  # the median run (the lower one of an even count)
         rows.append((name, mode, statistics.median(run[0] for run in by_time), stats, measured[(name, mode)][0][2]))
     if args.check:
         for name, _, mode, _ in runs:

@@ -538,7 +538,7 @@ def _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, st
     """Converts, measures and saves into `staging`; returns the figures of the model card."""
     from pathlib import Path
 
-    from .measure import full_depth, perplexity_and_depths
+    from .measure import depth_histogram, full_depth, perplexity_and_depths
     from .model_card import save_card
 
     torch.manual_seed(args.seed)
@@ -599,7 +599,7 @@ def _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, st
                 "recursive (tied) model, every token at full depth": tied_ppl,
                 "MoR as converted (untrained routers)": mor_ppl,
             },
-            depth_histogram={str(depth): count for depth, count in sorted(depths.items()) if depth > 0},
+            depth_histogram=depth_histogram(depths),
             depth_model="freshly converted, untrained routers",
         )
 

@@ -151,7 +151,3 @@ def planned_recursion_depth(config, seq_len: int) -> torch.LongTensor:
     return (rank * num_recursions // seq_len + 1).unsqueeze(0)
 
 
-def non_embedding_parameters(model) -> int:
-    """Unique parameters without the input embedding (and a tied LM head, which is the same matrix): the usual
-    "non-embedding parameters" of scaling-law comparisons."""
-    return model.num_parameters(exclude_embeddings=True)

@@ -109,6 +109,17 @@ def perplexity_and_depths(model, token_ids: torch.LongTensor, block_size: int | 
     return math.exp(total_nll / total_tokens), depths
 
 
+def mean_depth(depths: Counter) -> float | None:
+    """Mean recursion depth of the real tokens of a depth Counter (`perplexity_and_depths`; 0 marks padding)."""
+    total = sum(count for depth, count in depths.items() if depth > 0)
+    return sum(depth * count for depth, count in depths.items() if depth > 0) / total if total else None
+
+
+def depth_histogram(depths: Counter) -> dict[str, int]:
+    """Tokens per recursion depth, real tokens only, as model cards and summaries record it (JSON keys)."""
+    return {str(depth): count for depth, count in sorted(depths.items()) if depth > 0}
+
+
 @contextlib.contextmanager
 def full_depth(model):
     """Every token takes every recursion step (capacity 1 at each step): the tied recursive model the routers act on.

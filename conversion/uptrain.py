@@ -30,7 +30,6 @@ import math
 import random
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
@@ -54,7 +53,9 @@ from .flops import FlopCounter
 from .measure import (
     check_fills_one_block,
     context_length,
+    depth_histogram,
     eval_block_size,
+    mean_depth,
     perplexity_and_depths,
     read_eval_text,
     read_eval_tokens,
@@ -182,9 +183,6 @@ class CapacitySchedule(TrainerCallback):
         # Trainer logs, evaluates and saves right after this: with the configured capacities.
         self.config.capacity = list(self.configured)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.config.capacity = list(self.configured)
-
 
 def capacity_schedule_of(args, model) -> CapacitySchedule | None:
     """The `CapacitySchedule` of --capacity-warmup-steps and --random-capacity, or None when neither is given."""
@@ -229,9 +227,11 @@ class FlopBudget(TrainerCallback):
         self.reached = False
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.max_flops is None:
+            return  # Trainer sums the count itself before every log, save and the end of training
         # Every process ends the step together, so the count's all-gather (under DDP) is safe here.
         self.trainer.store_flos()
-        if self.max_flops is not None and state.total_flos >= self.max_flops:
+        if state.total_flos >= self.max_flops:
             self.reached = True
             control.should_training_stop = True
             if args.save_strategy == "steps":
@@ -349,7 +349,7 @@ class UptrainTrainer(Trainer):
             for name, value in zip(names, means.tolist()):
                 logs[name] = round(value, 4)
             self._loss_terms = {}
-            # Current: `FlopBudget` has summed the count at the end of this step.
+            # Trainer sums the count (store_flos) just before it logs; current_flos is what a later log adds.
             logs["train_flops"] = self.state.total_flos + self.current_flos
         super().log(logs, *args, **kwargs)
 
@@ -740,12 +740,6 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
     `add_trainer_arguments`), saves it with its tokenizer, a loss curve and OUTPUT_DIR/training_summary.json (steps,
     tokens seen, training FLOPs, the evaluation), and calls `finish(trainer, folder, before, after, depths,
     train_seconds)` before the folder moves into place (uptraining renders its model card there)."""
-    try:
-        # Uptraining checks it before loading the model; this is for entry points that only know the model here.
-        check_capacity_schedule(args, model.config)
-    except ValueError as error:
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return 2
     capacity_schedule = capacity_schedule_of(args, model)
     output_dir = Path(args.output_dir).expanduser().resolve()
     training_args = build_training_arguments(args, output_dir, evaluates=data.eval_dataset is not None)
@@ -820,12 +814,6 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
 SUMMARY_FILE = "training_summary.json"
 
 
-def mean_depth(depths: Counter) -> float | None:
-    """Mean recursion depth of the real tokens of a depth Counter (`perplexity_and_depths`; 0 marks padding)."""
-    total = sum(count for depth, count in depths.items() if depth > 0)
-    return sum(depth * count for depth, count in depths.items() if depth > 0) / total if total else None
-
-
 def training_summary(args, trainer, steps_planned, data: TrainingData, after, depths, train_seconds) -> dict:
     """What OUTPUT_DIR/training_summary.json records: the compute spent, the data seen and the evaluation."""
     state = trainer.state
@@ -860,7 +848,7 @@ def training_summary(args, trainer, steps_planned, data: TrainingData, after, de
             "tokens": data.eval_tokens.numel(),
             "block_size": args.eval_block_size,
             "routing": "eval mode (causal)",
-            "depth_histogram": {str(d): c for d, c in sorted(depths.items()) if d > 0} if depths else None,
+            "depth_histogram": depth_histogram(depths) if depths else None,
             "mean_depth": mean_depth(depths) if depths else None,
         }
     return summary
@@ -883,7 +871,7 @@ def write_card(args, trainer, folder: Path, output_dir: Path, before, after, dep
             rows[label] = {"perplexity": value, **measurement}
         figures.update(
             perplexity=rows,
-            depth_histogram={str(d): c for d, c in sorted(depths.items()) if d > 0},
+            depth_histogram=depth_histogram(depths),
             depth_model="after uptraining",
             depth_measurement=measurement,
         )

@@ -40,7 +40,8 @@ import torch  # noqa: E402
 
 from conversion.cli_checks import one_line, read_mor_config  # noqa: E402
 from conversion.measure import context_length, eval_block_size, perplexity_and_depths, read_eval_text, read_eval_tokens  # noqa: E402
-from conversion.uptrain import load_tokenizer, mean_depth  # noqa: E402
+from conversion.measure import depth_histogram, mean_depth  # noqa: E402
+from conversion.uptrain import load_tokenizer  # noqa: E402
 
 
 ASSETS = PROJECT_ROOT / "examples" / "assets"
@@ -109,7 +110,7 @@ def load_model(folder):
 def measure(model, tokens, block_size) -> dict:
     perplexity, depths = perplexity_and_depths(model, tokens, block_size)
     return {"perplexity": perplexity, "mean_depth": mean_depth(depths),
-            "depth_histogram": {str(d): c for d, c in sorted(depths.items()) if d > 0}}
+            "depth_histogram": depth_histogram(depths)}
 
 
 def sweep(model, tokens, block_size, thresholds) -> list[dict]:

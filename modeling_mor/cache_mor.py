@@ -416,14 +416,10 @@ def gather_pages(pool: PagePool, layer_row: int, page_table: torch.LongTensor, b
     rows = page_table.shape[0]
     pages = page_table.reshape(-1)
     source_keys, source_values = pool.keys[layer_row], pool.values[layer_row]
-    out = None
-    if buffers is not None:
-        out = buffers[0].take(buffers[1], (pages.numel(), *source_keys.shape[1:]), source_keys)
-    if out is None:
-        keys, values = source_keys.index_select(0, pages), source_values.index_select(0, pages)
-    else:
-        keys = torch.index_select(source_keys, 0, pages, out=out[0])
-        values = torch.index_select(source_values, 0, pages, out=out[1])
+    out = None if buffers is None else buffers[0].take(buffers[1], (pages.numel(), *source_keys.shape[1:]), source_keys)
+    keys_out, values_out = (None, None) if out is None else out
+    keys = torch.index_select(source_keys, 0, pages, out=keys_out)
+    values = torch.index_select(source_values, 0, pages, out=values_out)
     shape = (rows, -1, *source_keys.shape[2:])
     return keys.reshape(shape).transpose(1, 2), values.reshape(shape).transpose(1, 2)
 

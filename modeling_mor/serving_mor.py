@@ -21,7 +21,6 @@ greedy results equal `generate()` on the prompt alone (tests/test_serving.py).
 """
 
 import copy
-import queue
 import threading
 import time
 import zlib
@@ -705,14 +704,7 @@ class MoRContinuousBatchingManager(ContinuousBatchingManager):
             return super().get_result(request_id, timeout)
         while self._serving_here and self.output_router.output_queue.empty() and self._has_work():
             self._serve_one_iteration()
-        try:
-            result = self.output_router.output_queue.get_nowait()
-        except queue.Empty:
-            return None
-        if request_id is not None and result.request_id != request_id:
-            self.output_router.output_queue.put(result)
-            return None
-        return result
+        return super().get_result(request_id, timeout=0)  # what is ready: nothing more comes without an iteration
 
     def stop(self, block: bool = True, timeout: float | None = None, keep_for_next_session: bool = False,
              hard_stop: bool = False) -> None:

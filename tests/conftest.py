@@ -1,5 +1,7 @@
+import json
 import os
 import shutil
+import socket
 from pathlib import Path
 
 
@@ -54,6 +56,35 @@ def mixed_routing_model(model):
             for parameter in router.parameters():
                 parameter.mul_(40.0)
     return model
+
+
+def free_port() -> int:
+    """A local TCP port nobody listens on (a rendezvous port, or an address that refuses connections)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def skip_without_gloo() -> None:
+    """Multi-process CPU tests need torch.distributed with the gloo backend (the CPU wheels have it)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("this torch build has no torch.distributed gloo backend")
+
+
+def last_log_history(folder) -> list[dict]:
+    """Trainer's `log_history` in the newest checkpoint of a training output folder."""
+    checkpoints = sorted(Path(folder).glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    return json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
+
+
+def one_error_line(main, capsys, arguments) -> str:
+    """Runs a command-line `main` that must refuse `arguments` with exit status 2 and one `error:` line on stderr;
+    returns that line."""
+    capsys.readouterr()
+    assert main([str(argument) for argument in arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1, error
+    return error
 
 
 @pytest.fixture

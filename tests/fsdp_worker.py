@@ -59,7 +59,6 @@ def record_fsdp_units(report_path: Path):
             "backend": torch.distributed.get_backend(),
             "distributed_type": str(accelerator.distributed_type),
             "is_fsdp2": accelerator.is_fsdp2,
-            "model_class": type(model).__name__,
             "units": [],
             "parameters": {},
         }

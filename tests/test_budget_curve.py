@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from transformers import LlamaConfig
 
-from conversion import pretrain, uptrain
+from conversion import pretrain
 from conversion.uptrain import CapacitySchedule
 from modeling_mor import MoRConfig, MoRForCausalLM
 

@@ -9,7 +9,6 @@ gradient reductions.
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,9 +20,10 @@ from safetensors.torch import load_file
 from conversion.convert_llama_to_mor import main as convert_main
 from conversion.uptrain import main as uptrain_main
 
+from conftest import STORIES_DIR, TINYSTORIES_TRAIN, TINYSTORIES_VALID, free_port, last_log_history, skip_without_gloo
+
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-ASSETS = PROJECT_ROOT / "examples" / "assets"
 FSDP_CONFIG = PROJECT_ROOT / "examples" / "accelerate" / "fsdp2.yaml"
 WORKER = Path(__file__).with_name("fsdp_worker.py")
 WORLD_SIZE = 2
@@ -40,9 +40,7 @@ def _training_options(train_text, per_device_batch):
 
 def _launch_fsdp(report_dir, model_dir, output_dir, *options, timeout=300):
     report_dir.mkdir()
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # for the rendezvous
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
                "--num_processes", str(WORLD_SIZE), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
                str(WORKER), str(report_dir), str(model_dir), str(output_dir), *map(str, options)]
@@ -54,22 +52,19 @@ def _launch_fsdp(report_dir, model_dir, output_dir, *options, timeout=300):
 
 
 def _train_logs(folder):
-    checkpoint = max(Path(folder).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return [entry for entry in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
-            if "loss" in entry]
+    return [entry for entry in last_log_history(folder) if "loss" in entry]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """stories260K converted (middle_cycle, 3 recursions: 3 unique decoder layers, 5 unrolled), uptrained 4 steps on
     one process, with FSDP on 2 processes, and with FSDP again resumed from the FSDP run's checkpoint-2."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("this torch build has no torch.distributed gloo backend")
+    skip_without_gloo()
     folder = tmp_path_factory.mktemp("fsdp")
     converted = folder / "stories-mor"
-    assert convert_main([str(ASSETS / "stories260K"), str(converted), "--num-recursions", "3"]) == 0
+    assert convert_main([str(STORIES_DIR), str(converted), "--num-recursions", "3"]) == 0
     train_text = folder / "train.txt"
-    train_text.write_text((ASSETS / "tinystories_train_sample.txt").read_text(encoding="utf-8")[:60000],
+    train_text.write_text(TINYSTORIES_TRAIN.read_text(encoding="utf-8")[:60000],
                           encoding="utf-8")
 
     one_process = folder / "one-process"
@@ -183,7 +178,7 @@ def test_fsdp_measures_the_perplexity_after_training(runs, tmp_path):
     from conversion.measure import perplexity_and_depths, read_eval_tokens
 
     output = tmp_path / "fsdp-eval"
-    eval_file = ASSETS / "tinystories_valid_sample.txt"
+    eval_file = TINYSTORIES_VALID
     options = _training_options(runs["train_text"], BATCH // WORLD_SIZE)
     options[options.index("--max-steps") + 1] = "1"
     options[options.index("--save-steps") + 1] = "1"

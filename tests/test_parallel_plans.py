@@ -19,7 +19,7 @@ from transformers.distributed.parallel_utils import (
 
 from modeling_mor import MoRForCausalLM, MoRModel
 
-from conftest import TINY_DIMS, mixed_routing_model, tiny_mor_config
+from conftest import TINY_DIMS, mixed_routing_model, skip_without_gloo, tiny_mor_config
 
 
 PLAN_CONFIGS = {
@@ -119,8 +119,7 @@ MAX_NEW_TOKENS = 4
 def tensor_parallel_run(tmp_path_factory):
     """Saves the checkpoints, computes one process's outputs, runs tests/tp_worker.py on 2 ranks once; returns
     {checkpoint name: (one-process outputs, [results of each rank])}."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("this torch build has no torch.distributed gloo backend")
+    skip_without_gloo()
     folder = tmp_path_factory.mktemp("tensor_parallel")
     input_ids = torch.randint(0, TINY_DIMS["vocab_size"], (2, 10), generator=torch.Generator().manual_seed(0))
     attention_mask = torch.ones_like(input_ids)

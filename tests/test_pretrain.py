@@ -17,7 +17,7 @@ from conversion.flops import FlopCounter
 from conversion.measure import perplexity_and_depths, read_eval_tokens
 from modeling_mor import MoRConfig, MoRForCausalLM
 
-from conftest import STORIES_DIR, TINYSTORIES_TRAIN, TINYSTORIES_VALID
+from conftest import STORIES_DIR, TINYSTORIES_TRAIN, TINYSTORIES_VALID, last_log_history, one_error_line
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -142,9 +142,7 @@ def _pretrain(config, folder, train_text, *extra):
 
 
 def _logged(output):
-    checkpoints = sorted(output.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
-    history = json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
-    return [entry for entry in history if "train_flops" in entry]
+    return [entry for entry in last_log_history(output) if "train_flops" in entry]
 
 
 def _step_hand_count(config):
@@ -218,14 +216,7 @@ def refused(monkeypatch, capsys):
 
     monkeypatch.setattr(pretrain, "build_model", never_built)
 
-    def run(*arguments) -> str:
-        capsys.readouterr()
-        assert pretrain.main([str(argument) for argument in arguments]) == 2
-        error = capsys.readouterr().err
-        assert error.startswith("error: ") and error.count("\n") == 1, error
-        return error
-
-    return run
+    return lambda *arguments: one_error_line(pretrain.main, capsys, arguments)
 
 
 @pytest.mark.parametrize("problem", ["missing", "not json", "other model type", "invalid mor", "mistyped field",

@@ -6,7 +6,6 @@ client, in a fresh process (it reads HF_ENDPOINT at import time).
 
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import STORIES_DIR, tiny_mor_config
+from conftest import STORIES_DIR, free_port, tiny_mor_config
 from hub_server import DEFAULT_TOKEN, DEFAULT_USER, hub_environment, run_hub_client, running_hub_server
 from modeling_mor import MoRForCausalLM
 
@@ -107,16 +106,10 @@ def test_push_leaves_the_training_state_out_of_the_repo(uptrained_folder, tmp_pa
     assert folder_digest(folder) == before  # nothing written into the folder (no upload cache either)
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def test_unreachable_hub_is_one_error_line(uptrained_folder, tmp_path):
     folder, _ = uptrained_folder
     before = folder_digest(folder)
-    env = hub_environment(f"http://127.0.0.1:{closed_port()}", DEFAULT_TOKEN, tmp_path / "home")
+    env = hub_environment(f"http://127.0.0.1:{free_port()}", DEFAULT_TOKEN, tmp_path / "home")
     result = run_push(folder, f"{DEFAULT_USER}/model", env=env)
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
@@ -135,7 +128,7 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_request(layout, tmp_
     if layout == "no_weights":
         (folder / "config.json").write_text(json.dumps(tiny_mor_config().to_dict()))
     # No server at all: the folder is refused before the Hub is contacted.
-    env = hub_environment(f"http://127.0.0.1:{closed_port()}", DEFAULT_TOKEN, tmp_path / "home")
+    env = hub_environment(f"http://127.0.0.1:{free_port()}", DEFAULT_TOKEN, tmp_path / "home")
     result = run_push(folder, f"{DEFAULT_USER}/model", env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -146,7 +139,7 @@ def test_a_folder_that_is_not_a_model_is_refused_before_any_request(layout, tmp_
 
 def test_offline_mode_is_named(uptrained_folder, tmp_path):
     folder, _ = uptrained_folder
-    env = {**hub_environment(f"http://127.0.0.1:{closed_port()}", DEFAULT_TOKEN, tmp_path / "home"),
+    env = {**hub_environment(f"http://127.0.0.1:{free_port()}", DEFAULT_TOKEN, tmp_path / "home"),
            "HF_HUB_OFFLINE": "1"}
     result = run_push(folder, f"{DEFAULT_USER}/model", env=env)
     assert result.returncode == 2
@@ -156,7 +149,7 @@ def test_offline_mode_is_named(uptrained_folder, tmp_path):
 
 def test_an_invalid_repo_id_is_refused_before_any_request(uptrained_folder, tmp_path):
     folder, _ = uptrained_folder
-    env = hub_environment(f"http://127.0.0.1:{closed_port()}", DEFAULT_TOKEN, tmp_path / "home")
+    env = hub_environment(f"http://127.0.0.1:{free_port()}", DEFAULT_TOKEN, tmp_path / "home")
     result = run_push(folder, "someone/two/slashes", env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()

@@ -4,7 +4,6 @@ resumable checkpoints, the saved folders and the card are right, and a 2-process
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ from conversion import uptrain
 from conversion.convert_llama_to_mor import main as convert_main
 from conversion.model_card import render_model_card
 from conversion.uptrain import main as uptrain_main
+
+from conftest import free_port, last_log_history
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -52,20 +53,15 @@ def _uptrain(model_dir, output_dir, train_text, *extra):
     assert uptrain_main(arguments) == 0
 
 
-def _log_history(folder):
-    checkpoints = sorted(Path(folder).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    return json.loads((checkpoints[-1] / "trainer_state.json").read_text())["log_history"]
-
-
 def test_uptraining_lowers_the_loss_and_updates_the_card(converted, train_text, tmp_path):
     output = tmp_path / "up"
     _uptrain(converted, output, train_text, "--max-steps", "12", "--save-steps", "12",
              "--eval-file", VALID_TEXT, "--eval-max-tokens", "1024",
              "--teacher", STORIES, "--capacity-warmup-steps", "4")
-    losses = [entry["lm_loss"] for entry in _log_history(output) if "lm_loss" in entry]
+    losses = [entry["lm_loss"] for entry in last_log_history(output) if "lm_loss" in entry]
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
-    assert any("distill_loss" in entry for entry in _log_history(output))
+    assert any("distill_loss" in entry for entry in last_log_history(output))
     card = (output / "README.md").read_text()
     assert "**Uptrained** for 12 steps" in card and "MoR after uptraining" in card and "${" not in card
     assert (output / "loss_curve.png").stat().st_size > 0
@@ -79,7 +75,7 @@ def test_resume_from_checkpoint_continues_the_same_run(converted, train_text, tm
     resumed = tmp_path / "resumed"
     _uptrain(converted, resumed, train_text, "--max-steps", "6", "--save-steps", "3",
              "--resume-from-checkpoint", straight / "checkpoint-3")
-    resumed_steps = [entry["step"] for entry in _log_history(resumed) if "loss" in entry]
+    resumed_steps = [entry["step"] for entry in last_log_history(resumed) if "loss" in entry]
     assert resumed_steps == [1, 2, 3, 4, 5, 6]  # the history of checkpoint-3, then steps 4..6 of this run
     assert not (resumed / "checkpoint-3").exists() and (resumed / "checkpoint-6").exists()
     # Same weights and the same optimizer state as the uninterrupted run.
@@ -115,9 +111,7 @@ def test_overwrite_replaces_the_output_dir_once_the_first_checkpoint_is_saved(co
 
 def test_two_process_ddp_run_saves_a_loadable_model(converted, train_text, tmp_path):
     output = tmp_path / "ddp"
-    with socket.socket() as probe:  # a free port for the rendezvous (port 0 is not accepted by torchrun)
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # for the rendezvous (port 0 is not accepted by torchrun)
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
          "--master_port", str(port),
@@ -302,7 +296,7 @@ def test_an_uptraining_interrupted_after_a_checkpoint_resumes_from_latest(conver
 
     _uptrain(converted, output, train_text, "--max-steps", "4", "--save-steps", "2", "--resume-from-checkpoint",
              "latest")
-    assert [entry["step"] for entry in _log_history(output) if "loss" in entry] == [1, 2, 3, 4]
+    assert [entry["step"] for entry in last_log_history(output) if "loss" in entry] == [1, 2, 3, 4]
     assert (output / "model.safetensors").is_file() and (output / "README.md").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["up"]
 

@@ -14,6 +14,8 @@ from packaging.requirements import Requirement
 from conversion import uptrain
 from conversion.convert_llama_to_mor import main as convert_main
 
+from conftest import one_error_line
+
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ASSETS = PROJECT_ROOT / "examples" / "assets"
@@ -43,14 +45,7 @@ def refused(monkeypatch, capsys):
 
     monkeypatch.setattr(uptrain.AutoModelForCausalLM, "from_pretrained", never_loaded)
 
-    def run(*arguments) -> str:
-        capsys.readouterr()
-        assert uptrain.main([str(argument) for argument in arguments]) == 2
-        error = capsys.readouterr().err
-        assert error.startswith("error: ") and error.count("\n") == 1, error
-        return error
-
-    return run
+    return lambda *arguments: one_error_line(uptrain.main, capsys, arguments)
 
 
 def _snapshot(folder):
