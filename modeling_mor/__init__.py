@@ -13,9 +13,8 @@ from transformers import (
     AutoModelForTokenClassification,
 )
 
-from .cache_mor import MoRCache
 from .configuration_mor import MoRConfig, valid_recursion_layouts
-from .modeling_mor import (
+from .modeling_mor import (  # first of the model files: it checks the transformers version they need
     MoRForCausalLM,
     MoRForQuestionAnswering,
     MoRForSequenceClassification,
@@ -23,6 +22,7 @@ from .modeling_mor import (
     MoRModel,
     MoRPreTrainedModel,
 )
+from .cache_mor import MoRCache
 
 
 # Every Auto class a MoR checkpoint loads through, and the MoR class it builds.

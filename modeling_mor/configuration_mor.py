@@ -8,20 +8,25 @@ from packaging import version
 from transformers.models.llama.configuration_llama import LlamaConfig
 
 
-# The range this code is tested against (see setup.py). Checked at import so that an unsupported transformers fails
-# here with a clear message instead of deep inside a forward pass.
-MIN_TRANSFORMERS_VERSION = "5.24.0"
+# transformers' versions this code is tested with, checked at import so that an unsupported one fails here with a clear
+# message instead of deep inside a forward pass. The configuration (and routing_mor.py, which needs nothing more)
+# runs on an older floor than the model: vLLM's plugin (integrations/vllm) imports them under the transformers that
+# vLLM pins, and a checkpoint's remote-code config must load there too. modeling_mor.py checks the model's own floor.
+CONFIG_MIN_TRANSFORMERS_VERSION = "5.16.1"
+MIN_TRANSFORMERS_VERSION = "5.24.0"  # the model, the cache and the serving engine
 MAX_TRANSFORMERS_VERSION = "6.0.0"  # exclusive
-if not (
-    version.parse(MIN_TRANSFORMERS_VERSION)
-    <= version.parse(transformers.__version__)
-    < version.parse(MAX_TRANSFORMERS_VERSION)
-):
-    raise ImportError(
-        f"The MoR model code needs transformers>={MIN_TRANSFORMERS_VERSION},<{MAX_TRANSFORMERS_VERSION}, but "
-        f"transformers {transformers.__version__} is installed. Fix: pip install "
-        f"'transformers>={MIN_TRANSFORMERS_VERSION},<{MAX_TRANSFORMERS_VERSION}'"
-    )
+
+
+def check_transformers_version(minimum: str, maximum: str = MAX_TRANSFORMERS_VERSION, needed_by: str = "MoR model code"):
+    """Raises an ImportError naming the installed transformers, the range `needed_by` needs, and the fix."""
+    if not version.parse(minimum) <= version.parse(transformers.__version__) < version.parse(maximum):
+        raise ImportError(
+            f"The {needed_by} needs transformers>={minimum},<{maximum}, but transformers {transformers.__version__} "
+            f"is installed. Fix: pip install 'transformers>={minimum},<{maximum}'"
+        )
+
+
+check_transformers_version(CONFIG_MIN_TRANSFORMERS_VERSION, needed_by="MoR configuration")
 
 SHARING_STRATEGIES = ("cycle", "sequence", "middle_cycle", "middle_sequence")
 ROUTINGS = ("expert_choice", "token_choice", "none")
@@ -230,6 +235,15 @@ class MoRConfig(LlamaConfig):
     def block_size(self) -> int | None:
         """B, the number of shared layers in the recursion block."""
         return recursion_block_size(self.num_hidden_layers, self.num_recursions, self.sharing_strategy)
+
+    def unrolled_schedule(self) -> list[tuple[int, list[int]]]:
+        """(recursion step, block layer positions) in the order they run: whole-block passes for the cycle
+        strategies, each layer repeated N_r times in a row for the sequence strategies."""
+        steps = range(self.num_recursions)
+        positions = range(self.block_size)
+        if self.sharing_strategy.endswith("cycle"):
+            return [(step, list(positions)) for step in steps]
+        return [(step, [position]) for position in positions for step in steps]
 
     @property
     def has_unshared_ends(self) -> bool:

@@ -15,7 +15,14 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.nn.attention.flex_attention import create_block_mask
-from transformers.cache_utils import Cache
+
+from .configuration_mor import MIN_TRANSFORMERS_VERSION, MoRConfig, check_transformers_version
+
+
+# Before the imports below, some of which an older transformers lacks: fail naming the version, not a missing name.
+check_transformers_version(MIN_TRANSFORMERS_VERSION)
+
+from transformers.cache_utils import Cache  # noqa: E402
 from transformers.generation import GenerationMixin
 from transformers import AutoModel
 from transformers import initialization as init
@@ -43,7 +50,6 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .cache_mor import MoRCache
-from .configuration_mor import MoRConfig
 from .relaxation_mor import RelaxedLinear, RelaxedRMSNorm, relax_layer_
 from .routing_mor import ROUTER_LOSS_COEFFICIENTS, MoRRouter, TokenChoiceRouting, apply_gate, build_routing
 from .serving_mor import init_mor_continuous_batching, serving_in_calling_thread
@@ -493,13 +499,8 @@ class MoRRecursionBlock(nn.Module):
         self.layer_output = UnrolledLayerOutput()
 
     def unrolled_schedule(self) -> list[tuple[int, list[int]]]:
-        """(recursion step, block layer positions) in the order they run: whole-block passes for the cycle
-        strategies, each layer repeated N_r times in a row for the sequence strategies."""
-        steps = range(self.config.num_recursions)
-        positions = range(len(self.layers))
-        if self.config.sharing_strategy.endswith("cycle"):
-            return [(step, list(positions)) for step in steps]
-        return [(step, [position]) for position in positions for step in steps]
+        """(recursion step, block layer positions) in the order they run (`MoRConfig.unrolled_schedule`)."""
+        return self.config.unrolled_schedule()
 
     def forward(
         self,

@@ -191,6 +191,20 @@ class TokenChoiceRouting(nn.Module):
         return depth, gate, losses
 
 
+def steps_every_token_takes(config: MoRConfig) -> int:
+    """How many leading recursion steps every token takes, whatever its hidden state: all of them without routing,
+    the first for token-choice (depths start at 1), and for expert-choice the leading full-capacity steps (a step of
+    capacity 1 makes no decision). Attention at these steps runs over every token, as in a vanilla model."""
+    if config.routing == "none":
+        return config.num_recursions
+    if config.routing == "token_choice":
+        return 1
+    full_steps = 0
+    while full_steps < config.num_recursions and config.capacity[full_steps] >= 1.0:
+        full_steps += 1
+    return full_steps
+
+
 def build_routing(config: MoRConfig) -> nn.Module | None:
     if config.routing == "expert_choice":
         return ExpertChoiceRouting(config)

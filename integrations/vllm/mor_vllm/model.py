@@ -1,0 +1,487 @@
+"""Mixture-of-Recursions for vLLM: every token takes its own number of recursion steps.
+
+The model is the one `modeling_mor` defines for transformers (MOR_SPEC.md), built from vLLM's layers so that vLLM's
+kernels, paged KV cache, scheduler, prefix caching and tensor parallelism apply. The configuration and the routing
+are the project's own files (`configuration_mor.py`, `routing_mor.py`, the same source), so a router decides here
+exactly as it does in `generate()`.
+
+Compute follows the routing: at each recursion step the shared layers' projections, norms and MLP run only on the
+tokens that take the step (`RecursionStepTokens`). Attention runs through vLLM's `Attention`, whose kernels attend
+over every token of a sequence; MoR's semantics at a step are kept as follows:
+
+- Steps every token takes (no routing, the first step of token-choice, the leading full-capacity steps of
+  expert-choice) attend as a vanilla layer does.
+- Recursion-wise KV caching: a step attends among the tokens that took it. Its `Attention` has a head a few
+  dimensions wider than the model's (`padded_head_size`); queries carry 1 in the first extra dimension and keys carry
+  0 for a token that took the step or `KEY_MASK_VALUE` for one that did not, so the latter's scores are about -2000
+  below any real score and their softmax weight underflows to exactly zero. Tokens that did not take the step still
+  own a (masked) slot in the step's cache: vLLM allots every layer the same slots per token.
+- Shared KV caching: deeper steps reuse the keys/values of step 1 (computing queries only), read from step 1's
+  `Attention` of the same block layer, which is called again without keys; they hold no KV cache of their own.
+"""
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from vllm import ir
+from vllm.config import VllmConfig
+from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.model_executor.layers.activation import SiluAndMul
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+from vllm.model_executor.models.llama import LlamaDecoderLayer
+from vllm.v1.attention.selector import get_attn_backend
+
+from .configuration_mor import MoRConfig
+from .routing_mor import apply_gate, build_routing, steps_every_token_takes
+
+
+# A key of a token that did not take the step scores KEY_MASK_VALUE * scale lower (about -2000 at head_dim 64):
+# exp() of that is exactly 0 in float32. A power of two, so that bfloat16 and float16 caches hold it exactly.
+KEY_MASK_VALUE = -16384.0
+
+
+class UnsupportedMoRCheckpoint(ValueError):
+    """Raised when the model is built for a checkpoint or a setting vLLM cannot serve it with."""
+
+
+def padded_head_size(head_dim: int, dtype: torch.dtype, kv_cache_dtype: str) -> int:
+    """The smallest head size above `head_dim` (a multiple of 8) that vLLM's attention backend on this platform takes:
+    the room for the key-mask dimension of a recursion-wise step."""
+    for size in range(head_dim + 8 - head_dim % 8, head_dim + 129, 8):
+        try:
+            backend = get_attn_backend(size, dtype, kv_cache_dtype)
+        except (ValueError, NotImplementedError):
+            continue
+        if backend.supports_head_size(size):
+            return size
+    raise UnsupportedMoRCheckpoint(
+        f"vLLM's attention backend takes no head size between {head_dim + 1} and {head_dim + 128}, needed for the "
+        f"recursion-wise KV policy's key mask (head_dim={head_dim}). Serve a checkpoint with "
+        f"kv_cache_policy='shared' and a full-capacity first step, or use transformers' generate_batch."
+    )
+
+
+@dataclass
+class RecursionStepTokens:
+    """The tokens taking one recursion step, among the `num_tokens` tokens of vLLM's batch.
+
+    `index` lists them in batch order (None: every token takes the step); `key_mask` holds, for every token of the
+    batch, 0 if it takes the step and KEY_MASK_VALUE if not (None when the step needs no mask)."""
+
+    num_tokens: int
+    index: torch.Tensor | None = None
+    key_mask: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, index: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> "RecursionStepTokens":
+        key_mask = torch.full((num_tokens,), KEY_MASK_VALUE, dtype=dtype, device=index.device)
+        return cls(num_tokens, index, key_mask.index_fill_(0, index, 0.0))
+
+    def take(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The step's rows of a `[num_tokens, ...]` tensor."""
+        return tensor if self.index is None else tensor.index_select(0, self.index)
+
+    def put(self, tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """`tensor` with the step's rows replaced by `rows`."""
+        return rows if self.index is None else tensor.index_copy(0, self.index, rows)
+
+
+class LowRankDelta(nn.Module):
+    """A relaxed projection's per-step delta `x A_r^T B_r^T + b_r` (relaxation_mor.RelaxedLinear's parameters)."""
+
+    def __init__(self, num_steps: int, rank: int, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        rank = min(rank, in_features, out_features)
+        self.relaxation_A = nn.Parameter(torch.zeros(num_steps, rank, in_features), requires_grad=False)
+        self.relaxation_B = nn.Parameter(torch.zeros(num_steps, out_features, rank), requires_grad=False)
+        self.relaxation_bias = nn.Parameter(torch.zeros(num_steps, out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        delta = (x @ self.relaxation_A[step].t()) @ self.relaxation_B[step].t()
+        return delta if self.relaxation_bias is None else delta + self.relaxation_bias[step]
+
+
+class StepRMSNorm(RMSNorm):
+    """vLLM's RMSNorm; in a relaxed layer with a per-step weight delta (relaxation_mor.RelaxedRMSNorm)."""
+
+    def __init__(self, hidden_size: int, eps: float, num_relaxed_steps: int = 0):
+        super().__init__(hidden_size, eps=eps)
+        self.relaxation_weight = None
+        if num_relaxed_steps:
+            self.relaxation_weight = nn.Parameter(torch.zeros(num_relaxed_steps, hidden_size), requires_grad=False)
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        if self.relaxation_weight is None:
+            return super().forward(x)
+        return ir.ops.rms_norm(x, self.weight + self.relaxation_weight[step], self.variance_epsilon)
+
+
+class MoRBlockAttention(nn.Module):
+    """The attention of a shared layer: its projections run on a step's tokens; each step that stores keys has its
+    own vLLM `Attention` (named by the step's unrolled layer index), masked where not every token takes the step."""
+
+    def __init__(self, config: MoRConfig, vllm_config: VllmConfig, attention_prefixes: dict[int, str], prefix: str):
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_heads = config.num_attention_heads // tp_size
+        self.num_kv_heads = max(1, config.num_key_value_heads // tp_size)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.shares_step_one = config.kv_cache_policy == "shared"
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            self.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=config.attention_bias,
+            quant_config=vllm_config.quant_config,
+            prefix=f"{prefix}.qkv_proj",
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            bias=config.attention_bias,
+            quant_config=vllm_config.quant_config,
+            prefix=f"{prefix}.o_proj",
+        )
+        self.rotary_emb = get_rope(
+            self.head_dim,
+            max_position=config.max_position_embeddings,
+            rope_parameters=getattr(config, "rope_parameters", None),
+            is_neox_style=True,
+        )
+        self.relaxation = nn.ModuleDict()
+        if config.relaxation_rank > 0:
+            sizes = {
+                "q_proj": (config.hidden_size, config.num_attention_heads * self.head_dim),
+                "k_proj": (config.hidden_size, config.num_key_value_heads * self.head_dim),
+                "v_proj": (config.hidden_size, config.num_key_value_heads * self.head_dim),
+                "o_proj": (config.num_attention_heads * self.head_dim, config.hidden_size),
+            }
+            for name, (in_features, out_features) in sizes.items():
+                self.relaxation[name] = LowRankDelta(
+                    config.num_recursions, config.relaxation_rank, in_features, out_features, config.attention_bias
+                )
+
+        full_steps = steps_every_token_takes(config)
+        cache_dtype = vllm_config.cache_config.cache_dtype
+        self.masked_steps = {step for step in attention_prefixes if step >= full_steps}
+        self.padded_head_size = (
+            padded_head_size(self.head_dim, torch.get_default_dtype(), cache_dtype) if self.masked_steps else None
+        )
+        # Keyed by the step as a string (ModuleDict); under the shared policy only step 1 ("0") stores keys.
+        self.attn = nn.ModuleDict(
+            {
+                str(step): Attention(
+                    self.num_heads,
+                    self.padded_head_size if step in self.masked_steps else self.head_dim,
+                    self.head_dim**-0.5,
+                    num_kv_heads=self.num_kv_heads,
+                    cache_config=vllm_config.cache_config,
+                    quant_config=vllm_config.quant_config,
+                    prefix=attention_prefix,
+                )
+                for step, attention_prefix in attention_prefixes.items()
+            }
+        )
+
+    def forward(self, positions, hidden_states, step: int, step_tokens: RecursionStepTokens) -> torch.Tensor:
+        qkv, _ = self.qkv_proj(hidden_states)
+        if self.relaxation:
+            qkv = qkv + torch.cat([self.relaxation[name](hidden_states, step) for name in ("q_proj", "k_proj", "v_proj")], -1)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self.rotary_emb(positions, q, k)
+        if self.shares_step_one and step > 0:
+            # Queries only: the keys/values are those step 1 stored.
+            attn_output = self._attend(self.attn["0"], 0 in self.masked_steps, q, None, None, step_tokens)
+        else:
+            attn_output = self._attend(self.attn[str(step)], step in self.masked_steps, q, k, v, step_tokens)
+        output, _ = self.o_proj(attn_output)
+        if self.relaxation:
+            output = output + self.relaxation["o_proj"](attn_output, step)
+        return output
+
+    def _attend(self, attn: Attention, masked: bool, q, k, v, step_tokens: RecursionStepTokens) -> torch.Tensor:
+        """vLLM attention for the step's tokens. vLLM's metadata describes every token of the batch, so the step's
+        rows are placed among them (zeros elsewhere; those outputs are dropped), widened by the mask dimension where
+        the attention is masked."""
+        if step_tokens.index is None and not masked:
+            return attn(q, k, v)
+        num_tokens, width, head_dim = step_tokens.num_tokens, attn.head_size, self.head_dim
+        index = step_tokens.index
+        queries = q.new_zeros(num_tokens, self.num_heads, width)
+        queries[index, :, :head_dim] = q.view(-1, self.num_heads, head_dim)
+        if masked:
+            queries[:, :, head_dim] = 1.0
+        keys = values = None
+        if k is not None:
+            keys = k.new_zeros(num_tokens, self.num_kv_heads, width)
+            keys[index, :, :head_dim] = k.view(-1, self.num_kv_heads, head_dim)
+            if masked:
+                keys[:, :, head_dim] = step_tokens.key_mask.unsqueeze(-1)
+            values = v.new_zeros(num_tokens, self.num_kv_heads, width)
+            values[index, :, :head_dim] = v.view(-1, self.num_kv_heads, head_dim)
+            keys, values = keys.view(num_tokens, -1), values.view(num_tokens, -1)
+        output = attn(queries.view(num_tokens, -1), keys, values)
+        return output.view(num_tokens, self.num_heads, width)[index, :, :head_dim].reshape(-1, self.q_size)
+
+
+class MoRMLP(nn.Module):
+    """Llama's MLP with vLLM's parallel layers; relaxed, with a per-step delta on each projection."""
+
+    def __init__(self, config: MoRConfig, vllm_config: VllmConfig, prefix: str):
+        super().__init__()
+        if config.hidden_act != "silu":
+            raise UnsupportedMoRCheckpoint(f"hidden_act={config.hidden_act!r}: vLLM's Llama MLP supports only 'silu'.")
+        hidden, intermediate = config.hidden_size, config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden, [intermediate] * 2, bias=config.mlp_bias, quant_config=vllm_config.quant_config,
+            prefix=f"{prefix}.gate_up_proj",
+        )
+        self.down_proj = RowParallelLinear(
+            intermediate, hidden, bias=config.mlp_bias, quant_config=vllm_config.quant_config, prefix=f"{prefix}.down_proj"
+        )
+        self.act_fn = SiluAndMul()
+        self.relaxation = nn.ModuleDict()
+        if config.relaxation_rank > 0:
+            sizes = {"gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden)}
+            for name, (in_features, out_features) in sizes.items():
+                self.relaxation[name] = LowRankDelta(
+                    config.num_recursions, config.relaxation_rank, in_features, out_features, config.mlp_bias
+                )
+
+    def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        gate_up, _ = self.gate_up_proj(x)
+        if self.relaxation:
+            gate_up = gate_up + torch.cat([self.relaxation["gate_proj"](x, step), self.relaxation["up_proj"](x, step)], -1)
+        activated = self.act_fn(gate_up)
+        output, _ = self.down_proj(activated)
+        if self.relaxation:
+            output = output + self.relaxation["down_proj"](activated, step)
+        return output
+
+
+class MoRDecoderLayer(nn.Module):
+    """A shared layer of the recursion block, applied to one step's tokens."""
+
+    def __init__(self, config: MoRConfig, vllm_config: VllmConfig, attention_prefixes: dict[int, str], prefix: str):
+        super().__init__()
+        relaxed_steps = config.num_recursions if config.relaxation_rank > 0 else 0
+        self.self_attn = MoRBlockAttention(config, vllm_config, attention_prefixes, prefix=f"{prefix}.self_attn")
+        self.mlp = MoRMLP(config, vllm_config, prefix=f"{prefix}.mlp")
+        self.input_layernorm = StepRMSNorm(config.hidden_size, config.rms_norm_eps, relaxed_steps)
+        self.post_attention_layernorm = StepRMSNorm(config.hidden_size, config.rms_norm_eps, relaxed_steps)
+
+    def forward(self, positions, hidden_states, step: int, step_tokens: RecursionStepTokens) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states, step)
+        hidden_states = residual + self.self_attn(positions, hidden_states, step, step_tokens)
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states, step)
+        return residual + self.mlp(hidden_states, step)
+
+
+class MoRRecursionBlock(nn.Module):
+    """The shared layers, the project's routing, and the recursion loop over each step's tokens."""
+
+    def __init__(self, config: MoRConfig, vllm_config: VllmConfig, first_unrolled_index: int, prefix: str):
+        super().__init__()
+        self.config = config
+        # The unrolled index of every (step, position): it names the step's Attention ("model.layers.{i}..."), one
+        # integer per name, in the order a full-depth token meets the layers, as vLLM's KV cache binding expects.
+        unrolled = [(step, position) for step, positions in config.unrolled_schedule() for position in positions]
+        stored_steps = [0] if config.kv_cache_policy == "shared" else range(config.num_recursions)
+        layers = []
+        for position in range(config.block_size):
+            attention_prefixes = {
+                step: f"model.layers.{first_unrolled_index + unrolled.index((step, position))}.self_attn.attn"
+                for step in stored_steps
+            }
+            layers.append(MoRDecoderLayer(config, vllm_config, attention_prefixes, prefix=f"{prefix}.layers.{position}"))
+        self.layers = nn.ModuleList(layers)
+        self.routing = build_routing(config)
+        self.full_steps = steps_every_token_takes(config)
+        # Tokens per recursion depth since the model was built (index d: tokens that took d steps), read by the
+        # benchmark through LLM.apply_model; eval routing is causal, so a token's depth does not depend on its batch.
+        self.register_buffer("depth_counts", torch.zeros(config.num_recursions + 1, dtype=torch.long), persistent=False)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        num_tokens = hidden_states.shape[0]
+        device = hidden_states.device
+        if config.routing == "token_choice":
+            chosen_depth, token_gate, _ = self.routing(hidden_states, torch.ones(num_tokens, dtype=torch.bool, device=device))
+            recursion_input = hidden_states
+        active = torch.arange(num_tokens, device=device)
+        depth = torch.zeros(num_tokens, dtype=torch.long, device=device)
+        steps: dict[int, RecursionStepTokens] = {}
+        gates: dict[int, torch.Tensor] = {}
+        for step, positions_in_pass in config.unrolled_schedule():
+            if step not in steps:
+                # The first time this step runs: decide who takes it, as generate() does (routing_mor.py).
+                if config.routing == "expert_choice":
+                    candidates = torch.ones_like(active, dtype=torch.bool)
+                    selected, gates[step], _ = self.routing(hidden_states[active], candidates, candidates, step)
+                    active, gates[step] = active[selected], gates[step][selected]
+                elif config.routing == "token_choice":
+                    active = active[chosen_depth[active] > step]
+                if step < self.full_steps:
+                    steps[step] = RecursionStepTokens(num_tokens)
+                else:
+                    steps[step] = RecursionStepTokens.of(active, num_tokens, hidden_states.dtype)
+                depth.index_add_(0, active, torch.ones_like(active))
+            step_tokens = steps[step]
+            # Also when no token takes the step: its attention still writes every token's (masked) key slot, which
+            # later tokens read.
+            block_input = step_tokens.take(hidden_states)
+            step_positions = step_tokens.take(positions)
+            block_hidden = block_input
+            for position in positions_in_pass:
+                block_hidden = self.layers[position](step_positions, block_hidden, step, step_tokens)
+            if config.routing == "expert_choice":
+                block_hidden = apply_gate(config, block_input, block_hidden, gates[step])
+            hidden_states = step_tokens.put(hidden_states, block_hidden)
+        if config.routing == "token_choice":
+            # Token-choice gates once, at the end: H^1 + w * f^d(H^1).
+            hidden_states = apply_gate(config, recursion_input, hidden_states, token_gate)
+        self.depth_counts += torch.bincount(depth, minlength=config.num_recursions + 1)
+        return hidden_states
+
+
+class MoRModel(nn.Module):
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config)
+        offset = 1 if config.has_unshared_ends else 0
+        # The unshared first/last layers are Llama's layers; their Attention is named by their unrolled index.
+        self.first_layer = self.last_layer = None
+        if config.has_unshared_ends:
+            self.first_layer = LlamaDecoderLayer(vllm_config=vllm_config, prefix="model.layers.0")
+            self.last_layer = LlamaDecoderLayer(vllm_config=vllm_config, prefix=f"model.layers.{config.num_hidden_layers - 1}")
+        self.recursion_block = MoRRecursionBlock(config, vllm_config, offset, prefix=f"{prefix}.recursion_block")
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None) -> torch.Tensor:
+        hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        if self.first_layer is not None:
+            hidden_states, residual = self.first_layer(positions, hidden_states, None)
+            hidden_states = hidden_states + residual
+        hidden_states = self.recursion_block(positions, hidden_states)
+        if self.last_layer is not None:
+            hidden_states, residual = self.last_layer(positions, hidden_states, None)
+            hidden_states = hidden_states + residual
+        return self.norm(hidden_states)
+
+
+def check_servable(config, vllm_config: VllmConfig) -> None:
+    """Refuses, before any weight is read, what this model cannot serve exactly; one message with the reason and the
+    alternative."""
+    if getattr(config, "model_type", None) != "mor":
+        raise UnsupportedMoRCheckpoint(f"MoRForCausalLM needs an MoR config (model_type 'mor'), got {type(config).__name__}.")
+    config.validate_recursion()
+    parallel_config = vllm_config.parallel_config
+    if parallel_config.pipeline_parallel_size > 1:
+        raise UnsupportedMoRCheckpoint(
+            f"pipeline_parallel_size={parallel_config.pipeline_parallel_size}: MoR's shared recursion block runs its "
+            f"layers several times, so it cannot be split into pipeline stages. Use tensor_parallel_size instead."
+        )
+    if config.relaxation_rank > 0 and get_tensor_model_parallel_world_size() > 1:
+        raise UnsupportedMoRCheckpoint(
+            f"relaxation_rank={config.relaxation_rank} with tensor_parallel_size="
+            f"{get_tensor_model_parallel_world_size()}: the per-step low-rank deltas are not sharded. Serve this "
+            f"relaxed checkpoint with tensor_parallel_size=1."
+        )
+
+
+class MoRForCausalLM(nn.Module):
+    """vLLM's causal LM for checkpoints saved by the project (`architectures: ["MoRForCausalLM"]`)."""
+
+    # The checkpoint's q/k/v and gate/up projections load into vLLM's merged layers.
+    packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        check_servable(config, vllm_config)
+        self.config = config
+        self.model = MoRModel(vllm_config=vllm_config, prefix="model")
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config, prefix="lm_head")
+        if config.tie_word_embeddings:
+            self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None) -> torch.Tensor:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads the checkpoint's tensors by their transformers names (`vllm_parameter_name`)."""
+        params = dict(self.named_parameters())
+        params.update(self.named_buffers())  # token-choice's selection_bias
+        loaded = set()
+        for checkpoint_name, tensor in weights:
+            if self.config.tie_word_embeddings and checkpoint_name == "lm_head.weight":
+                continue
+            name, shard = vllm_parameter_name(checkpoint_name)
+            if name not in params:
+                raise UnsupportedMoRCheckpoint(
+                    f"the checkpoint holds {checkpoint_name!r}, which this MoR model has no place for: is it a "
+                    f"checkpoint saved by this project's MoRForCausalLM?"
+                )
+            param = params[name]
+            weight_loader = getattr(param, "weight_loader", default_weight_loader)
+            if shard is None:
+                weight_loader(param, tensor)
+            else:
+                weight_loader(param, tensor, shard)
+            loaded.add(name)
+        return loaded
+
+
+# transformers' projections that vLLM merges: (its name, the merged layer, the shard).
+MERGED_PROJECTIONS = [
+    (".q_proj.", ".qkv_proj.", "q"),
+    (".k_proj.", ".qkv_proj.", "k"),
+    (".v_proj.", ".qkv_proj.", "v"),
+    (".gate_proj.", ".gate_up_proj.", 0),
+    (".up_proj.", ".gate_up_proj.", 1),
+]
+
+
+def vllm_parameter_name(checkpoint_name: str) -> tuple[str, str | int | None]:
+    """A checkpoint tensor's parameter in this model, and its shard in a merged layer (None when not merged).
+
+    A relaxed projection's deltas stay apart: "...self_attn.q_proj.relaxation_A" loads into
+    "...self_attn.relaxation.q_proj.relaxation_A"; a relaxed norm's "relaxation_weight" keeps its name."""
+    parts = checkpoint_name.rsplit(".", 2)
+    if len(parts) == 3 and parts[2].startswith("relaxation_") and parts[1].endswith("_proj"):
+        module_path, projection, parameter = parts
+        return f"{module_path}.relaxation.{projection}.{parameter}", None
+    for original, merged, shard in MERGED_PROJECTIONS:
+        if original in checkpoint_name:
+            return checkpoint_name.replace(original, merged), shard
+    return checkpoint_name, None
+
+
+def depth_counts_of(model: MoRForCausalLM) -> list[int]:
+    """Tokens per recursion depth the model has run since it was built (`LLM.apply_model(depth_counts_of)`)."""
+    return model.model.recursion_block.depth_counts.tolist()

@@ -1,0 +1,1 @@
+../../../modeling_mor/routing_mor.py
