@@ -20,6 +20,7 @@ over every token of a sequence; MoR's semantics at a step are kept as follows:
   `Attention` of the same block layer, which is called again without keys; they hold no KV cache of their own.
 """
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ from vllm.v1.attention.selector import get_attn_backend
 
 from .configuration_mor import MoRConfig
 from .routing_mor import apply_gate, build_routing, steps_every_token_takes
+from .step_attention import StepRequests
 
 
 # A key of a token that did not take the step scores KEY_MASK_VALUE * scale lower (about -2000 at head_dim 64):
@@ -79,6 +81,15 @@ class RecursionStepTokens:
     num_tokens: int
     index: torch.Tensor | None = None
     key_mask: torch.Tensor | None = None
+    # The requests with a token at the step (step_attention.py), found at the step's first attention; None: the
+    # attention takes every request's rows.
+    requests: StepRequests | None = None
+    requests_found: bool = False
+
+    def requests_of(self, attn: Attention) -> StepRequests | None:
+        if not self.requests_found:
+            self.requests, self.requests_found = StepRequests.of(attn.layer_name, self.index), True
+        return self.requests
 
     @classmethod
     def of(cls, index: torch.Tensor, num_tokens: int, dtype: torch.dtype) -> "RecursionStepTokens":
@@ -210,29 +221,51 @@ class MoRBlockAttention(nn.Module):
             output = output + self.relaxation["o_proj"](attn_output, step)
         return output
 
+    def write_untaken_step(self, step: int, step_tokens: RecursionStepTokens) -> None:
+        """No token of the batch takes the step: every token's key slot for it is still written, masked, since later
+        tokens' attention reads it (their outputs here are dropped)."""
+        if self.shares_step_one and step > 0:
+            return  # deeper steps of the shared policy store nothing
+        attn, num_tokens = self.attn[str(step)], step_tokens.num_tokens
+        keys = step_tokens.key_mask.new_zeros(num_tokens, self.num_kv_heads, attn.head_size)
+        keys[:, :, self.head_dim] = KEY_MASK_VALUE
+        values = torch.zeros_like(keys)
+        queries = keys.new_zeros(num_tokens, self.num_heads * attn.head_size)
+        attn(queries, keys.view(num_tokens, -1), values.view(num_tokens, -1))
+
     def _attend(self, attn: Attention, masked: bool, q, k, v, step_tokens: RecursionStepTokens) -> torch.Tensor:
         """vLLM attention for the step's tokens. vLLM's metadata describes every token of the batch, so the step's
         rows are placed among them (zeros elsewhere; those outputs are dropped), widened by the mask dimension where
         the attention is masked."""
         if step_tokens.index is None and not masked:
             return attn(q, k, v)
-        num_tokens, width, head_dim = step_tokens.num_tokens, attn.head_size, self.head_dim
-        index = step_tokens.index
-        queries = q.new_zeros(num_tokens, self.num_heads, width)
-        queries[index, :, :head_dim] = q.view(-1, self.num_heads, head_dim)
+        width, head_dim = attn.head_size, self.head_dim
+        requests = step_tokens.requests_of(attn)
+        if requests is None:
+            query_rows, token_rows = step_tokens.num_tokens, step_tokens.index
+        else:
+            query_rows, token_rows = requests.rows.numel(), requests.token_rows
+        queries = q.new_zeros(query_rows, self.num_heads, width)
+        queries[token_rows, :, :head_dim] = q.view(-1, self.num_heads, head_dim)
         if masked:
             queries[:, :, head_dim] = 1.0
         keys = values = None
         if k is not None:
-            keys = k.new_zeros(num_tokens, self.num_kv_heads, width)
-            keys[index, :, :head_dim] = k.view(-1, self.num_kv_heads, head_dim)
-            if masked:
-                keys[:, :, head_dim] = step_tokens.key_mask.unsqueeze(-1)
-            values = v.new_zeros(num_tokens, self.num_kv_heads, width)
-            values[index, :, :head_dim] = v.view(-1, self.num_kv_heads, head_dim)
-            keys, values = keys.view(num_tokens, -1), values.view(num_tokens, -1)
-        output = attn(queries.view(num_tokens, -1), keys, values)
-        return output.view(num_tokens, self.num_heads, width)[index, :, :head_dim].reshape(-1, self.q_size)
+            keys, values = self._step_keys_values(k, v, width, masked, step_tokens)
+        with contextlib.nullcontext() if requests is None else requests.attending(attn):
+            output = attn(queries.view(query_rows, -1), keys, values)
+        return output.view(query_rows, self.num_heads, width)[token_rows, :, :head_dim].reshape(-1, self.q_size)
+
+    def _step_keys_values(self, k, v, width: int, masked: bool, step_tokens: RecursionStepTokens):
+        """Every batch token's key/value slot for the step: the step's tokens' own, the others zero (and masked)."""
+        num_tokens, head_dim, index = step_tokens.num_tokens, self.head_dim, step_tokens.index
+        keys = k.new_zeros(num_tokens, self.num_kv_heads, width)
+        keys[index, :, :head_dim] = k.view(-1, self.num_kv_heads, head_dim)
+        if masked:
+            keys[:, :, head_dim] = step_tokens.key_mask.unsqueeze(-1)
+        values = v.new_zeros(num_tokens, self.num_kv_heads, width)
+        values[index, :, :head_dim] = v.view(-1, self.num_kv_heads, head_dim)
+        return keys.view(num_tokens, -1), values.view(num_tokens, -1)
 
 
 class MoRMLP(nn.Module):
@@ -340,8 +373,10 @@ class MoRRecursionBlock(nn.Module):
                     steps[step] = RecursionStepTokens.of(active, num_tokens, hidden_states.dtype)
                 depth.index_add_(0, active, torch.ones_like(active))
             step_tokens = steps[step]
-            # Also when no token takes the step: its attention still writes every token's (masked) key slot, which
-            # later tokens read.
+            if step_tokens.index is not None and step_tokens.index.numel() == 0:
+                for position in positions_in_pass:
+                    self.layers[position].self_attn.write_untaken_step(step, step_tokens)
+                continue
             block_input = step_tokens.take(hidden_states)
             step_positions = step_tokens.take(positions)
             block_hidden = block_input

@@ -1,0 +1,69 @@
+"""Fixtures of the vLLM tests, which run in vLLM's environment (see .ci/run).
+
+The reference is transformers' generate() on the same checkpoints, which needs the project's own environment
+(transformers >= 5.24, while vLLM pins an older one): `reference_checkpoints.py` runs there, with the Python named by
+MOR_REFERENCE_PYTHON (default: the repository's .venv).
+"""
+
+import contextlib
+import gc
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+vllm = pytest.importorskip("vllm", reason="the vLLM tests run in vLLM's environment (.ci/run builds .venv-vllm)")
+
+REPOSITORY = Path(__file__).resolve().parents[3]
+REFERENCE_PYTHON = Path(os.environ.get("MOR_REFERENCE_PYTHON", REPOSITORY / ".venv" / "bin" / "python"))
+# Small enough for any machine; the test checkpoints need a few MiB.
+KV_CACHE_BYTES = 64 * 2**20
+
+
+@pytest.fixture(scope="session")
+def references(tmp_path_factory) -> tuple[Path, dict]:
+    """The test checkpoints and generate()'s outputs for them: (folder, reference.json's content). MOR_VLLM_REFERENCES
+    names a folder reference_checkpoints.py wrote before, to reuse it."""
+    if os.environ.get("MOR_VLLM_REFERENCES"):
+        folder = Path(os.environ["MOR_VLLM_REFERENCES"])
+        return folder, json.loads((folder / "reference.json").read_text())
+    if not REFERENCE_PYTHON.exists():
+        pytest.skip(f"no Python of the project's environment at {REFERENCE_PYTHON}: set MOR_REFERENCE_PYTHON")
+    folder = tmp_path_factory.mktemp("checkpoints")
+    script = Path(__file__).with_name("reference_checkpoints.py")
+    result = subprocess.run([str(REFERENCE_PYTHON), str(script), str(folder)], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return folder, json.loads((folder / "reference.json").read_text())
+
+
+@contextlib.contextmanager
+def serving(folder, **kwargs):
+    """vLLM's `LLM` on a test checkpoint (float32, small KV cache, prefill chunks of 64 tokens so that the long
+    prompts span several), shut down afterwards."""
+    from vllm import LLM
+
+    settings = dict(model=str(folder), dtype="float32", kv_cache_memory_bytes=KV_CACHE_BYTES, max_model_len=256,
+                    max_num_seqs=8, max_num_batched_tokens=64, enforce_eager=True, seed=0)
+    llm = LLM(**{**settings, **kwargs})
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def python() -> str:
+    return sys.executable

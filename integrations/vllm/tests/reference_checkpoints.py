@@ -1,0 +1,124 @@
+"""Builds the checkpoints the vLLM tests serve, and what transformers' generate() gives for them.
+
+Run with the project's own environment (transformers >= 5.24: the MoR model code), not vLLM's:
+
+    .venv/bin/python integrations/vllm/tests/reference_checkpoints.py /tmp/mor-vllm-checkpoints
+
+Every variant is a random-init MoR model with head_dim 64 (vLLM's CPU kernels take 32 and up) whose routers are
+scaled so that eval-mode routing makes mixed decisions, saved with `save_pretrained` and the shipped stories260K
+tokenizer. `reference.json` holds, per variant, the prompts and generate()'s greedy tokens and their log-probabilities
+for each prompt alone, and the recursion depth every token took.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+REPOSITORY = Path(__file__).resolve().parents[3]
+
+
+DIMS = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    num_hidden_layers=8,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+VARIANTS = {
+    "none": dict(routing="none"),
+    "expert": dict(routing="expert_choice"),
+    "expert_auxiliary": dict(routing="expert_choice", router_inference="auxiliary", capacity=[1.0, 0.6, 0.3]),
+    "expert_shared": dict(routing="expert_choice", kv_cache_policy="shared"),
+    "expert_partial_first_step": dict(routing="expert_choice", capacity=[0.7, 0.5, 0.3]),
+    "expert_partial_first_step_shared": dict(routing="expert_choice", capacity=[0.7, 0.5, 0.3], kv_cache_policy="shared"),
+    "expert_mlp_router": dict(routing="expert_choice", router_type="mlp", router_activation="tanh", gating="update"),
+    "expert_cycle": dict(routing="expert_choice", sharing_strategy="cycle", num_hidden_layers=6),
+    "expert_relaxed": dict(routing="expert_choice", relaxation_rank=4),
+    "token": dict(routing="token_choice"),
+    "token_shared": dict(routing="token_choice", kv_cache_policy="shared"),
+    "token_loss_free": dict(routing="token_choice", balancing="loss_free", gating="update"),
+    "none_middle_sequence": dict(routing="none", sharing_strategy="middle_sequence"),
+}
+BFLOAT16_VARIANT = "expert_bfloat16"  # the "expert" model saved in bfloat16
+
+
+def prompts() -> list[list[int]]:
+    """Short and long prompts: the long ones span several prefill chunks, and the last one shares its first 140
+    tokens with the one before (a prefix-cache hit of one 128-token block in vLLM)."""
+    generator = torch.Generator().manual_seed(1)
+    short = [torch.randint(3, 512, (n,), generator=generator).tolist() for n in (5, 23, 41)]
+    long = torch.randint(3, 512, (150,), generator=generator).tolist()
+    tail = torch.randint(3, 512, (12,), generator=generator).tolist()
+    return short + [long, long[:140] + tail]
+
+
+def build(overrides: dict, dtype=torch.float32):
+    from modeling_mor import MoRConfig, MoRForCausalLM
+
+    torch.manual_seed(0)
+    model = MoRForCausalLM(MoRConfig(**{**DIMS, **overrides})).eval()
+    with torch.no_grad():
+        for router in model.routers():
+            for parameter in router.parameters():
+                parameter.mul_(40.0)
+        if overrides.get("router_inference") == "auxiliary":
+            for router in model.model.recursion_block.routing.auxiliary_routers.values():
+                router.output_layer.weight.normal_(0, 2.0)
+    return model.to(dtype)
+
+
+@torch.no_grad()
+def reference(model, prompt_list: list[list[int]], new_tokens: int) -> dict:
+    tokens, logprobs, depths = [], [], []
+    for prompt in prompt_list:
+        output = model.generate(
+            torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            return_dict_in_generate=True, output_logits=True, output_recursion_depth=True,
+        )
+        generated = output.sequences[0, len(prompt):]
+        # From the raw logits, as vLLM returns log-probabilities by default (min_new_tokens masks EOS in the scores).
+        scores = torch.stack(output.logits)[:, 0].float().log_softmax(-1)
+        tokens.append(generated.tolist())
+        logprobs.append(scores.gather(-1, generated.unsqueeze(-1)).squeeze(-1).tolist())
+        # The recursion depth of every prompt token and every generated token but the last, which is never run.
+        depths.append(output["recursion_depth"][0, :-1].tolist())
+    return {"prompts": prompt_list, "tokens": tokens, "logprobs": logprobs, "depths": depths}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("output_dir", type=Path, help="folder to write one checkpoint per variant and reference.json")
+    parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens generated per prompt")
+    args = parser.parse_args()
+    # Imported here, not at the top: the tests, in vLLM's environment, import this file for its variant names.
+    sys.path.insert(0, str(REPOSITORY))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(REPOSITORY / "examples" / "assets" / "stories260K")
+    references = {}
+    for name, overrides in [*VARIANTS.items(), (BFLOAT16_VARIANT, VARIANTS["expert"])]:
+        dtype = torch.bfloat16 if name == BFLOAT16_VARIANT else torch.float32
+        model = build(overrides, dtype)
+        folder = args.output_dir / name
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        # The bfloat16 checkpoint's reference is its weights in float32 (how the test serves it exactly).
+        references[name] = reference(model.float() if dtype != torch.float32 else model, prompts(), args.new_tokens)
+        completion = model.generate(**tokenizer("Once upon a time", return_tensors="pt"), max_new_tokens=8, do_sample=False)
+        references[name]["text_prompt"] = "Once upon a time"
+        references[name]["text_completion"] = tokenizer.decode(completion[0, len(tokenizer("Once upon a time")["input_ids"]):])
+    (args.output_dir / "reference.json").write_text(json.dumps(references))
+
+
+if __name__ == "__main__":
+    main()

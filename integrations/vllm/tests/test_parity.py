@@ -1,0 +1,55 @@
+"""vLLM serves every checkpoint variant with the tokens transformers' generate() gives it.
+
+Each prompt's greedy tokens equal generate() on that prompt alone, although vLLM batches the prompts together and
+splits the long ones into prefill chunks of 64 tokens, and the last prompt, sent once the others are done, finds its
+first 128 tokens in vLLM's prefix cache. The log-probabilities of the tokens match generate()'s, and the recursion
+depths vLLM's model counted match the depths generate()'s tokens took.
+"""
+
+from collections import Counter
+
+import pytest
+from vllm import SamplingParams, TokensPrompt
+
+from conftest import serving
+from reference_checkpoints import BFLOAT16_VARIANT, VARIANTS
+
+
+PREFIX_CACHE_BLOCK = 128  # vLLM's CPU block size: the last prompt shares 140 tokens with the one before
+
+
+def greedy(llm, prompts, new_tokens):
+    # min_tokens as generate()'s min_new_tokens: EOS cannot be chosen before the last token.
+    params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0, logprobs=0)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=prompt) for prompt in prompts], params, use_tqdm=False)
+    tokens = [list(output.outputs[0].token_ids) for output in outputs]
+    logprobs = [
+        [step[token].logprob for step, token in zip(output.outputs[0].logprobs, output.outputs[0].token_ids)]
+        for output in outputs
+    ]
+    return tokens, logprobs
+
+
+def depth_counts_of(model):
+    from mor_vllm.model import depth_counts_of
+
+    return depth_counts_of(model)
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, BFLOAT16_VARIANT])
+def test_greedy_tokens_equal_generate(references, variant):
+    folder, reference = references
+    expected = reference[variant]
+    new_tokens = len(expected["tokens"][0])
+    with serving(folder / variant) as llm:
+        tokens, logprobs = greedy(llm, expected["prompts"][:-1], new_tokens)
+        last_tokens, last_logprobs = greedy(llm, expected["prompts"][-1:], new_tokens)
+        depth_counts = llm.apply_model(depth_counts_of)[0]
+    for index, (got, want) in enumerate(zip(tokens + last_tokens, expected["tokens"])):
+        assert got == want, f"prompt {index} ({len(expected['prompts'][index])} tokens)"
+    for got, want in zip(logprobs + last_logprobs, expected["logprobs"]):
+        assert got == pytest.approx(want, abs=2e-3)
+    # vLLM ran every token once, but the last prompt's first block, which its prefix cache served.
+    ran = Counter(depth for depths in expected["depths"] for depth in depths)
+    ran.subtract(expected["depths"][-1][:PREFIX_CACHE_BLOCK])
+    assert depth_counts == [ran[depth] for depth in range(len(depth_counts))]
