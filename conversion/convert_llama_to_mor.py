@@ -183,7 +183,8 @@ Examples:
         --num-recursions 2 --sharing-strategy middle_cycle --push-to-hub your-name/smollm2-mor --private
 
 Every option is checked before the source is loaded; bad input stops with one "error:" line (exit code 2) and
-nothing written. OUTPUT_DIR may not be SOURCE, lie inside it or contain it, even with --overwrite.
+nothing written. OUTPUT_DIR may not be SOURCE, lie inside it or contain it, even with --overwrite; --overwrite
+replaces an earlier output of these tools only (never a folder holding anything else, nor the working directory).
 """
 
 # GGUF metadata keys that name the Hub repo a GGUF file was converted from (gguf-py's `Keys.General`; the first one
@@ -239,7 +240,9 @@ def build_argument_parser():
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--token", help="Hub token (default: the logged-in user's)")
     parser.add_argument("--commit-message", default="Upload MoR model converted with mor-transformers")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUTPUT_DIR if it is an earlier output of these tools (a folder holding anything "
+                             "else is refused)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the 'random' init strategy and of the routers")
     return parser
 
@@ -633,8 +636,12 @@ def main(argv=None) -> int:
         return 2
 
     # Everything is written to a staging folder that becomes OUTPUT_DIR only once complete (see output_dir.py).
-    with staged_output_dir(output_dir, overwrite=args.overwrite, inputs=plan["inputs"]) as staging:
-        figures = _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, staging)
+    try:
+        with staged_output_dir(output_dir, overwrite=args.overwrite, inputs=plan["inputs"]) as staging:
+            figures = _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, staging)
+    except OutputDirExistsError as error:  # OUTPUT_DIR gained other files during the run: it is kept as it is
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
 
     num_layers = plan["num_layers"]
     print(f"\nSaved {output_dir} in {time.perf_counter() - start:.0f}s")

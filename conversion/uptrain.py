@@ -61,7 +61,15 @@ from .measure import (
     read_eval_tokens,
 )
 from .model_card import UnfilledPlaceholderError, describe_measurement, load_card_figures, perplexity_rows, save_card
-from .output_dir import OutputDirExistsError, check_output_dir_is_separate, staged_output_dir
+from .output_dir import (
+    TRAINER_CHECKPOINTS,
+    OutputDirExistsError,
+    check_output_dir,
+    check_output_dir_is_separate,
+    foreign_entries,
+    record_output,
+    staged_output_dir,
+)
 from .text_files import read_text_file
 
 
@@ -493,7 +501,8 @@ def add_trainer_arguments(parser) -> None:
                                "one checkpoint works at any depth and router_threshold trades quality for compute at "
                                "inference (examples/budget_curve.py); the saved config keeps the configured capacities")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing OUTPUT_DIR (once this run has saved its first checkpoint)")
+                        help="replace an existing OUTPUT_DIR that is an earlier output of these tools (a folder "
+                             "holding anything else is refused), once this run has saved its first checkpoint")
 
 
 # The smallest value each option takes (block sizes are checked by `measure.eval_block_size`). Trainer's
@@ -599,6 +608,9 @@ def check_run_folder(args, **inputs) -> CheckedArguments:
     in_place = args.resume_from_checkpoint == "latest" or (
         bool(args.resume_from_checkpoint) and has_content and not args.overwrite
     )
+    if not in_place:
+        # The new run replaces OUTPUT_DIR: only an empty folder or an earlier output of these tools, never the cwd.
+        check_output_dir(output_dir, overwrite=True)
     return CheckedArguments(resume_checkpoint, in_place)
 
 
@@ -635,7 +647,8 @@ def load_training_data(args, tokenizer) -> TrainingData:
 def staging_folder(staging: contextlib.ExitStack, output_dir: Path, training_args) -> Path:
     """Enters `staged_output_dir` on the process that saves; every process gets the same staging folder's path."""
     # overwrite=True: check_arguments has already refused an OUTPUT_DIR that may not be replaced.
-    folder = staging.enter_context(staged_output_dir(output_dir, overwrite=True)) if training_args.should_save else None
+    folder = (staging.enter_context(staged_output_dir(output_dir, overwrite=True, grows=(TRAINER_CHECKPOINTS,)))
+              if training_args.should_save else None)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         shared = [str(folder) if folder is not None else None]
         torch.distributed.broadcast_object_list(shared, src=0)
@@ -748,52 +761,62 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
         steps_planned = planned_steps(model, args, training_args.world_size, capacity_schedule)
         if args.max_steps is None:
             training_args.max_steps = steps_planned
+    # A run that continues in OUTPUT_DIR leaves what was there before, and not written by these tools, out of the
+    # folder's record (see output_dir.py).
+    foreign_before = foreign_entries(output_dir) if checked.in_place else []
     staging = contextlib.ExitStack()
-    with staging:  # on leaving it, a run that is still staged (no checkpoint saved) moves into place
-        if not checked.in_place:
-            training_args.output_dir = str(staging_folder(staging, output_dir, training_args))
-        callbacks = [MoveIntoPlaceAtFirstCheckpoint(staging, output_dir)]
-        if capacity_schedule is not None:
-            callbacks.append(capacity_schedule)
-        trainer = UptrainTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=data.train_dataset,
-            eval_dataset=data.eval_dataset,
-            # The tokenizer goes into every checkpoint and the final folder; the blocks need no padding collator.
-            processing_class=tokenizer,
-            data_collator=default_data_collator,
-            callbacks=callbacks,
-            teacher=teacher.to(training_args.device) if teacher is not None else None,
-            distill_weight=getattr(args, "distill_weight", 0.5),
-            distill_temperature=getattr(args, "distill_temperature", 1.0),
-            max_train_flops=args.max_train_flops,
-        )
+    try:
+        with staging:  # on leaving it, a run that is still staged (no checkpoint saved) moves into place
+            if not checked.in_place:
+                training_args.output_dir = str(staging_folder(staging, output_dir, training_args))
+            callbacks = [MoveIntoPlaceAtFirstCheckpoint(staging, output_dir)]
+            if capacity_schedule is not None:
+                callbacks.append(capacity_schedule)
+            trainer = UptrainTrainer(
+                model=model,
+                args=training_args,
+                train_dataset=data.train_dataset,
+                eval_dataset=data.eval_dataset,
+                # The tokenizer goes into every checkpoint and the final folder; the blocks need no padding collator.
+                processing_class=tokenizer,
+                data_collator=default_data_collator,
+                callbacks=callbacks,
+                teacher=teacher.to(training_args.device) if teacher is not None else None,
+                distill_weight=getattr(args, "distill_weight", 0.5),
+                distill_temperature=getattr(args, "distill_temperature", 1.0),
+                max_train_flops=args.max_train_flops,
+            )
 
-        before = None
-        if measure_before and data.eval_tokens is not None and trainer.is_world_process_zero():
-            before, _ = perplexity_and_depths(model, data.eval_tokens, args.eval_block_size, desc="perplexity before")
-            print(f"Perplexity before {activity}: {before:.2f}")
+            before = None
+            if measure_before and data.eval_tokens is not None and trainer.is_world_process_zero():
+                before, _ = perplexity_and_depths(model, data.eval_tokens, args.eval_block_size,
+                                                  desc="perplexity before")
+                print(f"Perplexity before {activity}: {before:.2f}")
 
-        trainer.train(resume_from_checkpoint=checked.resume_checkpoint)
-        train_seconds = time.perf_counter() - start
+            trainer.train(resume_from_checkpoint=checked.resume_checkpoint)
+            train_seconds = time.perf_counter() - start
 
-        # OUTPUT_DIR, or the staging folder still when no checkpoint was saved (a run resumed at its last step).
-        final_dir = Path(training_args.output_dir)
-        trainer.save_model(str(final_dir))  # the final model and its tokenizer (every process must call this)
-        after = depths = None
-        # An FSDP-sharded model all-gathers its parameters in every forward: every process runs the measurement.
-        if data.eval_tokens is not None and (trainer.is_world_process_zero() or trainer.is_fsdp_enabled):
-            after, depths = perplexity_and_depths(trainer.model, data.eval_tokens, args.eval_block_size,
-                                                  desc="perplexity after")
-        if not trainer.is_world_process_zero():
-            return 0
-        summary = training_summary(args, trainer, steps_planned, data, after, depths, train_seconds)
-        (final_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        if finish is not None:
-            finish(trainer, final_dir, before, after, depths, train_seconds)
-        curve_saved = save_loss_curve(trainer.state.log_history, final_dir / "loss_curve.png",
-                                      title=f"{type(model).__name__}, {activity}")
+            # OUTPUT_DIR, or the staging folder still when no checkpoint was saved (a run resumed at its last step).
+            final_dir = Path(training_args.output_dir)
+            trainer.save_model(str(final_dir))  # the final model and its tokenizer (every process must call this)
+            after = depths = None
+            # An FSDP-sharded model all-gathers its parameters in every forward: every process runs the measurement.
+            if data.eval_tokens is not None and (trainer.is_world_process_zero() or trainer.is_fsdp_enabled):
+                after, depths = perplexity_and_depths(trainer.model, data.eval_tokens, args.eval_block_size,
+                                                      desc="perplexity after")
+            if not trainer.is_world_process_zero():
+                return 0
+            summary = training_summary(args, trainer, steps_planned, data, after, depths, train_seconds)
+            (final_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            if finish is not None:
+                finish(trainer, final_dir, before, after, depths, train_seconds)
+            curve_saved = save_loss_curve(trainer.state.log_history, final_dir / "loss_curve.png",
+                                          title=f"{type(model).__name__}, {activity}")
+            if final_dir == output_dir:  # a staged run is recorded as it moves into place
+                record_output(final_dir, also=(TRAINER_CHECKPOINTS,), exclude=foreign_before)
+    except OutputDirExistsError as error:  # OUTPUT_DIR gained other files during the run: it is kept as it is
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
 
     print(f"\n{activity.capitalize()}: {trainer.state.global_step} steps in {train_seconds / 60:.1f} min; saved "
           f"{output_dir}")

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 from conversion.cli_checks import one_line, read_mor_config  # noqa: E402
 from conversion.measure import context_length, eval_block_size, perplexity_and_depths, read_eval_text, read_eval_tokens  # noqa: E402
 from conversion.measure import depth_histogram, mean_depth  # noqa: E402
+from conversion.output_dir import WRITTEN_BY, check_output_files  # noqa: E402
 from conversion.uptrain import load_tokenizer  # noqa: E402
 
 
@@ -62,7 +63,8 @@ def build_argument_parser():
                         help="perplexity block (default: 256 tokens capped at the models' context)")
     parser.add_argument("--output-prefix", required=True,
                         help="path prefix of the table (PREFIX.md, PREFIX.json) and the plot (PREFIX.png)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing PREFIX.md/.json/.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace PREFIX.md/.json/.png of an earlier sweep (files of anything else are refused)")
     return parser
 
 
@@ -89,11 +91,9 @@ def check_arguments(args) -> int:
                 contexts.append(context_length(config))
     read_eval_text(args.eval_file)
     block_size = eval_block_size(args.eval_block_size, min(contexts) if contexts else None)
-    prefix = Path(args.output_prefix).expanduser()
-    existing = [str(path) for path in outputs(prefix) if path.exists()]
-    if existing and not args.overwrite:
-        raise ValueError(f"{', '.join(existing)} already exist(s); nothing was written. Pass --overwrite to replace, "
-                         f"or another --output-prefix.")
+    table_path, json_path, plot_path = outputs(Path(args.output_prefix).expanduser())
+    # --overwrite replaces an earlier sweep's files only: its JSON says it wrote them.
+    check_output_files([table_path, json_path, plot_path], json_path, args.overwrite)
     return block_size
 
 
@@ -198,11 +198,11 @@ def main(argv=None) -> int:
         block_size = check_arguments(args)
         tokenizer = load_tokenizer(args.checkpoints[0], "CHECKPOINT", "the sweep reads the eval text with it")
         tokens = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError) as error:  # OSError: OutputDirExistsError
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    result = {"eval_file": Path(args.eval_file).name, "eval_tokens": tokens.numel(), "block_size": block_size,
-              "sweeps": [], "references": []}
+    result = {WRITTEN_BY: "examples/budget_curve.py", "eval_file": Path(args.eval_file).name,
+              "eval_tokens": tokens.numel(), "block_size": block_size, "sweeps": [], "references": []}
     for folder in args.checkpoints:
         print(f"{folder}:", flush=True)
         model = load_model(folder)

@@ -53,7 +53,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingA
 # Importing the package registers the MoR classes with the Auto classes (no remote code needed).
 from conversion.cli_checks import check_minimum_values, one_line, read_mor_config
 from conversion.measure import context_length, eval_block_size
-from conversion.output_dir import check_output_dir, check_output_dir_is_separate, staged_output_dir
+from conversion.output_dir import (
+    OutputDirExistsError,
+    check_output_dir,
+    check_output_dir_is_separate,
+    staged_output_dir,
+)
 from conversion.text_files import TextFileError, read_text_file
 from modeling_mor.peft_mor import LLAMA_PROJECTIONS, check_lora_target_modules, router_linear_names
 
@@ -130,7 +135,9 @@ def build_argument_parser():
         help="Where the adapter and tokenizer are saved (refused if it exists, unless --overwrite); it may not be, "
         "contain or lie inside --model or the data files.",
     )
-    parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT_DIR if it exists.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace OUTPUT_DIR if it is an earlier output of these tools (a folder holding anything "
+                        "else is refused).")
     parser.add_argument("--save-merged", action="store_true", help="Also save the merged model to OUTPUT_DIR/merged.")
     return parser
 
@@ -379,42 +386,46 @@ def main(argv=None):
     model.print_trainable_parameters()
 
     # Everything is written to a hidden staging folder that becomes OUTPUT_DIR once complete: a run that fails or is
-    # interrupted leaves nothing, and --overwrite replaces an existing OUTPUT_DIR only then.
+    # interrupted leaves nothing, and --overwrite replaces an existing OUTPUT_DIR (an earlier output) only then.
     output_dir = Path(args.output_dir).expanduser()
-    with staged_output_dir(output_dir, overwrite=args.overwrite, inputs=inputs) as staging:
-        training_arguments = TrainingArguments(
-            output_dir=str(staging),
-            max_steps=args.max_steps,
-            per_device_train_batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            warmup_steps=args.warmup_steps,
-            lr_scheduler_type="linear",
-            logging_steps=args.logging_steps,
-            seed=args.seed,
-            save_strategy="no",
-            report_to="none",
-            remove_unused_columns=False,
-            disable_tqdm=True,  # one printed line per logging step instead of a progress bar
-            dataloader_pin_memory=torch.cuda.is_available(),
-        )
-        trainer = Trainer(model=model, args=training_arguments, train_dataset=train_examples, data_collator=collate)
-        trainer.train()
+    try:
+        with staged_output_dir(output_dir, overwrite=args.overwrite, inputs=inputs) as staging:
+            training_arguments = TrainingArguments(
+                output_dir=str(staging),
+                max_steps=args.max_steps,
+                per_device_train_batch_size=args.batch_size,
+                learning_rate=args.learning_rate,
+                warmup_steps=args.warmup_steps,
+                lr_scheduler_type="linear",
+                logging_steps=args.logging_steps,
+                seed=args.seed,
+                save_strategy="no",
+                report_to="none",
+                remove_unused_columns=False,
+                disable_tqdm=True,  # one printed line per logging step instead of a progress bar
+                dataloader_pin_memory=torch.cuda.is_available(),
+            )
+            trainer = Trainer(model=model, args=training_arguments, train_dataset=train_examples, data_collator=collate)
+            trainer.train()
 
-        perplexity_after, depth_after = perplexity_and_depth(model, eval_examples, collate, args.batch_size)
-        samples_after = greedy_samples(model, tokenizer, model_prompts, args.sample_tokens)
-        print_samples("Samples after fine-tuning", prompts, samples_after)
-        print(f"Eval perplexity:      before {perplexity_before:.3f}   after {perplexity_after:.3f}")
-        print(f"Mean recursion depth: before {depth_before:.3f}   after {depth_after:.3f}")
+            perplexity_after, depth_after = perplexity_and_depth(model, eval_examples, collate, args.batch_size)
+            samples_after = greedy_samples(model, tokenizer, model_prompts, args.sample_tokens)
+            print_samples("Samples after fine-tuning", prompts, samples_after)
+            print(f"Eval perplexity:      before {perplexity_before:.3f}   after {perplexity_after:.3f}")
+            print(f"Mean recursion depth: before {depth_before:.3f}   after {depth_after:.3f}")
 
-        # Trainer sets config.use_cache to TrainingArguments.use_cache (False) for training; what is saved decodes
-        # with the KV cache.
-        model.get_base_model().config.use_cache = True
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if args.save_merged:
-            merged = model.merge_and_unload()
-            merged.save_pretrained(staging / "merged")
-            tokenizer.save_pretrained(staging / "merged")
+            # Trainer sets config.use_cache to TrainingArguments.use_cache (False) for training; what is saved decodes
+            # with the KV cache.
+            model.get_base_model().config.use_cache = True
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            if args.save_merged:
+                merged = model.merge_and_unload()
+                merged.save_pretrained(staging / "merged")
+                tokenizer.save_pretrained(staging / "merged")
+    except OutputDirExistsError as error:  # OUTPUT_DIR gained other files during the run: it is kept as it is
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(2)
     print(f"Saved the adapter to {output_dir}")
     if args.save_merged:
         print(f"Saved the merged model to {output_dir / 'merged'}")

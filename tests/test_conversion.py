@@ -120,8 +120,10 @@ def test_bad_inputs_are_refused_before_anything_is_written(tmp_path, capsys):
     assert [p.name for p in existing.iterdir()] == ["keep.txt"]
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
 
-    assert convert_main([str(llama), str(existing), "--num-recursions", "2", "--overwrite"]) == 0
-    assert (existing / "model.safetensors").exists() and not (existing / "keep.txt").exists()
+    # --overwrite replaces an earlier output of the converter only (tests/test_conversion_errors.py, issue 18).
+    assert convert_main([str(llama), str(existing), "--num-recursions", "2", "--overwrite"]) == 2
+    assert "keep.txt" in capsys.readouterr().err
+    assert [p.name for p in existing.iterdir()] == ["keep.txt"]
 
 
 @pytest.mark.parametrize("kill_signal", [signal.SIGTERM, signal.SIGINT])

@@ -14,6 +14,7 @@ peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
+from conversion.output_dir import record_output  # noqa: E402
 from modeling_mor import MoRCache, MoRForCausalLM  # noqa: E402
 from modeling_mor.peft_mor import (  # noqa: E402
     DEFAULT_LORA_TARGET_MODULES,
@@ -470,6 +471,21 @@ def test_example_refuses_an_existing_output_dir_without_overwrite(tmp_path, conv
     assert [path.name for path in output_dir.iterdir()] == ["notes.txt"]
 
 
+def test_example_overwrite_refuses_a_folder_holding_anything_but_an_earlier_output(
+    tmp_path, converted_stories_dir, capsys
+):
+    """Issue 18, item 1: --overwrite never replaces a user's folder; the error lists what is there."""
+    output_dir = tmp_path / "out"
+    (output_dir / "sub").mkdir(parents=True)
+    (output_dir / "notes.txt").write_text("keep me")
+    line = run_example_expecting_error(capsys, [
+        "--model", str(converted_stories_dir), "--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions",
+        "--output-dir", str(output_dir), "--overwrite",
+    ])
+    assert "not an earlier output" in line and "notes.txt, sub/" in line
+    assert sorted(path.name for path in output_dir.iterdir()) == ["notes.txt", "sub"]
+
+
 def test_instructions_file_is_valid():
     records = [json.loads(line) for line in INSTRUCTIONS_PATH.read_text().splitlines() if line.strip()]
     assert len(records) >= 20
@@ -496,9 +512,10 @@ def test_example_fine_tunes_converted_stories260k(
     example = load_example_module()
     output_dir = tmp_path / "adapter"
     if data_format == "instructions":
-        # An earlier run's folder, replaced as a whole with --overwrite.
+        # An earlier run's folder (its record lists what that run wrote), replaced as a whole with --overwrite.
         output_dir.mkdir()
         (output_dir / "stale.txt").write_text("from an earlier run")
+        record_output(output_dir)
         data_arguments = ["--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions", "--lora-routers",
                           "--overwrite"]
     else:

@@ -99,13 +99,12 @@ def test_existing_output_dir_is_refused(converted, train_text, tmp_path, capsys)
     assert [p.name for p in output.iterdir()] == ["notes.txt"]
 
 
-def test_overwrite_replaces_the_output_dir_once_the_first_checkpoint_is_saved(converted, train_text, tmp_path):
+def test_overwrite_replaces_an_earlier_run_once_the_first_checkpoint_is_saved(converted, train_text, tmp_path):
     output = tmp_path / "busy"
-    (output / "checkpoint-99").mkdir(parents=True)
-    (output / "notes.txt").write_text("an earlier run")
+    _uptrain(converted, output, train_text, "--max-steps", "1")
+    (output / "checkpoint-99").mkdir()  # a later checkpoint of that run (the folder's record allows them)
     _uptrain(converted, output, train_text, "--max-steps", "1", "--overwrite")
     assert (output / "model.safetensors").is_file() and [p.name for p in _checkpoints(output)] == ["checkpoint-1"]
-    assert not (output / "notes.txt").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["busy"]
 
 

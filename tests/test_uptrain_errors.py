@@ -72,6 +72,28 @@ def test_output_dir_may_not_be_the_input_dir(converted, train_text, tmp_path, re
     assert _snapshot(converted) == before
 
 
+def test_overwrite_refuses_a_folder_holding_anything_but_an_earlier_output(converted, train_text, tmp_path, refused):
+    """Issue 18, item 1: a user's folder is never replaced, and the error lists what is there."""
+    output = tmp_path / "d"
+    (output / "sub").mkdir(parents=True)
+    (output / "notes.txt").write_text("keep me")
+    before = _snapshot(output)
+    error = refused(converted, output, "--train-file", train_text, "--max-steps", "1", "--overwrite")
+    assert "not an earlier output" in error and "notes.txt, sub/" in error
+    assert _snapshot(output) == before
+
+
+@pytest.mark.parametrize("output", [".", ".."])
+def test_the_working_directory_is_never_replaced(converted, train_text, tmp_path, refused, monkeypatch, output):
+    """Even empty (a new run replaces an empty OUTPUT_DIR without --overwrite), the working directory stays."""
+    work = tmp_path / "work" / "empty"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    error = refused(converted, output, "--train-file", train_text, "--max-steps", "1", "--overwrite")
+    assert "working directory" in error
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["empty", "work"]
+
+
 def test_output_dir_may_not_be_the_teacher(converted, train_text, tmp_path, refused):
     teacher = tmp_path / "teacher"
     shutil.copytree(STORIES, teacher)
