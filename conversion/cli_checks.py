@@ -59,6 +59,38 @@ def hub_failure(repo_id: str, error: BaseException, name: str | None = None) -> 
     return f"{given} is not a local folder, and {problem}; nothing was written. Fix: {fix}."
 
 
+def check_extra_installed(module: str, extra: str, needed_by: str, alternative: str | None = None) -> None:
+    """Raises ValueError (one line naming the extra of `pip install "mor-transformers[extra]"`) when the optional
+    package `module` that `needed_by` (an option or a script) uses cannot be imported."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ValueError(
+            f"{needed_by} needs the `{module}` package, which is not installed; nothing was written. Fix: pip install "
+            f'"mor-transformers[{extra}]" (or pip install {module}){", or " + alternative if alternative else ""}.'
+        ) from None
+
+
+def run_command_line(main, interrupted: str = "nothing was written") -> int:
+    """Runs a command line's `main()` for `python -m ...`: Ctrl-C (and SIGTERM, which `staged_output_dir` turns into
+    `Terminated`) ends it with one `error:` line saying `interrupted` (what is left) and the shell's status for the
+    signal, 130 for Ctrl-C, instead of a traceback. The output folders are cleaned up before this is reached."""
+    import signal
+    import sys
+
+    from .output_dir import Terminated
+
+    try:
+        return main()
+    except KeyboardInterrupt as interruption:
+        signum = interruption.signum if isinstance(interruption, Terminated) else signal.SIGINT
+        how = "by Ctrl-C" if signum == signal.SIGINT else f"by {signal.Signals(signum).name}"
+        print(f"\nerror: interrupted {how}; {interrupted}.", file=sys.stderr)
+        return 128 + signum
+
+
 def check_minimum_values(args, minimums: dict[str, int]) -> None:
     """Raises ValueError for the first option of `args` (an argparse Namespace) below its minimum in `minimums`
     (option destination -> smallest value); options left at None are not checked."""
@@ -95,6 +127,56 @@ def check_safetensors_files(folder) -> None:
                 f"{path} is not a readable safetensors file ({one_line(error)}): it is corrupt or truncated; "
                 f"nothing was written. Fix: download or copy the checkpoint again."
             ) from error
+
+
+def check_weights_match_config(folder, config, described: str) -> None:
+    """Raises ValueError (one line, naming a tensor) when the safetensors weights of the local folder `folder` do not
+    fit `config` (a config.json edited or copied from another model): a tensor that the model built from it lacks, has
+    in another shape, or needs and the weights do not hold. Reads the weights' headers and builds the model on the
+    meta device (no memory), so it is cheap enough to run before loading."""
+    import re
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    weights = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as file:
+            weights.update({name: list(file.get_slice(name).get_shape()) for name in file.keys()})
+    if not weights:
+        return  # pickled weights (pytorch_model.bin): no header to read; transformers' loading reports them
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    ignored = [*(getattr(model, "_keys_to_ignore_on_load_missing", None) or []),
+               *(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+
+    def counts(name):
+        return not any(re.search(pattern, name) for pattern in ignored)
+
+    reshaped = [name for name in weights if name in expected and weights[name] != expected[name]]
+    unexpected = [name for name in weights if name not in expected and counts(name)]
+    missing = [name for name in expected if name not in weights and name not in tied and counts(name)]
+    if reshaped:
+        name = reshaped[0]
+        problem = (f"{len(reshaped)} tensor(s) have another shape, e.g. {name}: {weights[name]} in the weights, "
+                   f"{expected[name]} for config.json")
+    elif unexpected or missing:
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensor(s) of the weights have no place in it (e.g. {unexpected[0]})")
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) it needs are not in the weights (e.g. {missing[0]})")
+        problem = " and ".join(parts)
+    else:
+        return
+    raise ValueError(
+        f"{described}: config.json does not match the weights next to it ({problem}); nothing was loaded. Fix: "
+        f"restore the config.json saved with these weights (copy or download the folder again)."
+    )
 
 
 def check_model_weights(folder, described: str) -> None:
@@ -139,4 +221,25 @@ def read_mor_config(model: str, name: str):
             f"{given} is a {config.get('model_type')!r} model, not an MoR one. Fix: convert it first with "
             f"`python -m conversion.convert_llama_to_mor {model} MOR_DIR`, then give MOR_DIR."
         )
-    return MoRConfig.from_dict(config)
+    mor_config = build_config(config, given)
+    if path.is_dir():
+        check_weights_match_config(path, mor_config, given)
+    return mor_config
+
+
+def build_config(fields: dict, given: str):
+    """The config object (MoRConfig, LlamaConfig, ...) of the config.json `fields` of `given`; ValueError (one line,
+    naming `given`) when a value is not valid (an unknown sharing_strategy, a num_recursions the layers do not
+    fit)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import CONFIG_MAPPING
+
+    import modeling_mor  # noqa: F401  (registers model_type "mor" with the Auto classes)
+
+    try:
+        return CONFIG_MAPPING[fields.get("model_type")].from_dict(fields)
+    except KeyError:
+        raise ValueError(f"{given} has a config.json of an unknown model_type {fields.get('model_type')!r}.") from None
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        raise ValueError(f"{given} has a config.json that is not valid ({one_line(error)}). Fix: correct that value, "
+                         f"or copy the folder again.") from None

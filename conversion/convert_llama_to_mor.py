@@ -669,4 +669,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli_checks import run_command_line
+
+    raise SystemExit(run_command_line(main))

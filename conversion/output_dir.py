@@ -175,8 +175,16 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while an output folder is staged: unwinds like Ctrl-C, so that the staging folder is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
 def _raise_on_sigterm(signum, frame):
-    raise KeyboardInterrupt(f"terminated by signal {signum}")
+    raise Terminated(signum)
 
 
 @contextlib.contextmanager

@@ -38,9 +38,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 
 from modeling_mor import MoRConfig, MoRForCausalLM
 
-from .cli_checks import one_line
+from .cli_checks import one_line, run_command_line
 from .measure import read_eval_text
 from .uptrain import (
+    INTERRUPTED_RUN,
     add_data_arguments,
     add_trainer_arguments,
     check_capacity_schedule,
@@ -136,4 +137,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command_line(main, INTERRUPTED_RUN))

@@ -47,7 +47,15 @@ from transformers import (
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from .cli_checks import check_minimum_values, check_option_needs, looks_like_hub_id, one_line, read_mor_config
+from .cli_checks import (
+    check_extra_installed,
+    check_minimum_values,
+    check_option_needs,
+    looks_like_hub_id,
+    one_line,
+    read_mor_config,
+    run_command_line,
+)
 from .convert_llama_to_mor import resolve_source
 from .flops import FlopCounter
 from .measure import (
@@ -393,6 +401,11 @@ class MoveIntoPlaceAtFirstCheckpoint(TrainerCallback):
         args.output_dir = str(self.output_dir)
 
 
+# What Ctrl-C leaves of a training run (see `MoveIntoPlaceAtFirstCheckpoint` above).
+INTERRUPTED_RUN = ("a run stopped before its first checkpoint leaves nothing, a later one continues with "
+                   "--resume-from-checkpoint latest")
+
+
 def save_loss_curve(log_history, path, title: str = "MoR uptraining") -> bool:
     try:
         import matplotlib
@@ -551,13 +564,7 @@ def check_training_options(args) -> None:
     check_option_needs("--eval-file", args.eval_file,
                        {"--eval-block-size": args.eval_block_size, "--eval-steps": args.eval_steps})
     if args.dataset:
-        try:
-            import datasets  # noqa: F401
-        except ImportError:
-            raise ValueError(
-                '--dataset needs the `datasets` package, which is not installed; nothing was written. Fix: pip install '
-                '"mor-transformers[train]" (or pip install datasets), or give --train-file.'
-            ) from None
+        check_extra_installed("datasets", "train", "--dataset", alternative="give --train-file")
 
 
 def resolve_block_sizes(args, config) -> None:
@@ -917,4 +924,4 @@ def write_card(args, trainer, folder: Path, output_dir: Path, before, after, dep
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command_line(main, INTERRUPTED_RUN))

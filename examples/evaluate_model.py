@@ -33,8 +33,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Lets `python examples/evaluate_model.py` import the project's `evaluation` package without installing it.
 sys.path.insert(0, str(REPO_ROOT))
 
-from conversion.cli_checks import check_model_weights, hub_failure, looks_like_hub_id, one_line  # noqa: E402
+from conversion.cli_checks import (  # noqa: E402
+    build_config,
+    check_extra_installed,
+    check_model_weights,
+    check_weights_match_config,
+    hub_failure,
+    looks_like_hub_id,
+    one_line,
+)
 from conversion.text_files import read_text_file  # noqa: E402
+from evaluation.core import read_checkpoint_config  # noqa: E402
 from evaluation import (  # noqa: E402
     check_supported_checkpoint,
     load_model_and_tokenizer,
@@ -165,6 +174,8 @@ def check_model(model: str) -> None:
         raise ValueError(hub_failure(model, error.__cause__)) from error
     if path.exists():
         check_model_weights(path, model)
+        config = build_config(read_checkpoint_config(model), model)
+        check_weights_match_config(path, config, model)
     try:
         AutoTokenizer.from_pretrained(model, trust_remote_code=True)  # as load_model_and_tokenizer loads it
     except (OSError, ValueError) as error:
@@ -187,6 +198,7 @@ def check_output_json(path: str) -> None:
 
 def check_inputs(args) -> None:
     """Every input is checked before the model is loaded; each problem is one ValueError naming it."""
+    check_extra_installed("evaluate", "eval", "examples/evaluate_model.py (its metrics are `evaluate` modules)")
     check_model(args.model)
     read_text_file(args.eval_file, "--eval-file")
     lines = read_text_file(args.mc_file, "--mc-file").splitlines()

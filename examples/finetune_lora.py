@@ -47,20 +47,29 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))  # run from a source checkout without installing
+
 # Importing the package registers the MoR classes with the Auto classes (no remote code needed).
-from conversion.cli_checks import check_minimum_values, one_line, read_mor_config
-from conversion.measure import context_length, eval_block_size
-from conversion.output_dir import (
+from conversion.cli_checks import (  # noqa: E402
+    check_extra_installed,
+    check_minimum_values,
+    one_line,
+    read_mor_config,
+    run_command_line,
+)
+from conversion.measure import context_length, eval_block_size  # noqa: E402
+from conversion.output_dir import (  # noqa: E402
     OutputDirExistsError,
     check_output_dir,
     check_output_dir_is_separate,
     staged_output_dir,
 )
-from conversion.text_files import TextFileError, read_text_file
-from modeling_mor.peft_mor import LLAMA_PROJECTIONS, check_lora_target_modules, router_linear_names
+from conversion.text_files import TextFileError, read_text_file  # noqa: E402
+from modeling_mor.peft_mor import LLAMA_PROJECTIONS, check_lora_target_modules, router_linear_names  # noqa: E402
 
 
 INSTRUCTION_TEMPLATE = "Instruction: {instruction}\nResponse:"
@@ -308,6 +317,7 @@ def check_arguments(args):
     """Everything that can be wrong with the input, before the model is loaded and before any write: the option
     values, --model (an MoR checkpoint), OUTPUT_DIR and the data files. Resolves the default --block-size in `args`;
     returns the tokenizer, the training and eval examples and the inputs OUTPUT_DIR must stay clear of."""
+    check_extra_installed("peft", "peft", "examples/finetune_lora.py")
     check_minimum_values(args, MINIMUM_VALUES)
     config = read_mor_config(args.model, "--model")
     args.block_size = eval_block_size(args.block_size, context_length(config), option="--block-size")
@@ -335,6 +345,8 @@ def main(argv=None):
     except (ValueError, OSError) as error:  # OSError: OutputDirExistsError
         print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2)
+    from peft import LoraConfig, get_peft_model  # checked above: the `peft` extra
+
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
 
@@ -439,5 +451,10 @@ def main(argv=None):
     }
 
 
-if __name__ == "__main__":
+def command_line() -> int:
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_command_line(command_line))

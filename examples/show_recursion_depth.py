@@ -9,9 +9,17 @@ Example:
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))  # run from a source checkout without installing
+
+from conversion.cli_checks import one_line, read_mor_config  # noqa: E402
 
 
 def generate_with_depths(model, tokenizer, prompt: str, max_new_tokens: int = 60, do_sample: bool = False, seed: int = 0):
@@ -93,7 +101,7 @@ def plot_token_depths(tokens, depths, num_recursions: int, path, prompt_length: 
     plt.close(figure)
 
 
-def main():
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="an MoR model folder or Hub id")
     parser.add_argument("--prompt", default="Once upon a time")
@@ -101,12 +109,20 @@ def main():
     parser.add_argument("--do-sample", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="recursion_depths.png", help="where to save the picture")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
+    try:
+        # config.json, its values and the weights' headers: a mistyped folder, a truncated or invalid config.json or
+        # one that does not fit the weights is refused here, before loading.
+        read_mor_config(args.model, "MODEL")
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+        if not tokenizer(args.prompt)["input_ids"]:
+            raise ValueError("--prompt is empty and the tokenizer adds no BOS token: there is nothing to continue. "
+                             "Fix: give a prompt.")
+    except (ValueError, OSError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
-    if getattr(model.config, "model_type", None) != "mor":
-        parser.error(f"{args.model} is a {model.config.model_type!r} model; recursion depths need an MoR model.")
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     tokens, depths, prompt_length = generate_with_depths(
         model, tokenizer, args.prompt, args.max_new_tokens, args.do_sample, args.seed
     )
@@ -116,7 +132,8 @@ def main():
           f"(of {model.config.num_recursions})")
     plot_token_depths(tokens, depths, model.config.num_recursions, args.output, prompt_length)
     print(f"picture saved to {args.output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -15,7 +15,7 @@ from conversion import pretrain
 from conversion.uptrain import CapacitySchedule
 from modeling_mor import MoRConfig, MoRForCausalLM
 
-from conftest import STORIES_DIR, TINYSTORIES_TRAIN, TINYSTORIES_VALID
+from conftest import STORIES_DIR, TINYSTORIES_TRAIN, TINYSTORIES_VALID, edited_model_copy, with_config_fields
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +147,11 @@ def test_budget_curve_help_and_bad_input(random_capacity_run, tmp_path):
         assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
         assert not (tmp_path / "out").exists()
+    # Issue 18, item 6: a config.json that does not fit the weights (was transformers' load report, a RuntimeError).
+    mismatched = edited_model_copy(model_dir, tmp_path / "mismatched", with_config_fields(intermediate_size=128))
+    result = run_script(mismatched, "--output-prefix", tmp_path / "out" / "curve")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "does not match the weights" in result.stderr
+    assert not (tmp_path / "out").exists()
     # Issue 18, item 1: --overwrite replaces an earlier sweep's files only, never a file of the same name.
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "curve.md").write_text("my notes")

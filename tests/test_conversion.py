@@ -150,8 +150,12 @@ def test_an_interrupted_conversion_leaves_no_partial_folder(tmp_path, kill_signa
         time.sleep(0.05)
     time.sleep(1.0)
     process.send_signal(kill_signal)
-    process.wait(timeout=60)
-    assert process.returncode != 0
+    output, _ = process.communicate(timeout=60)
+    # Issue 18, item 6: one line and the shell's status for the signal (130 for Ctrl-C), no traceback.
+    assert process.returncode == 128 + kill_signal, output[-3000:]
+    how = "Ctrl-C" if kill_signal == signal.SIGINT else "SIGTERM"
+    assert output.strip().splitlines()[-1] == f"error: interrupted by {how}; nothing was written.", output[-3000:]
+    assert "Traceback" not in output
     assert list(workdir.iterdir()) == []
 
 

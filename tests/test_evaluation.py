@@ -34,7 +34,14 @@ from evaluation import (
 from evaluation import core
 from modeling_mor import MoRForCausalLM
 
-from conftest import STORIES_DIR, TINYSTORIES_VALID, mixed_routing_model, tiny_mor_config
+from conftest import (
+    STORIES_DIR,
+    TINYSTORIES_VALID,
+    edited_model_copy,
+    mixed_routing_model,
+    tiny_mor_config,
+    with_config_fields,
+)
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -469,6 +476,37 @@ def run_cli(*arguments):
     )
 
 
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        # Issue 18, item 6: was "Unterminated string ..." without the file's name.
+        (lambda text: text[:100], "truncated/config.json is not a valid JSON file ("),
+        # Issue 18, item 6: was transformers' load report, then a RuntimeError.
+        (with_config_fields(num_hidden_layers=6), "config.json does not match the weights next to it (9 tensor(s) it "
+                                                  "needs are not in the weights (e.g. model.layers.5."),
+    ],
+    ids=["truncated", "not fitting the weights"],
+)
+def test_cli_refuses_a_broken_config_json_in_one_line(tmp_path, capsys, monkeypatch, edit, expected):
+    folder = edited_model_copy(STORIES_DIR, tmp_path / "truncated", edit)
+    cli = load_cli()
+    monkeypatch.setattr(cli, "load_model_and_tokenizer", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(folder), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and expected in error
+
+
+def test_cli_without_evaluate_names_the_extra_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "evaluate", None)  # `import evaluate` fails, as after a plain `pip install -e .`
+    with pytest.raises(SystemExit) as exit_info:
+        load_cli().main([str(STORIES_DIR), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and 'pip install "mor-transformers[eval]"' in error
+
+
 def test_cli_rejects_unsupported_folder(tmp_path, capsys):
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
@@ -507,6 +545,7 @@ def test_cli_bad_input_is_one_error_line(tmp_path, problem):
         extra = ["--eval-file", tmp_path / "blank.txt"]
     elif problem == "gpt2":
         GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(folder)
+
     elif problem == "missing":
         folder = tmp_path / "outputs" / "no-such-model"
     elif problem == "a_file":

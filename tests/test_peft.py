@@ -3,6 +3,7 @@ Trainer; save/load and merge; generate with the MoRCache; clear errors for bad t
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from modeling_mor.peft_mor import (  # noqa: E402
     router_linear_names,
 )
 
-from conftest import mixed_routing_model, tiny_mor_config  # noqa: E402
+from conftest import edited_model_copy, mixed_routing_model, tiny_mor_config, with_config_fields  # noqa: E402
 from test_save_load import run_isolated  # noqa: E402
 from test_training import RepeatingTokens  # noqa: E402
 
@@ -484,6 +485,28 @@ def test_example_overwrite_refuses_a_folder_holding_anything_but_an_earlier_outp
     ])
     assert "not an earlier output" in line and "notes.txt, sub/" in line
     assert sorted(path.name for path in output_dir.iterdir()) == ["notes.txt", "sub"]
+
+
+def test_example_refuses_a_config_that_does_not_fit_the_weights(tmp_path, converted_stories_dir, capsys):
+    """Issue 18, item 6: one error line before loading (was transformers' load report, then a RuntimeError)."""
+    mismatched = edited_model_copy(converted_stories_dir, tmp_path / "mismatched",
+                                   with_config_fields(intermediate_size=344))
+    line = run_example_expecting_error(capsys, [
+        "--model", str(mismatched), "--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions",
+        "--output-dir", str(tmp_path / "out"),
+    ])
+    assert f"--model {mismatched}: config.json does not match the weights" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_without_peft_names_the_extra_to_install(tmp_path, converted_stories_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` fails, as after a plain `pip install -e .`
+    line = run_example_expecting_error(capsys, [
+        "--model", str(converted_stories_dir), "--train-file", str(INSTRUCTIONS_PATH), "--output-dir",
+        str(tmp_path / "out"),
+    ])
+    assert 'pip install "mor-transformers[peft]"' in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_instructions_file_is_valid():

@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 from conversion import uptrain
 from conversion.convert_llama_to_mor import main as convert_main
 
-from conftest import one_error_line
+from conftest import edited_model_copy, one_error_line, with_config_fields
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -110,6 +110,7 @@ def test_output_dir_may_not_be_the_teacher(converted, train_text, tmp_path, refu
         (b"", "empty"),
         (b"  \n\n\t \n", "blank"),
         (b"Once upon\xff a time", "not UTF-8 text (byte 9"),
+        ("Once upon a time".encode("utf-16"), "looks like UTF-16). Fix: convert it to UTF-8 (for example `iconv -f utf-16"),
     ],
 )
 @pytest.mark.parametrize("option", ["--train-file", "--eval-file"])
@@ -132,7 +133,7 @@ def test_training_text_shorter_than_one_block_is_refused(converted, tmp_path, re
     assert not (tmp_path / "up").exists()
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty folder", "llama", "no weights"])
+@pytest.mark.parametrize("kind", ["missing", "empty folder", "llama", "no weights", "config not fitting the weights"])
 def test_input_dir_that_is_not_an_mor_model_is_refused(converted, train_text, tmp_path, refused, kind):
     model_dir = tmp_path / "model"
     if kind == "empty folder":
@@ -145,6 +146,9 @@ def test_input_dir_that_is_not_an_mor_model_is_refused(converted, train_text, tm
         model_dir.mkdir()
         shutil.copyfile(converted / "config.json", model_dir / "config.json")
         expected = "no model weights"
+    elif kind == "config not fitting the weights":  # issue 18, item 6: was transformers' load report, a RuntimeError
+        edited_model_copy(converted, model_dir, with_config_fields(intermediate_size=344))
+        expected = "config.json does not match the weights next to it (9 tensor(s) have another shape"
     else:
         expected = "does not exist"
     error = refused(model_dir, tmp_path / "up", "--train-file", train_text, "--max-steps", "1")
