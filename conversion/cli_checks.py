@@ -4,7 +4,39 @@ Bad input is reported as one `error: <problem and the fix>` line, found before a
 training): the checks here read config files and file headers only.
 """
 
+import argparse
+import os
 from pathlib import Path
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The `--help` layout of every command line: the description keeps its line breaks (its examples), and each
+    option's help ends with its default, unless it has none (None, a flag's False) or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def describe_threads(from_environment: bool | None = None, why: str | None = None) -> str:
+    """The line a run starts with about its CPU threads: how many torch uses and how to change them. For models this
+    small, torch's default (one thread per core) can be several times slower than one thread on a busy machine.
+    `from_environment`: whether the user set OMP_NUM_THREADS (default: whether it is set); `why`: the reason for a
+    number the script chose itself."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if from_environment is None:
+        from_environment = bool(os.environ.get("OMP_NUM_THREADS"))
+    if from_environment:
+        return f"Using {threads} CPU thread(s), as OMP_NUM_THREADS says."
+    if why:
+        return f"Using {threads} CPU thread(s) ({why}; set OMP_NUM_THREADS to choose another number)."
+    return (f"Using {threads} CPU thread(s), torch's default. For a small model on a busy machine one thread can be "
+            f"several times faster: set OMP_NUM_THREADS=1 (or another number) to choose.")
 
 
 # The weights `save_pretrained` writes (one file, or an index of shards).
@@ -17,18 +49,39 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str, given_as_path: bool = True) -> bool:
     """Whether `name` has the form of a Hub model id, 'name' or 'org/name', and so is no local path spelling (a
-    relative, absolute or home path, or one with more than one '/')."""
+    relative, absolute or home path, or one with more than one '/'), nor a mistyped local path: an 'org/name' whose
+    'org' is a local folder is read as a path (when `name` was given where a path is accepted too), so that a missing
+    one is refused at once instead of after the Hub's retries (up to a minute when the Hub cannot be reached)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return False
+    if given_as_path and "/" in name and Path(name.split("/")[0]).is_dir():
         return False
     try:
         validate_repo_id(name)
     except HFValidationError:
         return False
     return True
+
+
+def read_as_path(name: str) -> str:
+    """For the message about a missing `name`: why an 'org/name' was read as a local path, not as a Hub id."""
+    if "/" in name and Path(name.split("/")[0]).is_dir() and looks_like_hub_id(name, given_as_path=False):
+        return f" (read as a local path, since the folder {name.split('/')[0]} exists here)"
+    return ""
+
+
+def note_hub_fetch(repo_id: str, name: str | None = None) -> None:
+    """Says at once that `repo_id`, which is no local folder, is fetched from the Hub as a model id: when the Hub
+    cannot be reached, its retries take up to a minute before the error (nothing to say with HF_HUB_OFFLINE)."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        given = f"{name} {repo_id}" if name else repo_id
+        print(f"{given} is not a local folder: fetching it from the Hub as a model id (Ctrl-C to stop) ...", flush=True)
 
 
 def hub_failure(repo_id: str, error: BaseException, name: str | None = None) -> str:
@@ -208,7 +261,10 @@ def read_mor_config(model: str, name: str):
         raise ValueError(f"{given} is a file, not a model folder. Fix: give the folder that holds config.json and the "
                          f"weights.")
     elif not looks_like_hub_id(model):
-        raise ValueError(f"{given} does not exist. Fix: check the path, or give a Hub id ('name' or 'org/name').")
+        raise ValueError(f"{given} does not exist{read_as_path(model)}. Fix: check the path, or give a Hub id ('name' "
+                         f"or 'org/name').")
+    else:
+        note_hub_fetch(model, name)
     try:
         config, _ = MoRConfig.get_config_dict(model)
     except (OSError, ValueError) as error:

@@ -48,7 +48,9 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from .cli_checks import (
+    HelpFormatter,
     check_extra_installed,
+    describe_threads,
     check_minimum_values,
     check_option_needs,
     looks_like_hub_id,
@@ -63,6 +65,7 @@ from .measure import (
     context_length,
     depth_histogram,
     eval_block_size,
+    format_depth_histogram,
     mean_depth,
     perplexity_and_depths,
     read_eval_text,
@@ -439,7 +442,7 @@ def save_loss_curve(log_history, path, title: str = "MoR uptraining") -> bool:
 
 def build_argument_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m conversion.uptrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m conversion.uptrain", description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("model_dir", metavar="INPUT_DIR", help="a converted MoR folder (or Hub id)")
     parser.add_argument("output_dir", metavar="OUTPUT_DIR",
@@ -448,8 +451,11 @@ def build_argument_parser():
     add_data_arguments(parser, eval_help="text file for the perplexity before and after uptraining (and --eval-steps)")
     method = parser.add_argument_group("MoR uptraining")
     method.add_argument("--teacher", help="the source model (folder, Hub id or .gguf file) to distill from")
-    method.add_argument("--distill-weight", type=float, default=0.5)
-    method.add_argument("--distill-temperature", type=float, default=1.0)
+    method.add_argument("--distill-weight", type=float, default=0.5,
+                        help="weight of the distillation loss (KL to the teacher); the LM and router losses get the "
+                             "rest")
+    method.add_argument("--distill-temperature", type=float, default=1.0,
+                        help="softmax temperature of the student's and the teacher's logits in the distillation loss")
     method.add_argument("--router-aux-loss-coef", type=float, help="override the model's BCE router-loss weight")
     add_trainer_arguments(parser)
     return parser
@@ -461,10 +467,10 @@ def add_data_arguments(parser, eval_help: str) -> None:
     data.add_argument("--train-file", nargs="+",
                       help="local UTF-8 text file(s); documents split on <|endoftext|> or blank lines")
     data.add_argument("--dataset", help="a Hub dataset id or a local dataset folder (instead of --train-file)")
-    data.add_argument("--dataset-config")
-    data.add_argument("--dataset-split", default="train")
-    data.add_argument("--text-column", default="text")
-    data.add_argument("--max-train-documents", type=int)
+    data.add_argument("--dataset-config", help="the configuration (subset) of --dataset, when it has several")
+    data.add_argument("--dataset-split", default="train", help="the split of --dataset to train on")
+    data.add_argument("--text-column", default="text", help="the column of --dataset that holds the text")
+    data.add_argument("--max-train-documents", type=int, help="train on the first N documents only (default: all)")
     data.add_argument("--eval-file", help=eval_help)
     data.add_argument("--eval-max-tokens", type=int, default=16384, help="perplexity on the first N tokens of it")
     data.add_argument("--block-size", type=int,
@@ -485,26 +491,37 @@ def add_trainer_arguments(parser) -> None:
                          help="training FLOP budget (forward + backward, counted from the recursion depths taken; see "
                               "conversion/flops.py): training stops at the end of the first step that reaches it. "
                               "Without --max-steps, the schedule spans the steps the budget is planned to take")
-    trainer.add_argument("--per-device-train-batch-size", type=int, default=16)
-    trainer.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    trainer.add_argument("--learning-rate", type=float, default=1e-3)
-    trainer.add_argument("--weight-decay", type=float, default=0.0)
+    trainer.add_argument("--per-device-train-batch-size", type=int, default=16,
+                         help="blocks of --block-size tokens per process and micro-batch")
+    trainer.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                         help="micro-batches per optimizer step")
+    trainer.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    trainer.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     trainer.add_argument("--warmup-steps", type=float, default=20,
                          help="linear warm-up steps; a value below 1 is a fraction of the run's steps (default: 20)")
-    trainer.add_argument("--lr-scheduler-type", default="cosine")
-    trainer.add_argument("--logging-steps", type=int, default=10)
+    trainer.add_argument("--lr-scheduler-type", default="cosine",
+                         help="Trainer's learning-rate schedule after the warm-up (linear, cosine, constant, ...)")
+    trainer.add_argument("--logging-steps", type=int, default=10, help="log the losses every N optimizer steps")
     trainer.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: at the end only)")
     trainer.add_argument("--save-steps", type=int, default=200, help="save a checkpoint every N steps and at the end")
-    trainer.add_argument("--save-total-limit", type=int, default=2)
+    trainer.add_argument("--save-total-limit", type=int, default=2,
+                         help="keep the newest N checkpoints (older ones are deleted)")
     trainer.add_argument("--resume-from-checkpoint",
                          help="a checkpoint folder, or 'latest' for the newest in OUTPUT_DIR")
-    trainer.add_argument("--gradient-checkpointing", action="store_true")
-    trainer.add_argument("--bf16", action="store_true")
-    trainer.add_argument("--seed", type=int, default=0)
-    trainer.add_argument("--dataloader-num-workers", type=int, default=0)
-    trainer.add_argument("--report-to", default="none")
+    trainer.add_argument("--gradient-checkpointing", action="store_true",
+                         help="recompute activations in the backward pass: less memory, more compute")
+    trainer.add_argument("--bf16", action="store_true", help="train in bfloat16 mixed precision")
+    trainer.add_argument("--seed", type=int, default=0,
+                         help="seed of a fresh model's weights (pretraining), the data order, dropout and the capacity "
+                              "draws")
+    trainer.add_argument("--dataloader-num-workers", type=int, default=0,
+                         help="processes that prepare batches (0: the training process itself)")
+    trainer.add_argument("--report-to", default="none",
+                         help="where Trainer also logs: none, tensorboard, wandb, ... (installed separately)")
     trainer.add_argument("--disable-tqdm", action="store_true", help="log lines instead of progress bars")
-    schedule = parser.add_argument_group("expert-choice capacity schedule (see CapacitySchedule)")
+    schedule = parser.add_argument_group(
+        "expert-choice capacity schedule (the share of the tokens each recursion step keeps while training; the saved "
+        "model keeps the configured capacities)")
     schedule.add_argument("--capacity-warmup-steps", type=int, default=0,
                           help="move the capacities linearly from 1 (every token at full depth) to their targets over "
                                "the first N optimizer steps")
@@ -673,6 +690,7 @@ def main(argv=None) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    print(describe_threads())
 
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=torch.float32)
     if args.router_aux_loss_coef is not None:
@@ -835,7 +853,8 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
         prefix = f"perplexity before {before:.2f} -> after" if before is not None else "perplexity"
         print(f"  {prefix} {after:.2f} ({measured.replace('`', '')})")
         if depths:
-            print(f"  recursion depths: {summary['eval']['depth_histogram']} (mean {summary['eval']['mean_depth']:.2f})")
+            print(f"  recursion depths (tokens per depth): {format_depth_histogram(summary['eval']['depth_histogram'])}, "
+                  f"mean {summary['eval']['mean_depth']:.2f}")
     if curve_saved:
         print(f"  loss curve: {output_dir / 'loss_curve.png'}")
     return 0

@@ -512,7 +512,7 @@ def summarize_recursion_depths(depths: torch.Tensor, config) -> dict:
     block_size = (num_layers - end_layers) // num_recursions
     depths = depths.flatten().long()
     mean_depth = depths.double().mean().item()
-    histogram = {depth: int((depths == depth).sum()) for depth in range(num_recursions + 1)}
+    histogram = {depth: int((depths == depth).sum()) for depth in range(1, num_recursions + 1)}
     return {
         "num_tokens": depths.numel(),
         "mean_depth": mean_depth,

@@ -34,14 +34,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from conversion.cli_checks import (  # noqa: E402
+    HelpFormatter,
     build_config,
     check_extra_installed,
     check_model_weights,
+    describe_threads,
     check_weights_match_config,
     hub_failure,
     looks_like_hub_id,
+    note_hub_fetch,
     one_line,
+    read_as_path,
 )
+from conversion.measure import format_depth_histogram  # noqa: E402
 from conversion.text_files import read_text_file  # noqa: E402
 from evaluation.core import read_checkpoint_config  # noqa: E402
 from evaluation import (  # noqa: E402
@@ -71,11 +76,8 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Perplexity, few-shot multiple-choice accuracy and routing statistics of an MoR or Llama model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def build_argument_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("model", help="a model folder (MoR or Llama checkpoint with its tokenizer) or a Hub id")
     parser.add_argument(
         "--eval-file", default=str(DATA_DIR / "tiny_stories_sample.txt"), help="text file for perplexity"
@@ -110,9 +112,10 @@ def parse_args(argv=None):
         default="local",
         help="local: the metric modules in metrics/ (offline); hub: the Hub's 'perplexity' and 'accuracy'",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs: cpu, cuda, cuda:1, ...")
     parser.add_argument("--output-json", default=None, help="also write every result to this JSON file")
-    return parser.parse_args(argv)
+    return parser
 
 
 def describe_model(model) -> str:
@@ -145,10 +148,9 @@ def print_report(results: dict) -> None:
     if routing is None:
         print("Routing: not an MoR model")
         return
-    histogram = ", ".join(f"{depth}: {count}" for depth, count in routing["depth_histogram"].items())
     print(
         f"Routing: mean depth {routing['mean_depth']:.4f} of {routing['num_recursions']} over {routing['num_tokens']} "
-        f"tokens; depth histogram {{{histogram}}}"
+        f"tokens; tokens per depth {format_depth_histogram(routing['depth_histogram'])}"
     )
     print(
         f"  compute saved vs full depth: recursion block {100 * routing['block_compute_saved']:.2f}%, whole model "
@@ -164,8 +166,10 @@ def check_model(model: str) -> None:
 
     path = Path(model).expanduser()
     if not path.exists() and not looks_like_hub_id(model):
-        raise ValueError(f"{model} does not exist. Pass a model folder (an MoR or Llama checkpoint saved with "
+        raise ValueError(f"{model} does not exist{read_as_path(model)}. Pass a model folder (an MoR or Llama checkpoint saved with "
                          f"save_pretrained, with its tokenizer) or a Hub id.")
+    if not path.exists():
+        note_hub_fetch(model)
     try:
         check_supported_checkpoint(model)
     except ValueError as error:
@@ -218,13 +222,14 @@ def check_inputs(args) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = build_argument_parser().parse_args(argv)
     stride = args.stride or None
     try:
         check_inputs(args)
     except ValueError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2)
+    print(describe_threads())
 
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     perplexity = text_file_perplexity(

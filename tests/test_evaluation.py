@@ -32,6 +32,7 @@ from evaluation import (
     text_file_perplexity,
 )
 from evaluation import core
+from conversion.measure import format_depth_histogram
 from modeling_mor import MoRForCausalLM
 
 from conftest import (
@@ -335,7 +336,7 @@ def test_routing_summary_matches_hand_computation():
     depths = torch.tensor([1, 1, 2, 3, 3, 3, 1, 2])
     summary = summarize_recursion_depths(depths, config)
     assert summary["mean_depth"] == 2.0  # 16 / 8
-    assert summary["depth_histogram"] == {0: 0, 1: 3, 2: 2, 3: 3}
+    assert summary["depth_histogram"] == {1: 3, 2: 2, 3: 3}  # no depth 0: every real token takes a step
     assert summary["block_size"] == 2 and summary["unshared_end_layers"] == 2
     assert summary["block_compute_saved"] == pytest.approx(1 - 2.0 / 3)
     # Per token 2 + 2 * 2 = 6 of 8 layer applications: 2 / 8 saved.
@@ -346,6 +347,13 @@ def test_routing_summary_matches_hand_computation():
     # B = 9 / 3 = 3, mean depth 7/3: 3 * (3 - 7/3) / 9 = 2/9 of the model saved.
     assert cycle["model_compute_saved"] == pytest.approx(2 / 9)
     assert cycle["block_compute_saved"] == pytest.approx(2 / 9)
+
+
+def test_depth_histograms_print_alike_whatever_their_keys():
+    """Issue 18, item 7: {'3': 16384} (a card's JSON), {0: 0, 1: 0, ...} (evaluation) and {1: 9, ...} are one format."""
+    assert format_depth_histogram({"3": 16384}) == "{3: 16384}"
+    assert format_depth_histogram({0: 0, 1: 9, 2: 0, 3: 4}) == "{1: 9, 2: 0, 3: 4}"
+    assert format_depth_histogram({"10": 1, "2": 5}) == "{2: 5, 10: 1}"  # by depth, not as text
 
 
 def test_routing_statistics_match_model_depths(mixed_mor_dir):
@@ -360,7 +368,7 @@ def test_routing_statistics_match_model_depths(mixed_mor_dir):
     assert len(set(depths.tolist())) > 1, "the fixture should route tokens to different depths"
     assert statistics["num_tokens"] == 41
     assert statistics["mean_depth"] == pytest.approx(depths.double().mean().item())
-    assert statistics["depth_histogram"] == {d: int((depths == d).sum()) for d in range(4)}
+    assert statistics["depth_histogram"] == {d: int((depths == d).sum()) for d in range(1, 4)}
     assert statistics["block_compute_saved"] == pytest.approx(1 - depths.double().mean().item() / 3)
     assert statistics["model_compute_saved"] == pytest.approx(2 * (3 - depths.double().mean().item()) / 8)
 
@@ -425,7 +433,7 @@ def test_supported_folders_are_accepted(mixed_mor_dir):
 def test_cli_help(capsys):
     cli = load_cli()
     with pytest.raises(SystemExit) as exit_info:
-        cli.parse_args(["--help"])
+        cli.build_argument_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for option in ("--eval-file", "--mc-file", "--num-fewshot", "--max-tokens", "--batch-size", "--metric-source",
@@ -461,6 +469,8 @@ def test_cli_end_to_end(tmp_path, capsys, converted_mor_dir, eval_text_file):
     routing = results["routing"]
     assert sum(routing["depth_histogram"].values()) == 81  # the 80 tokens and the BOS token
     assert f"Routing: mean depth {routing['mean_depth']:.4f} of 3 over 81 tokens" in printed
+    # Printed as every command line prints a depth histogram (issue 18, item 7; it showed an impossible depth 0).
+    assert f"tokens per depth {format_depth_histogram(routing['depth_histogram'])}" in printed and "{0:" not in printed
     # stories260K has L = 5 layers: B = (5 - 2) / 3 = 1 shared layer.
     block_saved, model_saved = 1 - routing["mean_depth"] / 3, (3 - routing["mean_depth"]) / 5
     assert f"recursion block {100 * block_saved:.2f}%, whole model {100 * model_saved:.2f}%" in printed

@@ -1,5 +1,6 @@
 """`examples/show_recursion_depth.py`: bad input is one `error:` line (exit 2) before the model is loaded, and nothing
-is written (issue 18, item 6)."""
+is written (issue 18, item 6); a run says how many threads it uses, labels its mean depth and saves its picture under
+outputs/, not in the working directory (item 7)."""
 
 import importlib.util
 from pathlib import Path
@@ -53,7 +54,39 @@ def test_a_broken_model_folder_is_one_error_line(mor_dir, tmp_path, capsys, monk
 
 
 def test_a_mistyped_folder_is_one_error_line_without_the_hub(tmp_path, capsys, monkeypatch):
+    """'outputs/no-such-model' has the form of a Hub id, but outputs/ is a local folder: it is read as a path and
+    refused at once (it cost 30-50 s of Hub retries)."""
+    from huggingface_hub import constants
+
+    (tmp_path / "outputs").mkdir()
     monkeypatch.chdir(tmp_path)
-    error = one_error_line(load_script().main, capsys, [tmp_path / "outputs" / "no-such-model"])
-    assert "does not exist" in error
-    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # a Hub request would fail at once, with another message
+    error = one_error_line(load_script().main, capsys, ["outputs/no-such-model"])
+    assert "MODEL outputs/no-such-model does not exist (read as a local path, since the folder outputs exists" in error
+    assert [path.name for path in tmp_path.rglob("*")] == ["outputs"]
+
+
+def test_a_hub_id_is_announced_before_the_hub_is_asked(capsys, monkeypatch):
+    """Otherwise a mistyped path in Hub-id form waits through the Hub's retries without a word."""
+    from huggingface_hub import constants
+
+    from conversion.cli_checks import read_mor_config
+    from modeling_mor import MoRConfig
+
+    def unreachable(*args, **kwargs):
+        assert "fetching it from the Hub" in capsys.readouterr().out  # said before the (slow) request
+        raise OSError("We couldn't connect to the Hub")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(MoRConfig, "get_config_dict", unreachable)
+    with pytest.raises(ValueError, match="the Hub could not be reached"):
+        read_mor_config("someone/mor-model", "MODEL")
+
+
+def test_a_run_names_its_threads_labels_its_mean_depth_and_writes_under_outputs(mor_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert load_script().main([str(mor_dir), "--max-new-tokens", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("Using 1 CPU thread(s), as OMP_NUM_THREADS says.")  # conftest sets it
+    assert "mean depth of the 3 generated tokens: " in printed
+    assert [str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")] == ["outputs", "outputs/recursion_depths.png"]
