@@ -5,6 +5,7 @@ training): the checks here read config files and file headers only.
 """
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -74,14 +75,25 @@ def read_as_path(name: str) -> str:
     return ""
 
 
-def note_hub_fetch(repo_id: str, name: str | None = None) -> None:
-    """Says at once that `repo_id`, which is no local folder, is fetched from the Hub as a model id: when the Hub
-    cannot be reached, its retries take up to a minute before the error (nothing to say with HF_HUB_OFFLINE)."""
+@contextlib.contextmanager
+def fetching_from_hub(repo_id: str, name: str | None = None):
+    """Around the first Hub request for `repo_id`, which is no local folder: says at once that it is fetched from the
+    Hub as a model id (when the Hub cannot be reached, its retries take up to a minute; nothing to say with
+    HF_HUB_OFFLINE), and keeps the retries' log lines off stderr, where a failure is reported in one line."""
+    import logging
+
     from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE:
         given = f"{name} {repo_id}" if name else repo_id
         print(f"{given} is not a local folder: fetching it from the Hub as a model id (Ctrl-C to stop) ...", flush=True)
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
 
 
 def hub_failure(repo_id: str, error: BaseException, name: str | None = None) -> str:
@@ -194,10 +206,19 @@ def check_weights_match_config(folder, config, described: str) -> None:
     from transformers import AutoModelForCausalLM
 
     folder = Path(folder)
+    if getattr(config, "quantization_config", None) is not None:
+        return  # quantized weights are stored in other shapes; transformers' loading checks them
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # the shards transformers loads (other .safetensors files, e.g. an adapter, are not read)
+        import json
+
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
     weights = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as file:
-            weights.update({name: list(file.get_slice(name).get_shape()) for name in file.keys()})
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as file:
+            weights.update({key: list(file.get_slice(key).get_shape()) for key in file.keys()})
     if not weights:
         return  # pickled weights (pytorch_model.bin): no header to read; transformers' loading reports them
     with torch.device("meta"):
@@ -263,10 +284,9 @@ def read_mor_config(model: str, name: str):
     elif not looks_like_hub_id(model):
         raise ValueError(f"{given} does not exist{read_as_path(model)}. Fix: check the path, or give a Hub id ('name' "
                          f"or 'org/name').")
-    else:
-        note_hub_fetch(model, name)
     try:
-        config, _ = MoRConfig.get_config_dict(model)
+        with fetching_from_hub(model, name) if not path.exists() else contextlib.nullcontext():
+            config, _ = MoRConfig.get_config_dict(model)
     except (OSError, ValueError) as error:
         if path.exists():
             raise ValueError(f"{given} has a config.json that cannot be read ({one_line(error)}). Fix: copy or "

@@ -28,7 +28,7 @@ from .cli_checks import (
     check_safetensors_files,
     hub_failure,
     looks_like_hub_id,
-    note_hub_fetch,
+    fetching_from_hub,
     one_line,
     read_as_path,
 )
@@ -451,6 +451,7 @@ def _check_recursion_options(args, num_layers: int | None = None) -> None:
 def _check_arguments(args, output_dir) -> dict:
     """Every check that needs no weights: paths, the source's config, the options, the output folder. Raises
     ValueError, OSError or ImportError (one line each); returns what loading and converting need."""
+    import contextlib
     from pathlib import Path
 
     from transformers import AutoConfig
@@ -488,10 +489,9 @@ def _check_arguments(args, output_dir) -> dict:
             gguf_metadata = read_gguf_metadata(local_source)
     elif local_source is not None:
         check_safetensors_files(local_source)
-    if is_hub_id:
-        note_hub_fetch(source, "SOURCE")
     try:
-        source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+        with fetching_from_hub(source, "SOURCE") if is_hub_id else contextlib.nullcontext():
+            source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
     except (OSError, ValueError) as error:
         if is_hub_id:
             raise OSError(hub_failure(source, error)) from error

@@ -22,6 +22,7 @@ Without `--eval-file` and `--mc-file` it uses the small files in `examples/data/
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -42,7 +43,7 @@ from conversion.cli_checks import (  # noqa: E402
     check_weights_match_config,
     hub_failure,
     looks_like_hub_id,
-    note_hub_fetch,
+    fetching_from_hub,
     one_line,
     read_as_path,
 )
@@ -168,10 +169,9 @@ def check_model(model: str) -> None:
     if not path.exists() and not looks_like_hub_id(model):
         raise ValueError(f"{model} does not exist{read_as_path(model)}. Pass a model folder (an MoR or Llama checkpoint saved with "
                          f"save_pretrained, with its tokenizer) or a Hub id.")
-    if not path.exists():
-        note_hub_fetch(model)
     try:
-        check_supported_checkpoint(model)
+        with fetching_from_hub(model) if not path.exists() else contextlib.nullcontext():
+            check_supported_checkpoint(model)
     except ValueError as error:
         if path.exists() or error.__cause__ is None:  # a local folder, or a Hub config that was read
             raise

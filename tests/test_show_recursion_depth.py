@@ -3,6 +3,7 @@ is written (issue 18, item 6); a run says how many threads it uses, labels its m
 outputs/, not in the working directory (item 7)."""
 
 import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
@@ -75,12 +76,22 @@ def test_a_hub_id_is_announced_before_the_hub_is_asked(capsys, monkeypatch):
 
     def unreachable(*args, **kwargs):
         assert "fetching it from the Hub" in capsys.readouterr().out  # said before the (slow) request
+        hub_logger.warning("Retrying in 1s [Retry 1/5].")  # as huggingface_hub's HTTP backoff logs each retry
         raise OSError("We couldn't connect to the Hub")
 
+    hub_logger = logging.getLogger("huggingface_hub.utils._http")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    hub_logger.addHandler(handler)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(MoRConfig, "get_config_dict", unreachable)
-    with pytest.raises(ValueError, match="the Hub could not be reached"):
-        read_mor_config("someone/mor-model", "MODEL")
+    try:
+        with pytest.raises(ValueError, match="the Hub could not be reached"):
+            read_mor_config("someone/mor-model", "MODEL")
+    finally:
+        hub_logger.removeHandler(handler)
+    assert seen == []  # the retries stay off stderr: the failure is one error line
 
 
 def test_a_run_names_its_threads_labels_its_mean_depth_and_writes_under_outputs(mor_dir, tmp_path, capsys, monkeypatch):
@@ -90,3 +101,17 @@ def test_a_run_names_its_threads_labels_its_mean_depth_and_writes_under_outputs(
     assert printed.startswith("Using 1 CPU thread(s), as OMP_NUM_THREADS says.")  # conftest sets it
     assert "mean depth of the 3 generated tokens: " in printed
     assert [str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")] == ["outputs", "outputs/recursion_depths.png"]
+
+
+def test_the_weights_check_reads_the_model_weights_only(mor_dir, tmp_path):
+    """Another safetensors file next to the model (an adapter) is not part of the model: no false refusal."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    from conversion.cli_checks import read_mor_config
+
+    folder = Path(shutil.copytree(mor_dir, tmp_path / "mor"))
+    save_file({"base_model.model.lora_A.weight": torch.zeros(2, 2)}, folder / "adapter_model.safetensors")
+    assert read_mor_config(str(folder), "MODEL").num_recursions == 3
