@@ -35,6 +35,7 @@ Examples:
 
 import argparse
 import contextlib
+import glob
 import json
 import math
 import os
@@ -59,7 +60,7 @@ from transformers import AutoTokenizer, LlamaConfig  # noqa: E402
 from conversion import pretrain  # noqa: E402
 from conversion.cli_checks import one_line  # noqa: E402
 from conversion.measure import depth_histogram, mean_depth, perplexity_and_depths, read_eval_tokens  # noqa: E402
-from conversion.output_dir import check_output_dir  # noqa: E402
+from conversion.output_dir import check_output_dir, record_output  # noqa: E402
 from conversion.uptrain import SUMMARY_FILE, tokenize_texts  # noqa: E402
 from conversion.text_files import read_text_file  # noqa: E402
 from modeling_mor import MoRConfig  # noqa: E402
@@ -114,7 +115,9 @@ def build_argument_parser():
     model.add_argument("--warmup-fraction", type=float, default=0.1, help="linear warm-up, a fraction of each run")
     model.add_argument("--router-aux-loss-coef", type=float, default=1e-3,
                        help="weight of the expert-choice BCE loss, which trains the causal eval routing")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT_DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing OUTPUT_DIR that an earlier run of this benchmark wrote (a folder "
+                             "holding anything else is refused)")
     parser.add_argument("--reuse-runs", action="store_true",
                         help="keep OUTPUT_DIR and reuse its finished runs (same settings): a stopped benchmark resumes")
     return parser
@@ -367,10 +370,13 @@ def main(argv=None) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     output_dir = Path(args.output_dir)
-    if args.overwrite and output_dir.exists():
+    prefix = Path(args.table_prefix) if args.table_prefix else output_dir / "pretrain_isoflop"
+    if args.overwrite and output_dir.exists():  # an earlier output of this benchmark (check_arguments)
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    prefix = Path(args.table_prefix) if args.table_prefix else output_dir / "pretrain_isoflop"
+    if not any(output_dir.iterdir()):  # a new benchmark folder: record what it will hold (see output_dir.py)
+        tables = (f"{glob.escape(prefix.name)}.*",) if prefix.parent.resolve() == output_dir.resolve() else ()
+        record_output(output_dir, also=("runs", *tables))
     prefix.parent.mkdir(parents=True, exist_ok=True)
 
     texts = read_text_file(args.train_file, "--train-file")

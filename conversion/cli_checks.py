@@ -4,7 +4,40 @@ Bad input is reported as one `error: <problem and the fix>` line, found before a
 training): the checks here read config files and file headers only.
 """
 
+import argparse
+import contextlib
+import os
 from pathlib import Path
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The `--help` layout of every command line: the description keeps its line breaks (its examples), and each
+    option's help ends with its default, unless it has none (None, a flag's False) or the help already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (not action.option_strings or action.default in (None, False, argparse.SUPPRESS)
+                or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def describe_threads(from_environment: bool | None = None, why: str | None = None) -> str:
+    """The line a run starts with about its CPU threads: how many torch uses and how to change them. For models this
+    small, torch's default (one thread per core) can be several times slower than one thread on a busy machine.
+    `from_environment`: whether the user set OMP_NUM_THREADS (default: whether it is set); `why`: the reason for a
+    number the script chose itself."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if from_environment is None:
+        from_environment = bool(os.environ.get("OMP_NUM_THREADS"))
+    if from_environment:
+        return f"Using {threads} CPU thread(s), as OMP_NUM_THREADS says."
+    if why:
+        return f"Using {threads} CPU thread(s) ({why}; set OMP_NUM_THREADS to choose another number)."
+    return (f"Using {threads} CPU thread(s), torch's default. For a small model on a busy machine one thread can be "
+            f"several times faster: set OMP_NUM_THREADS=1 (or another number) to choose.")
 
 
 # The weights `save_pretrained` writes (one file, or an index of shards).
@@ -17,18 +50,50 @@ def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
-def looks_like_hub_id(name: str) -> bool:
+def looks_like_hub_id(name: str, given_as_path: bool = True) -> bool:
     """Whether `name` has the form of a Hub model id, 'name' or 'org/name', and so is no local path spelling (a
-    relative, absolute or home path, or one with more than one '/')."""
+    relative, absolute or home path, or one with more than one '/'), nor a mistyped local path: an 'org/name' whose
+    'org' is a local folder is read as a path (when `name` was given where a path is accepted too), so that a missing
+    one is refused at once instead of after the Hub's retries (up to a minute when the Hub cannot be reached)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     if name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1:
+        return False
+    if given_as_path and "/" in name and Path(name.split("/")[0]).is_dir():
         return False
     try:
         validate_repo_id(name)
     except HFValidationError:
         return False
     return True
+
+
+def read_as_path(name: str) -> str:
+    """For the message about a missing `name`: why an 'org/name' was read as a local path, not as a Hub id."""
+    if "/" in name and Path(name.split("/")[0]).is_dir() and looks_like_hub_id(name, given_as_path=False):
+        return f" (read as a local path, since the folder {name.split('/')[0]} exists here)"
+    return ""
+
+
+@contextlib.contextmanager
+def fetching_from_hub(repo_id: str, name: str | None = None):
+    """Around the first Hub request for `repo_id`, which is no local folder: says at once that it is fetched from the
+    Hub as a model id (when the Hub cannot be reached, its retries take up to a minute; nothing to say with
+    HF_HUB_OFFLINE), and keeps the retries' log lines off stderr, where a failure is reported in one line."""
+    import logging
+
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        given = f"{name} {repo_id}" if name else repo_id
+        print(f"{given} is not a local folder: fetching it from the Hub as a model id (Ctrl-C to stop) ...", flush=True)
+    hub_logger = logging.getLogger("huggingface_hub")
+    level = hub_logger.level
+    hub_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_logger.setLevel(level)
 
 
 def hub_failure(repo_id: str, error: BaseException, name: str | None = None) -> str:
@@ -57,6 +122,38 @@ def hub_failure(repo_id: str, error: BaseException, name: str | None = None) -> 
         fix = "check the repo id, the network and your login, or give a local checkpoint folder"
     given = f"{name} {repo_id}" if name else repo_id
     return f"{given} is not a local folder, and {problem}; nothing was written. Fix: {fix}."
+
+
+def check_extra_installed(module: str, extra: str, needed_by: str, alternative: str | None = None) -> None:
+    """Raises ValueError (one line naming the extra of `pip install "mor-transformers[extra]"`) when the optional
+    package `module` that `needed_by` (an option or a script) uses cannot be imported."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ValueError(
+            f"{needed_by} needs the `{module}` package, which is not installed; nothing was written. Fix: pip install "
+            f'"mor-transformers[{extra}]" (or pip install {module}){", or " + alternative if alternative else ""}.'
+        ) from None
+
+
+def run_command_line(main, interrupted: str = "nothing was written") -> int:
+    """Runs a command line's `main()` for `python -m ...`: Ctrl-C (and SIGTERM, which `staged_output_dir` turns into
+    `Terminated`) ends it with one `error:` line saying `interrupted` (what is left) and the shell's status for the
+    signal, 130 for Ctrl-C, instead of a traceback. The output folders are cleaned up before this is reached."""
+    import signal
+    import sys
+
+    from .output_dir import Terminated
+
+    try:
+        return main()
+    except KeyboardInterrupt as interruption:
+        signum = interruption.signum if isinstance(interruption, Terminated) else signal.SIGINT
+        how = "by Ctrl-C" if signum == signal.SIGINT else f"by {signal.Signals(signum).name}"
+        print(f"\nerror: interrupted {how}; {interrupted}.", file=sys.stderr)
+        return 128 + signum
 
 
 def check_minimum_values(args, minimums: dict[str, int]) -> None:
@@ -97,6 +194,65 @@ def check_safetensors_files(folder) -> None:
             ) from error
 
 
+def check_weights_match_config(folder, config, described: str) -> None:
+    """Raises ValueError (one line, naming a tensor) when the safetensors weights of the local folder `folder` do not
+    fit `config` (a config.json edited or copied from another model): a tensor that the model built from it lacks, has
+    in another shape, or needs and the weights do not hold. Reads the weights' headers and builds the model on the
+    meta device (no memory), so it is cheap enough to run before loading."""
+    import re
+
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    if getattr(config, "quantization_config", None) is not None:
+        return  # quantized weights are stored in other shapes; transformers' loading checks them
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # the shards transformers loads (other .safetensors files, e.g. an adapter, are not read)
+        import json
+
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = ["model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    weights = {}
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as file:
+            weights.update({key: list(file.get_slice(key).get_shape()) for key in file.keys()})
+    if not weights:
+        return  # pickled weights (pytorch_model.bin): no header to read; transformers' loading reports them
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    ignored = [*(getattr(model, "_keys_to_ignore_on_load_missing", None) or []),
+               *(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+
+    def counts(name):
+        return not any(re.search(pattern, name) for pattern in ignored)
+
+    reshaped = [name for name in weights if name in expected and weights[name] != expected[name]]
+    unexpected = [name for name in weights if name not in expected and counts(name)]
+    missing = [name for name in expected if name not in weights and name not in tied and counts(name)]
+    if reshaped:
+        name = reshaped[0]
+        problem = (f"{len(reshaped)} tensor(s) have another shape, e.g. {name}: {weights[name]} in the weights, "
+                   f"{expected[name]} for config.json")
+    elif unexpected or missing:
+        parts = []
+        if unexpected:
+            parts.append(f"{len(unexpected)} tensor(s) of the weights have no place in it (e.g. {unexpected[0]})")
+        if missing:
+            parts.append(f"{len(missing)} tensor(s) it needs are not in the weights (e.g. {missing[0]})")
+        problem = " and ".join(parts)
+    else:
+        return
+    raise ValueError(
+        f"{described}: config.json does not match the weights next to it ({problem}); nothing was loaded. Fix: "
+        f"restore the config.json saved with these weights (copy or download the folder again)."
+    )
+
+
 def check_model_weights(folder, described: str) -> None:
     """Raises ValueError unless the local model folder `folder` (named `described` in the message) holds weights
     whose headers can be read."""
@@ -126,9 +282,11 @@ def read_mor_config(model: str, name: str):
         raise ValueError(f"{given} is a file, not a model folder. Fix: give the folder that holds config.json and the "
                          f"weights.")
     elif not looks_like_hub_id(model):
-        raise ValueError(f"{given} does not exist. Fix: check the path, or give a Hub id ('name' or 'org/name').")
+        raise ValueError(f"{given} does not exist{read_as_path(model)}. Fix: check the path, or give a Hub id ('name' "
+                         f"or 'org/name').")
     try:
-        config, _ = MoRConfig.get_config_dict(model)
+        with fetching_from_hub(model, name) if not path.exists() else contextlib.nullcontext():
+            config, _ = MoRConfig.get_config_dict(model)
     except (OSError, ValueError) as error:
         if path.exists():
             raise ValueError(f"{given} has a config.json that cannot be read ({one_line(error)}). Fix: copy or "
@@ -139,4 +297,25 @@ def read_mor_config(model: str, name: str):
             f"{given} is a {config.get('model_type')!r} model, not an MoR one. Fix: convert it first with "
             f"`python -m conversion.convert_llama_to_mor {model} MOR_DIR`, then give MOR_DIR."
         )
-    return MoRConfig.from_dict(config)
+    mor_config = build_config(config, given)
+    if path.is_dir():
+        check_weights_match_config(path, mor_config, given)
+    return mor_config
+
+
+def build_config(fields: dict, given: str):
+    """The config object (MoRConfig, LlamaConfig, ...) of the config.json `fields` of `given`; ValueError (one line,
+    naming `given`) when a value is not valid (an unknown sharing_strategy, a num_recursions the layers do not
+    fit)."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import CONFIG_MAPPING
+
+    import modeling_mor  # noqa: F401  (registers model_type "mor" with the Auto classes)
+
+    try:
+        return CONFIG_MAPPING[fields.get("model_type")].from_dict(fields)
+    except KeyError:
+        raise ValueError(f"{given} has a config.json of an unknown model_type {fields.get('model_type')!r}.") from None
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        raise ValueError(f"{given} has a config.json that is not valid ({one_line(error)}). Fix: correct that value, "
+                         f"or copy the folder again.") from None

@@ -24,7 +24,14 @@ from transformers import LlamaForCausalLM
 
 from modeling_mor import MoRConfig, MoRForCausalLM, valid_recursion_layouts
 
-from .cli_checks import check_safetensors_files, hub_failure, looks_like_hub_id, one_line
+from .cli_checks import (
+    check_safetensors_files,
+    hub_failure,
+    looks_like_hub_id,
+    fetching_from_hub,
+    one_line,
+    read_as_path,
+)
 
 
 INIT_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
@@ -183,7 +190,8 @@ Examples:
         --num-recursions 2 --sharing-strategy middle_cycle --push-to-hub your-name/smollm2-mor --private
 
 Every option is checked before the source is loaded; bad input stops with one "error:" line (exit code 2) and
-nothing written. OUTPUT_DIR may not be SOURCE, lie inside it or contain it, even with --overwrite.
+nothing written. OUTPUT_DIR may not be SOURCE, lie inside it or contain it, even with --overwrite; --overwrite
+replaces an earlier output of these tools only (never a folder holding anything else, nor the working directory).
 """
 
 # GGUF metadata keys that name the Hub repo a GGUF file was converted from (gguf-py's `Keys.General`; the first one
@@ -197,24 +205,32 @@ def build_argument_parser():
 
     from modeling_mor.configuration_mor import GATINGS, KV_CACHE_POLICIES, ROUTER_INFERENCE, ROUTINGS, SHARING_STRATEGIES
 
+    from .cli_checks import HelpFormatter
     from .measure import DEFAULT_BLOCK_SIZE
 
     parser = argparse.ArgumentParser(
         prog="python -m conversion.convert_llama_to_mor",
         description="Convert a Llama-architecture checkpoint (Llama, SmolLM, SmolLM2) into a Mixture-of-Recursions model.",
         epilog=CLI_EXAMPLE,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("source", help="local checkpoint folder, .gguf file, or Hub id ('name' or 'org/name')")
     parser.add_argument("output_dir", help="folder to write (refused if it exists, unless --overwrite)")
     parser.add_argument("--num-recursions", type=int, default=3,
                         help="N_r, how many times the shared block is applied (>= 1; default 3)")
-    parser.add_argument("--sharing-strategy", default="middle_cycle", choices=SHARING_STRATEGIES)
-    parser.add_argument("--init-strategy", default="stepwise", choices=INIT_STRATEGIES)
+    parser.add_argument("--sharing-strategy", default="middle_cycle", choices=SHARING_STRATEGIES,
+                        help="which layers share weights: 'cycle' repeats the block of shared layers N_r times, "
+                             "'sequence' repeats each shared layer N_r times in a row; 'middle_' keeps the first and "
+                             "last layers unshared")
+    parser.add_argument("--init-strategy", default="stepwise", choices=INIT_STRATEGIES,
+                        help="which pretrained layers initialize each shared layer: every N_r-th one ('stepwise'), "
+                             "the average of the layers tied to it, the lowest or highest ones, or random ones")
     parser.add_argument("--routing", choices=ROUTINGS,
                         help="default: expert_choice for the cycle strategies, none for sequence and middle_sequence "
                              "(which cannot route)")
-    parser.add_argument("--kv-cache-policy", default="recursion_wise", choices=KV_CACHE_POLICIES)
+    parser.add_argument("--kv-cache-policy", default="recursion_wise", choices=KV_CACHE_POLICIES,
+                        help="'recursion_wise': each recursion step caches the keys and values of the tokens it "
+                             "processes; 'shared': every step reuses the first step's")
     parser.add_argument("--router-inference", default="auxiliary", choices=ROUTER_INFERENCE,
                         help="expert-choice eval rule: 'auxiliary' (default for conversions) or 'threshold'")
     parser.add_argument("--gating", default="update", choices=GATINGS,
@@ -227,7 +243,8 @@ def build_argument_parser():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
     parser.add_argument("--gguf-file", help="name of the GGUF file inside SOURCE (a folder or Hub id)")
     parser.add_argument("--eval-file", help="UTF-8 text file on which to measure perplexity and recursion depths")
-    parser.add_argument("--eval-max-tokens", type=int, default=16384)
+    parser.add_argument("--eval-max-tokens", type=int, default=16384,
+                        help="measure on the first N tokens of --eval-file")
     parser.add_argument("--eval-block-size", type=int,
                         help=f"tokens per perplexity block (default: {DEFAULT_BLOCK_SIZE}, capped at the source's "
                              f"context, max_position_embeddings; a larger explicit value is refused)")
@@ -238,8 +255,11 @@ def build_argument_parser():
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--token", help="Hub token (default: the logged-in user's)")
-    parser.add_argument("--commit-message", default="Upload MoR model converted with mor-transformers")
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    parser.add_argument("--commit-message", default="Upload MoR model converted with mor-transformers",
+                        help="commit message of the Hub upload")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUTPUT_DIR if it is an earlier output of these tools (a folder holding anything "
+                             "else is refused)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the 'random' init strategy and of the routers")
     return parser
 
@@ -285,7 +305,7 @@ def check_source(source: str, gguf_file: str | None = None) -> bool:
         return True
     spelled = f" ({path.absolute()})" if str(path.absolute()) != source else ""
     raise FileNotFoundError(
-        f"the source folder {source} does not exist{spelled}; nothing was written. Check the path, or give a .gguf "
+        f"the source folder {source} does not exist{spelled}{read_as_path(source)}; nothing was written. Check the path, or give a .gguf "
         f"file or a Hub id ('name' or 'org/name')."
     )
 
@@ -336,7 +356,7 @@ def hub_repo_id(value) -> str | None:
         if (url.hostname or "").lower() not in HF_URL_HOSTS or len(parts) < 2 or parts[0] in ("datasets", "spaces"):
             return None
         value = "/".join(parts[:2])
-    return value if "/" in value and looks_like_hub_id(value) else None
+    return value if "/" in value and looks_like_hub_id(value, given_as_path=False) else None
 
 
 def gguf_base_model_name(metadata: dict) -> str | None:
@@ -348,7 +368,15 @@ def gguf_base_model_name(metadata: dict) -> str | None:
     return None
 
 
-def _source_license(source: str, explicit: str | None, gguf_metadata: dict | None = None) -> str:
+def source_license(source: str, explicit: str | None = None, gguf_metadata: dict | None = None) -> dict:
+    """The model card's `license` (an identifier, or "other") and `license_note` (what to tell the reader) of a model
+    converted from `source`: `explicit` (--base-model-license), else what the GGUF metadata or the source's own model
+    card (README.md, locally or on the Hub) says."""
+    note = _license_note(source, explicit, gguf_metadata)
+    return {"license": note if " " not in note else "other", "license_note": note}
+
+
+def _license_note(source: str, explicit: str | None, gguf_metadata: dict | None) -> str:
     from pathlib import Path
 
     if explicit:
@@ -423,6 +451,7 @@ def _check_recursion_options(args, num_layers: int | None = None) -> None:
 def _check_arguments(args, output_dir) -> dict:
     """Every check that needs no weights: paths, the source's config, the options, the output folder. Raises
     ValueError, OSError or ImportError (one line each); returns what loading and converting need."""
+    import contextlib
     from pathlib import Path
 
     from transformers import AutoConfig
@@ -461,7 +490,8 @@ def _check_arguments(args, output_dir) -> dict:
     elif local_source is not None:
         check_safetensors_files(local_source)
     try:
-        source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+        with fetching_from_hub(source, "SOURCE") if is_hub_id else contextlib.nullcontext():
+            source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
     except (OSError, ValueError) as error:
         if is_hub_id:
             raise OSError(hub_failure(source, error)) from error
@@ -553,8 +583,6 @@ def _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, st
         **plan["overrides"],
     ).eval()
 
-    license_note = _source_license(plan["source"], args.base_model_license, plan["gguf_metadata"])
-    license_id = license_note if " " not in license_note else "other"
     # base_model: a Hub id or None (a local source that names none: the card leaves the field out and says why).
     base_model = plan["base_model"]
     source_name = base_model or Path(args.source).name
@@ -564,8 +592,7 @@ def _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, st
         "model_name": output_dir.name,
         "base_model": base_model,
         "source_name": source_name,
-        "license": license_id,
-        "license_note": license_note,
+        **source_license(plan["source"], args.base_model_license, plan["gguf_metadata"]),
         "provenance_note": f"Converted with `python -m conversion.convert_llama_to_mor` from `{args.source}`"
         + (f" (GGUF file `{gguf_file}`, dequantized by transformers)" if gguf_file else "") + ".",
         "repo_id": args.push_to_hub or f"path/to/{output_dir.name}",
@@ -615,6 +642,8 @@ def main(argv=None) -> int:
     import time
     from pathlib import Path
 
+    from .cli_checks import describe_threads
+    from .measure import format_depth_histogram
     from .output_dir import OutputDirExistsError, staged_output_dir
     from .push_to_hub import InvalidPushError
 
@@ -623,6 +652,7 @@ def main(argv=None) -> int:
     output_dir = Path(args.output_dir)
     try:
         plan = _check_arguments(args, output_dir)
+        print(describe_threads())
         if args.routing is None and plan["routing"] != "expert_choice":
             print(f"note: --sharing-strategy {args.sharing_strategy} cannot route (a router decides at each pass "
                   f"through the shared block); converting with --routing {plan['routing']}.")
@@ -633,8 +663,12 @@ def main(argv=None) -> int:
         return 2
 
     # Everything is written to a staging folder that becomes OUTPUT_DIR only once complete (see output_dir.py).
-    with staged_output_dir(output_dir, overwrite=args.overwrite, inputs=plan["inputs"]) as staging:
-        figures = _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, staging)
+    try:
+        with staged_output_dir(output_dir, overwrite=args.overwrite, inputs=plan["inputs"]) as staging:
+            figures = _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, staging)
+    except OutputDirExistsError as error:  # OUTPUT_DIR gained other files during the run: it is kept as it is
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
 
     num_layers = plan["num_layers"]
     print(f"\nSaved {output_dir} in {time.perf_counter() - start:.0f}s")
@@ -645,7 +679,7 @@ def main(argv=None) -> int:
     for label, value in figures.get("perplexity", {}).items():
         print(f"  perplexity {label}: {value:.2f}")
     if figures.get("depth_histogram"):
-        print(f"  recursion depths (tokens): {figures['depth_histogram']}")
+        print(f"  recursion depths (tokens per depth): {format_depth_histogram(figures['depth_histogram'])}")
 
     if args.push_to_hub:
         from .push_to_hub import HubUnreachableError, InvalidPushError, PushError, push_folder
@@ -662,4 +696,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from .cli_checks import run_command_line
+
+    raise SystemExit(run_command_line(main))

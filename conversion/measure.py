@@ -120,6 +120,13 @@ def depth_histogram(depths: Counter) -> dict[str, int]:
     return {str(depth): count for depth, count in sorted(depths.items()) if depth > 0}
 
 
+def format_depth_histogram(histogram: dict) -> str:
+    """How every command line prints a depth histogram (`depth_histogram`'s JSON form, or one with int keys): tokens
+    per recursion depth, "{1: 9, 2: 5, 3: 2}" (depth 0, padding, is left out)."""
+    counts = sorted((int(depth), count) for depth, count in histogram.items() if int(depth) > 0)
+    return "{" + ", ".join(f"{depth}: {count}" for depth, count in counts) + "}"
+
+
 @contextlib.contextmanager
 def full_depth(model):
     """Every token takes every recursion step (capacity 1 at each step): the tied recursive model the routers act on.

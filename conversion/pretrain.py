@@ -38,9 +38,10 @@ from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 
 from modeling_mor import MoRConfig, MoRForCausalLM
 
-from .cli_checks import one_line
+from .cli_checks import HelpFormatter, describe_threads, one_line, run_command_line
 from .measure import read_eval_text
 from .uptrain import (
+    INTERRUPTED_RUN,
     add_data_arguments,
     add_trainer_arguments,
     check_capacity_schedule,
@@ -58,7 +59,7 @@ MODEL_CLASSES = {"mor": (MoRConfig, MoRForCausalLM), "llama": (LlamaConfig, Llam
 
 def build_argument_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m conversion.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m conversion.pretrain", description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("config", metavar="CONFIG",
                         help="the model to train: a config.json (model_type 'mor' or 'llama'), or a folder holding one")
@@ -131,9 +132,10 @@ def main(argv=None) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    print(describe_threads())
     model = build_model(config, args.seed)
     return run_training(args, checked, model, tokenizer, data, start, activity="pretraining")
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command_line(main, INTERRUPTED_RUN))

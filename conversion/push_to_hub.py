@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from .cli_checks import one_line
+from .cli_checks import HelpFormatter, one_line
 
 
 # Files of a model repo, at the top of the folder. Pickled files (*.bin, *.pt, *.pth) are never pushed: they run
@@ -208,15 +208,19 @@ def push_folder(folder, repo_id: str, *, private: bool = False, token: str | Non
     return getattr(commit, "commit_url", str(commit))
 
 
-def main(argv=None) -> int:
+def build_argument_parser():
     parser = argparse.ArgumentParser(prog="python -m conversion.push_to_hub", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("folder", help="a model folder written by the converter or by uptraining")
     parser.add_argument("repo_id", help="the Hub repo to create or update, e.g. your-name/model")
-    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--token", help="Hub token (default: the logged-in user's)")
-    parser.add_argument("--commit-message", default="Upload MoR model")
-    args = parser.parse_args(argv)
+    parser.add_argument("--commit-message", default="Upload MoR model", help="commit message of the upload")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_argument_parser().parse_args(argv)
     try:
         pushed = check_model_folder(args.folder)
         check_repo_id(args.repo_id)

@@ -7,6 +7,14 @@ class TextFileError(ValueError):
     """A text file that cannot be used, named with the problem and the fix."""
 
 
+def _likely_encoding(data: bytes) -> str:
+    """For the advice of a file that is not UTF-8: "utf-16" when it has a UTF-16 byte-order mark or NUL bytes in
+    many places (UTF-16 text of mostly ASCII characters), else "latin1" (any byte decodes; check the result)."""
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")) or data.count(0) > len(data) // 4:
+        return "utf-16"
+    return "latin1"
+
+
 def read_text_file(path, option: str | None = None) -> str:
     """The text of a UTF-8 file. A file that cannot serve as text (missing, a folder, empty, blank, not UTF-8) raises
     TextFileError naming the option that gave it, the file and, for bad bytes, where they are. Cheap, so the command
@@ -22,9 +30,11 @@ def read_text_file(path, option: str | None = None) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
+        encoding = _likely_encoding(data)
         raise TextFileError(
-            f"{name} is not UTF-8 text (byte {error.start}, 0x{data[error.start]:02x}, on line {line}: {error.reason}). "
-            f"Fix: convert it to UTF-8 (for example `iconv -f latin1 -t utf-8`), or give another file."
+            f"{name} is not UTF-8 text (byte {error.start}, 0x{data[error.start]:02x}, on line {line}: {error.reason}"
+            f"{'; it looks like UTF-16' if encoding == 'utf-16' else ''}). Fix: convert it to UTF-8 (for example "
+            f"`iconv -f {encoding} -t utf-8 {path} > converted.txt`), or give another file."
         ) from None
     if not text.strip():
         raise TextFileError(f"{name} has no text ({'empty' if not data else 'blank'} file). Fix: give a file with text "

@@ -47,7 +47,17 @@ from transformers import (
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from .cli_checks import check_minimum_values, check_option_needs, looks_like_hub_id, one_line, read_mor_config
+from .cli_checks import (
+    HelpFormatter,
+    check_extra_installed,
+    describe_threads,
+    check_minimum_values,
+    check_option_needs,
+    looks_like_hub_id,
+    one_line,
+    read_mor_config,
+    run_command_line,
+)
 from .convert_llama_to_mor import resolve_source
 from .flops import FlopCounter
 from .measure import (
@@ -55,13 +65,22 @@ from .measure import (
     context_length,
     depth_histogram,
     eval_block_size,
+    format_depth_histogram,
     mean_depth,
     perplexity_and_depths,
     read_eval_text,
     read_eval_tokens,
 )
 from .model_card import UnfilledPlaceholderError, describe_measurement, load_card_figures, perplexity_rows, save_card
-from .output_dir import OutputDirExistsError, check_output_dir_is_separate, staged_output_dir
+from .output_dir import (
+    TRAINER_CHECKPOINTS,
+    OutputDirExistsError,
+    check_output_dir,
+    check_output_dir_is_separate,
+    foreign_entries,
+    record_output,
+    staged_output_dir,
+)
 from .text_files import read_text_file
 
 
@@ -385,6 +404,11 @@ class MoveIntoPlaceAtFirstCheckpoint(TrainerCallback):
         args.output_dir = str(self.output_dir)
 
 
+# What Ctrl-C leaves of a training run (see `MoveIntoPlaceAtFirstCheckpoint` above).
+INTERRUPTED_RUN = ("a run stopped before its first checkpoint leaves nothing, a later one continues with "
+                   "--resume-from-checkpoint latest")
+
+
 def save_loss_curve(log_history, path, title: str = "MoR uptraining") -> bool:
     try:
         import matplotlib
@@ -418,7 +442,7 @@ def save_loss_curve(log_history, path, title: str = "MoR uptraining") -> bool:
 
 def build_argument_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m conversion.uptrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m conversion.uptrain", description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("model_dir", metavar="INPUT_DIR", help="a converted MoR folder (or Hub id)")
     parser.add_argument("output_dir", metavar="OUTPUT_DIR",
@@ -427,8 +451,11 @@ def build_argument_parser():
     add_data_arguments(parser, eval_help="text file for the perplexity before and after uptraining (and --eval-steps)")
     method = parser.add_argument_group("MoR uptraining")
     method.add_argument("--teacher", help="the source model (folder, Hub id or .gguf file) to distill from")
-    method.add_argument("--distill-weight", type=float, default=0.5)
-    method.add_argument("--distill-temperature", type=float, default=1.0)
+    method.add_argument("--distill-weight", type=float, default=0.5,
+                        help="weight of the distillation loss (KL to the teacher); the LM and router losses get the "
+                             "rest")
+    method.add_argument("--distill-temperature", type=float, default=1.0,
+                        help="softmax temperature of the student's and the teacher's logits in the distillation loss")
     method.add_argument("--router-aux-loss-coef", type=float, help="override the model's BCE router-loss weight")
     add_trainer_arguments(parser)
     return parser
@@ -440,10 +467,10 @@ def add_data_arguments(parser, eval_help: str) -> None:
     data.add_argument("--train-file", nargs="+",
                       help="local UTF-8 text file(s); documents split on <|endoftext|> or blank lines")
     data.add_argument("--dataset", help="a Hub dataset id or a local dataset folder (instead of --train-file)")
-    data.add_argument("--dataset-config")
-    data.add_argument("--dataset-split", default="train")
-    data.add_argument("--text-column", default="text")
-    data.add_argument("--max-train-documents", type=int)
+    data.add_argument("--dataset-config", help="the configuration (subset) of --dataset, when it has several")
+    data.add_argument("--dataset-split", default="train", help="the split of --dataset to train on")
+    data.add_argument("--text-column", default="text", help="the column of --dataset that holds the text")
+    data.add_argument("--max-train-documents", type=int, help="train on the first N documents only (default: all)")
     data.add_argument("--eval-file", help=eval_help)
     data.add_argument("--eval-max-tokens", type=int, default=16384, help="perplexity on the first N tokens of it")
     data.add_argument("--block-size", type=int,
@@ -464,26 +491,37 @@ def add_trainer_arguments(parser) -> None:
                          help="training FLOP budget (forward + backward, counted from the recursion depths taken; see "
                               "conversion/flops.py): training stops at the end of the first step that reaches it. "
                               "Without --max-steps, the schedule spans the steps the budget is planned to take")
-    trainer.add_argument("--per-device-train-batch-size", type=int, default=16)
-    trainer.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    trainer.add_argument("--learning-rate", type=float, default=1e-3)
-    trainer.add_argument("--weight-decay", type=float, default=0.0)
+    trainer.add_argument("--per-device-train-batch-size", type=int, default=16,
+                         help="blocks of --block-size tokens per process and micro-batch")
+    trainer.add_argument("--gradient-accumulation-steps", type=int, default=1,
+                         help="micro-batches per optimizer step")
+    trainer.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    trainer.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     trainer.add_argument("--warmup-steps", type=float, default=20,
                          help="linear warm-up steps; a value below 1 is a fraction of the run's steps (default: 20)")
-    trainer.add_argument("--lr-scheduler-type", default="cosine")
-    trainer.add_argument("--logging-steps", type=int, default=10)
+    trainer.add_argument("--lr-scheduler-type", default="cosine",
+                         help="Trainer's learning-rate schedule after the warm-up (linear, cosine, constant, ...)")
+    trainer.add_argument("--logging-steps", type=int, default=10, help="log the losses every N optimizer steps")
     trainer.add_argument("--eval-steps", type=int, help="evaluate every N steps (default: at the end only)")
     trainer.add_argument("--save-steps", type=int, default=200, help="save a checkpoint every N steps and at the end")
-    trainer.add_argument("--save-total-limit", type=int, default=2)
+    trainer.add_argument("--save-total-limit", type=int, default=2,
+                         help="keep the newest N checkpoints (older ones are deleted)")
     trainer.add_argument("--resume-from-checkpoint",
                          help="a checkpoint folder, or 'latest' for the newest in OUTPUT_DIR")
-    trainer.add_argument("--gradient-checkpointing", action="store_true")
-    trainer.add_argument("--bf16", action="store_true")
-    trainer.add_argument("--seed", type=int, default=0)
-    trainer.add_argument("--dataloader-num-workers", type=int, default=0)
-    trainer.add_argument("--report-to", default="none")
+    trainer.add_argument("--gradient-checkpointing", action="store_true",
+                         help="recompute activations in the backward pass: less memory, more compute")
+    trainer.add_argument("--bf16", action="store_true", help="train in bfloat16 mixed precision")
+    trainer.add_argument("--seed", type=int, default=0,
+                         help="seed of a fresh model's weights (pretraining), the data order, dropout and the capacity "
+                              "draws")
+    trainer.add_argument("--dataloader-num-workers", type=int, default=0,
+                         help="processes that prepare batches (0: the training process itself)")
+    trainer.add_argument("--report-to", default="none",
+                         help="where Trainer also logs: none, tensorboard, wandb, ... (installed separately)")
     trainer.add_argument("--disable-tqdm", action="store_true", help="log lines instead of progress bars")
-    schedule = parser.add_argument_group("expert-choice capacity schedule (see CapacitySchedule)")
+    schedule = parser.add_argument_group(
+        "expert-choice capacity schedule (the share of the tokens each recursion step keeps while training; the saved "
+        "model keeps the configured capacities)")
     schedule.add_argument("--capacity-warmup-steps", type=int, default=0,
                           help="move the capacities linearly from 1 (every token at full depth) to their targets over "
                                "the first N optimizer steps")
@@ -493,7 +531,8 @@ def add_trainer_arguments(parser) -> None:
                                "one checkpoint works at any depth and router_threshold trades quality for compute at "
                                "inference (examples/budget_curve.py); the saved config keeps the configured capacities")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing OUTPUT_DIR (once this run has saved its first checkpoint)")
+                        help="replace an existing OUTPUT_DIR that is an earlier output of these tools (a folder "
+                             "holding anything else is refused), once this run has saved its first checkpoint")
 
 
 # The smallest value each option takes (block sizes are checked by `measure.eval_block_size`). Trainer's
@@ -542,13 +581,7 @@ def check_training_options(args) -> None:
     check_option_needs("--eval-file", args.eval_file,
                        {"--eval-block-size": args.eval_block_size, "--eval-steps": args.eval_steps})
     if args.dataset:
-        try:
-            import datasets  # noqa: F401
-        except ImportError:
-            raise ValueError(
-                '--dataset needs the `datasets` package, which is not installed; nothing was written. Fix: pip install '
-                '"mor-transformers[train]" (or pip install datasets), or give --train-file.'
-            ) from None
+        check_extra_installed("datasets", "train", "--dataset", alternative="give --train-file")
 
 
 def resolve_block_sizes(args, config) -> None:
@@ -599,6 +632,9 @@ def check_run_folder(args, **inputs) -> CheckedArguments:
     in_place = args.resume_from_checkpoint == "latest" or (
         bool(args.resume_from_checkpoint) and has_content and not args.overwrite
     )
+    if not in_place:
+        # The new run replaces OUTPUT_DIR: only an empty folder or an earlier output of these tools, never the cwd.
+        check_output_dir(output_dir, overwrite=True)
     return CheckedArguments(resume_checkpoint, in_place)
 
 
@@ -635,7 +671,8 @@ def load_training_data(args, tokenizer) -> TrainingData:
 def staging_folder(staging: contextlib.ExitStack, output_dir: Path, training_args) -> Path:
     """Enters `staged_output_dir` on the process that saves; every process gets the same staging folder's path."""
     # overwrite=True: check_arguments has already refused an OUTPUT_DIR that may not be replaced.
-    folder = staging.enter_context(staged_output_dir(output_dir, overwrite=True)) if training_args.should_save else None
+    folder = (staging.enter_context(staged_output_dir(output_dir, overwrite=True, grows=(TRAINER_CHECKPOINTS,)))
+              if training_args.should_save else None)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         shared = [str(folder) if folder is not None else None]
         torch.distributed.broadcast_object_list(shared, src=0)
@@ -653,6 +690,7 @@ def main(argv=None) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    print(describe_threads())
 
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=torch.float32)
     if args.router_aux_loss_coef is not None:
@@ -748,52 +786,62 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
         steps_planned = planned_steps(model, args, training_args.world_size, capacity_schedule)
         if args.max_steps is None:
             training_args.max_steps = steps_planned
+    # A run that continues in OUTPUT_DIR leaves what was there before, and not written by these tools, out of the
+    # folder's record (see output_dir.py).
+    foreign_before = foreign_entries(output_dir) if checked.in_place else []
     staging = contextlib.ExitStack()
-    with staging:  # on leaving it, a run that is still staged (no checkpoint saved) moves into place
-        if not checked.in_place:
-            training_args.output_dir = str(staging_folder(staging, output_dir, training_args))
-        callbacks = [MoveIntoPlaceAtFirstCheckpoint(staging, output_dir)]
-        if capacity_schedule is not None:
-            callbacks.append(capacity_schedule)
-        trainer = UptrainTrainer(
-            model=model,
-            args=training_args,
-            train_dataset=data.train_dataset,
-            eval_dataset=data.eval_dataset,
-            # The tokenizer goes into every checkpoint and the final folder; the blocks need no padding collator.
-            processing_class=tokenizer,
-            data_collator=default_data_collator,
-            callbacks=callbacks,
-            teacher=teacher.to(training_args.device) if teacher is not None else None,
-            distill_weight=getattr(args, "distill_weight", 0.5),
-            distill_temperature=getattr(args, "distill_temperature", 1.0),
-            max_train_flops=args.max_train_flops,
-        )
+    try:
+        with staging:  # on leaving it, a run that is still staged (no checkpoint saved) moves into place
+            if not checked.in_place:
+                training_args.output_dir = str(staging_folder(staging, output_dir, training_args))
+            callbacks = [MoveIntoPlaceAtFirstCheckpoint(staging, output_dir)]
+            if capacity_schedule is not None:
+                callbacks.append(capacity_schedule)
+            trainer = UptrainTrainer(
+                model=model,
+                args=training_args,
+                train_dataset=data.train_dataset,
+                eval_dataset=data.eval_dataset,
+                # The tokenizer goes into every checkpoint and the final folder; the blocks need no padding collator.
+                processing_class=tokenizer,
+                data_collator=default_data_collator,
+                callbacks=callbacks,
+                teacher=teacher.to(training_args.device) if teacher is not None else None,
+                distill_weight=getattr(args, "distill_weight", 0.5),
+                distill_temperature=getattr(args, "distill_temperature", 1.0),
+                max_train_flops=args.max_train_flops,
+            )
 
-        before = None
-        if measure_before and data.eval_tokens is not None and trainer.is_world_process_zero():
-            before, _ = perplexity_and_depths(model, data.eval_tokens, args.eval_block_size, desc="perplexity before")
-            print(f"Perplexity before {activity}: {before:.2f}")
+            before = None
+            if measure_before and data.eval_tokens is not None and trainer.is_world_process_zero():
+                before, _ = perplexity_and_depths(model, data.eval_tokens, args.eval_block_size,
+                                                  desc="perplexity before")
+                print(f"Perplexity before {activity}: {before:.2f}")
 
-        trainer.train(resume_from_checkpoint=checked.resume_checkpoint)
-        train_seconds = time.perf_counter() - start
+            trainer.train(resume_from_checkpoint=checked.resume_checkpoint)
+            train_seconds = time.perf_counter() - start
 
-        # OUTPUT_DIR, or the staging folder still when no checkpoint was saved (a run resumed at its last step).
-        final_dir = Path(training_args.output_dir)
-        trainer.save_model(str(final_dir))  # the final model and its tokenizer (every process must call this)
-        after = depths = None
-        # An FSDP-sharded model all-gathers its parameters in every forward: every process runs the measurement.
-        if data.eval_tokens is not None and (trainer.is_world_process_zero() or trainer.is_fsdp_enabled):
-            after, depths = perplexity_and_depths(trainer.model, data.eval_tokens, args.eval_block_size,
-                                                  desc="perplexity after")
-        if not trainer.is_world_process_zero():
-            return 0
-        summary = training_summary(args, trainer, steps_planned, data, after, depths, train_seconds)
-        (final_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-        if finish is not None:
-            finish(trainer, final_dir, before, after, depths, train_seconds)
-        curve_saved = save_loss_curve(trainer.state.log_history, final_dir / "loss_curve.png",
-                                      title=f"{type(model).__name__}, {activity}")
+            # OUTPUT_DIR, or the staging folder still when no checkpoint was saved (a run resumed at its last step).
+            final_dir = Path(training_args.output_dir)
+            trainer.save_model(str(final_dir))  # the final model and its tokenizer (every process must call this)
+            after = depths = None
+            # An FSDP-sharded model all-gathers its parameters in every forward: every process runs the measurement.
+            if data.eval_tokens is not None and (trainer.is_world_process_zero() or trainer.is_fsdp_enabled):
+                after, depths = perplexity_and_depths(trainer.model, data.eval_tokens, args.eval_block_size,
+                                                      desc="perplexity after")
+            if not trainer.is_world_process_zero():
+                return 0
+            summary = training_summary(args, trainer, steps_planned, data, after, depths, train_seconds)
+            (final_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            if finish is not None:
+                finish(trainer, final_dir, before, after, depths, train_seconds)
+            curve_saved = save_loss_curve(trainer.state.log_history, final_dir / "loss_curve.png",
+                                          title=f"{type(model).__name__}, {activity}")
+            if final_dir == output_dir:  # a staged run is recorded as it moves into place
+                record_output(final_dir, also=(TRAINER_CHECKPOINTS,), exclude=foreign_before)
+    except OutputDirExistsError as error:  # OUTPUT_DIR gained other files during the run: it is kept as it is
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
 
     print(f"\n{activity.capitalize()}: {trainer.state.global_step} steps in {train_seconds / 60:.1f} min; saved "
           f"{output_dir}")
@@ -805,7 +853,8 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
         prefix = f"perplexity before {before:.2f} -> after" if before is not None else "perplexity"
         print(f"  {prefix} {after:.2f} ({measured.replace('`', '')})")
         if depths:
-            print(f"  recursion depths: {summary['eval']['depth_histogram']} (mean {summary['eval']['mean_depth']:.2f})")
+            print(f"  recursion depths (tokens per depth): {format_depth_histogram(summary['eval']['depth_histogram'])}, "
+                  f"mean {summary['eval']['mean_depth']:.2f}")
     if curve_saved:
         print(f"  loss curve: {output_dir / 'loss_curve.png'}")
     return 0
@@ -894,4 +943,4 @@ def write_card(args, trainer, folder: Path, output_dir: Path, before, after, dep
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command_line(main, INTERRUPTED_RUN))

@@ -91,7 +91,7 @@ def read_checkpoint_config(model_name_or_path: str) -> dict:
                 f"{', '.join(found) or 'an empty folder'}).{hint} Supported: folders saved by save_pretrained from an "
                 f"MoR model (model_type 'mor') or a Llama model (model_type 'llama')."
             )
-        return json.loads(config_file.read_text(encoding="utf-8"))
+        return _read_json(config_file)
 
     from huggingface_hub import hf_hub_download
 
@@ -102,7 +102,15 @@ def read_checkpoint_config(model_name_or_path: str) -> dict:
             f"{model_name_or_path!r} is not a local folder, and its config.json could not be fetched as a Hub id "
             f"({type(error).__name__}: {error})."
         ) from error
-    return json.loads(Path(config_file).read_text(encoding="utf-8"))
+    return _read_json(Path(config_file))
+
+
+def _read_json(config_file: Path) -> dict:
+    try:
+        return json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_file} is not a valid JSON file ({error}): it is truncated or corrupt. Fix: copy or "
+                         f"download the checkpoint again.") from None
 
 
 def check_supported_checkpoint(model_name_or_path: str) -> str:
@@ -504,7 +512,7 @@ def summarize_recursion_depths(depths: torch.Tensor, config) -> dict:
     block_size = (num_layers - end_layers) // num_recursions
     depths = depths.flatten().long()
     mean_depth = depths.double().mean().item()
-    histogram = {depth: int((depths == depth).sum()) for depth in range(num_recursions + 1)}
+    histogram = {depth: int((depths == depth).sum()) for depth in range(1, num_recursions + 1)}
     return {
         "num_tokens": depths.numel(),
         "mean_depth": mean_depth,

@@ -38,9 +38,10 @@ sys.path.insert(0, str(PROJECT_ROOT))  # run from a source checkout without inst
 
 import torch  # noqa: E402
 
-from conversion.cli_checks import one_line, read_mor_config  # noqa: E402
+from conversion.cli_checks import HelpFormatter, describe_threads, one_line, read_mor_config  # noqa: E402
 from conversion.measure import context_length, eval_block_size, perplexity_and_depths, read_eval_text, read_eval_tokens  # noqa: E402
-from conversion.measure import depth_histogram, mean_depth  # noqa: E402
+from conversion.measure import depth_histogram, format_depth_histogram, mean_depth  # noqa: E402
+from conversion.output_dir import WRITTEN_BY, check_output_files  # noqa: E402
 from conversion.uptrain import load_tokenizer  # noqa: E402
 
 
@@ -49,20 +50,23 @@ OUTPUT_SUFFIXES = (".md", ".json", ".png")
 
 
 def build_argument_parser():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
                         help="MoR expert-choice model folder(s) whose router_threshold is swept (each one a line)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                         help="router_threshold values, each in (0, 1) (default: 0.1 0.3 0.5 0.7 0.9)")
     parser.add_argument("--reference", nargs="+", default=[], metavar="CHECKPOINT",
                         help="MoR model folder(s) measured once at their own threshold (points on the plot)")
-    parser.add_argument("--eval-file", default=str(ASSETS / "tinystories_valid_sample.txt"))
+    parser.add_argument("--eval-file", default=str(ASSETS / "tinystories_valid_sample.txt"),
+                        help="UTF-8 text on which every perplexity and mean depth is measured (default: the shipped "
+                             "TinyStories validation sample)")
     parser.add_argument("--eval-max-tokens", type=int, default=16384, help="perplexity on the first N tokens of it")
     parser.add_argument("--eval-block-size", type=int,
                         help="perplexity block (default: 256 tokens capped at the models' context)")
     parser.add_argument("--output-prefix", required=True,
                         help="path prefix of the table (PREFIX.md, PREFIX.json) and the plot (PREFIX.png)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing PREFIX.md/.json/.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace PREFIX.md/.json/.png of an earlier sweep (files of anything else are refused)")
     return parser
 
 
@@ -89,11 +93,9 @@ def check_arguments(args) -> int:
                 contexts.append(context_length(config))
     read_eval_text(args.eval_file)
     block_size = eval_block_size(args.eval_block_size, min(contexts) if contexts else None)
-    prefix = Path(args.output_prefix).expanduser()
-    existing = [str(path) for path in outputs(prefix) if path.exists()]
-    if existing and not args.overwrite:
-        raise ValueError(f"{', '.join(existing)} already exist(s); nothing was written. Pass --overwrite to replace, "
-                         f"or another --output-prefix.")
+    table_path, json_path, plot_path = outputs(Path(args.output_prefix).expanduser())
+    # --overwrite replaces an earlier sweep's files only: its JSON says it wrote them.
+    check_output_files([table_path, json_path, plot_path], json_path, args.overwrite)
     return block_size
 
 
@@ -147,7 +149,7 @@ def markdown(result) -> str:
                   "|---|---|---|---|"]
         for row in curve["rows"]:
             lines.append(f"| {row['threshold']:.2f} | {row['mean_depth']:.3f} | {row['perplexity']:.3f} | "
-                         f"{row['depth_histogram']} |")
+                         f"{format_depth_histogram(row['depth_histogram'])} |")
         flags = curve["monotone"]
         lines += ["", f"Depth non-increasing as the threshold grows: {'yes' if flags['depth_non_increasing_in_threshold'] else 'no'}; "
                       f"perplexity non-increasing as depth grows: {'yes' if flags['perplexity_non_increasing_in_depth'] else 'no'}.", ""]
@@ -198,11 +200,12 @@ def main(argv=None) -> int:
         block_size = check_arguments(args)
         tokenizer = load_tokenizer(args.checkpoints[0], "CHECKPOINT", "the sweep reads the eval text with it")
         tokens = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens)
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError) as error:  # OSError: OutputDirExistsError
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    result = {"eval_file": Path(args.eval_file).name, "eval_tokens": tokens.numel(), "block_size": block_size,
-              "sweeps": [], "references": []}
+    print(describe_threads())
+    result = {WRITTEN_BY: "examples/budget_curve.py", "eval_file": Path(args.eval_file).name,
+              "eval_tokens": tokens.numel(), "block_size": block_size, "sweeps": [], "references": []}
     for folder in args.checkpoints:
         print(f"{folder}:", flush=True)
         model = load_model(folder)

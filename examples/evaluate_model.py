@@ -22,6 +22,7 @@ Without `--eval-file` and `--mc-file` it uses the small files in `examples/data/
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -33,8 +34,22 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Lets `python examples/evaluate_model.py` import the project's `evaluation` package without installing it.
 sys.path.insert(0, str(REPO_ROOT))
 
-from conversion.cli_checks import check_model_weights, hub_failure, looks_like_hub_id, one_line  # noqa: E402
+from conversion.cli_checks import (  # noqa: E402
+    HelpFormatter,
+    build_config,
+    check_extra_installed,
+    check_model_weights,
+    describe_threads,
+    check_weights_match_config,
+    hub_failure,
+    looks_like_hub_id,
+    fetching_from_hub,
+    one_line,
+    read_as_path,
+)
+from conversion.measure import format_depth_histogram  # noqa: E402
 from conversion.text_files import read_text_file  # noqa: E402
+from evaluation.core import read_checkpoint_config  # noqa: E402
 from evaluation import (  # noqa: E402
     check_supported_checkpoint,
     load_model_and_tokenizer,
@@ -62,11 +77,8 @@ def non_negative_int(text: str) -> int:
     return value
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description="Perplexity, few-shot multiple-choice accuracy and routing statistics of an MoR or Llama model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+def build_argument_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("model", help="a model folder (MoR or Llama checkpoint with its tokenizer) or a Hub id")
     parser.add_argument(
         "--eval-file", default=str(DATA_DIR / "tiny_stories_sample.txt"), help="text file for perplexity"
@@ -101,9 +113,10 @@ def parse_args(argv=None):
         default="local",
         help="local: the metric modules in metrics/ (offline); hub: the Hub's 'perplexity' and 'accuracy'",
     )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs: cpu, cuda, cuda:1, ...")
     parser.add_argument("--output-json", default=None, help="also write every result to this JSON file")
-    return parser.parse_args(argv)
+    return parser
 
 
 def describe_model(model) -> str:
@@ -136,10 +149,9 @@ def print_report(results: dict) -> None:
     if routing is None:
         print("Routing: not an MoR model")
         return
-    histogram = ", ".join(f"{depth}: {count}" for depth, count in routing["depth_histogram"].items())
     print(
         f"Routing: mean depth {routing['mean_depth']:.4f} of {routing['num_recursions']} over {routing['num_tokens']} "
-        f"tokens; depth histogram {{{histogram}}}"
+        f"tokens; tokens per depth {format_depth_histogram(routing['depth_histogram'])}"
     )
     print(
         f"  compute saved vs full depth: recursion block {100 * routing['block_compute_saved']:.2f}%, whole model "
@@ -155,16 +167,19 @@ def check_model(model: str) -> None:
 
     path = Path(model).expanduser()
     if not path.exists() and not looks_like_hub_id(model):
-        raise ValueError(f"{model} does not exist. Pass a model folder (an MoR or Llama checkpoint saved with "
+        raise ValueError(f"{model} does not exist{read_as_path(model)}. Pass a model folder (an MoR or Llama checkpoint saved with "
                          f"save_pretrained, with its tokenizer) or a Hub id.")
     try:
-        check_supported_checkpoint(model)
+        with fetching_from_hub(model) if not path.exists() else contextlib.nullcontext():
+            check_supported_checkpoint(model)
     except ValueError as error:
         if path.exists() or error.__cause__ is None:  # a local folder, or a Hub config that was read
             raise
         raise ValueError(hub_failure(model, error.__cause__)) from error
     if path.exists():
         check_model_weights(path, model)
+        config = build_config(read_checkpoint_config(model), model)
+        check_weights_match_config(path, config, model)
     try:
         AutoTokenizer.from_pretrained(model, trust_remote_code=True)  # as load_model_and_tokenizer loads it
     except (OSError, ValueError) as error:
@@ -187,6 +202,7 @@ def check_output_json(path: str) -> None:
 
 def check_inputs(args) -> None:
     """Every input is checked before the model is loaded; each problem is one ValueError naming it."""
+    check_extra_installed("evaluate", "eval", "examples/evaluate_model.py (its metrics are `evaluate` modules)")
     check_model(args.model)
     read_text_file(args.eval_file, "--eval-file")
     lines = read_text_file(args.mc_file, "--mc-file").splitlines()
@@ -206,13 +222,14 @@ def check_inputs(args) -> None:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
+    args = build_argument_parser().parse_args(argv)
     stride = args.stride or None
     try:
         check_inputs(args)
     except ValueError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2)
+    print(describe_threads())
 
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
     perplexity = text_file_perplexity(

@@ -6,20 +6,19 @@ routers are trained too (`--lora-routers`), which a converted checkpoint that wa
 start constant (zero weights), so every token gets the same recursion depth whatever the token until they are trained.
 
 The script prints a few greedy samples and the perplexity (and mean recursion depth) on an eval set before and after
-training, logs the training loss through Trainer, and saves the adapter (and the tokenizer) to --output-dir.
+training, logs the training loss through Trainer, and saves the adapter (and the tokenizer) to OUTPUT_DIR.
 
 Example, from the repository root (`pip install -e '.[peft]'`): convert the tiny stories260K Llama shipped in
 examples/assets into MoR form, then fine-tune it on TinyStories text or on the bundled instructions:
 
     python -m conversion.convert_llama_to_mor examples/assets/stories260K mor-stories260K \\
         --num-recursions 3 --sharing-strategy middle_cycle
-    python examples/finetune_lora.py --model mor-stories260K \\
+    python examples/finetune_lora.py mor-stories260K lora-stories260K \\
         --train-file examples/assets/tinystories_train_sample.txt \\
         --eval-file examples/assets/tinystories_valid_sample.txt \\
-        --format text --block-size 128 --max-eval-tokens 8192 --lora-routers --max-steps 150 --learning-rate 5e-3 \\
-        --output-dir lora-stories260K
-    python examples/finetune_lora.py --model mor-stories260K --train-file examples/data/instructions.jsonl \\
-        --format instructions --lora-routers --max-steps 150 --learning-rate 5e-3 --output-dir lora-instructions
+        --format text --block-size 128 --max-eval-tokens 8192 --lora-routers --max-steps 150 --learning-rate 5e-3
+    python examples/finetune_lora.py mor-stories260K lora-instructions --train-file examples/data/instructions.jsonl \\
+        --format instructions --lora-routers --max-steps 150 --learning-rate 5e-3
 
 Load the adapter afterwards with:
 
@@ -33,8 +32,9 @@ Data formats (--format):
     instructions  a JSON Lines file of {"instruction": ..., "response": ...}; the loss is on the response tokens.
 Without --eval-file, the last 10% of the training blocks or examples (at least one) are held out for the perplexity.
 
-Bad input (a --model that is not an MoR checkpoint (convert a Llama first), an existing OUTPUT_DIR without
---overwrite, an OUTPUT_DIR that is, contains or lies inside the --model folder or a data file, a missing, non-UTF-8 or
+MODEL and OUTPUT_DIR come first, as in the other command lines (the older `--model MODEL --output-dir OUTPUT_DIR`
+still works). Bad input (a MODEL that is not an MoR checkpoint (convert a Llama first), an existing OUTPUT_DIR without
+--overwrite, an OUTPUT_DIR that is, contains or lies inside the MODEL folder or a data file, a missing, non-UTF-8 or
 too small data file, a malformed instruction line, an option value out of range) is refused with one `error:` line,
 exit code 2, before the model is loaded and before anything is written. The output is written to a hidden staging
 folder that becomes OUTPUT_DIR only once complete.
@@ -47,15 +47,31 @@ import sys
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))  # run from a source checkout without installing
+
 # Importing the package registers the MoR classes with the Auto classes (no remote code needed).
-from conversion.cli_checks import check_minimum_values, one_line, read_mor_config
-from conversion.measure import context_length, eval_block_size
-from conversion.output_dir import check_output_dir, check_output_dir_is_separate, staged_output_dir
-from conversion.text_files import TextFileError, read_text_file
-from modeling_mor.peft_mor import LLAMA_PROJECTIONS, check_lora_target_modules, router_linear_names
+from conversion.cli_checks import (  # noqa: E402
+    HelpFormatter,
+    check_extra_installed,
+    check_minimum_values,
+    describe_threads,
+    one_line,
+    read_mor_config,
+    run_command_line,
+)
+from conversion.measure import context_length, eval_block_size  # noqa: E402
+from conversion.output_dir import (  # noqa: E402
+    OutputDirExistsError,
+    check_output_dir,
+    check_output_dir_is_separate,
+    staged_output_dir,
+)
+from conversion.text_files import TextFileError, read_text_file  # noqa: E402
+from modeling_mor.peft_mor import LLAMA_PROJECTIONS, check_lora_target_modules, router_linear_names  # noqa: E402
 
 
 INSTRUCTION_TEMPLATE = "Instruction: {instruction}\nResponse:"
@@ -72,13 +88,15 @@ DEFAULT_INSTRUCTION_PROMPTS = [
 IGNORE_INDEX = -100
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the docstring's layout and shows every default."""
-
-
 def build_argument_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--model", required=True, help="A MoR model folder (e.g. a converted Llama) or a Hub id.")
+    parser.add_argument("model", metavar="MODEL", help="An MoR model folder (e.g. a converted Llama) or a Hub id.")
+    parser.add_argument(
+        "output_dir",
+        metavar="OUTPUT_DIR",
+        help="Where the adapter and tokenizer are saved (refused if it exists, unless --overwrite); it may not be, "
+        "contain or lie inside MODEL or the data files.",
+    )
     parser.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -124,15 +142,26 @@ def build_argument_parser():
 
     parser.add_argument("--prompts", nargs="*", default=None, help="Prompts (instructions) for the samples.")
     parser.add_argument("--sample-tokens", type=int, default=40, help="New tokens per greedy sample.")
-    parser.add_argument(
-        "--output-dir",
-        required=True,
-        help="Where the adapter and tokenizer are saved (refused if it exists, unless --overwrite); it may not be, "
-        "contain or lie inside --model or the data files.",
-    )
-    parser.add_argument("--overwrite", action="store_true", help="Replace OUTPUT_DIR if it exists.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace OUTPUT_DIR if it is an earlier output of these tools (a folder holding anything "
+                        "else is refused).")
     parser.add_argument("--save-merged", action="store_true", help="Also save the merged model to OUTPUT_DIR/merged.")
     return parser
+
+
+def parse_arguments(argv=None):
+    """The arguments, with MODEL and OUTPUT_DIR also accepted in their older spelling, `--model MODEL` and
+    `--output-dir OUTPUT_DIR` (a note says so)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    older = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    older.add_argument("--model")
+    older.add_argument("--output-dir")
+    given, rest = older.parse_known_args(argv)
+    if given.model is not None or given.output_dir is not None:
+        print("note: --model and --output-dir are the older spelling of MODEL and OUTPUT_DIR, the first two "
+              "arguments: python examples/finetune_lora.py MODEL OUTPUT_DIR --train-file ...")
+        argv = [*filter(None, [given.model]), *rest, *filter(None, [given.output_dir])]
+    return build_argument_parser().parse_args(argv)
 
 
 # The smallest value each option takes (--block-size is checked by `conversion.measure.eval_block_size`).
@@ -299,18 +328,19 @@ def print_samples(title, prompts, samples):
 
 def check_arguments(args):
     """Everything that can be wrong with the input, before the model is loaded and before any write: the option
-    values, --model (an MoR checkpoint), OUTPUT_DIR and the data files. Resolves the default --block-size in `args`;
+    values, MODEL (an MoR checkpoint), OUTPUT_DIR and the data files. Resolves the default --block-size in `args`;
     returns the tokenizer, the training and eval examples and the inputs OUTPUT_DIR must stay clear of."""
+    check_extra_installed("peft", "peft", "examples/finetune_lora.py")
     check_minimum_values(args, MINIMUM_VALUES)
-    config = read_mor_config(args.model, "--model")
+    config = read_mor_config(args.model, "MODEL")
     args.block_size = eval_block_size(args.block_size, context_length(config), option="--block-size")
-    inputs = {"--model": args.model, "--train-file": args.train_file, "--eval-file": args.eval_file}
+    inputs = {"MODEL": args.model, "--train-file": args.train_file, "--eval-file": args.eval_file}
     check_output_dir_is_separate(args.output_dir, **inputs)
     check_output_dir(Path(args.output_dir).expanduser(), args.overwrite)
     try:
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     except (OSError, ValueError) as error:
-        raise DataFileError(f"--model {args.model}: no tokenizer could be loaded ({one_line(error)}). Fix: save the "
+        raise DataFileError(f"MODEL {args.model}: no tokenizer could be loaded ({one_line(error)}). Fix: save the "
                             f"tokenizer next to the weights (the converter copies its source's).") from error
     train_examples = load_examples(args.train_file, args.format, tokenizer, args.block_size)
     eval_examples = None
@@ -321,13 +351,16 @@ def check_arguments(args):
 
 
 def main(argv=None):
-    args = build_argument_parser().parse_args(argv)
+    args = parse_arguments(argv)
     set_seed(args.seed)
     try:
         tokenizer, train_examples, eval_examples, inputs = check_arguments(args)
     except (ValueError, OSError) as error:  # OSError: OutputDirExistsError
         print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2)
+    from peft import LoraConfig, get_peft_model  # checked above: the `peft` extra
+
+    print(describe_threads())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
 
@@ -379,42 +412,46 @@ def main(argv=None):
     model.print_trainable_parameters()
 
     # Everything is written to a hidden staging folder that becomes OUTPUT_DIR once complete: a run that fails or is
-    # interrupted leaves nothing, and --overwrite replaces an existing OUTPUT_DIR only then.
+    # interrupted leaves nothing, and --overwrite replaces an existing OUTPUT_DIR (an earlier output) only then.
     output_dir = Path(args.output_dir).expanduser()
-    with staged_output_dir(output_dir, overwrite=args.overwrite, inputs=inputs) as staging:
-        training_arguments = TrainingArguments(
-            output_dir=str(staging),
-            max_steps=args.max_steps,
-            per_device_train_batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            warmup_steps=args.warmup_steps,
-            lr_scheduler_type="linear",
-            logging_steps=args.logging_steps,
-            seed=args.seed,
-            save_strategy="no",
-            report_to="none",
-            remove_unused_columns=False,
-            disable_tqdm=True,  # one printed line per logging step instead of a progress bar
-            dataloader_pin_memory=torch.cuda.is_available(),
-        )
-        trainer = Trainer(model=model, args=training_arguments, train_dataset=train_examples, data_collator=collate)
-        trainer.train()
+    try:
+        with staged_output_dir(output_dir, overwrite=args.overwrite, inputs=inputs) as staging:
+            training_arguments = TrainingArguments(
+                output_dir=str(staging),
+                max_steps=args.max_steps,
+                per_device_train_batch_size=args.batch_size,
+                learning_rate=args.learning_rate,
+                warmup_steps=args.warmup_steps,
+                lr_scheduler_type="linear",
+                logging_steps=args.logging_steps,
+                seed=args.seed,
+                save_strategy="no",
+                report_to="none",
+                remove_unused_columns=False,
+                disable_tqdm=True,  # one printed line per logging step instead of a progress bar
+                dataloader_pin_memory=torch.cuda.is_available(),
+            )
+            trainer = Trainer(model=model, args=training_arguments, train_dataset=train_examples, data_collator=collate)
+            trainer.train()
 
-        perplexity_after, depth_after = perplexity_and_depth(model, eval_examples, collate, args.batch_size)
-        samples_after = greedy_samples(model, tokenizer, model_prompts, args.sample_tokens)
-        print_samples("Samples after fine-tuning", prompts, samples_after)
-        print(f"Eval perplexity:      before {perplexity_before:.3f}   after {perplexity_after:.3f}")
-        print(f"Mean recursion depth: before {depth_before:.3f}   after {depth_after:.3f}")
+            perplexity_after, depth_after = perplexity_and_depth(model, eval_examples, collate, args.batch_size)
+            samples_after = greedy_samples(model, tokenizer, model_prompts, args.sample_tokens)
+            print_samples("Samples after fine-tuning", prompts, samples_after)
+            print(f"Eval perplexity:      before {perplexity_before:.3f}   after {perplexity_after:.3f}")
+            print(f"Mean recursion depth: before {depth_before:.3f}   after {depth_after:.3f}")
 
-        # Trainer sets config.use_cache to TrainingArguments.use_cache (False) for training; what is saved decodes
-        # with the KV cache.
-        model.get_base_model().config.use_cache = True
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if args.save_merged:
-            merged = model.merge_and_unload()
-            merged.save_pretrained(staging / "merged")
-            tokenizer.save_pretrained(staging / "merged")
+            # Trainer sets config.use_cache to TrainingArguments.use_cache (False) for training; what is saved decodes
+            # with the KV cache.
+            model.get_base_model().config.use_cache = True
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            if args.save_merged:
+                merged = model.merge_and_unload()
+                merged.save_pretrained(staging / "merged")
+                tokenizer.save_pretrained(staging / "merged")
+    except OutputDirExistsError as error:  # OUTPUT_DIR gained other files during the run: it is kept as it is
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(2)
     print(f"Saved the adapter to {output_dir}")
     if args.save_merged:
         print(f"Saved the merged model to {output_dir / 'merged'}")
@@ -428,5 +465,10 @@ def main(argv=None):
     }
 
 
-if __name__ == "__main__":
+def command_line() -> int:
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_command_line(command_line))

@@ -49,19 +49,21 @@ ASSETS = REPO_ROOT / "examples" / "assets"
 DEFAULT_MODEL = ASSETS / "stories260K"
 sys.path.insert(0, str(REPO_ROOT))  # run from a source checkout without installing
 
-from conversion import convert_llama_to_mor  # noqa: E402
-from conversion.measure import full_depth, perplexity_and_depths, read_eval_tokens  # noqa: E402
+from conversion import cli_checks, convert_llama_to_mor  # noqa: E402
+from conversion.convert_llama_to_mor import source_license  # noqa: E402
+from conversion.measure import depth_histogram, full_depth, mean_depth, perplexity_and_depths, read_eval_tokens  # noqa: E402
 from conversion.model_card import save_card  # noqa: E402
 from conversion.uptrain import TokenBlocks, UptrainTrainer, tokenize_texts  # noqa: E402
-from show_recursion_depth import format_depths, generate_with_depths, plot_token_depths  # noqa: E402
+from show_recursion_depth import (  # noqa: E402
+    describe_generated_depth,
+    format_depths,
+    generate_with_depths,
+    plot_token_depths,
+)
 
 
 def describe_threads() -> str:
-    threads = torch.get_num_threads()
-    if THREADS_FROM_ENVIRONMENT:
-        return f"Using {threads} CPU thread(s), as OMP_NUM_THREADS says."
-    return (f"Using {threads} CPU thread (faster than several for a model this small; set OMP_NUM_THREADS to choose "
-            f"another number).")
+    return cli_checks.describe_threads(THREADS_FROM_ENVIRONMENT, why="faster than several for a model this small")
 
 
 def display_path(path) -> str:
@@ -88,13 +90,11 @@ def source_name(model: str) -> str:
 def model_card_figures(args, llama, mor, model_dir, num_eval_tokens, perplexity, depths, steps, train_seconds):
     """The figures `conversion.model_card` renders into the saved folder's README.md (the same fields as the
     converter's and uptraining's cards)."""
-    shipped = Path(args.model).resolve() == DEFAULT_MODEL.resolve()
     return {
         "model_name": f"{Path(args.model).name}-mor (quickstart)",
         "base_model": base_model_name(args.model),
         "source_name": source_name(args.model),
-        "license": "mit" if shipped else "other",
-        "license_note": "MIT (Andrej Karpathy, llama2.c)" if shipped else "that of the source model (not checked)",
+        **source_license(args.model),  # as the converter reads it (the shipped model's card says MIT)
         "provenance_note": f"Converted and uptrained with `python examples/quickstart.py` from "
                            f"`{display_path(args.model)}`.",
         "repo_id": f"path/to/{model_dir.name}",  # as the converter's card: where the folder will be loaded from
@@ -116,7 +116,7 @@ def model_card_figures(args, llama, mor, model_dir, num_eval_tokens, perplexity,
         "eval_tokens": num_eval_tokens,
         "eval_block_size": args.block_size,
         "perplexity": perplexity,
-        "depth_histogram": {str(depth): count for depth, count in sorted(depths.items()) if depth > 0},
+        "depth_histogram": depth_histogram(depths),
         "depth_model": "after uptraining",
         "uptraining": {
             "steps": steps,
@@ -128,21 +128,30 @@ def model_card_figures(args, llama, mor, model_dir, num_eval_tokens, perplexity,
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_argument_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli_checks.HelpFormatter)
     parser.add_argument("--model", default=str(DEFAULT_MODEL),
                         help="a Llama folder (default: the shipped stories260K)")
-    parser.add_argument("--train-file", default=str(ASSETS / "tinystories_train_sample.txt"))
-    parser.add_argument("--eval-file", default=str(ASSETS / "tinystories_valid_sample.txt"))
-    parser.add_argument("--output-dir", default="outputs/quickstart")
-    parser.add_argument("--num-recursions", type=int, default=3)
+    parser.add_argument("--train-file", default=str(ASSETS / "tinystories_train_sample.txt"),
+                        help="uptraining text, stories separated by <|endoftext|> (default: the shipped TinyStories "
+                             "sample)")
+    parser.add_argument("--eval-file", default=str(ASSETS / "tinystories_valid_sample.txt"),
+                        help="text of the perplexities and the mean depth (default: the shipped TinyStories "
+                             "validation sample)")
+    parser.add_argument("--output-dir", default="outputs/quickstart",
+                        help="where the model folder and the picture are saved")
+    parser.add_argument("--num-recursions", type=int, default=3, help="N_r, how often the shared layer is applied")
     parser.add_argument("--steps", type=int, default=300, help="uptraining steps")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--eval-tokens", type=int, default=8192)
-    parser.add_argument("--prompt", default="Once upon a time")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    parser.add_argument("--batch-size", type=int, default=16, help="blocks of --block-size tokens per step")
+    parser.add_argument("--block-size", type=int, default=128, help="tokens per training and perplexity block")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="perplexity on the first N tokens of --eval-file")
+    parser.add_argument("--prompt", default="Once upon a time", help="the start of the story")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training")
+    return parser
+
+
+def main(argv=None):
+    args = build_argument_parser().parse_args(argv)
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
@@ -191,14 +200,15 @@ def main(argv=None):
     mor.config.use_cache = True
 
     uptrained_ppl, depths = perplexity_and_depths(mor, eval_tokens, args.block_size, desc="perplexity")
-    mean_depth = sum(d * c for d, c in depths.items()) / sum(depths.values())
+    eval_mean_depth = mean_depth(depths)
     print(f"3. Perplexity on {eval_tokens.numel():,} tokens of {Path(args.eval_file).name}:")
     print(f"   original Llama {llama_ppl:.2f} | converted MoR {tied_ppl:.2f} | uptrained MoR {uptrained_ppl:.2f} "
-          f"(mean recursion depth {mean_depth:.2f} of {args.num_recursions})")
+          f"(mean recursion depth on this evaluation text {eval_mean_depth:.2f} of {args.num_recursions})")
 
     print("4. A story, with each token's recursion depth in brackets:")
     tokens, token_depths, prompt_length = generate_with_depths(mor, tokenizer, args.prompt, max_new_tokens=80)
     print(format_depths(tokens, token_depths))
+    print(f"   {describe_generated_depth(token_depths, prompt_length, args.num_recursions)}")
     output_dir.mkdir(parents=True, exist_ok=True)
     picture = output_dir / "recursion_depths.png"
     plot_token_depths(tokens, token_depths, args.num_recursions, picture, prompt_length)
@@ -215,7 +225,7 @@ def main(argv=None):
     print(f"\nSaved the picture to {picture} and the model, with its model card, to {model_dir} "
           f"(load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)); "
           f"total time {time.perf_counter() - start:.0f}s")
-    return {"llama": llama_ppl, "converted": tied_ppl, "uptrained": uptrained_ppl, "mean_depth": mean_depth}
+    return {"llama": llama_ppl, "converted": tied_ppl, "uptrained": uptrained_ppl, "mean_depth": eval_mean_depth}
 
 
 if __name__ == "__main__":

@@ -1,17 +1,26 @@
 """Generate a continuation with an MoR model and show how many recursion steps every token took.
 
-Prints the text with each token's depth, and saves a picture: one coloured box per token, darker = deeper.
+Prints the text with each token's depth and the mean depth of the generated tokens, and saves a picture (by default
+outputs/recursion_depths.png): one coloured box per token, darker = deeper.
 
 Example:
 
     python examples/show_recursion_depth.py outputs/stories-mor-uptrained --prompt "Once upon a time" \\
-        --max-new-tokens 60 --output depths.png
+        --max-new-tokens 60 --output outputs/depths.png
 """
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))  # run from a source checkout without installing
+
+from conversion.cli_checks import HelpFormatter, describe_threads, one_line, read_mor_config  # noqa: E402
 
 
 def generate_with_depths(model, tokenizer, prompt: str, max_new_tokens: int = 60, do_sample: bool = False, seed: int = 0):
@@ -52,6 +61,13 @@ def format_depths(tokens, depths) -> str:
     return "\n".join([*lines, line])
 
 
+def describe_generated_depth(depths, prompt_length: int, num_recursions: int) -> str:
+    """The mean depth of the generated tokens (the prompt's are left out), labelled as such wherever it is shown."""
+    generated = depths[prompt_length:]
+    return (f"mean depth of the {len(generated)} generated tokens: {sum(generated) / max(1, len(generated)):.2f} of "
+            f"{num_recursions}")
+
+
 def plot_token_depths(tokens, depths, num_recursions: int, path, prompt_length: int = 0, title: str | None = None):
     """Saves a picture of the tokens as boxes coloured by recursion depth (prompt tokens outlined)."""
     import matplotlib
@@ -85,38 +101,55 @@ def plot_token_depths(tokens, depths, num_recursions: int, path, prompt_length: 
               for d in range(1, num_recursions + 1)]
     axis.legend(legend, [f"depth {d}" for d in range(1, num_recursions + 1)], loc="upper right", ncol=num_recursions,
                 fontsize=8, frameon=False, bbox_to_anchor=(1.0, 1.25))
-    mean_depth = sum(depths) / max(1, len(depths))
-    axis.set_title(title or f"Recursion depth per token (mean {mean_depth:.2f} of {num_recursions}; prompt outlined)",
-                   fontsize=10, loc="left")
+    generated = describe_generated_depth(depths, prompt_length, num_recursions)
+    default_title = f"Recursion depth per token of this text ({generated}; prompt outlined)"
+    axis.set_title(title or default_title, fontsize=10, loc="left")
     figure.tight_layout()
     figure.savefig(path, dpi=130)
     plt.close(figure)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="an MoR model folder or Hub id")
-    parser.add_argument("--prompt", default="Once upon a time")
-    parser.add_argument("--max-new-tokens", type=int, default=60)
-    parser.add_argument("--do-sample", action="store_true")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="recursion_depths.png", help="where to save the picture")
-    args = parser.parse_args()
+# outputs/ is where the examples write (the repository ignores it), not the working directory.
+DEFAULT_PICTURE = Path("outputs") / "recursion_depths.png"
 
+
+def build_argument_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("model", metavar="MODEL", help="an MoR model folder or Hub id")
+    parser.add_argument("--prompt", default="Once upon a time", help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=60, help="how many tokens to generate")
+    parser.add_argument("--do-sample", action="store_true", help="sample the continuation instead of greedy decoding")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (with --do-sample)")
+    parser.add_argument("--output", default=str(DEFAULT_PICTURE), help="where to save the picture (a .png file)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_argument_parser().parse_args(argv)
+
+    try:
+        # config.json, its values and the weights' headers: a mistyped folder, a truncated or invalid config.json or
+        # one that does not fit the weights is refused here, before loading.
+        read_mor_config(args.model, "MODEL")
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+        if not tokenizer(args.prompt)["input_ids"]:
+            raise ValueError("--prompt is empty and the tokenizer adds no BOS token: there is nothing to continue. "
+                             "Fix: give a prompt.")
+    except (ValueError, OSError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+    print(describe_threads())
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
-    if getattr(model.config, "model_type", None) != "mor":
-        parser.error(f"{args.model} is a {model.config.model_type!r} model; recursion depths need an MoR model.")
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     tokens, depths, prompt_length = generate_with_depths(
         model, tokenizer, args.prompt, args.max_new_tokens, args.do_sample, args.seed
     )
     print(format_depths(tokens, depths))
-    generated = depths[prompt_length:]
-    print(f"\nmean depth of the generated tokens: {sum(generated) / max(1, len(generated)):.2f} "
-          f"(of {model.config.num_recursions})")
+    print(f"\n{describe_generated_depth(depths, prompt_length, model.config.num_recursions)}")
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     plot_token_depths(tokens, depths, model.config.num_recursions, args.output, prompt_length)
     print(f"picture saved to {args.output}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -936,6 +936,11 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         returned sequences (prompt included; 0 for padding)."""
         if output_recursion_depth and not kwargs.get("return_dict_in_generate", False):
             raise ValueError("output_recursion_depth=True needs return_dict_in_generate=True in generate().")
+        prompt = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+        if isinstance(prompt, torch.Tensor) and prompt.shape[-1] == 0 and kwargs.get("inputs_embeds") is None:
+            # As generate_batch words it (serving_mor.py); the masking code would fail on it with an IndexError.
+            raise ValueError(f"empty prompt: generate() needs at least one input token (input_ids of shape "
+                             f"{list(prompt.shape)}). Fix: give a non-empty prompt, or start from the BOS token.")
         outputs = super().generate(*args, **kwargs)
         if output_recursion_depth:
             outputs["recursion_depth"] = self.recursion_depth_of(outputs.sequences, kwargs.get("attention_mask"))

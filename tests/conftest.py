@@ -87,6 +87,20 @@ def one_error_line(main, capsys, arguments) -> str:
     return error
 
 
+def edited_model_copy(folder, destination, edit) -> Path:
+    """A copy of the model folder `folder` whose config.json is changed by `edit(text) -> text`: a truncated one, or
+    one edited by hand so that it no longer fits the weights (see `with_config_fields`)."""
+    copy = Path(shutil.copytree(folder, destination))
+    config = copy / "config.json"
+    config.write_text(edit(config.read_text()))
+    return copy
+
+
+def with_config_fields(**fields):
+    """An `edit` for `edited_model_copy` that sets config.json fields."""
+    return lambda text: json.dumps({**json.loads(text), **fields})
+
+
 @pytest.fixture
 def stories_dir():
     """The real pretrained stories260K Llama (5 layers, vocabulary 512) with its tokenizer."""

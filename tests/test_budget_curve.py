@@ -15,7 +15,7 @@ from conversion import pretrain
 from conversion.uptrain import CapacitySchedule
 from modeling_mor import MoRConfig, MoRForCausalLM
 
-from conftest import STORIES_DIR, TINYSTORIES_TRAIN, TINYSTORIES_VALID
+from conftest import STORIES_DIR, TINYSTORIES_TRAIN, TINYSTORIES_VALID, edited_model_copy, with_config_fields
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +121,7 @@ def test_budget_curve_sweeps_one_checkpoint_end_to_end(random_capacity_run, tmp_
                         TINYSTORIES_VALID, "--eval-max-tokens", 1024, "--output-prefix", prefix)
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads(prefix.with_suffix(".json").read_text())
+    assert table["written_by"] == "examples/budget_curve.py"  # what lets --overwrite replace these files
     rows = table["sweeps"][0]["rows"]
     assert [row["threshold"] for row in rows] == thresholds
     depths = [row["mean_depth"] for row in rows]
@@ -146,3 +147,17 @@ def test_budget_curve_help_and_bad_input(random_capacity_run, tmp_path):
         assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
         assert not (tmp_path / "out").exists()
+    # Issue 18, item 6: a config.json that does not fit the weights (was transformers' load report, a RuntimeError).
+    mismatched = edited_model_copy(model_dir, tmp_path / "mismatched", with_config_fields(intermediate_size=128))
+    result = run_script(mismatched, "--output-prefix", tmp_path / "out" / "curve")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "does not match the weights" in result.stderr
+    assert not (tmp_path / "out").exists()
+    # Issue 18, item 1: --overwrite replaces an earlier sweep's files only, never a file of the same name.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "curve.md").write_text("my notes")
+    for extra in ([], ["--overwrite"]):
+        result = run_script(model_dir, "--output-prefix", tmp_path / "out" / "curve", *extra)
+        assert result.returncode == 2 and result.stderr.startswith("error: ") and "curve.md" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert "not an earlier output" in result.stderr
+    assert [path.name for path in (tmp_path / "out").iterdir()] == ["curve.md"]

@@ -134,6 +134,92 @@ def test_the_source_is_still_replaceable_by_a_separate_output(tmp_path, llama):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Issue 18, item 1: --overwrite replaces an earlier output of these tools only, never a user's folder or the cwd
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _convert(source, output, *extra):
+    return convert_main([str(source), str(output), "--num-recursions", "3", *map(str, extra)])
+
+
+def test_overwrite_replaces_an_earlier_conversion_but_not_what_was_added_to_it(tmp_path, llama, capsys):
+    output = tmp_path / "mor"
+    assert _convert(llama, output) == 0
+    first = json.loads((output / "config.json").read_text())
+    assert _convert(llama, output, "--overwrite", "--dtype", "bfloat16") == 0
+    assert json.loads((output / "config.json").read_text())["dtype"] == "bfloat16" != first["dtype"]
+    (output / "notes.txt").write_text("keep me")
+    (output / "plots").mkdir()
+    tree = _tree(tmp_path)
+    capsys.readouterr()
+    assert _convert(llama, output, "--overwrite") == 2
+    error = _one_error_line(capsys)
+    assert "notes.txt, plots/" in error and "did not write" in error and "nothing was written" in error
+    assert _tree(tmp_path) == tree and (output / "notes.txt").read_text() == "keep me"
+
+
+def test_overwrite_refuses_a_folder_these_tools_did_not_write(tmp_path, llama, capsys):
+    folder = tmp_path / "d"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "notes.txt").write_text("keep me")
+    (folder / "sub" / "data.bin").write_bytes(b"1234")
+    tree = _tree(tmp_path)
+    assert _convert(llama, folder, "--overwrite") == 2
+    error = _one_error_line(capsys)
+    assert "not an earlier output" in error and "notes.txt, sub/" in error
+    assert _tree(tmp_path) == tree
+
+
+@pytest.mark.parametrize("output", [".", ".."])
+def test_overwrite_never_replaces_the_working_directory_or_a_folder_containing_it(
+    tmp_path, llama, monkeypatch, capsys, output
+):
+    # The strongest case: the working directory is itself an earlier conversion (and its parent holds only it).
+    work = tmp_path / "work" / "mor"
+    assert _convert(llama, work) == 0
+    if output == "..":
+        from conversion.output_dir import record_output
+
+        record_output(work.parent)
+    monkeypatch.chdir(work)
+    tree = _tree(tmp_path)
+    capsys.readouterr()
+    assert _convert(llama, output, "--overwrite") == 2
+    assert "working directory" in _one_error_line(capsys)
+    assert _tree(tmp_path) == tree
+
+
+def test_staged_output_dir_records_its_entries_and_checks_again_before_replacing(tmp_path):
+    from conversion.output_dir import OUTPUT_RECORD, TRAINER_CHECKPOINTS, check_output_dir
+
+    output = tmp_path / "out"
+    with staged_output_dir(output, grows=(TRAINER_CHECKPOINTS,)) as staging:
+        (staging / "model.safetensors").write_bytes(b"weights")
+    assert sorted(path.name for path in output.iterdir()) == [OUTPUT_RECORD, "model.safetensors"]
+    (output / "checkpoint-12").mkdir()  # what a training run adds after it has moved into place
+    check_output_dir(output, overwrite=True)
+    # A file added while a run is busy (after the check at its start) is found before the folder is replaced.
+    with pytest.raises(OutputDirExistsError, match="did not write: notes.txt"):
+        with staged_output_dir(output, overwrite=True) as staging:
+            (staging / "model.safetensors").write_bytes(b"new weights")
+            (output / "notes.txt").write_text("added during the run")
+    assert (output / "notes.txt").is_file() and (output / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]  # no staging folder left
+
+
+def test_output_files_are_replaced_only_when_their_json_says_these_tools_wrote_them(tmp_path):
+    from conversion.output_dir import check_output_files
+
+    table, result = tmp_path / "curve.md", tmp_path / "curve.json"
+    table.write_text("notes")
+    with pytest.raises(OutputDirExistsError, match="already exist"):
+        check_output_files([table, result], result, overwrite=False)
+    with pytest.raises(OutputDirExistsError, match="not an earlier output"):
+        check_output_files([table, result], result, overwrite=True)
+    result.write_text(json.dumps({"written_by": "examples/budget_curve.py"}))
+    check_output_files([table, result], result, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Item 5: the sequence strategies cannot route; the default routing is "none" for them
 # ---------------------------------------------------------------------------------------------------------------------
 

@@ -32,9 +32,17 @@ from evaluation import (
     text_file_perplexity,
 )
 from evaluation import core
+from conversion.measure import format_depth_histogram
 from modeling_mor import MoRForCausalLM
 
-from conftest import STORIES_DIR, TINYSTORIES_VALID, mixed_routing_model, tiny_mor_config
+from conftest import (
+    STORIES_DIR,
+    TINYSTORIES_VALID,
+    edited_model_copy,
+    mixed_routing_model,
+    tiny_mor_config,
+    with_config_fields,
+)
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -328,7 +336,7 @@ def test_routing_summary_matches_hand_computation():
     depths = torch.tensor([1, 1, 2, 3, 3, 3, 1, 2])
     summary = summarize_recursion_depths(depths, config)
     assert summary["mean_depth"] == 2.0  # 16 / 8
-    assert summary["depth_histogram"] == {0: 0, 1: 3, 2: 2, 3: 3}
+    assert summary["depth_histogram"] == {1: 3, 2: 2, 3: 3}  # no depth 0: every real token takes a step
     assert summary["block_size"] == 2 and summary["unshared_end_layers"] == 2
     assert summary["block_compute_saved"] == pytest.approx(1 - 2.0 / 3)
     # Per token 2 + 2 * 2 = 6 of 8 layer applications: 2 / 8 saved.
@@ -339,6 +347,13 @@ def test_routing_summary_matches_hand_computation():
     # B = 9 / 3 = 3, mean depth 7/3: 3 * (3 - 7/3) / 9 = 2/9 of the model saved.
     assert cycle["model_compute_saved"] == pytest.approx(2 / 9)
     assert cycle["block_compute_saved"] == pytest.approx(2 / 9)
+
+
+def test_depth_histograms_print_alike_whatever_their_keys():
+    """Issue 18, item 7: {'3': 16384} (a card's JSON), {0: 0, 1: 0, ...} (evaluation) and {1: 9, ...} are one format."""
+    assert format_depth_histogram({"3": 16384}) == "{3: 16384}"
+    assert format_depth_histogram({0: 0, 1: 9, 2: 0, 3: 4}) == "{1: 9, 2: 0, 3: 4}"
+    assert format_depth_histogram({"10": 1, "2": 5}) == "{2: 5, 10: 1}"  # by depth, not as text
 
 
 def test_routing_statistics_match_model_depths(mixed_mor_dir):
@@ -353,7 +368,7 @@ def test_routing_statistics_match_model_depths(mixed_mor_dir):
     assert len(set(depths.tolist())) > 1, "the fixture should route tokens to different depths"
     assert statistics["num_tokens"] == 41
     assert statistics["mean_depth"] == pytest.approx(depths.double().mean().item())
-    assert statistics["depth_histogram"] == {d: int((depths == d).sum()) for d in range(4)}
+    assert statistics["depth_histogram"] == {d: int((depths == d).sum()) for d in range(1, 4)}
     assert statistics["block_compute_saved"] == pytest.approx(1 - depths.double().mean().item() / 3)
     assert statistics["model_compute_saved"] == pytest.approx(2 * (3 - depths.double().mean().item()) / 8)
 
@@ -418,7 +433,7 @@ def test_supported_folders_are_accepted(mixed_mor_dir):
 def test_cli_help(capsys):
     cli = load_cli()
     with pytest.raises(SystemExit) as exit_info:
-        cli.parse_args(["--help"])
+        cli.build_argument_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for option in ("--eval-file", "--mc-file", "--num-fewshot", "--max-tokens", "--batch-size", "--metric-source",
@@ -454,6 +469,8 @@ def test_cli_end_to_end(tmp_path, capsys, converted_mor_dir, eval_text_file):
     routing = results["routing"]
     assert sum(routing["depth_histogram"].values()) == 81  # the 80 tokens and the BOS token
     assert f"Routing: mean depth {routing['mean_depth']:.4f} of 3 over 81 tokens" in printed
+    # Printed as every command line prints a depth histogram (issue 18, item 7; it showed an impossible depth 0).
+    assert f"tokens per depth {format_depth_histogram(routing['depth_histogram'])}" in printed and "{0:" not in printed
     # stories260K has L = 5 layers: B = (5 - 2) / 3 = 1 shared layer.
     block_saved, model_saved = 1 - routing["mean_depth"] / 3, (3 - routing["mean_depth"]) / 5
     assert f"recursion block {100 * block_saved:.2f}%, whole model {100 * model_saved:.2f}%" in printed
@@ -467,6 +484,37 @@ def run_cli(*arguments):
         [sys.executable, str(REPO_ROOT / "examples" / "evaluate_model.py"), *map(str, arguments), "--device", "cpu"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
+
+
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        # Issue 18, item 6: was "Unterminated string ..." without the file's name.
+        (lambda text: text[:100], "truncated/config.json is not a valid JSON file ("),
+        # Issue 18, item 6: was transformers' load report, then a RuntimeError.
+        (with_config_fields(num_hidden_layers=6), "config.json does not match the weights next to it (9 tensor(s) it "
+                                                  "needs are not in the weights (e.g. model.layers.5."),
+    ],
+    ids=["truncated", "not fitting the weights"],
+)
+def test_cli_refuses_a_broken_config_json_in_one_line(tmp_path, capsys, monkeypatch, edit, expected):
+    folder = edited_model_copy(STORIES_DIR, tmp_path / "truncated", edit)
+    cli = load_cli()
+    monkeypatch.setattr(cli, "load_model_and_tokenizer", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([str(folder), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("error: ") and error.count("\n") == 1 and expected in error
+
+
+def test_cli_without_evaluate_names_the_extra_to_install(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "evaluate", None)  # `import evaluate` fails, as after a plain `pip install -e .`
+    with pytest.raises(SystemExit) as exit_info:
+        load_cli().main([str(STORIES_DIR), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and 'pip install "mor-transformers[eval]"' in error
 
 
 def test_cli_rejects_unsupported_folder(tmp_path, capsys):
@@ -507,6 +555,7 @@ def test_cli_bad_input_is_one_error_line(tmp_path, problem):
         extra = ["--eval-file", tmp_path / "blank.txt"]
     elif problem == "gpt2":
         GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(folder)
+
     elif problem == "missing":
         folder = tmp_path / "outputs" / "no-such-model"
     elif problem == "a_file":

@@ -432,3 +432,13 @@ def test_cache_layers_show_what_llamas_cache_holds(strategy):
         assert ours.get_seq_length() == 12
         assert (ours.keys - theirs.keys).abs().max().item() <= 1e-5
         assert (ours.values - theirs.values).abs().max().item() <= 1e-5
+
+
+def test_an_empty_prompt_is_a_clear_error():
+    """Issue 18, item 6: was an IndexError inside the masking code (generate_batch already says "empty prompt")."""
+    model = MoRForCausalLM(tiny_mor_config()).eval()
+    empty = torch.empty(1, 0, dtype=torch.long)
+    for call in (lambda: model.generate(empty, max_new_tokens=2),
+                 lambda: model.generate(input_ids=empty, attention_mask=empty, max_new_tokens=2)):
+        with pytest.raises(ValueError, match=r"empty prompt: generate\(\) needs at least one input token"):
+            call()

@@ -3,6 +3,7 @@ Trainer; save/load and merge; generate with the MoRCache; clear errors for bad t
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 
+from conversion.output_dir import record_output  # noqa: E402
 from modeling_mor import MoRCache, MoRForCausalLM  # noqa: E402
 from modeling_mor.peft_mor import (  # noqa: E402
     DEFAULT_LORA_TARGET_MODULES,
@@ -23,7 +25,7 @@ from modeling_mor.peft_mor import (  # noqa: E402
     router_linear_names,
 )
 
-from conftest import mixed_routing_model, tiny_mor_config  # noqa: E402
+from conftest import edited_model_copy, mixed_routing_model, tiny_mor_config, with_config_fields  # noqa: E402
 from test_save_load import run_isolated  # noqa: E402
 from test_training import RepeatingTokens  # noqa: E402
 
@@ -337,8 +339,8 @@ def test_example_help(capsys):
         example.main(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
-    for option in ("--train-file", "--format", "--lora-r", "--lora-alpha", "--target-modules", "--lora-routers",
-                   "--max-steps", "--output-dir", "--eval-file"):
+    for option in ("MODEL", "OUTPUT_DIR", "--train-file", "--format", "--lora-r", "--lora-alpha", "--target-modules",
+                   "--lora-routers", "--max-steps", "--eval-file"):
         assert option in help_text, option
 
 
@@ -379,10 +381,9 @@ def test_example_refuses_an_output_dir_that_is_the_model(tmp_path, converted_sto
         "inside": str(converted_stories_dir / "adapter"),
     }[spelling]
     line = run_example_expecting_error(capsys, [
-        "--model", str(converted_stories_dir), "--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions",
-        "--output-dir", output_dir,
+        str(converted_stories_dir), output_dir, "--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions",
     ])
-    assert "--model" in line and "Nothing was written" in line
+    assert "MODEL" in line and "Nothing was written" in line
     assert folder_digest(converted_stories_dir) == before
 
 
@@ -392,8 +393,8 @@ def test_example_says_when_the_training_file_is_too_small(tmp_path, converted_st
     train_file.write_text("Once upon a time there was a cat.", encoding="utf-8")
     eval_arguments = [] if held_out else ["--eval-file", str(train_file)]
     line = run_example_expecting_error(capsys, [
-        "--model", str(converted_stories_dir), "--train-file", str(train_file), *eval_arguments,
-        "--block-size", "64", "--output-dir", str(tmp_path / "out"),
+        str(converted_stories_dir), str(tmp_path / "out"), "--train-file", str(train_file), *eval_arguments,
+        "--block-size", "64",
     ])
     assert str(train_file) in line and "--block-size" in line
     assert not (tmp_path / "out").exists()
@@ -415,8 +416,7 @@ def test_example_names_the_file_and_line_of_bad_instructions(tmp_path, converted
     elif content is not None:
         train_file.write_text(content, encoding="utf-8")
     line = run_example_expecting_error(capsys, [
-        "--model", str(converted_stories_dir), "--train-file", str(train_file), "--format", "instructions",
-        "--output-dir", str(tmp_path / "out"),
+        str(converted_stories_dir), str(tmp_path / "out"), "--train-file", str(train_file), "--format", "instructions",
     ])
     assert str(train_file) in line
     expected = {
@@ -441,19 +441,21 @@ def test_example_names_the_file_and_line_of_bad_instructions(tmp_path, converted
 )
 def test_example_refuses_bad_option_values(tmp_path, converted_stories_dir, capsys, options, expected):
     line = run_example_expecting_error(capsys, [
-        "--model", str(converted_stories_dir), "--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions",
-        "--output-dir", str(tmp_path / "out"), *options,
+        str(converted_stories_dir), str(tmp_path / "out"), "--train-file", str(INSTRUCTIONS_PATH), "--format",
+        "instructions", *options,
     ])
     assert expected in line
     assert not (tmp_path / "out").exists()
 
 
 def test_example_refuses_a_plain_llama_model_before_loading_it(tmp_path, stories_dir, capsys):
+    # The older spelling, --model and --output-dir (issue 18, item 7: MODEL OUTPUT_DIR as in the other command lines),
+    # still works: it is read as the positional arguments.
     line = run_example_expecting_error(capsys, [
         "--model", str(stories_dir), "--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions",
         "--output-dir", str(tmp_path / "out"),
     ])
-    assert f"--model {stories_dir} is a 'llama' model, not an MoR one" in line
+    assert f"MODEL {stories_dir} is a 'llama' model, not an MoR one" in line
     assert "python -m conversion.convert_llama_to_mor" in line
     assert not (tmp_path / "out").exists()
 
@@ -463,11 +465,46 @@ def test_example_refuses_an_existing_output_dir_without_overwrite(tmp_path, conv
     output_dir.mkdir()
     (output_dir / "notes.txt").write_text("keep me")
     line = run_example_expecting_error(capsys, [
-        "--model", str(converted_stories_dir), "--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions",
-        "--output-dir", str(output_dir),
+        str(converted_stories_dir), str(output_dir), "--train-file", str(INSTRUCTIONS_PATH), "--format",
+        "instructions",
     ])
     assert f"{output_dir} already exists" in line and "--overwrite" in line
     assert [path.name for path in output_dir.iterdir()] == ["notes.txt"]
+
+
+def test_example_overwrite_refuses_a_folder_holding_anything_but_an_earlier_output(
+    tmp_path, converted_stories_dir, capsys
+):
+    """Issue 18, item 1: --overwrite never replaces a user's folder; the error lists what is there."""
+    output_dir = tmp_path / "out"
+    (output_dir / "sub").mkdir(parents=True)
+    (output_dir / "notes.txt").write_text("keep me")
+    line = run_example_expecting_error(capsys, [
+        str(converted_stories_dir), str(output_dir), "--train-file", str(INSTRUCTIONS_PATH), "--format",
+        "instructions", "--overwrite",
+    ])
+    assert "not an earlier output" in line and "notes.txt, sub/" in line
+    assert sorted(path.name for path in output_dir.iterdir()) == ["notes.txt", "sub"]
+
+
+def test_example_refuses_a_config_that_does_not_fit_the_weights(tmp_path, converted_stories_dir, capsys):
+    """Issue 18, item 6: one error line before loading (was transformers' load report, then a RuntimeError)."""
+    mismatched = edited_model_copy(converted_stories_dir, tmp_path / "mismatched",
+                                   with_config_fields(intermediate_size=344))
+    line = run_example_expecting_error(capsys, [
+        str(mismatched), str(tmp_path / "out"), "--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions",
+    ])
+    assert f"MODEL {mismatched}: config.json does not match the weights" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_without_peft_names_the_extra_to_install(tmp_path, converted_stories_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` fails, as after a plain `pip install -e .`
+    line = run_example_expecting_error(capsys, [
+        str(converted_stories_dir), str(tmp_path / "out"), "--train-file", str(INSTRUCTIONS_PATH),
+    ])
+    assert 'pip install "mor-transformers[peft]"' in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_instructions_file_is_valid():
@@ -496,9 +533,10 @@ def test_example_fine_tunes_converted_stories260k(
     example = load_example_module()
     output_dir = tmp_path / "adapter"
     if data_format == "instructions":
-        # An earlier run's folder, replaced as a whole with --overwrite.
+        # An earlier run's folder (its record lists what that run wrote), replaced as a whole with --overwrite.
         output_dir.mkdir()
         (output_dir / "stale.txt").write_text("from an earlier run")
+        record_output(output_dir)
         data_arguments = ["--train-file", str(INSTRUCTIONS_PATH), "--format", "instructions", "--lora-routers",
                           "--overwrite"]
     else:
@@ -509,9 +547,9 @@ def test_example_fine_tunes_converted_stories260k(
                           "--lora-routers", "full", "--block-size", "64", "--save-merged"]
     results = example.main(
         [
-            "--model", str(converted_stories_dir), *data_arguments,
+            str(converted_stories_dir), str(output_dir), *data_arguments,
             "--max-steps", "4", "--batch-size", "4", "--learning-rate", "5e-3", "--logging-steps", "2",
-            "--sample-tokens", "8", "--prompts", "Once upon a time", "--output-dir", str(output_dir),
+            "--sample-tokens", "8", "--prompts", "Once upon a time",
         ]
     )
     printed = capsys.readouterr().out

@@ -15,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from conversion import pretrain
 from conversion.flops import FlopCounter
 from conversion.measure import perplexity_and_depths, read_eval_tokens
+from conversion.output_dir import check_output_dir
 from modeling_mor import MoRConfig, MoRForCausalLM
 
 from conftest import STORIES_DIR, TINYSTORIES_TRAIN, TINYSTORIES_VALID, last_log_history, one_error_line
@@ -296,6 +297,7 @@ def test_isoflop_benchmark_quick_runs_every_variant(tmp_path):
         assert line["train_flops"] >= line["budget"] and math.isfinite(line["ppl_causal"])
     assert (tmp_path / "isoflop" / "pretrain_isoflop.png").stat().st_size > 0
     assert "| MoR expert N_r=3 |" in (tmp_path / "isoflop" / "pretrain_isoflop.md").read_text()
+    check_output_dir(tmp_path / "isoflop", overwrite=True)  # an earlier output: --overwrite may replace it
 
 
 def test_isoflop_benchmark_help_and_bad_input(tmp_path):
@@ -307,3 +309,9 @@ def test_isoflop_benchmark_help_and_bad_input(tmp_path):
                             text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
     assert list(existing.iterdir()) == []
+    # Issue 18, item 1: --overwrite replaces an earlier output of the benchmark only.
+    (existing / "notes.txt").write_text("keep me")
+    result = subprocess.run([sys.executable, script, "--quick", "--output-dir", str(existing), "--overwrite"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "not an earlier output" in result.stderr
+    assert [path.name for path in existing.iterdir()] == ["notes.txt"]

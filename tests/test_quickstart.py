@@ -93,6 +93,8 @@ def test_quickstart_runs_end_to_end_offline_with_the_install_requirements_only(t
     output = result.stdout
     assert "Using 1 CPU thread" in output.splitlines()[0]
     assert "perplexity: original Llama" in output and "uptrained MoR" in output
+    # Two mean depths, each saying what it is measured on (issue 18, item 7).
+    assert "mean recursion depth on this evaluation text" in output and "generated tokens: " in output
     story = output.split("recursion depth in brackets:")[1]
     assert re.search(r"Once\[[123]\] upon\[[123]\]", story), story[:200]
     assert (tmp_path / "quickstart" / "recursion_depths.png").stat().st_size > 10_000
@@ -140,6 +142,7 @@ def test_the_card_of_another_local_model_names_no_base_model(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     front_matter = card.split("---")[1]
-    assert "base_model:" not in front_matter and "license: other" in front_matter
+    # The licence is the source's, read from its own card as the converter reads it: this copy's says MIT.
+    assert "base_model:" not in front_matter and "license: mit" in front_matter
     assert "| source (my-llama) |" in card
     assert 'from_pretrained("path/to/model", trust_remote_code=True)' in card

@@ -3,9 +3,11 @@ the modeling_mor package cannot be imported."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,9 @@ import torch
 from modeling_mor import MoRForCausalLM
 
 from conftest import mixed_routing_model, tiny_mor_config
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 BLOCK_PROJECT_IMPORTS = textwrap.dedent(
@@ -184,19 +189,24 @@ def test_vllm_plugin_uses_the_project_config_and_routing():
         assert (root / "integrations" / "vllm" / "mor_vllm" / name).samefile(root / "modeling_mor" / name)
 
 
-def test_tokenizer_of_a_saved_folder_loads_without_remote_code(tmp_path):
-    """The documented way (README, model card): `trust_remote_code=False` loads the standard tokenizer of an MoR
-    folder in a process that cannot run the model code, with no `[y/N]` question (stdin is closed)."""
+def test_tokenizer_of_a_saved_folder_loads_quietly(tmp_path):
+    """The documented way (README, model card): `trust_remote_code=True` loads the standard tokenizer of an MoR folder
+    in a process that cannot import the project, with no `[y/N]` question (stdin is closed) and no warning (issue 18,
+    item 7: `trust_remote_code=False` printed "You are using a model of type `mor` ..." on every load: AutoTokenizer
+    reads config.json first, and without the MoR config class only the generic one, which warns, can read it)."""
     from transformers import AutoTokenizer
 
     from conftest import STORIES_DIR
 
+    # The arguments of the line README.md and MODEL_CARD.md recommend (the same in both).
+    (arguments,) = {re.search(r'tokenizer = AutoTokenizer\.from_pretrained\("[^"]+"(, [^)]*)\)', (ROOT / name).read_text())[1]
+                    for name in ("README.md", "MODEL_CARD.md")}
     MoRForCausalLM(tiny_mor_config(vocab_size=512)).save_pretrained(tmp_path / "checkpoint")
     AutoTokenizer.from_pretrained(STORIES_DIR).save_pretrained(tmp_path / "checkpoint")
     script = BLOCK_PROJECT_IMPORTS + textwrap.dedent(
         f"""
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained({str(tmp_path / "checkpoint")!r}, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained({str(tmp_path / "checkpoint")!r}{arguments})
         print(tokenizer("Once upon a time")["input_ids"])
         """
     )
@@ -204,5 +214,6 @@ def test_tokenizer_of_a_saved_folder_loads_without_remote_code(tmp_path):
                             stdin=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "[y/N]" not in result.stdout + result.stderr
+    assert "model of type" not in result.stderr and "warn" not in result.stderr.lower(), result.stderr
     expected = AutoTokenizer.from_pretrained(STORIES_DIR)("Once upon a time")["input_ids"]
     assert result.stdout.strip().splitlines()[-1] == repr(expected)

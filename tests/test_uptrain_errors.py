@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 from conversion import uptrain
 from conversion.convert_llama_to_mor import main as convert_main
 
-from conftest import one_error_line
+from conftest import edited_model_copy, one_error_line, with_config_fields
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +72,28 @@ def test_output_dir_may_not_be_the_input_dir(converted, train_text, tmp_path, re
     assert _snapshot(converted) == before
 
 
+def test_overwrite_refuses_a_folder_holding_anything_but_an_earlier_output(converted, train_text, tmp_path, refused):
+    """Issue 18, item 1: a user's folder is never replaced, and the error lists what is there."""
+    output = tmp_path / "d"
+    (output / "sub").mkdir(parents=True)
+    (output / "notes.txt").write_text("keep me")
+    before = _snapshot(output)
+    error = refused(converted, output, "--train-file", train_text, "--max-steps", "1", "--overwrite")
+    assert "not an earlier output" in error and "notes.txt, sub/" in error
+    assert _snapshot(output) == before
+
+
+@pytest.mark.parametrize("output", [".", ".."])
+def test_the_working_directory_is_never_replaced(converted, train_text, tmp_path, refused, monkeypatch, output):
+    """Even empty (a new run replaces an empty OUTPUT_DIR without --overwrite), the working directory stays."""
+    work = tmp_path / "work" / "empty"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    error = refused(converted, output, "--train-file", train_text, "--max-steps", "1", "--overwrite")
+    assert "working directory" in error
+    assert sorted(path.name for path in tmp_path.rglob("*")) == ["empty", "work"]
+
+
 def test_output_dir_may_not_be_the_teacher(converted, train_text, tmp_path, refused):
     teacher = tmp_path / "teacher"
     shutil.copytree(STORIES, teacher)
@@ -88,6 +110,7 @@ def test_output_dir_may_not_be_the_teacher(converted, train_text, tmp_path, refu
         (b"", "empty"),
         (b"  \n\n\t \n", "blank"),
         (b"Once upon\xff a time", "not UTF-8 text (byte 9"),
+        ("Once upon a time".encode("utf-16"), "looks like UTF-16). Fix: convert it to UTF-8 (for example `iconv -f utf-16"),
     ],
 )
 @pytest.mark.parametrize("option", ["--train-file", "--eval-file"])
@@ -110,7 +133,7 @@ def test_training_text_shorter_than_one_block_is_refused(converted, tmp_path, re
     assert not (tmp_path / "up").exists()
 
 
-@pytest.mark.parametrize("kind", ["missing", "empty folder", "llama", "no weights"])
+@pytest.mark.parametrize("kind", ["missing", "empty folder", "llama", "no weights", "config not fitting the weights"])
 def test_input_dir_that_is_not_an_mor_model_is_refused(converted, train_text, tmp_path, refused, kind):
     model_dir = tmp_path / "model"
     if kind == "empty folder":
@@ -123,6 +146,9 @@ def test_input_dir_that_is_not_an_mor_model_is_refused(converted, train_text, tm
         model_dir.mkdir()
         shutil.copyfile(converted / "config.json", model_dir / "config.json")
         expected = "no model weights"
+    elif kind == "config not fitting the weights":  # issue 18, item 6: was transformers' load report, a RuntimeError
+        edited_model_copy(converted, model_dir, with_config_fields(intermediate_size=344))
+        expected = "config.json does not match the weights next to it (9 tensor(s) have another shape"
     else:
         expected = "does not exist"
     error = refused(model_dir, tmp_path / "up", "--train-file", train_text, "--max-steps", "1")
