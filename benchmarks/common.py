@@ -3,8 +3,6 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from modeling_mor import MoRConfig, MoRForCausalLM
-
 
 def model_dims(args) -> dict:
     return dict(
@@ -37,6 +35,10 @@ def add_model_arguments(parser, hidden_size=512, num_layers=14):
 def build_models(args, variants):
     """The compared models, all with the same width and unrolled depth. `variants` maps a name to MoR config
     overrides, or to None for the vanilla LlamaForCausalLM."""
+    # Imported here: benchmarks/vllm_throughput.py reads this file's FLOP model in vLLM's environment, whose
+    # transformers is older than the MoR model code needs.
+    from modeling_mor import MoRConfig, MoRForCausalLM
+
     dtype = getattr(torch, args.dtype)
     models = {}
     for name, overrides in variants.items():
@@ -74,7 +76,7 @@ def build_decode_models(args):
 
 def layer_applications_per_token(config, recursion_depth: torch.Tensor) -> float:
     """Mean decoder-layer applications per real token: 2 + B * mean depth for middle_cycle, L for a vanilla model."""
-    if not isinstance(config, MoRConfig):
+    if getattr(config, "model_type", None) != "mor":
         return float(config.num_hidden_layers)
     real = recursion_depth[recursion_depth > 0].float()
     ends = 2 if config.has_unshared_ends else 0

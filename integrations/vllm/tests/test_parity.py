@@ -11,6 +11,8 @@ from collections import Counter
 import pytest
 from vllm import SamplingParams, TokensPrompt
 
+from mor_vllm.model import depth_counts_of
+
 from conftest import serving
 from reference_checkpoints import BFLOAT16_VARIANT, VARIANTS
 
@@ -28,12 +30,6 @@ def greedy(llm, prompts, new_tokens):
         for output in outputs
     ]
     return tokens, logprobs
-
-
-def depth_counts_of(model):
-    from mor_vllm.model import depth_counts_of
-
-    return depth_counts_of(model)
 
 
 @pytest.mark.parametrize("variant", [*VARIANTS, BFLOAT16_VARIANT])
