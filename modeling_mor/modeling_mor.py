@@ -272,12 +272,16 @@ class StepAttention(NamedTuple):
 
 class LayerOutput(NamedTuple):
     """A decoder layer's output: its hidden states, its attention weights (None under kernels that do not return
-    them) and its keys/values (read by deeper steps under the shared policy). With a cache the keys/values are views
-    of memory the cache reuses for its next gather of the same layer: read them before the next forward."""
+    them) and its keys and values (read by deeper steps under the shared policy). With a cache the keys/values are
+    views of memory the cache reuses for its next gather of the same layer: read them before the next forward.
+
+    Every tensor is a field of its own and callers unpack by position: reentrant gradient checkpointing returns a
+    plain tuple, and only its top-level tensors stay in the autograd graph."""
 
     hidden_states: torch.Tensor
     attn_weights: torch.Tensor | None
-    key_value: tuple[torch.Tensor, torch.Tensor]
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 class UnrolledLayerOutput(nn.Module):
@@ -445,25 +449,29 @@ class MoRDecoderLayer(LlamaDecoderLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        shared_keys: torch.Tensor | None = None,
+        shared_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         recursion_step: int | None = None,
-        shared_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         key_rows: KeyRows | None = None,
         active_tokens: ActiveTokens | None = None,
         **kwargs,
     ):
+        """`shared_keys`/`shared_values`: step 1's keys/values of this layer, read by a deeper step under the shared
+        policy. They come positionally, like `hidden_states`, because reentrant gradient checkpointing backpropagates
+        only into positional tensors."""
         step_args = (recursion_step,) if self.relaxed else ()
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states, *step_args)
-        hidden_states, attn_weights, key_value = self.self_attn(
+        hidden_states, attn_weights, (keys, values) = self.self_attn(
             hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             cache=cache,
             recursion_step=recursion_step,
-            shared_key_value=shared_key_value,
+            shared_key_value=None if shared_keys is None else (shared_keys, shared_values),
             key_rows=key_rows,
             active_tokens=active_tokens,
             **kwargs,
@@ -474,7 +482,7 @@ class MoRDecoderLayer(LlamaDecoderLayer):
         hidden_states = self.post_attention_layernorm(hidden_states, *step_args)
         hidden_states = self.mlp(hidden_states, *step_args)
         hidden_states = residual + hidden_states
-        return LayerOutput(hidden_states, attn_weights, key_value)
+        return LayerOutput(hidden_states, attn_weights, keys, values)
 
 
 class MoRRecursionBlock(nn.Module):
@@ -562,20 +570,21 @@ class MoRRecursionBlock(nn.Module):
             step_position_embeddings = tuple(active_tokens.take(part) for part in position_embeddings)
             for order, position in enumerate(positions):
                 layer_input = hidden_states
-                block_hidden, attn_weights, key_value = self.layers[position](
+                shared_key_value = step_one_key_values[position] if shares_step_one else (None, None)
+                block_hidden, attn_weights, keys, values = self.layers[position](
                     block_hidden,
+                    *shared_key_value,
                     attention_mask=step_attention.mask,
                     position_embeddings=step_position_embeddings,
                     cache=cache,
                     recursion_step=step,
-                    shared_key_value=step_one_key_values[position] if shares_step_one else None,
                     key_rows=step_attention.key_rows,
                     active_tokens=active_tokens,
                     **kwargs,
                 )
                 if step == 0 and config.kv_cache_policy == "shared":
                     # Read by the deeper steps of this forward; a cache's gathered keys live in memory it reuses.
-                    step_one_key_values[position] = key_value
+                    step_one_key_values[position] = (keys, values)
                 if order == len(positions) - 1:
                     if config.routing == "expert_choice":
                         block_hidden = apply_gate(config, block_input, block_hidden, active_tokens.take(gate))
@@ -844,7 +853,8 @@ class MoRModel(MoRPreTrainedModel):
 
     def _end_layer(self, layer, hidden_states, attention_mask, position_embeddings, cache, **kwargs):
         """An unshared first/last layer on every token, its outputs handed to the output capturing."""
-        output = layer(
+        # Unpacked by position: under reentrant gradient checkpointing a layer returns a plain tuple.
+        layer_states, attn_weights, _, _ = layer(
             hidden_states,
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
@@ -852,8 +862,8 @@ class MoRModel(MoRPreTrainedModel):
             **kwargs,
         )
         if recorded_outputs(self.config, kwargs):
-            self.layer_output(hidden_states, output.hidden_states, output.attn_weights)
-        return output.hidden_states
+            self.layer_output(hidden_states, layer_states, attn_weights)
+        return layer_states
 
     def _end_layer_mask(self, attention_mask, token_index, token_valid, cache, dtype, document_start=None):
         """Mask of the unshared first/last layers: every real token, like Llama's."""

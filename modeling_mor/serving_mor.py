@@ -484,7 +484,7 @@ class DepthwiseBatchProcessor:
         self.stats.pass_setup += time.perf_counter() - started
         layer_input = hidden
         for layer in layers:
-            hidden = layer(
+            hidden, _, _, _ = layer(
                 hidden,
                 attention_mask=attention_mask,
                 position_embeddings=(cos[0], sin[0]),
@@ -492,7 +492,7 @@ class DepthwiseBatchProcessor:
                 recursion_step=recursion_step,
                 active_tokens=active_tokens,
                 row_buckets=row_buckets,
-            ).hidden_states
+            )
         return layer_input, hidden, counts
 
     def _end_layer_pass(self, groups: list[TokenGroup], layer, first: bool) -> None:
