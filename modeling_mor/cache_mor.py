@@ -516,8 +516,9 @@ class MoRRecursionLayer(CacheLayerMixin):
 
     @property
     def keys(self) -> torch.Tensor | None:
-        """Every row's keys at this step, `[batch, kv_heads, tokens held by the fullest row, head_dim]`, in sequence
-        order, zeros after a row's own tokens (a copy gathered from the pages; None before anything is stored)."""
+        """Every row's keys at this step, position-aligned as a DynamicLayer's: `[batch, kv_heads, tokens seen,
+        head_dim]`, zeros where a token did not take the step (a copy built from the pages, which hold only the
+        tokens that took it; None before anything is stored). What transformers' utilities read."""
         return self._held()[0]
 
     @property
@@ -534,14 +535,17 @@ class MoRRecursionLayer(CacheLayerMixin):
         rows = sorted(storage.tables)
         page_table, key_index = storage.read_layout(rows, [self.step] * len(rows))
         keys, values = gather_pages(storage.pools[self.step], self.position, page_table)
-        held = (key_index >= 0)[:, None, :, None].to(keys.dtype)
-        length = self.get_seq_length()
-        return (keys * held)[:, :, :length], (values * held)[:, :, :length]
+        row, slot = (key_index >= 0).nonzero(as_tuple=True)
+        shape = (len(rows), keys.shape[1], self.get_seq_length(), keys.shape[3])
+        aligned_keys, aligned_values = keys.new_zeros(shape), values.new_zeros(shape)
+        # [tokens, kv_heads, head_dim] on both sides: each stored token goes to its sequence index in its row.
+        aligned_keys[row, :, key_index[row, slot]] = keys[row, :, slot]
+        aligned_values[row, :, key_index[row, slot]] = values[row, :, slot]
+        return aligned_keys, aligned_values
 
     def get_seq_length(self) -> int:
-        if self.cache.storage is None:
-            return 0
-        return max((tables[self.step].length for tables in self.cache.storage.tables.values()), default=0)
+        """The tokens seen, as every layer of the cache (the positions of `keys`), whatever this step holds."""
+        return self.cache.get_seq_length()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0

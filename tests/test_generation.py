@@ -410,25 +410,58 @@ def test_past_key_values_is_still_accepted():
     assert outputs.cache is cache and cache.get_seq_length() == 6
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("strategy", ["cycle", "middle_cycle"])
-def test_cache_layers_show_what_llamas_cache_holds(strategy):
-    """`cache.layers[i].keys` / `.values` are `[batch, kv_heads, tokens held, head_dim]` without spare slots: with one
-    recursion and routing "none" every layer holds exactly the sequence, as Llama's DynamicCache with the same weights."""
+def test_cache_layers_show_what_llamas_cache_holds(strategy, padding_side):
+    """`cache.layers[i].keys` / `.values` are position-aligned, `[batch, kv_heads, sequence, head_dim]` as Llama's,
+    zeros where a token did not take the step: with routing "none" every layer holds, at every real token, what
+    transformers' Llama with the same (unrolled) layers holds in its DynamicCache, for padded batches."""
     from conversion import convert_llama_to_mor
     from conftest import tiny_llama
+    from test_parity import _unrolled_llama
 
-    llama = tiny_llama(num_hidden_layers=6)
-    mor = convert_llama_to_mor(llama, num_recursions=1, sharing_strategy=strategy, routing="none").eval()
-    input_ids = torch.randint(0, llama.config.vocab_size, (2, 11))
+    mor = convert_llama_to_mor(tiny_llama(num_hidden_layers=6), num_recursions=2, sharing_strategy=strategy, routing="none")
+    mor.eval()
+    llama = _unrolled_llama(mor, "eager", with_cache=True)
+    input_ids = torch.randint(1, mor.config.vocab_size, (3, 11))
+    attention_mask = torch.ones_like(input_ids)
+    for row, padding in ((1, 4), (2, 7)):
+        if padding_side == "left":
+            attention_mask[row, :padding] = 0
+        else:
+            attention_mask[row, -padding:] = 0
     cache = MoRCache(mor.config, page_size=4)
+    decode_ids, decode_mask = input_ids[:, :1], torch.cat([attention_mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
     with torch.no_grad():
-        reference = llama(input_ids, use_cache=True).past_key_values
-        mor(input_ids, cache=cache)
-        mor(input_ids[:, :1], cache=cache)  # one decode step: 12 tokens held, over 3 pages of 4
-        reference = llama(input_ids[:, :1], past_key_values=reference, use_cache=True).past_key_values
-    assert len(cache.layers) == len(reference.layers) == 6
-    for ours, theirs in zip(cache.layers, reference.layers):
-        assert ours.keys.shape == theirs.keys.shape == (2, 2, 12, 8)
+        reference = llama(input_ids, attention_mask=attention_mask, use_cache=True).past_key_values
+        reference = llama(decode_ids, attention_mask=decode_mask, past_key_values=reference, use_cache=True).past_key_values
+        mor(input_ids, attention_mask=attention_mask, cache=cache)
+        mor(decode_ids, attention_mask=decode_mask, cache=cache)  # 12 tokens, over pages of 4
+    real = decode_mask.bool()[:, None, :, None]
+    unrolled = mor.model.unrolled_layers(with_recursion_step=True)
+    assert len(cache.layers) == 2 + 2 * mor.config.block_size if strategy == "middle_cycle" else 2 * mor.config.block_size
+    assert len(unrolled) == len(reference.layers) == 6
+    for (layer, step), theirs in zip(unrolled, reference.layers):
+        ours = cache.layers[cache._slot_of[(layer.self_attn.layer_idx, step)]]
+        assert ours.keys.shape == ours.values.shape == theirs.keys.shape == (3, 2, 12, 8)
         assert ours.get_seq_length() == 12
-        assert (ours.keys - theirs.keys).abs().max().item() <= 1e-5
-        assert (ours.values - theirs.values).abs().max().item() <= 1e-5
+        assert (ours.keys - theirs.keys).masked_fill(~real, 0).abs().max().item() <= 1e-5
+        assert (ours.values - theirs.values).masked_fill(~real, 0).abs().max().item() <= 1e-5
+        if step is not None:  # padding takes no recursion step
+            assert not ours.keys.masked_fill(real, 0).any() and not ours.values.masked_fill(real, 0).any()
+
+
+def test_cache_layer_views_are_zero_where_a_token_did_not_take_the_step():
+    """With routing, each row's stored keys sit at their tokens' positions; the other positions are zero."""
+    model = _model(routing="expert_choice")
+    input_ids = torch.randint(1, model.config.vocab_size, (2, 10))
+    cache = MoRCache(model.config)
+    with torch.no_grad():
+        depth = model(input_ids, cache=cache, output_recursion_depth=True).recursion_depth
+    assert depth.min() < depth.max()
+    for step in range(model.config.num_recursions):
+        layer = cache.layers[cache._slot_of[(1, step)]]
+        assert layer.keys.shape == (2, 2, 10, 8)
+        took_step = (depth > step)[:, None, :, None]
+        assert not layer.keys.masked_fill(took_step, 0).any()
+        assert (layer.keys.abs().sum(-1) > 0).eq(took_step[..., 0]).all()
