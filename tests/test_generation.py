@@ -1,5 +1,8 @@
 """MoRCache and generate(): cached decoding equals the uncached forward, in every decoding mode."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList, TextStreamer
@@ -10,6 +13,9 @@ from modeling_mor import MoRCache, MoRForCausalLM
 from modeling_mor.cache_mor import ChunkGrownLayer
 
 from conftest import mixed_routing_model, tiny_mor_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import kept_bytes  # noqa: E402
 
 
 COMBINATIONS = [
@@ -340,10 +346,37 @@ def test_cache_accounting_batch_one():
     assert cache.storage.pages_held_by(0) == {step: -(-count // 4) for step, count in enumerate(routed)}
     (pool,) = cache.storage.unique_pools()
     assert pool.keys.shape[0] == model.config.block_size
-    ends = sum(t.nbytes for layer in cache.layers[:: len(cache.layers) - 1] for t in (layer.key_storage, layer.value_storage))
-    per_page = pool.bytes_per_page() + pool.slot_token_index[0].nbytes
-    assert cache.nbytes() == ends + sum(-(-count // 4) for count in routed) * per_page
-    assert cache.reserved_nbytes() >= pool.num_pages * pool.bytes_per_page()
+    # nbytes() is everything the cache keeps: every tensor reachable from it, counted without asking it.
+    assert cache.nbytes() == kept_bytes(cache)
+    report = cache.memory_report()
+    assert report["pages_in_use_bytes"] == sum(-(-count // 4) for count in routed) * pool.bytes_per_page()
+    assert report["page_index_bytes"] == pool.slot_token_index.nbytes
+    parts = ("pages_in_use_bytes", "free_pages_bytes", "page_index_bytes", "gather_buffer_bytes", "end_layer_bytes")
+    assert report["nbytes"] == cache.nbytes() == sum(report[part] for part in parts)
+
+
+@pytest.mark.parametrize("policy", ["recursion_wise", "shared"])
+def test_cache_keeps_little_more_than_the_routed_tokens(policy):
+    """At batch 16 x 128 prompt tokens + 128 new ones (expert-choice, middle_cycle, 14 layers and 3 recursions as in
+    benchmarks/decode_throughput.py, narrower), everything a recursion-wise MoRCache keeps (pages used and free, their
+    index, gather buffers, the end layers) is at most 1.25x the keys and values of exactly the tokens it stores;
+    gather buffers per block position exist only under the shared policy, whose deeper steps read step 1's gathered
+    keys."""
+    dims = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=14)
+    model = _model(routing="expert_choice", kv_cache_policy=policy, max_position_embeddings=512, **dims)
+    prompt = torch.randint(1, model.config.vocab_size, (16, 128))
+    cache = MoRCache(model.config)
+    model.generate(prompt, max_new_tokens=128, min_new_tokens=128, do_sample=False, cache=cache)
+    report = cache.memory_report()
+    assert report["nbytes"] == cache.nbytes() == kept_bytes(cache)
+    held = report["tokens_held_per_step"]
+    if policy == "recursion_wise":
+        assert held[0] == 16 * 255 > held[1] > held[2] > 0
+        assert report["held_over_ideal"] <= 1.25, report
+        assert list(cache.storage.gather_buffers.buffers) == ["every layer"]
+    else:
+        assert held == [16 * 255]
+        assert sorted(cache.storage.gather_buffers.buffers) == list(range(model.config.block_size))
 
 
 def test_cache_accounting_batch_holds_each_rows_own_tokens():
