@@ -1,4 +1,8 @@
-"""Shared pieces of the benchmark scripts: the models compared and the FLOP model."""
+"""Shared pieces of the benchmark scripts: the models compared, the FLOP model and memory measurement."""
+
+import importlib.util
+import sys
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -104,6 +108,45 @@ def weight_pass_ratio(vanilla_config, mor_config, generated_depth: torch.Tensor)
     equals `matmul_flop_ratio` over the same tokens."""
     deepest_per_step = generated_depth.max(dim=0, keepdim=True).values
     return matmul_flop_ratio(vanilla_config, mor_config, deepest_per_step)
+
+
+def kept_bytes(root) -> int:
+    """Bytes of every tensor storage reachable from `root` (through containers, attributes and slots), each storage
+    counted once: what an object such as a cache keeps, measured without asking it."""
+    seen, storages, stack = set(), {}, [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (str, bytes, int, float, bool, type(None), type, torch.dtype,
+                                              torch.device, torch.nn.Module)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        else:
+            stack.extend(getattr(obj, "__dict__", {}).values())
+            for name in getattr(type(obj), "__slots__", ()):
+                stack.append(getattr(obj, name, None))
+    return sum(storages.values())
+
+
+def load_baseline_package(folder):
+    """The `modeling_mor` package of another version of this repository (`folder` holds its `modeling_mor/`, e.g.
+    `git archive COMMIT modeling_mor | tar -x -C FOLDER`), imported as `modeling_mor_baseline` next to the current
+    one. Its `__init__` registers its classes with the Auto factories, which nothing here uses."""
+    package = Path(folder) / "modeling_mor"
+    spec = importlib.util.spec_from_file_location(
+        "modeling_mor_baseline", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def synchronize(device):

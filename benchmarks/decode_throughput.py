@@ -7,22 +7,40 @@ expert-choice middle_cycle, with the recursion-wise and the shared KV policy. Ea
 and the median is reported. Routers are random-init with weights scaled by `--router-scale`, so that eval-mode routing
 makes mixed decisions (an untrained router sits at the threshold); the depths actually taken are measured and give
 two ideal speed-ups, by matmul FLOPs and by weight passes (see the note printed at the end), and the
-ideal memory ratio (tokens stored per step).
+ideal memory ratio (tokens stored per step). 'KV MiB' is everything a cache keeps (every tensor it holds), and for
+MoR 'kept/ideal' sets it against the routed-token ideal (`MoRCache.memory_report`).
 
-Example:
+`--baseline-code FOLDER` also times the MoR models of another version of this repository (FOLDER holds its
+`modeling_mor/`), with the same weights, in the same interleaved rounds: a change is measured against the code
+before it in one run.
+
+Examples:
 
     python benchmarks/decode_throughput.py --batch-sizes 1 16 --prompt-len 128 --new-tokens 128
+
+    mkdir /tmp/before && git archive HEAD~1 modeling_mor | tar -x -C /tmp/before
+    PYTHONPATH=. python benchmarks/decode_throughput.py --batch-sizes 16 --baseline-code /tmp/before
 """
 
 import argparse
+import importlib
 import statistics
 import time
 
 import torch
 from transformers import DynamicCache, StaticCache
 
-from common import add_model_arguments, build_decode_models, matmul_flop_ratio, synchronize, weight_pass_ratio
-from modeling_mor import MoRCache
+from common import (
+    add_model_arguments,
+    build_decode_models,
+    kept_bytes,
+    load_baseline_package,
+    matmul_flop_ratio,
+    synchronize,
+    weight_pass_ratio,
+)
+
+BASELINE = " [baseline code]"
 
 
 @torch.no_grad()
@@ -37,16 +55,23 @@ def greedy_loop(model, prompt, new_tokens: int, cache):
 
 def new_cache(name: str, model, max_cache_len: int):
     if name.startswith("MoR"):
-        return MoRCache(model.config)
+        # The MoRCache of the model's own code (the current one or the baseline's).
+        return importlib.import_module(type(model).__module__).MoRCache(model.config)
     if name.endswith("StaticCache"):
         return StaticCache(config=model.config, max_cache_len=max_cache_len)
     return DynamicCache(config=model.config)
 
 
-def cache_nbytes(cache) -> int:
-    if isinstance(cache, MoRCache):
-        return cache.nbytes()
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.is_initialized)
+def baseline_twins(models: dict, folder) -> dict:
+    """The MoR models built by the code in `folder`, with the same config and weights."""
+    baseline = load_baseline_package(folder)
+    twins = {}
+    for name, model in models.items():
+        if name.startswith("MoR"):
+            twin = baseline.MoRForCausalLM(baseline.MoRConfig.from_dict(model.config.to_dict()))
+            twin.load_state_dict(model.state_dict())
+            twins[name + BASELINE] = twin.to(device=model.device, dtype=model.dtype).eval()
+    return twins
 
 
 def main():
@@ -59,6 +84,8 @@ def main():
     parser.add_argument("--router-scale", type=float, default=40.0)
     parser.add_argument("--mode", choices=["generate", "forward"], default="generate",
                         help="time model.generate() (what users see) or a plain greedy loop over model() calls")
+    parser.add_argument("--baseline-code", metavar="FOLDER",
+                        help="also time the MoR models of the modeling_mor/ in FOLDER (another version of this code)")
     args = parser.parse_args()
 
     models = build_decode_models(args)
@@ -66,6 +93,8 @@ def main():
     # at every token, which a batch pays for; MoRCache grows in chunks instead.
     models = {"vanilla Llama": models["vanilla Llama"], "vanilla Llama, StaticCache": models["vanilla Llama"],
               **{name: model for name, model in models.items() if name.startswith("MoR")}}
+    if args.baseline_code:
+        models.update(baseline_twins(models, args.baseline_code))
 
     print(f"device={args.device} dtype={args.dtype} L={args.num_layers} hidden={args.hidden_size} "
           f"prompt={args.prompt_len} new={args.new_tokens} repeats={args.repeats} mode={args.mode} (median)")
@@ -97,15 +126,16 @@ def main():
         new_tokens = batch_size * args.new_tokens
         baseline = statistics.median(times["vanilla Llama"])
         recursive = statistics.median(times["MoR routing=none"])
-        recursive_bytes = cache_nbytes(caches["MoR routing=none"][0])
+        recursive_bytes = kept_bytes(caches["MoR routing=none"][0])
+        width = max(len(name) for name in models) + 2
         print(f"\nbatch {batch_size}")
-        print(f"{'model':<28}{'tok/s':>9}{'vs vanilla':>12}{'vs none':>9}{'FLOPs':>8}{'weights':>9}{'KV MiB':>9}"
-              f"{'vs none':>9}{'ideal':>8}{'mean depth':>12}")
+        print(f"{'model':<{width}}{'tok/s':>9}{'vs vanilla':>12}{'vs none':>9}{'FLOPs':>8}{'weights':>9}{'KV MiB':>9}"
+              f"{'vs none':>9}{'ideal':>8}{'kept/ideal':>11}{'mean depth':>12}")
         for name, model in models.items():
             median = statistics.median(times[name])
             cache, sequences = caches[name]
-            nbytes = cache_nbytes(cache)
-            flop_ideal = weight_ideal = ideal_memory = mean_depth = float("nan")
+            nbytes = kept_bytes(cache)
+            flop_ideal = weight_ideal = ideal_memory = kept_over_ideal = mean_depth = float("nan")
             if name.startswith("MoR"):
                 if sequences is None:  # forward mode: the depths the generate run of the same prompt takes
                     sequences = model.generate(prompt, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
@@ -118,15 +148,24 @@ def main():
                 weight_ideal = weight_pass_ratio(models["vanilla Llama"].config, model.config, decode_depth)
                 full = model.config.num_recursions * depth.numel()
                 ideal_memory = full / sum(cache.tokens_held_per_step()) if model.config.kv_cache_policy == "recursion_wise" else model.config.num_recursions
-            print(f"{name:<28}{new_tokens / median:>9.1f}{baseline / median:>11.2f}x{recursive / median:>8.2f}x"
+                # A baseline twin routes as its current-code model: the same tokens, the same ideal.
+                kept_over_ideal = nbytes / caches[name.removesuffix(BASELINE)][0].memory_report()["kv_bytes_ideal"]
+            print(f"{name:<{width}}{new_tokens / median:>9.1f}{baseline / median:>11.2f}x{recursive / median:>8.2f}x"
                   f"{flop_ideal:>7.2f}x{weight_ideal:>8.2f}x{nbytes / 2**20:>9.2f}{recursive_bytes / nbytes:>8.2f}x"
-                  f"{ideal_memory:>7.2f}x{mean_depth:>12.2f}")
+                  f"{ideal_memory:>7.2f}x{kept_over_ideal:>10.3f}x{mean_depth:>12.2f}")
+        for name in models:
+            if name.endswith(BASELINE):
+                current, before = statistics.median(times[name.removesuffix(BASELINE)]), statistics.median(times[name])
+                print(f"{name.removesuffix(BASELINE)}: current code {before / current:.3f}x the speed of the baseline "
+                      f"code (medians {current:.2f} s vs {before:.2f} s)")
     print("\nIdeal speed-ups over routing=none: 'FLOPs', weight-matmul FLOPs of the depths taken by every token, prompt "
           "included (reached where matmuls are compute-bound); 'weights', layer passes of the decode steps only, where "
           "a step pays for recursion step r if any row's token takes it (the bound where reading the weights "
           "dominates, as in small-batch decoding; it leaves out the prefill). "
           "'ideal' memory: tokens a full recursion cache holds over the tokens this cache holds (recursion block only; "
-          "unshared layers, index tensors and rows padded to the largest one make the measured ratio lower).")
+          "unshared layers, index tensors and rows padded to the largest one make the measured ratio lower). "
+          "'KV MiB': every tensor the cache keeps; 'kept/ideal': that over the keys/values of exactly the tokens "
+          "stored (per recursion step, plus every token in the unshared end layers).")
 
 
 if __name__ == "__main__":

@@ -128,6 +128,12 @@ class ChunkGrownLayer(DynamicLayer):
             self.length = max(0, self.length + tokens_to_remove)
 
 
+# A growable pool (MoRCache's) grows by at least a sixteenth of its pages: at most 1/16 of it is unused room, and the
+# copies of the growths add up to about 16 times the final pool (a small part of decoding's time:
+# benchmarks/decode_throughput.py --baseline-code).
+POOL_GROWTH_DIVISOR = 16
+
+
 class PagePool:
     """Keys/values of `num_layers` layers in pages of `page_size` token slots, and the free pages.
 
@@ -169,13 +175,20 @@ class PagePool:
                 f"parallel rank); build a new MoRCache."
             )
 
+    def reserve(self, pages: int) -> None:
+        """Makes `pages` pages free. A growable pool grows by what is missing, and by at least 1/POOL_GROWTH_DIVISOR
+        of its size, since each growth copies the pool; a fixed one raises."""
+        missing = pages - len(self.free_pages)
+        if missing <= 0:
+            return
+        if not self.growable:
+            raise RuntimeError("the KV page pool is exhausted")
+        self._grow(max(missing, -(-self.num_pages // POOL_GROWTH_DIVISOR)))
+
     def take_page(self) -> int:
         """A free page, zeroed: attention masks its unused slots, but a masked slot holding NaN would still poison
         its row (0 * NaN)."""
-        if not self.free_pages:
-            if not self.growable:
-                raise RuntimeError("the KV page pool is exhausted")
-            self._grow(self.num_pages)
+        self.reserve(1)
         page = self.free_pages.pop()
         if self.keys is not None:
             self.keys[:, page].zero_()
@@ -215,6 +228,10 @@ class PagePool:
 
     def bytes_per_page(self) -> int:
         return 0 if self.keys is None else 2 * self.keys[:, 0].nbytes  # keys and values of every layer
+
+    def nbytes(self) -> int:
+        """Every page, used or free, and the index of sequence positions."""
+        return self.bytes_per_page() * self.num_pages + self.slot_token_index.nbytes
 
 
 class PageTable:
@@ -386,9 +403,9 @@ class GatherBuffers:
 
     A gather copies every row's pages, several MiB per layer; a fresh tensor of that size is mapped and unmapped by
     the allocator on every call, and its page faults cost more than the copy (measured: an engine decode pass took
-    1.4x as long). Without autograd, a layer's gathered keys are written into the buffer of its key, grown by a
-    quarter when too small (a row's keys grow a page at a time); a buffer may only be shared by layers whose gathered
-    keys are not read once the next one gathers."""
+    1.4x as long). Without autograd, a layer's gathered keys are written into the buffer of its key, grown by an
+    eighth when too small (a row's keys grow a page at a time; the old contents are dead, so a growth copies
+    nothing); a buffer may only be shared by layers whose gathered keys are not read once the next one gathers."""
 
     def __init__(self):
         self.buffers: dict = {}
@@ -401,7 +418,7 @@ class GatherBuffers:
         numel = math.prod(shape)
         held = self.buffers.get(key)
         if held is None or held[0].numel() < numel or held[0].dtype != like.dtype or held[0].device != like.device:
-            size = max(numel, (5 * held[0].numel()) // 4 if held is not None else 0)
+            size = max(numel, (9 * held[0].numel()) // 8 if held is not None else 0)
             held = (like.new_empty(size), like.new_empty(size))
             self.buffers[key] = held
         return held[0][:numel].view(shape), held[1][:numel].view(shape)
@@ -509,15 +526,17 @@ class MoRRecursionLayer(CacheLayerMixin):
         pool = self.cache.storage.pools[self.step]
         keys, values = key_states[0].transpose(0, 1), value_states[0].transpose(0, 1)
         write_pages(pool, self.position, plan.write_pages, plan.write_offsets, keys, values)
-        # One buffer per block position: under the shared policy deeper steps read step 1's gathered keys of the
-        # same position, which no other layer overwrites within the forward.
-        buffers = (self.cache.storage.gather_buffers, self.position)
-        return gather_pages(pool, self.position, plan.page_table, buffers)
+        # Under the shared policy deeper steps read step 1's gathered keys of every block position, so each position
+        # gathers into a buffer of its own; under the recursion-wise policy a layer's gathered keys are dead once it
+        # attended, and every layer gathers into one buffer.
+        key = self.position if self.cache.config.kv_cache_policy == "shared" else "every layer"
+        return gather_pages(pool, self.position, plan.page_table, (self.cache.storage.gather_buffers, key))
 
     @property
     def keys(self) -> torch.Tensor | None:
-        """Every row's keys at this step, `[batch, kv_heads, tokens held by the fullest row, head_dim]`, in sequence
-        order, zeros after a row's own tokens (a copy gathered from the pages; None before anything is stored)."""
+        """Every row's keys at this step, position-aligned as a DynamicLayer's: `[batch, kv_heads, tokens seen,
+        head_dim]`, zeros where a token did not take the step (a copy built from the pages, which hold only the
+        tokens that took it; None before anything is stored). What transformers' utilities read."""
         return self._held()[0]
 
     @property
@@ -534,14 +553,17 @@ class MoRRecursionLayer(CacheLayerMixin):
         rows = sorted(storage.tables)
         page_table, key_index = storage.read_layout(rows, [self.step] * len(rows))
         keys, values = gather_pages(storage.pools[self.step], self.position, page_table)
-        held = (key_index >= 0)[:, None, :, None].to(keys.dtype)
-        length = self.get_seq_length()
-        return (keys * held)[:, :, :length], (values * held)[:, :, :length]
+        row, slot = (key_index >= 0).nonzero(as_tuple=True)
+        shape = (len(rows), keys.shape[1], self.get_seq_length(), keys.shape[3])
+        aligned_keys, aligned_values = keys.new_zeros(shape), values.new_zeros(shape)
+        # [tokens, kv_heads, head_dim] on both sides: each stored token goes to its sequence index in its row.
+        aligned_keys[row, :, key_index[row, slot]] = keys[row, :, slot]
+        aligned_values[row, :, key_index[row, slot]] = values[row, :, slot]
+        return aligned_keys, aligned_values
 
     def get_seq_length(self) -> int:
-        if self.cache.storage is None:
-            return 0
-        return max((tables[self.step].length for tables in self.cache.storage.tables.values()), default=0)
+        """The tokens seen, as every layer of the cache (the positions of `keys`), whatever this step holds."""
+        return self.cache.get_seq_length()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -563,17 +585,17 @@ class MoRRecursionLayer(CacheLayerMixin):
         pass
 
 
-# Pages of MoRCache: 16 tokens, a few percent of a row's tokens unused at each step at most; the first pool holds 16
-# pages per row and step, and doubles as it fills.
+# Pages of MoRCache: 16 tokens, a few percent of a row's tokens unused at each step at most. The pool starts empty and
+# grows to what each forward needs (`PagePool.reserve`).
 CACHE_PAGE_SIZE = 16
-INITIAL_PAGES_PER_ROW = 16
 
 
 class MoRCache(Cache):
     """The KV cache of a `MoRForCausalLM`, built as `MoRCache(config)`; `config.kv_cache_policy` picks the policy.
 
     `generate()` builds one by default. Each batch row holds, at each stored recursion step, exactly its tokens that
-    took the step, in pages (`PagedKVStorage`); `nbytes()` and `tokens_held_per_step()` report its size.
+    took the step, in pages (`PagedKVStorage`); `nbytes()`, `memory_report()` and `tokens_held_per_step()` report
+    its size.
     """
 
     def __init__(self, config: MoRConfig, page_size: int = CACHE_PAGE_SIZE):
@@ -619,8 +641,8 @@ class MoRCache(Cache):
 
     def _start_storage(self, batch_size: int, dtype, device) -> None:
         self.storage = PagedKVStorage(
-            self.config, batch_size * INITIAL_PAGES_PER_ROW, self.page_size, dtype, device, end_layers=False,
-            growable=True, kv_heads=None,  # a tensor-parallel rank holds only its share of the heads
+            self.config, 0, self.page_size, dtype, device, end_layers=False, growable=True,
+            kv_heads=None,  # a tensor-parallel rank holds only its share of the heads
         )
         for row in range(batch_size):
             self.storage.add_sequence(row)
@@ -631,6 +653,11 @@ class MoRCache(Cache):
         key layout of those rows afterwards, `(key_index, key_valid)`, `[rows, slots]`."""
         if self.storage is None:
             self._start_storage(batch_size, dtype, query_index.device)
+        counts = query_valid.sum(-1).tolist()
+        # The step's pages for every row at once: a growth copies the pool.
+        self.storage.pools[step].reserve(
+            sum(self.storage.pages_needed(row, step, count) for row, count in zip(rows.tolist(), counts))
+        )
         write_pages, write_offsets = [], []
         for row, index, valid in zip(rows.tolist(), query_index, query_valid):
             pages, offsets = self.storage.append(row, step, index[valid])
@@ -642,6 +669,7 @@ class MoRCache(Cache):
 
     def record_forward(self, num_new_tokens: int) -> None:
         self._seen_tokens += num_new_tokens
+        self.step_plans = {}  # read within a forward only
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._seen_tokens
@@ -661,28 +689,37 @@ class MoRCache(Cache):
         held = self.storage.tokens_held()
         return [held[step] for step in range(num_stored_steps)]
 
-    def nbytes(self) -> int:
-        """Bytes of the keys/values the cache holds: the end layers' storage (with its chunked growth room) and the
-        pages in use with their index of sequence positions (the pool's free pages are `reserved_nbytes()`)."""
-        total = sum(
-            layer.key_storage.nbytes + layer.value_storage.nbytes
-            for layer in self.layers
-            if isinstance(layer, ChunkGrownLayer) and layer.is_initialized
-        )
-        if self.storage is not None:
-            for pool in self.storage.unique_pools():
-                per_page_index = pool.slot_token_index[0].nbytes
-                total += pool.pages_in_use() * (pool.bytes_per_page() + per_page_index)
-        return total
+    def _held_bytes(self) -> dict[str, int]:
+        """Bytes of everything the cache keeps, by part."""
+        end_layers = [layer for layer in self.layers if isinstance(layer, ChunkGrownLayer) and layer.is_initialized]
+        pools = self.storage.unique_pools() if self.storage is not None else []
+        return {
+            "end_layer_bytes": sum(layer.key_storage.nbytes + layer.value_storage.nbytes for layer in end_layers),
+            "end_layer_ideal_bytes": sum(layer.keys.nbytes + layer.values.nbytes for layer in end_layers),
+            "pages_in_use_bytes": sum(pool.bytes_per_page() * pool.pages_in_use() for pool in pools),
+            "free_pages_bytes": sum(pool.bytes_per_page() * len(pool.free_pages) for pool in pools),
+            "page_index_bytes": sum(pool.slot_token_index.nbytes for pool in pools),
+            "gather_buffer_bytes": self.storage.gather_buffers.nbytes() if self.storage is not None else 0,
+        }
 
-    def reserved_nbytes(self) -> int:
-        """Bytes allocated for pages, used or free (the pool doubles when it runs out), and for the memory that
-        gathers reuse (`GatherBuffers`)."""
-        if self.storage is None:
-            return 0
-        return self.storage.gather_buffers.nbytes() + sum(
-            pool.bytes_per_page() * pool.num_pages + pool.slot_token_index.nbytes for pool in self.storage.unique_pools()
-        )
+    def nbytes(self) -> int:
+        """Bytes of everything the cache keeps: the end layers' storage (with its chunked growth room), the pages of
+        the pool, used or free, with their index of sequence positions, and the memory gathers reuse
+        (`GatherBuffers`)."""
+        parts = self._held_bytes()
+        parts.pop("end_layer_ideal_bytes")
+        return sum(parts.values())
+
+    def memory_report(self) -> dict:
+        """`nbytes()` by part, next to the routed-token ideal: the keys/values of exactly the tokens the cache
+        stores, at each stored recursion step the tokens that took it (in every block layer, as
+        `PagedKVStorage.memory_report` counts them) and every token in the unshared end layers."""
+        report = self._held_bytes()
+        pages_ideal = self.storage.memory_report()["kv_bytes_ideal"] if self.storage is not None else 0
+        report["kv_bytes_ideal"] = ideal = pages_ideal + report.pop("end_layer_ideal_bytes")
+        report.update(tokens_held_per_step=self.tokens_held_per_step(), nbytes=self.nbytes())
+        report["held_over_ideal"] = report["nbytes"] / ideal if ideal else 1.0
+        return report
 
     def reset(self) -> None:
         super().reset()

@@ -278,12 +278,16 @@ class StepAttention(NamedTuple):
 
 class LayerOutput(NamedTuple):
     """A decoder layer's output: its hidden states, its attention weights (None under kernels that do not return
-    them) and its keys/values (read by deeper steps under the shared policy). With a cache the keys/values are views
-    of memory the cache reuses for its next gather of the same layer: read them before the next forward."""
+    them) and its keys and values (read by deeper steps under the shared policy). With a cache the keys/values are
+    views of memory the cache reuses for its next gather of the same layer: read them before the next forward.
+
+    Every tensor is a field of its own and callers unpack by position: reentrant gradient checkpointing returns a
+    plain tuple, and only its top-level tensors stay in the autograd graph."""
 
     hidden_states: torch.Tensor
     attn_weights: torch.Tensor | None
-    key_value: tuple[torch.Tensor, torch.Tensor]
+    keys: torch.Tensor
+    values: torch.Tensor
 
 
 class UnrolledLayerOutput(nn.Module):
@@ -306,15 +310,68 @@ def recorded_outputs(config, kwargs) -> set[str]:
     return {name for name in ("hidden_states", "attentions") if kwargs.get(f"output_{name}", getattr(config, f"output_{name}", False))}
 
 
-def build_attention_mask(config, query_index, key_index, key_valid, dtype, query_start=None):
+class CustomAttentionMask(NamedTuple):
+    """A custom 4-D attention mask (packed sequences, shared prefixes, tree attention) as the pairs it allows:
+    `allowed[b, i, j]`, query `past_length + i` of row b may attend to the key of sequence index j. As for Llama,
+    which uses such a mask as it is, it replaces causality; a recursion step reads its rows and columns for the
+    step's queries and keys. A token whose own key the mask hides is padding: it takes no recursion step."""
+
+    allowed: torch.BoolTensor  # [batch, queries, past + queries]
+    past_length: int
+
+    @classmethod
+    def from_4d(cls, attention_mask: torch.Tensor, past_length: int, seq_len: int) -> "CustomAttentionMask":
+        """Reads a `[batch, 1, queries, past + queries]` mask: boolean (True = attend) or additive (0 = attend, the
+        dtype's minimum or -inf = masked), the two forms transformers' attention functions take."""
+        batch_size = attention_mask.shape[0]
+        expected = (batch_size, 1, seq_len, past_length + seq_len)
+        if tuple(attention_mask.shape) != expected:
+            raise ValueError(
+                f"A 4-D attention_mask must be [batch, 1, queries, past + queries] = {expected}; got "
+                f"{tuple(attention_mask.shape)}."
+            )
+        mask = attention_mask[:, 0]
+        if mask.dtype == torch.bool:
+            return cls(mask, past_length)
+        if not mask.is_floating_point():
+            raise ValueError(
+                f"A 4-D attention_mask is boolean (True = attend) or additive floats (0 = attend, the dtype's minimum "
+                f"or -inf = masked); got dtype {mask.dtype}."
+            )
+        allowed = mask == 0
+        if not (allowed | (mask <= torch.finfo(mask.dtype).min / 2)).all():
+            raise ValueError(
+                "A 4-D attention_mask may only hold 0 (attend) and the dtype's minimum or -inf (masked): MoR reads it "
+                "as the pairs it allows, so additive biases of other values would be lost."
+            )
+        return cls(allowed, past_length)
+
+    def token_valid(self) -> torch.BoolTensor:
+        """`[batch, queries]`: the tokens that may attend to their own key."""
+        queries = torch.arange(self.allowed.shape[1], device=self.allowed.device)
+        return self.allowed[:, queries, self.past_length + queries]
+
+    def pairs(self, rows, query_index, key_index) -> torch.BoolTensor:
+        """`[rows, queries, keys]`: whether each query (`query_index`, sequence indices of batch rows `rows`) may
+        attend to each key (`key_index`); -1 entries read an arbitrary pair (their keys or outputs are dropped)."""
+        queries = (query_index - self.past_length).clamp(min=0)
+        keys = key_index.clamp(min=0)
+        return self.allowed[rows[:, None, None], queries[:, :, None], keys[:, None, :]]
+
+
+def build_attention_mask(config, query_index, key_index, key_valid, dtype, query_start=None, allowed_pairs=None):
     """A `[batch, 1, queries, keys]` mask from each query's and key's position in the sequence.
 
     Packed layouts make the usual "lower triangle" meaningless, so causality is decided from the tokens' sequence
     indices. `query_start` (same layout as `query_index`), where a row packs several documents (padding-free
     training), is the index of the first token of each query's document: documents are contiguous, so a query sees
-    the keys from there to itself.
+    the keys from there to itself. `allowed_pairs` (`[batch, queries, keys]`, from a `CustomAttentionMask`) replaces
+    both.
     """
-    allowed = (key_index.unsqueeze(1) <= query_index.unsqueeze(-1)) & key_valid.unsqueeze(1)
+    if allowed_pairs is not None:
+        allowed = allowed_pairs & key_valid.unsqueeze(1)
+    else:
+        allowed = (key_index.unsqueeze(1) <= query_index.unsqueeze(-1)) & key_valid.unsqueeze(1)
     if query_start is not None:
         allowed = allowed & (key_index.unsqueeze(1) >= query_start.unsqueeze(-1))
     # A query that sees no key (a packing slot or a padding token) would turn softmax into NaN; its output is dropped.
@@ -451,25 +508,29 @@ class MoRDecoderLayer(LlamaDecoderLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
+        shared_keys: torch.Tensor | None = None,
+        shared_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         cache: Cache | None = None,
         recursion_step: int | None = None,
-        shared_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
         key_rows: KeyRows | None = None,
         active_tokens: ActiveTokens | None = None,
         **kwargs,
     ):
+        """`shared_keys`/`shared_values`: step 1's keys/values of this layer, read by a deeper step under the shared
+        policy. They come positionally, like `hidden_states`, because reentrant gradient checkpointing backpropagates
+        only into positional tensors."""
         step_args = (recursion_step,) if self.relaxed else ()
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states, *step_args)
-        hidden_states, attn_weights, key_value = self.self_attn(
+        hidden_states, attn_weights, (keys, values) = self.self_attn(
             hidden_states,
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
             cache=cache,
             recursion_step=recursion_step,
-            shared_key_value=shared_key_value,
+            shared_key_value=None if shared_keys is None else (shared_keys, shared_values),
             key_rows=key_rows,
             active_tokens=active_tokens,
             **kwargs,
@@ -480,7 +541,7 @@ class MoRDecoderLayer(LlamaDecoderLayer):
         hidden_states = self.post_attention_layernorm(hidden_states, *step_args)
         hidden_states = self.mlp(hidden_states, *step_args)
         hidden_states = residual + hidden_states
-        return LayerOutput(hidden_states, attn_weights, key_value)
+        return LayerOutput(hidden_states, attn_weights, keys, values)
 
 
 class MoRRecursionBlock(nn.Module):
@@ -511,6 +572,7 @@ class MoRRecursionBlock(nn.Module):
         cache=None,
         sequence_index=None,
         document_start=None,
+        custom_mask=None,
         **kwargs,
     ):
         """Applies the recursion steps to the tokens routed to them.
@@ -554,7 +616,8 @@ class MoRRecursionBlock(nn.Module):
             shares_step_one = config.kv_cache_policy == "shared" and step > 0
             if step not in attention_by_step:
                 attention_by_step[step] = self._step_attention(
-                    step, active_by_step, token_index, cache, attention_by_step, hidden_states.dtype, document_start
+                    step, active_by_step, token_index, cache, attention_by_step, hidden_states.dtype, document_start,
+                    custom_mask,
                 )
             step_attention = attention_by_step[step]
 
@@ -563,20 +626,21 @@ class MoRRecursionBlock(nn.Module):
             step_position_embeddings = tuple(active_tokens.take(part) for part in position_embeddings)
             for order, position in enumerate(positions):
                 layer_input = hidden_states
-                block_hidden, attn_weights, key_value = self.layers[position](
+                shared_key_value = step_one_key_values[position] if shares_step_one else (None, None)
+                block_hidden, attn_weights, keys, values = self.layers[position](
                     block_hidden,
+                    *shared_key_value,
                     attention_mask=step_attention.mask,
                     position_embeddings=step_position_embeddings,
                     cache=cache,
                     recursion_step=step,
-                    shared_key_value=step_one_key_values[position] if shares_step_one else None,
                     key_rows=step_attention.key_rows,
                     active_tokens=active_tokens,
                     **kwargs,
                 )
                 if step == 0 and config.kv_cache_policy == "shared":
                     # Read by the deeper steps of this forward; a cache's gathered keys live in memory it reuses.
-                    step_one_key_values[position] = key_value
+                    step_one_key_values[position] = (keys, values)
                 if order == len(positions) - 1:
                     if config.routing == "expert_choice":
                         block_hidden = apply_gate(config, block_input, block_hidden, active_tokens.take(gate))
@@ -619,7 +683,7 @@ class MoRRecursionBlock(nn.Module):
             router_losses.setdefault(name, []).append(value)
 
     def _step_attention(
-        self, step, active_by_step, token_index, cache, attention_by_step, dtype, document_start=None
+        self, step, active_by_step, token_index, cache, attention_by_step, dtype, document_start=None, custom_mask=None
     ) -> StepAttention:
         """The attention mask of a recursion step and where its rows sit among the rows of the keys it reads.
 
@@ -648,13 +712,18 @@ class MoRRecursionBlock(nn.Module):
             key_index, key_valid = key_rows.select(key_index, key_valid)
 
         plain_causal = active_tokens.is_everything and active_tokens.in_place is None
-        plain_causal = plain_causal and cache is None and document_start is None
+        plain_causal = plain_causal and cache is None and document_start is None and custom_mask is None
         if plain_causal and config._attn_implementation == "sdpa":
             attention_mask = None  # sdpa's causal kernel
         else:
             # Documents exist only when nothing was cached before: queries and keys are the same tokens.
             query_start = None if document_start is None else active_tokens.per_row(document_start)
-            attention_mask = build_attention_mask(config, query_index, key_index, key_valid, dtype, query_start)
+            allowed_pairs = None
+            if custom_mask is not None:
+                allowed_pairs = custom_mask.pairs(active_tokens.rows, query_index, key_index)
+            attention_mask = build_attention_mask(
+                config, query_index, key_index, key_valid, dtype, query_start, allowed_pairs
+            )
         return StepAttention(attention_mask, key_rows, key_layout, query_index, (key_index, key_valid))
 
 
@@ -780,12 +849,18 @@ class MoRModel(MoRPreTrainedModel):
             position_ids = token_index
         # Every step gathers its tokens' positions row by row, so a `[1, seq]` position_ids is spelled out per row.
         position_ids = position_ids.expand(batch_size, seq_len)
-        if attention_mask is not None and attention_mask.dim() != 2:
+        if attention_mask is not None and attention_mask.dim() not in (2, 4):
             raise ValueError(
-                f"MoR takes a 2-D attention_mask of shape [batch, past + new tokens] (1 = real token, 0 = padding); "
-                f"got shape {tuple(attention_mask.shape)}."
+                f"MoR takes a 2-D attention_mask of shape [batch, past + new tokens] (1 = real token, 0 = padding) or "
+                f"a custom 4-D one, [batch, 1, new tokens, past + new tokens]; got shape {tuple(attention_mask.shape)}."
             )
-        if attention_mask is None:
+        custom_mask = None
+        if attention_mask is not None and attention_mask.dim() == 4:
+            custom_mask = CustomAttentionMask.from_4d(attention_mask, past_seen_tokens, seq_len)
+            attention_mask = None
+        if custom_mask is not None:
+            token_valid = custom_mask.token_valid()
+        elif attention_mask is None:
             token_valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=inputs_embeds.device)
         else:
             token_valid = attention_mask[:, -seq_len:].bool()
@@ -793,7 +868,7 @@ class MoRModel(MoRPreTrainedModel):
         # As for Llama, they are found from position_ids when there is no mask; unlike Llama, also in an eval forward
         # that starts an empty cache (Trainer's evaluation of such batches).
         sequence_index = document_start = None
-        if attention_mask is None and past_seen_tokens == 0:
+        if attention_mask is None and custom_mask is None and past_seen_tokens == 0:
             sequence_index = find_packed_sequence_indices(position_ids)
         if sequence_index is not None:
             is_first = torch.diff(sequence_index, dim=-1, prepend=sequence_index[:, :1] - 1) != 0
@@ -804,7 +879,7 @@ class MoRModel(MoRPreTrainedModel):
         end_layer_mask = None
         if self.first_layer is not None:
             end_layer_mask = self._end_layer_mask(
-                attention_mask, token_index, token_valid, cache, hidden_states.dtype, document_start
+                attention_mask, token_index, token_valid, cache, hidden_states.dtype, document_start, custom_mask
             )
             hidden_states = self._end_layer(
                 self.first_layer, hidden_states, end_layer_mask, position_embeddings, cache, **kwargs
@@ -817,6 +892,7 @@ class MoRModel(MoRPreTrainedModel):
             cache=cache,
             sequence_index=sequence_index,
             document_start=document_start,
+            custom_mask=custom_mask,
             **kwargs,
         )
         if self.last_layer is not None:
@@ -845,7 +921,8 @@ class MoRModel(MoRPreTrainedModel):
 
     def _end_layer(self, layer, hidden_states, attention_mask, position_embeddings, cache, **kwargs):
         """An unshared first/last layer on every token, its outputs handed to the output capturing."""
-        output = layer(
+        # Unpacked by position: under reentrant gradient checkpointing a layer returns a plain tuple.
+        layer_states, attn_weights, _, _ = layer(
             hidden_states,
             attention_mask=attention_mask,
             position_embeddings=position_embeddings,
@@ -853,19 +930,28 @@ class MoRModel(MoRPreTrainedModel):
             **kwargs,
         )
         if recorded_outputs(self.config, kwargs):
-            self.layer_output(hidden_states, output.hidden_states, output.attn_weights)
-        return output.hidden_states
+            self.layer_output(hidden_states, layer_states, attn_weights)
+        return layer_states
 
-    def _end_layer_mask(self, attention_mask, token_index, token_valid, cache, dtype, document_start=None):
-        """Mask of the unshared first/last layers: every real token, like Llama's."""
+    def _end_layer_mask(
+        self, attention_mask, token_index, token_valid, cache, dtype, document_start=None, custom_mask=None
+    ):
+        """Mask of the unshared first/last layers: every real token, like Llama's; a custom 4-D mask as it is."""
         if cache is None:
-            if attention_mask is None and document_start is None and self.config._attn_implementation == "sdpa":
+            plain_causal = attention_mask is None and document_start is None and custom_mask is None
+            if plain_causal and self.config._attn_implementation == "sdpa":
                 return None
-            return build_attention_mask(self.config, token_index, token_index, token_valid, dtype, document_start)
-        total = token_index.shape[1] + cache.get_seq_length()
-        key_index = torch.arange(total, device=token_index.device).expand(token_index.shape[0], total)
-        key_valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(key_index, dtype=torch.bool)
-        return build_attention_mask(self.config, token_index, key_index, key_valid, dtype, document_start)
+            key_index = token_index
+            key_valid = token_valid if custom_mask is None else torch.ones_like(token_valid)
+        else:
+            total = token_index.shape[1] + cache.get_seq_length()
+            key_index = torch.arange(total, device=token_index.device).expand(token_index.shape[0], total)
+            key_valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(key_index, dtype=torch.bool)
+        allowed_pairs = None
+        if custom_mask is not None:
+            rows = torch.arange(token_index.shape[0], device=token_index.device)
+            allowed_pairs = custom_mask.pairs(rows, token_index, key_index)
+        return build_attention_mask(self.config, token_index, key_index, key_valid, dtype, document_start, allowed_pairs)
 
 
 class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):

@@ -51,6 +51,26 @@ DEFAULT_PAGE_SIZE = 4
 TRANSFORMERS_DEFAULT_PAGE_SIZE = ContinuousBatchingConfig.__dataclass_fields__["page_size"].default
 
 
+def new_tokens_allowed(model, generation_config, has_default_max_length: bool, prompt_length: int, max_new_tokens):
+    """How many tokens generate() generates at most after a prompt of `prompt_length` tokens (`max_new_tokens`: the
+    request's own, else None), by transformers' own rule (`_prepare_generated_length`, `_validate_generated_length`):
+    `max_new_tokens` when set, else up to `max_length`, which by default is the prompt plus 20 tokens capped at the
+    model's positions. Raises generate()'s ValueError for a prompt that leaves no room."""
+    config = copy.copy(generation_config)
+    config.max_new_tokens = max_new_tokens
+    # has_default_min_length only picks a warning about min_new_tokens.
+    config = model._prepare_generated_length(config, has_default_max_length, True, "input_ids", prompt_length, None)
+    model._validate_generated_length(config, prompt_length, has_default_max_length)
+    return config.max_length - prompt_length
+
+
+def has_default_max_length(model, generation_config) -> bool:
+    """Whether neither the caller's config nor the model's sets `max_length`, as generate() decides it before filling
+    the config (the default length is then capped at the model's positions)."""
+    unset_by_caller = generation_config is None or generation_config.max_length is None
+    return unset_by_caller and model.generation_config.max_length is None
+
+
 class TokenGroup:
     """The tokens of one request in flight through the layers: a prefill chunk or one decode token.
 
@@ -106,6 +126,7 @@ class DepthwiseBatchProcessor:
         self.model = model
         self.config = model.config
         self.generation_config = manager.generation_config
+        self.has_default_max_length = manager.has_default_max_length
         self.cb_config = manager.continuous_batching_config
         self.input_queue = manager.input_queue
         self.cancel_queue = manager.cancel_queue
@@ -146,7 +167,15 @@ class DepthwiseBatchProcessor:
     def _default_num_pages(self, hints) -> int:
         """Room for `IN_FLIGHT_PER_SLOT` requests per slot, each at its longest and at full depth, per token set."""
         if hints is not None and hints.max_prompt_length + hints.max_generated_length > 0:
-            tokens = hints.max_prompt_length + hints.max_generated_length
+            generated = hints.max_generated_length
+            if not generated:  # no max_new_tokens: what the length rule gives the longest prompt
+                try:
+                    generated = new_tokens_allowed(
+                        self.model, self.generation_config, self.has_default_max_length, hints.max_prompt_length, None
+                    )
+                except ValueError:
+                    generated = 0  # that prompt is refused
+            tokens = hints.max_prompt_length + generated
         else:
             tokens = self.config.max_position_embeddings
         requests = self.max_in_flight
@@ -181,7 +210,8 @@ class DepthwiseBatchProcessor:
         self.waiting.clear()
 
     def _request_error(self, state: RequestState) -> str | None:
-        """Why a request cannot be served (it fails alone, with this message on its output), or None."""
+        """Why a request cannot be served (it fails alone, with this message on its output), or None. Sets the
+        request's limit of new tokens by generate()'s rule (`new_tokens_allowed`)."""
         if self.generation_config.num_beams is not None and self.generation_config.num_beams > 1:
             return (
                 f"beam search (num_beams={self.generation_config.num_beams}) is not supported by continuous batching; "
@@ -189,10 +219,16 @@ class DepthwiseBatchProcessor:
             )
         if len(state.initial_tokens) == 0:
             return "empty prompt: a request needs at least one input token."
-        max_length = self.config.max_position_embeddings
-        total = len(state.initial_tokens) + (state.max_new_tokens or 0)
-        if len(state.initial_tokens) > max_length:
-            return f"the prompt has {len(state.initial_tokens)} tokens, more than the model's {max_length} positions."
+        try:
+            new_tokens = new_tokens_allowed(
+                self.model, self.generation_config, self.has_default_max_length, len(state.initial_tokens),
+                state.max_new_tokens,
+            )
+        except ValueError as error:
+            return str(error)
+        # RequestState reads its limit from `_new_tokens_limit`, set when it was created.
+        state.max_new_tokens = state._new_tokens_limit = new_tokens
+        total = len(state.initial_tokens) + new_tokens
         pages = -(-total // self.page_size)
         if pages > self.num_pages:
             return (
@@ -484,7 +520,7 @@ class DepthwiseBatchProcessor:
         self.stats.pass_setup += time.perf_counter() - started
         layer_input = hidden
         for layer in layers:
-            hidden = layer(
+            hidden, _, _, _ = layer(
                 hidden,
                 attention_mask=attention_mask,
                 position_embeddings=(cos[0], sin[0]),
@@ -492,7 +528,7 @@ class DepthwiseBatchProcessor:
                 recursion_step=recursion_step,
                 active_tokens=active_tokens,
                 row_buckets=row_buckets,
-            ).hidden_states
+            )
         return layer_input, hidden, counts
 
     def _end_layer_pass(self, groups: list[TokenGroup], layer, first: bool) -> None:
@@ -659,8 +695,12 @@ class MoRContinuousBatchingManager(ContinuousBatchingManager):
     threads than cores, and it then puts its workers to sleep between parallel regions: every small matmul of a pass
     pays a wake-up (measured at 2 threads: the engine 1.29x faster in the calling thread, 493 vs 382 tokens/s)."""
 
-    def __init__(self, model, generation_config, continuous_batching_config, workload_hints=None, in_calling_thread=False):
+    def __init__(
+        self, model, generation_config, continuous_batching_config, workload_hints=None, in_calling_thread=False,
+        has_default_max_length=True,
+    ):
         self.workload_hints = workload_hints
+        self.has_default_max_length = has_default_max_length  # see `new_tokens_allowed`
         self.in_calling_thread = in_calling_thread
         self._serving_here = False
         super().__init__(model, generation_config, continuous_batching_config, workload_hints)
@@ -763,13 +803,17 @@ def init_mor_continuous_batching(model, generation_config=None, continuous_batch
         if not cached_manager.is_running():
             cached_manager.in_calling_thread = in_calling_thread
         return cached_manager
-    generation_config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    default_max_length = has_default_max_length(model, generation_config)
+    # As generate() does: the fields the caller leaves unset come from model.generation_config, then from transformers'
+    # defaults (a copy: the caller's config is left as it is).
+    generation_config, _ = model._prepare_generation_config(generation_config)
     if generation_config.eos_token_id is None:
-        generation_config.eos_token_id = -1  # as transformers does: no EOS (the caller's config is left as it is)
+        generation_config.eos_token_id = -1  # as transformers does: no EOS
     if continuous_batching_config is None:
         continuous_batching_config = ContinuousBatchingConfig()
     return MoRContinuousBatchingManager(
-        model, generation_config, continuous_batching_config, workload_hints, in_calling_thread=in_calling_thread
+        model, generation_config, continuous_batching_config, workload_hints, in_calling_thread=in_calling_thread,
+        has_default_max_length=default_max_length,
     )
 
 

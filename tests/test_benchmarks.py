@@ -1,6 +1,8 @@
 """The benchmark scripts' ideal ratios, and that the scripts run end to end (tiny sizes; their numbers are not
 checked here: timing belongs in the scripts, not in tests)."""
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,8 @@ from modeling_mor import MoRConfig
 from conftest import TINY_DIMS
 
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = PROJECT_ROOT / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 from common import matmul_flop_ratio, weight_pass_ratio  # noqa: E402
@@ -37,37 +40,55 @@ def test_weight_pass_ratio_counts_the_deepest_token_of_each_decode_step():
     assert matmul_flop_ratio(vanilla, mor, batch) > 1.3
 
 
+def run_benchmark(script: str, *arguments) -> subprocess.CompletedProcess:
+    """A benchmark script on this checkout's code (a script's folder, not the working directory, is on its path, so
+    it would import an installed copy of the package otherwise)."""
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *map(str, arguments)], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)},
+    )
+
+
+TINY_DECODE = ["--batch-sizes", "1", "3", "--prompt-len", "6", "--new-tokens", "4", "--repeats", "1", "--hidden-size",
+               "32", "--num-heads", "4", "--num-kv-heads", "2", "--num-layers", "8", "--vocab-size", "97"]
+DECODE_MODELS = ("vanilla Llama", "vanilla Llama, StaticCache", "MoR routing=none", "MoR expert, recursion-wise",
+                 "MoR expert, shared KV")
+
+
 @pytest.mark.parametrize("mode", ["forward", "generate"])
 def test_decode_benchmark_runs(mode):
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "decode_throughput.py"), "--batch-sizes", "1", "3", "--prompt-len", "6",
-         "--new-tokens", "4", "--repeats", "1", "--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2",
-         "--num-layers", "8", "--vocab-size", "97", "--mode", mode],
-        capture_output=True, text=True, timeout=300,
-    )
+    result = run_benchmark("decode_throughput.py", *TINY_DECODE, "--mode", mode)
     assert result.returncode == 0, result.stderr
-    models = ("vanilla Llama", "vanilla Llama, StaticCache", "MoR routing=none", "MoR expert, recursion-wise",
-              "MoR expert, shared KV")
     rows = [line for line in result.stdout.splitlines() if line.startswith(("vanilla", "MoR"))]
-    assert [row[:28].strip() for row in rows] == list(models) * 2, result.stdout
+    assert [row[:28].strip() for row in rows] == list(DECODE_MODELS) * 2, result.stdout
+
+
+def test_decode_benchmark_times_another_version_of_the_code_in_the_same_rounds(tmp_path):
+    shutil.copytree(PROJECT_ROOT / "modeling_mor", tmp_path / "modeling_mor")
+    result = run_benchmark("decode_throughput.py", *TINY_DECODE, "--baseline-code", tmp_path)
+    assert result.returncode == 0, result.stderr
+    twins = [f"{name} [baseline code]" for name in DECODE_MODELS[2:]]
+    rows = [line for line in result.stdout.splitlines()
+            if line.startswith(("vanilla", "MoR")) and "the speed of the baseline code" not in line]
+    assert [row[:44].strip() for row in rows] == (list(DECODE_MODELS) + twins) * 2, result.stdout
+    speed_lines = [line for line in result.stdout.splitlines() if "the speed of the baseline code" in line]
+    assert len(speed_lines) == 2 * len(twins), result.stdout
 
 
 def test_train_benchmark_runs():
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--batch-size", "2", "--seq-len", "8", "--steps", "1",
-         "--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2", "--num-layers", "8", "--vocab-size", "97"],
-        capture_output=True, text=True, timeout=300,
+    result = run_benchmark(
+        "train_throughput.py", "--batch-size", "2", "--seq-len", "8", "--steps", "1", "--hidden-size", "32",
+        "--num-heads", "4", "--num-kv-heads", "2", "--num-layers", "8", "--vocab-size", "97",
     )
     assert result.returncode == 0, result.stderr
     assert "MoR expert-choice" in result.stdout, result.stdout
 
 
 def test_serving_benchmark_runs_and_the_engine_matches_generate():
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "serving_throughput.py"), "--num-requests", "5", "--min-prompt", "3",
-         "--max-prompt", "9", "--new-tokens", "4", "--slots", "2", "3", "--page-size", "4", "--hidden-size", "32",
-         "--num-heads", "4", "--num-kv-heads", "2", "--num-layers", "8", "--vocab-size", "97", "--check"],
-        capture_output=True, text=True, timeout=300,
+    result = run_benchmark(
+        "serving_throughput.py", "--num-requests", "5", "--min-prompt", "3", "--max-prompt", "9", "--new-tokens", "4",
+        "--slots", "2", "3", "--page-size", "4", "--hidden-size", "32", "--num-heads", "4", "--num-kv-heads", "2",
+        "--num-layers", "8", "--vocab-size", "97", "--check",
     )
     assert result.returncode == 0, result.stderr
     assert "differ from generate()" not in result.stdout, result.stdout

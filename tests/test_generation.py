@@ -1,5 +1,8 @@
 """MoRCache and generate(): cached decoding equals the uncached forward, in every decoding mode."""
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM, StoppingCriteria, StoppingCriteriaList, TextStreamer
@@ -10,6 +13,9 @@ from modeling_mor import MoRCache, MoRForCausalLM
 from modeling_mor.cache_mor import ChunkGrownLayer
 
 from conftest import mixed_routing_model, tiny_mor_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from common import kept_bytes  # noqa: E402
 
 
 COMBINATIONS = [
@@ -340,10 +346,37 @@ def test_cache_accounting_batch_one():
     assert cache.storage.pages_held_by(0) == {step: -(-count // 4) for step, count in enumerate(routed)}
     (pool,) = cache.storage.unique_pools()
     assert pool.keys.shape[0] == model.config.block_size
-    ends = sum(t.nbytes for layer in cache.layers[:: len(cache.layers) - 1] for t in (layer.key_storage, layer.value_storage))
-    per_page = pool.bytes_per_page() + pool.slot_token_index[0].nbytes
-    assert cache.nbytes() == ends + sum(-(-count // 4) for count in routed) * per_page
-    assert cache.reserved_nbytes() >= pool.num_pages * pool.bytes_per_page()
+    # nbytes() is everything the cache keeps: every tensor reachable from it, counted without asking it.
+    assert cache.nbytes() == kept_bytes(cache)
+    report = cache.memory_report()
+    assert report["pages_in_use_bytes"] == sum(-(-count // 4) for count in routed) * pool.bytes_per_page()
+    assert report["page_index_bytes"] == pool.slot_token_index.nbytes
+    parts = ("pages_in_use_bytes", "free_pages_bytes", "page_index_bytes", "gather_buffer_bytes", "end_layer_bytes")
+    assert report["nbytes"] == cache.nbytes() == sum(report[part] for part in parts)
+
+
+@pytest.mark.parametrize("policy", ["recursion_wise", "shared"])
+def test_cache_keeps_little_more_than_the_routed_tokens(policy):
+    """At batch 16 x 128 prompt tokens + 128 new ones (expert-choice, middle_cycle, 14 layers and 3 recursions as in
+    benchmarks/decode_throughput.py, narrower), everything a recursion-wise MoRCache keeps (pages used and free, their
+    index, gather buffers, the end layers) is at most 1.25x the keys and values of exactly the tokens it stores;
+    gather buffers per block position exist only under the shared policy, whose deeper steps read step 1's gathered
+    keys."""
+    dims = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=14)
+    model = _model(routing="expert_choice", kv_cache_policy=policy, max_position_embeddings=512, **dims)
+    prompt = torch.randint(1, model.config.vocab_size, (16, 128))
+    cache = MoRCache(model.config)
+    model.generate(prompt, max_new_tokens=128, min_new_tokens=128, do_sample=False, cache=cache)
+    report = cache.memory_report()
+    assert report["nbytes"] == cache.nbytes() == kept_bytes(cache)
+    held = report["tokens_held_per_step"]
+    if policy == "recursion_wise":
+        assert held[0] == 16 * 255 > held[1] > held[2] > 0
+        assert report["held_over_ideal"] <= 1.25, report
+        assert list(cache.storage.gather_buffers.buffers) == ["every layer"]
+    else:
+        assert held == [16 * 255]
+        assert sorted(cache.storage.gather_buffers.buffers) == list(range(model.config.block_size))
 
 
 def test_cache_accounting_batch_holds_each_rows_own_tokens():
@@ -410,28 +443,61 @@ def test_past_key_values_is_still_accepted():
     assert outputs.cache is cache and cache.get_seq_length() == 6
 
 
+@pytest.mark.parametrize("padding_side", ["left", "right"])
 @pytest.mark.parametrize("strategy", ["cycle", "middle_cycle"])
-def test_cache_layers_show_what_llamas_cache_holds(strategy):
-    """`cache.layers[i].keys` / `.values` are `[batch, kv_heads, tokens held, head_dim]` without spare slots: with one
-    recursion and routing "none" every layer holds exactly the sequence, as Llama's DynamicCache with the same weights."""
+def test_cache_layers_show_what_llamas_cache_holds(strategy, padding_side):
+    """`cache.layers[i].keys` / `.values` are position-aligned, `[batch, kv_heads, sequence, head_dim]` as Llama's,
+    zeros where a token did not take the step: with routing "none" every layer holds, at every real token, what
+    transformers' Llama with the same (unrolled) layers holds in its DynamicCache, for padded batches."""
     from conversion import convert_llama_to_mor
     from conftest import tiny_llama
+    from test_parity import _unrolled_llama
 
-    llama = tiny_llama(num_hidden_layers=6)
-    mor = convert_llama_to_mor(llama, num_recursions=1, sharing_strategy=strategy, routing="none").eval()
-    input_ids = torch.randint(0, llama.config.vocab_size, (2, 11))
+    mor = convert_llama_to_mor(tiny_llama(num_hidden_layers=6), num_recursions=2, sharing_strategy=strategy, routing="none")
+    mor.eval()
+    llama = _unrolled_llama(mor, "eager", with_cache=True)
+    input_ids = torch.randint(1, mor.config.vocab_size, (3, 11))
+    attention_mask = torch.ones_like(input_ids)
+    for row, padding in ((1, 4), (2, 7)):
+        if padding_side == "left":
+            attention_mask[row, :padding] = 0
+        else:
+            attention_mask[row, -padding:] = 0
     cache = MoRCache(mor.config, page_size=4)
+    decode_ids, decode_mask = input_ids[:, :1], torch.cat([attention_mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
     with torch.no_grad():
-        reference = llama(input_ids, use_cache=True).past_key_values
-        mor(input_ids, cache=cache)
-        mor(input_ids[:, :1], cache=cache)  # one decode step: 12 tokens held, over 3 pages of 4
-        reference = llama(input_ids[:, :1], past_key_values=reference, use_cache=True).past_key_values
-    assert len(cache.layers) == len(reference.layers) == 6
-    for ours, theirs in zip(cache.layers, reference.layers):
-        assert ours.keys.shape == theirs.keys.shape == (2, 2, 12, 8)
+        reference = llama(input_ids, attention_mask=attention_mask, use_cache=True).past_key_values
+        reference = llama(decode_ids, attention_mask=decode_mask, past_key_values=reference, use_cache=True).past_key_values
+        mor(input_ids, attention_mask=attention_mask, cache=cache)
+        mor(decode_ids, attention_mask=decode_mask, cache=cache)  # 12 tokens, over pages of 4
+    real = decode_mask.bool()[:, None, :, None]
+    unrolled = mor.model.unrolled_layers(with_recursion_step=True)
+    assert len(cache.layers) == 2 + 2 * mor.config.block_size if strategy == "middle_cycle" else 2 * mor.config.block_size
+    assert len(unrolled) == len(reference.layers) == 6
+    for (layer, step), theirs in zip(unrolled, reference.layers):
+        ours = cache.layers[cache._slot_of[(layer.self_attn.layer_idx, step)]]
+        assert ours.keys.shape == ours.values.shape == theirs.keys.shape == (3, 2, 12, 8)
         assert ours.get_seq_length() == 12
-        assert (ours.keys - theirs.keys).abs().max().item() <= 1e-5
-        assert (ours.values - theirs.values).abs().max().item() <= 1e-5
+        assert (ours.keys - theirs.keys).masked_fill(~real, 0).abs().max().item() <= 1e-5
+        assert (ours.values - theirs.values).masked_fill(~real, 0).abs().max().item() <= 1e-5
+        if step is not None:  # padding takes no recursion step
+            assert not ours.keys.masked_fill(real, 0).any() and not ours.values.masked_fill(real, 0).any()
+
+
+def test_cache_layer_views_are_zero_where_a_token_did_not_take_the_step():
+    """With routing, each row's stored keys sit at their tokens' positions; the other positions are zero."""
+    model = _model(routing="expert_choice")
+    input_ids = torch.randint(1, model.config.vocab_size, (2, 10))
+    cache = MoRCache(model.config)
+    with torch.no_grad():
+        depth = model(input_ids, cache=cache, output_recursion_depth=True).recursion_depth
+    assert depth.min() < depth.max()
+    for step in range(model.config.num_recursions):
+        layer = cache.layers[cache._slot_of[(1, step)]]
+        assert layer.keys.shape == (2, 2, 10, 8)
+        took_step = (depth > step)[:, None, :, None]
+        assert not layer.keys.masked_fill(took_step, 0).any()
+        assert (layer.keys.abs().sum(-1) > 0).eq(took_step[..., 0]).all()
 
 
 def test_an_empty_prompt_is_a_clear_error():

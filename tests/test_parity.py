@@ -23,8 +23,9 @@ def test_single_recursion_equals_llama(attn_implementation, strategy):
     assert (actual - expected).abs().max().item() <= 1e-5
 
 
-def _unrolled_llama(mor: MoRForCausalLM, attn_implementation: str) -> LlamaForCausalLM:
-    """An independent reference: transformers' Llama whose layer list holds MoR's shared layers in unrolled order."""
+def _unrolled_llama(mor: MoRForCausalLM, attn_implementation: str, with_cache: bool = False) -> LlamaForCausalLM:
+    """An independent reference: transformers' Llama whose layer list holds MoR's shared layers in unrolled order.
+    `with_cache=True` gives every unrolled layer its own copy (its own layer index, hence its own cache layer)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
@@ -36,7 +37,7 @@ def _unrolled_llama(mor: MoRForCausalLM, attn_implementation: str) -> LlamaForCa
     copies = {}
     layers = []
     for position, module in enumerate(mor.model.unrolled_layers()):
-        if id(module) not in copies:
+        if with_cache or id(module) not in copies:
             copy = LlamaDecoderLayer(config, position)
             copy.load_state_dict(module.state_dict())
             copies[id(module)] = copy
@@ -149,3 +150,101 @@ def test_full_rank_relaxation_reproduces_the_source(strategy, num_recursions):
     assert errors[2] <= 1e-4
     # A partial rank lies in between: the relaxation really closes the gap that tying opened.
     assert mean_errors[0] > mean_errors[1] > mean_errors[2]
+
+
+# Custom 4-D attention masks, as transformers' tests build them: additive floats, 0 = attend, the minimum = masked.
+def _additive(allowed: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(allowed.shape).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def _shared_prefix_inputs(vocab_size):
+    """Three sequences sharing a 3-token prefix, packed into one row: each last token attends to the prefix and to
+    itself only, at position 3 (transformers' `_get_custom_4d_mask_test_data`)."""
+    tokens = torch.randint(1, vocab_size, (6,))
+    separate = torch.stack([torch.cat([tokens[:3], tokens[3 + n : 4 + n]]) for n in range(3)])
+    allowed = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+    allowed[4:, 3:] = torch.eye(3, dtype=torch.bool)[1:]
+    return separate, tokens.unsqueeze(0), allowed[None, None], torch.tensor([[0, 1, 2, 3, 3, 3]])
+
+
+def _padded_4d(batch, seq_len, padding_side):
+    """A padded batch's 2-D mask and the 4-D mask that says the same: causal, real keys only."""
+    attention_mask = torch.ones(batch, seq_len, dtype=torch.long)
+    for row, padding in ((1, 3), (2, 5)):
+        attention_mask[row, slice(None, padding) if padding_side == "left" else slice(-padding, None)] = 0
+    causal = torch.tril(torch.ones(seq_len, seq_len, dtype=torch.bool))
+    return attention_mask, (causal & attention_mask.bool()[:, None, :])[:, None]
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+@pytest.mark.parametrize("strategy,num_recursions", [("cycle", 2), ("middle_cycle", 3)])
+def test_custom_4d_mask_equals_llama_with_routing_none(attn_implementation, strategy, num_recursions):
+    """A step attends with the rows and columns of the given mask for its tokens: with routing "none", shared-prefix
+    and padded-batch 4-D masks give Llama's logits (with the same unrolled layers and the same mask)."""
+    llama = tiny_llama(num_hidden_layers=8, attn_implementation=attn_implementation)
+    mor = convert_llama_to_mor(llama, num_recursions=num_recursions, sharing_strategy=strategy, routing="none").eval()
+    reference = _unrolled_llama(mor, attn_implementation)
+    separate, packed, allowed, position_ids = _shared_prefix_inputs(mor.config.vocab_size)
+    with torch.no_grad():
+        expected = reference(packed, attention_mask=_additive(allowed), position_ids=position_ids, use_cache=False)
+        actual = mor(packed, attention_mask=_additive(allowed), position_ids=position_ids)
+        assert (actual.logits - expected.logits).abs().max().item() <= 1e-5
+        # The packed row's last tokens are the three sequences' last tokens.
+        alone = mor(separate).logits[:, -1]
+        assert (actual.logits[0, 3:] - alone).abs().max().item() <= 1e-5
+
+        input_ids = torch.randint(1, mor.config.vocab_size, (3, 9))
+        for padding_side in ("left", "right"):
+            attention_mask, padded = _padded_4d(3, 9, padding_side)
+            real = attention_mask.bool()
+            expected = reference(input_ids, attention_mask=_additive(padded), use_cache=False).logits
+            actual = mor(input_ids, attention_mask=_additive(padded)).logits
+            assert (actual[real] - expected[real]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("policy", ["recursion_wise", "shared"])
+@pytest.mark.parametrize("routing", ["expert_choice", "token_choice"])
+def test_custom_4d_mask_equals_the_2d_path_with_routing(routing, policy):
+    """With routing, a 4-D mask that says what a 2-D padding mask says gives the same logits and depths, also in a
+    cached decode step; a shared-prefix mask gives each sequence what it gets alone (eval routing is causal)."""
+    from conftest import mixed_routing_model, tiny_mor_config
+
+    model = mixed_routing_model(MoRForCausalLM(tiny_mor_config(routing=routing, kv_cache_policy=policy))).eval()
+    input_ids = torch.randint(1, model.config.vocab_size, (3, 9))
+    next_ids = torch.randint(1, model.config.vocab_size, (3, 1))
+    with torch.no_grad():
+        for padding_side in ("left", "right"):
+            attention_mask, padded = _padded_4d(3, 9, padding_side)
+            real = attention_mask.bool()
+            two_d = model(input_ids, attention_mask=attention_mask, output_recursion_depth=True)
+            four_d = model(input_ids, attention_mask=_additive(padded), output_recursion_depth=True)
+            assert torch.equal(two_d.recursion_depth, four_d.recursion_depth)
+            assert two_d.recursion_depth[real].min() < two_d.recursion_depth[real].max()
+            assert (two_d.logits[real] - four_d.logits[real]).abs().max().item() <= 1e-5
+            # One cached decode step after the prompt: the new token sees every real token and itself.
+            decode_mask = torch.cat([attention_mask, torch.ones(3, 1, dtype=torch.long)], dim=1)
+            two_d_step = model(next_ids, attention_mask=decode_mask, cache=two_d.cache, output_recursion_depth=True)
+            four_d_step = model(next_ids, attention_mask=_additive(decode_mask.bool()[:, None, None, :]),
+                                cache=four_d.cache, output_recursion_depth=True)
+            assert torch.equal(two_d_step.recursion_depth, four_d_step.recursion_depth)
+            assert (two_d_step.logits - four_d_step.logits).abs().max().item() <= 1e-5
+
+        separate, packed, allowed, position_ids = _shared_prefix_inputs(model.config.vocab_size)
+        for mask in (allowed, _additive(allowed)):  # boolean and additive
+            packed_outputs = model(packed, attention_mask=mask, position_ids=position_ids, output_recursion_depth=True)
+            alone = model(separate, output_recursion_depth=True)
+            assert (packed_outputs.logits[0, 3:] - alone.logits[:, -1]).abs().max().item() <= 1e-5
+            assert torch.equal(packed_outputs.recursion_depth[0, 3:], alone.recursion_depth[:, -1])
+
+
+def test_custom_4d_masks_mor_cannot_read_are_refused():
+    model = convert_llama_to_mor(tiny_llama(num_hidden_layers=6), num_recursions=2, sharing_strategy="cycle",
+                                 routing="none").eval()
+    input_ids = torch.randint(1, model.config.vocab_size, (1, 4))
+    allowed = torch.tril(torch.ones(4, 4, dtype=torch.bool))[None, None]
+    with pytest.raises(ValueError, match=r"\[batch, 1, queries, past \+ queries\]"):
+        model(input_ids, attention_mask=allowed[:, :, :3])
+    with pytest.raises(ValueError, match="additive biases"):
+        model(input_ids, attention_mask=_additive(allowed) - 1.0)
+    with pytest.raises(ValueError, match="dtype torch.int64"):
+        model(input_ids, attention_mask=allowed.long())

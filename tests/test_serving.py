@@ -202,6 +202,48 @@ def test_bad_requests_fail_alone_with_a_clear_error():
         assert result.error is None and result.generated_tokens == _reference(model, prompt, _greedy())
 
 
+def test_generate_batch_fills_unset_fields_from_the_model_generation_config():
+    """The README's snippet, `GenerationConfig(max_new_tokens=..., do_sample=False)`, leaves `eos_token_id` unset:
+    like generate(), generate_batch takes it from `model.generation_config` and stops there."""
+    model = _model(routing="expert_choice")
+    prompts = _prompts(count=4)
+    config = GenerationConfig(max_new_tokens=12, do_sample=False)
+    unstopped = [_reference(model, prompt, config) for prompt in prompts]
+    model.generation_config.eos_token_id = unstopped[1][4]  # request 1 stops at its 5th token or earlier
+    model.generation_config.pad_token_id = 0
+    outputs = list(model.generate_batch(prompts, generation_config=config).values())
+    for output, prompt, tokens in zip(outputs, prompts, unstopped):
+        expected = _reference(model, prompt, config)
+        if model.generation_config.eos_token_id in tokens:
+            expected = tokens[: tokens.index(model.generation_config.eos_token_id) + 1]
+            assert len(expected) < 12
+        assert output.error is None and output.generated_tokens == expected
+    assert len(outputs[1].generated_tokens) <= 5
+    assert config.eos_token_id is None, "the caller's config is left as it is"
+
+
+def test_generate_batch_takes_the_length_rule_of_generate():
+    """One rule for both: generate()'s (transformers' `_prepare_generated_length` and `_validate_generated_length`).
+    With max_new_tokens set, a prompt longer than the model's positions is served (as generate() serves it); without
+    it, the default length is capped at the model's positions, so a prompt that fills them is refused by both with the
+    same message and one just under them gets the few tokens left."""
+    model = _model(routing="expert_choice", max_position_embeddings=32)
+    long_prompt, near_limit, short = _prompts(count=1, low=40, high=41)[0], _prompts(count=1, low=30, high=31)[0], [5, 6, 7]
+    with_limit = _greedy(max_new_tokens=4)
+    outputs = list(model.generate_batch([long_prompt, short], generation_config=with_limit).values())
+    assert [output.generated_tokens for output in outputs] == [_reference(model, p, with_limit) for p in (long_prompt, short)]
+    assert len(outputs[0].generated_tokens) == 4
+
+    default_length = GenerationConfig(do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError) as refused_by_generate:
+        _reference(model, long_prompt, default_length)
+    outputs = list(model.generate_batch([long_prompt, near_limit, short], generation_config=default_length).values())
+    assert outputs[0].status == RequestStatus.FAILED and outputs[0].error == str(refused_by_generate.value)
+    for output, prompt in zip(outputs[1:], (near_limit, short)):
+        assert output.error is None and output.generated_tokens == _reference(model, prompt, default_length)
+    assert len(outputs[1].generated_tokens) == 2 and len(outputs[2].generated_tokens) == 20
+
+
 def test_beam_search_is_refused_per_request():
     model = _model(routing="expert_choice")
     outputs = model.generate_batch(_prompts(count=2), generation_config=_greedy(num_beams=2),

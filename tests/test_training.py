@@ -1,4 +1,4 @@
-"""Training: Trainer lowers the loss; gradient checkpointing gives the same loss and gradients."""
+"""Training: Trainer lowers the loss; gradient checkpointing (both modes) gives the same loss and gradients."""
 
 import pytest
 import torch
@@ -8,6 +8,7 @@ from transformers import Trainer, TrainingArguments
 from modeling_mor import MoRForCausalLM
 
 from conftest import mixed_routing_model, tiny_mor_config
+from test_heads import HEADS, NUM_LABELS, PAD, padded_batch, task_labels
 
 
 class RepeatingTokens(Dataset):
@@ -47,22 +48,47 @@ def test_trainer_steps_lower_the_loss(tmp_path, routing):
     assert sum(losses[-5:]) / 5 < 0.75 * sum(losses[:5]) / 5
 
 
-@pytest.mark.parametrize("overrides", [dict(routing="expert_choice"), dict(routing="token_choice", kv_cache_policy="shared")])
-def test_gradient_checkpointing_matches_plain_backward(overrides):
-    model = mixed_routing_model(MoRForCausalLM(tiny_mor_config(**overrides))).train()
-    input_ids = torch.randint(0, model.config.vocab_size, (2, 12))
+# Every (sharing strategy, routing) a config accepts; num_recursions fits 8 layers.
+STRATEGY_ROUTINGS = [
+    dict(sharing_strategy="middle_cycle", num_recursions=3, routing="expert_choice"),
+    dict(sharing_strategy="middle_cycle", num_recursions=3, routing="token_choice"),
+    dict(sharing_strategy="cycle", num_recursions=2, routing="expert_choice"),
+    dict(sharing_strategy="cycle", num_recursions=2, routing="token_choice"),
+    dict(sharing_strategy="sequence", num_recursions=2, routing="none"),
+    dict(sharing_strategy="middle_sequence", num_recursions=3, routing="none"),
+]
+HEAD_CLASSES = {"causal_lm": MoRForCausalLM, **{task: classes[0] for task, classes in HEADS.items()}}
+
+
+@pytest.mark.parametrize("head", HEAD_CLASSES)
+@pytest.mark.parametrize("kv_cache_policy", ["recursion_wise", "shared"])
+@pytest.mark.parametrize("overrides", STRATEGY_ROUTINGS, ids=lambda o: f"{o['sharing_strategy']}-{o['routing']}")
+def test_gradient_checkpointing_matches_plain_backward(overrides, kv_cache_policy, head):
+    """Both checkpointing modes give the plain backward's loss and gradients. Reentrant checkpointing returns a
+    layer's outputs as a plain tuple and backpropagates only into the layer's positional tensors (under the shared
+    policy a deeper step reads step 1's keys)."""
+    config = tiny_mor_config(**overrides, kv_cache_policy=kv_cache_policy, num_labels=NUM_LABELS, pad_token_id=PAD)
+    config.classifier_dropout = 0.0  # the token-classification head's dropout would draw other masks in each pass
+    model = mixed_routing_model(HEAD_CLASSES[head](config)).train()
+    input_ids, attention_mask = padded_batch(config.vocab_size, seq_len=12)
+    task = "token_classification" if head == "causal_lm" else head  # causal LM labels: the tokens, padding ignored
+    targets = task_labels(task, input_ids, attention_mask)
+    if head == "causal_lm":
+        targets = {"labels": input_ids.masked_fill(attention_mask == 0, -100)}
 
     def loss_and_gradients():
         model.zero_grad()
-        loss = model(input_ids, labels=input_ids).loss
+        loss = model(input_ids, attention_mask=attention_mask, **targets).loss
         loss.backward()
         return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain_loss, plain_gradients = loss_and_gradients()
-    model.gradient_checkpointing_enable()
-    assert model.is_gradient_checkpointing
-    checkpointed_loss, checkpointed_gradients = loss_and_gradients()
-    assert torch.allclose(plain_loss, checkpointed_loss, atol=1e-6)
-    assert plain_gradients.keys() == checkpointed_gradients.keys()
-    for name, gradient in plain_gradients.items():
-        assert torch.allclose(gradient, checkpointed_gradients[name], atol=1e-5), name
+    for use_reentrant in (False, True):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        assert model.is_gradient_checkpointing
+        checkpointed_loss, checkpointed_gradients = loss_and_gradients()
+        model.gradient_checkpointing_disable()
+        assert torch.allclose(plain_loss, checkpointed_loss, atol=1e-6), use_reentrant
+        assert plain_gradients.keys() == checkpointed_gradients.keys(), use_reentrant
+        for name, gradient in plain_gradients.items():
+            assert torch.allclose(gradient, checkpointed_gradients[name], atol=1e-5), (use_reentrant, name)
