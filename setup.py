@@ -35,6 +35,7 @@ setup(
         "gguf": ["gguf>=0.10.0"],  # transformers 5.24's GGUF_MIN_VERSION
         "dev": [
             "pytest>=8", "peft>=0.17", "evaluate>=0.4.3", "datasets>=2.19", "lm-eval[hf]==0.4.13", "gguf>=0.10.0",
+            "parameterized>=0.9",  # transformers' common model tests (tests/test_transformers_common.py)
         ],
     },
 )

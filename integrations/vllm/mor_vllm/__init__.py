@@ -13,6 +13,7 @@ def register() -> None:
     """vLLM calls this in each of its processes; registering twice is harmless."""
     from transformers import AutoConfig
     from vllm import ModelRegistry
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
     from .configuration_mor import MoRConfig
 
@@ -20,3 +21,7 @@ def register() -> None:
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         # A "module:class" string: vLLM imports the model lazily, in the processes that build it.
         ModelRegistry.register_model(ARCHITECTURE, "mor_vllm.model:MoRForCausalLM")
+    if ARCHITECTURE not in MODELS_CONFIG_MAP:
+        from .checks import MoRConfigCheck
+
+        MODELS_CONFIG_MAP[ARCHITECTURE] = MoRConfigCheck

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from vllm import ir
-from vllm.config import VllmConfig
+from vllm.config import CompilationMode, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
@@ -40,6 +40,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer
 from vllm.v1.attention.selector import get_attn_backend
 
+from .checks import UnsupportedMoRCheckpoint, check_servable
 from .configuration_mor import MoRConfig
 from .routing_mor import apply_gate, build_routing, steps_every_token_takes
 from .step_attention import StepRequests
@@ -48,10 +49,6 @@ from .step_attention import StepRequests
 # A key of a token that did not take the step scores KEY_MASK_VALUE * scale lower (about -2000 at head_dim 64):
 # exp() of that is exactly 0 in float32. A power of two, so that bfloat16 and float16 caches hold it exactly.
 KEY_MASK_VALUE = -16384.0
-
-
-class UnsupportedMoRCheckpoint(ValueError):
-    """Raised when the model is built for a checkpoint or a setting vLLM cannot serve it with."""
 
 
 def padded_head_size(head_dim: int, dtype: torch.dtype, kv_cache_dtype: str) -> int:
@@ -205,17 +202,22 @@ class MoRBlockAttention(nn.Module):
             }
         )
 
-    def forward(self, positions, hidden_states, step: int, step_tokens: RecursionStepTokens) -> torch.Tensor:
+    def project(self, positions, hidden_states, step: int):
+        """The step's queries, keys and values (rotary applied), `[tokens, heads * head_dim]` each."""
         qkv, _ = self.qkv_proj(hidden_states)
         if self.relaxation:
             qkv = qkv + torch.cat([self.relaxation[name](hidden_states, step) for name in ("q_proj", "k_proj", "v_proj")], -1)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q, k = self.rotary_emb(positions, q, k)
+        return q, k, v
+
+    def attend(self, q, k, v, step: int, step_tokens: RecursionStepTokens) -> torch.Tensor:
         if self.shares_step_one and step > 0:
             # Queries only: the keys/values are those step 1 stored.
-            attn_output = self._attend(self.attn["0"], 0 in self.masked_steps, q, None, None, step_tokens)
-        else:
-            attn_output = self._attend(self.attn[str(step)], step in self.masked_steps, q, k, v, step_tokens)
+            return self._attend(self.attn["0"], 0 in self.masked_steps, q, None, None, step_tokens)
+        return self._attend(self.attn[str(step)], step in self.masked_steps, q, k, v, step_tokens)
+
+    def output(self, attn_output, step: int) -> torch.Tensor:
         output, _ = self.o_proj(attn_output)
         if self.relaxation:
             output = output + self.relaxation["o_proj"](attn_output, step)
@@ -273,8 +275,6 @@ class MoRMLP(nn.Module):
 
     def __init__(self, config: MoRConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
-        if config.hidden_act != "silu":
-            raise UnsupportedMoRCheckpoint(f"hidden_act={config.hidden_act!r}: vLLM's Llama MLP supports only 'silu'.")
         hidden, intermediate = config.hidden_size, config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(
             hidden, [intermediate] * 2, bias=config.mlp_bias, quant_config=vllm_config.quant_config,
@@ -315,12 +315,25 @@ class MoRDecoderLayer(nn.Module):
         self.post_attention_layernorm = StepRMSNorm(config.hidden_size, config.rms_norm_eps, relaxed_steps)
 
     def forward(self, positions, hidden_states, step: int, step_tokens: RecursionStepTokens) -> torch.Tensor:
-        residual = hidden_states
-        hidden_states = self.input_layernorm(hidden_states, step)
-        hidden_states = residual + self.self_attn(positions, hidden_states, step, step_tokens)
-        residual = hidden_states
-        hidden_states = self.post_attention_layernorm(hidden_states, step)
-        return residual + self.mlp(hidden_states, step)
+        q, k, v = self.attention_input(positions, hidden_states, step)
+        attn_output = self.self_attn.attend(q, k, v, step, step_tokens)
+        return self.layer_output(hidden_states, attn_output, step)
+
+    def attention_input(self, positions, hidden_states, step: int):
+        """The token-wise work before attention: the norm, the projections and rotary."""
+        return self.self_attn.project(positions, self.input_layernorm(hidden_states, step), step)
+
+    def layer_output(self, hidden_states, attn_output, step: int) -> torch.Tensor:
+        """The token-wise work after attention: the output projection, the norm, the MLP and both residuals."""
+        hidden_states = hidden_states + self.self_attn.output(attn_output, step)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states, step), step)
+
+    def compile_token_wise(self) -> None:
+        """torch.compile the work before and after attention. A step's token count depends on the routing, so
+        vLLM's whole-model compile cannot trace the recursion loop; the loop and attention stay eager, and these
+        pieces compile once for every block layer (their parameters are graph inputs) and any token count."""
+        self.attention_input = torch.compile(self.attention_input, dynamic=True, fullgraph=True)
+        self.layer_output = torch.compile(self.layer_output, dynamic=True, fullgraph=True)
 
 
 class MoRRecursionBlock(nn.Module):
@@ -406,6 +419,15 @@ class MoRModel(nn.Module):
             self.last_layer = LlamaDecoderLayer(vllm_config=vllm_config, prefix=f"model.layers.{config.num_hidden_layers - 1}")
         self.recursion_block = MoRRecursionBlock(config, vllm_config, offset, prefix=f"{prefix}.recursion_block")
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if vllm_config.compilation_config.mode != CompilationMode.NONE:
+            # vLLM compiles unless enforce_eager=True; its own compile traces a whole forward, which routing makes
+            # data-dependent, so the model compiles what has static structure: the end layers and the block layers'
+            # token-wise work (MoRDecoderLayer.compile_token_wise).
+            for layer in self.recursion_block.layers:
+                layer.compile_token_wise()
+            for layer in (self.first_layer, self.last_layer):
+                if layer is not None:
+                    layer.forward = torch.compile(layer.forward, dynamic=True, fullgraph=True)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
@@ -422,26 +444,6 @@ class MoRModel(nn.Module):
         return self.norm(hidden_states)
 
 
-def check_servable(config, vllm_config: VllmConfig) -> None:
-    """Refuses, before any weight is read, what this model cannot serve exactly; one message with the reason and the
-    alternative."""
-    if getattr(config, "model_type", None) != "mor":
-        raise UnsupportedMoRCheckpoint(f"MoRForCausalLM needs an MoR config (model_type 'mor'), got {type(config).__name__}.")
-    config.validate_recursion()
-    parallel_config = vllm_config.parallel_config
-    if parallel_config.pipeline_parallel_size > 1:
-        raise UnsupportedMoRCheckpoint(
-            f"pipeline_parallel_size={parallel_config.pipeline_parallel_size}: MoR's shared recursion block runs its "
-            f"layers several times, so it cannot be split into pipeline stages. Use tensor_parallel_size instead."
-        )
-    if config.relaxation_rank > 0 and get_tensor_model_parallel_world_size() > 1:
-        raise UnsupportedMoRCheckpoint(
-            f"relaxation_rank={config.relaxation_rank} with tensor_parallel_size="
-            f"{get_tensor_model_parallel_world_size()}: the per-step low-rank deltas are not sharded. Serve this "
-            f"relaxed checkpoint with tensor_parallel_size=1."
-        )
-
-
 class MoRForCausalLM(nn.Module):
     """vLLM's causal LM for checkpoints saved by the project (`architectures: ["MoRForCausalLM"]`)."""
 
@@ -451,7 +453,8 @@ class MoRForCausalLM(nn.Module):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         config = vllm_config.model_config.hf_config
-        check_servable(config, vllm_config)
+        parallel_config = vllm_config.parallel_config
+        check_servable(config, parallel_config.tensor_parallel_size, parallel_config.pipeline_parallel_size)
         self.config = config
         self.model = MoRModel(vllm_config=vllm_config, prefix="model")
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, quant_config=vllm_config.quant_config, prefix="lm_head")

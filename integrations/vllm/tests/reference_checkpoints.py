@@ -114,9 +114,11 @@ def main():
         tokenizer.save_pretrained(folder)
         # The bfloat16 checkpoint's reference is its weights in float32 (how the test serves it exactly).
         references[name] = reference(model.float() if dtype != torch.float32 else model, prompts(), args.new_tokens)
-        completion = model.generate(**tokenizer("Once upon a time", return_tensors="pt"), max_new_tokens=8, do_sample=False)
+        # What an OpenAI-style completion of a text prompt gives: the tokenizer adds BOS, as vLLM's server does.
+        text_prompt = tokenizer("Once upon a time", return_tensors="pt")
+        completion = model.generate(**text_prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
         references[name]["text_prompt"] = "Once upon a time"
-        references[name]["text_completion"] = tokenizer.decode(completion[0, len(tokenizer("Once upon a time")["input_ids"]):])
+        references[name]["text_completion_ids"] = completion[0, text_prompt["input_ids"].shape[1]:].tolist()
     (args.output_dir / "reference.json").write_text(json.dumps(references))
 
 

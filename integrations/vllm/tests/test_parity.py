@@ -32,15 +32,21 @@ def greedy(llm, prompts, new_tokens):
     return tokens, logprobs
 
 
-@pytest.mark.parametrize("variant", [*VARIANTS, BFLOAT16_VARIANT])
-def test_greedy_tokens_equal_generate(references, variant):
+# Every variant in vLLM's eager mode; two also with vLLM's torch.compile (the model compiles its token-wise work).
+CASES = [(variant, "eager") for variant in [*VARIANTS, BFLOAT16_VARIANT]]
+CASES += [("expert", "compiled"), ("token_shared", "compiled")]
+
+
+@pytest.mark.parametrize("variant,mode", CASES)
+def test_greedy_tokens_equal_generate(references, variant, mode):
     folder, reference = references
     expected = reference[variant]
     new_tokens = len(expected["tokens"][0])
-    with serving(folder / variant) as llm:
+    with serving(folder / variant, enforce_eager=mode == "eager") as llm:
+        before = llm.apply_model(depth_counts_of)[0]  # compiled mode warms up on dummy batches
         tokens, logprobs = greedy(llm, expected["prompts"][:-1], new_tokens)
         last_tokens, last_logprobs = greedy(llm, expected["prompts"][-1:], new_tokens)
-        depth_counts = llm.apply_model(depth_counts_of)[0]
+        depth_counts = [after - start for start, after in zip(before, llm.apply_model(depth_counts_of)[0])]
     for index, (got, want) in enumerate(zip(tokens + last_tokens, expected["tokens"])):
         assert got == want, f"prompt {index} ({len(expected['prompts'][index])} tokens)"
     for got, want in zip(logprobs + last_logprobs, expected["logprobs"]):

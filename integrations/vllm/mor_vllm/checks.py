@@ -1,0 +1,46 @@
+"""What the vLLM plugin refuses to serve, and where vLLM asks: kept apart from model.py so that the plugin's
+registration, which runs in every vLLM process, imports no model layers."""
+
+from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+
+class UnsupportedMoRCheckpoint(ValueError):
+    """Raised when the model is built for a checkpoint or a setting vLLM cannot serve it with."""
+
+
+def check_servable(config, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:
+    """Refuses what this model cannot serve exactly, with one message naming the reason and the alternative. vLLM
+    runs it when the engine's configuration is made, before any process starts (`MoRConfigCheck`), and the model
+    again when it is built."""
+    if getattr(config, "model_type", None) != "mor":
+        raise UnsupportedMoRCheckpoint(f"MoRForCausalLM needs an MoR config (model_type 'mor'), got {type(config).__name__}.")
+    config.validate_recursion()
+    if pipeline_parallel_size > 1:
+        raise UnsupportedMoRCheckpoint(
+            f"pipeline_parallel_size={pipeline_parallel_size}: MoR's shared recursion block runs its layers several "
+            f"times, so it cannot be split into pipeline stages. Use tensor_parallel_size instead."
+        )
+    if config.relaxation_rank > 0 and tensor_parallel_size > 1:
+        raise UnsupportedMoRCheckpoint(
+            f"relaxation_rank={config.relaxation_rank} with tensor_parallel_size={tensor_parallel_size}: the per-step "
+            f"low-rank deltas of a relaxed checkpoint are not sharded. Serve it with tensor_parallel_size=1."
+        )
+    if config.hidden_act != "silu":
+        raise UnsupportedMoRCheckpoint(
+            f"hidden_act={config.hidden_act!r}: vLLM's Llama layers support only 'silu'. Serve this checkpoint with "
+            f"transformers (generate_batch)."
+        )
+
+
+class MoRConfigCheck(VerifyAndUpdateConfig):
+    """vLLM's per-architecture configuration hook (MODELS_CONFIG_MAP): refuses an unservable checkpoint in the
+    process that loads it, before vLLM starts its engine."""
+
+    @staticmethod
+    def verify_and_update_config(vllm_config: "VllmConfig") -> None:
+        parallel_config = vllm_config.parallel_config
+        check_servable(
+            vllm_config.model_config.hf_config,
+            parallel_config.tensor_parallel_size,
+            parallel_config.pipeline_parallel_size,
+        )

@@ -1,0 +1,79 @@
+"""What vLLM cannot serve is refused when the checkpoint loads, with one message naming the reason and the
+alternative; a config.json from another environment loads either way."""
+
+import json
+import shutil
+import subprocess
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import KV_CACHE_BYTES, python, serving
+from mor_vllm.checks import UnsupportedMoRCheckpoint, check_servable
+from mor_vllm.configuration_mor import MoRConfig
+
+
+def copy_with_config(source, destination, **changes):
+    shutil.copytree(source, destination)
+    config = json.loads((destination / "config.json").read_text())
+    config.update(changes)
+    (destination / "config.json").write_text(json.dumps(config))
+    return destination
+
+
+def test_unservable_settings_are_named():
+    relaxed = MoRConfig(relaxation_rank=4)
+    with pytest.raises(UnsupportedMoRCheckpoint, match="relaxation_rank=4 with tensor_parallel_size=2.*tensor_parallel_size=1"):
+        check_servable(relaxed, tensor_parallel_size=2)
+    with pytest.raises(UnsupportedMoRCheckpoint, match="pipeline_parallel_size=2.*Use tensor_parallel_size"):
+        check_servable(MoRConfig(), pipeline_parallel_size=2)
+    with pytest.raises(UnsupportedMoRCheckpoint, match="hidden_act='gelu'"):
+        check_servable(MoRConfig(hidden_act="gelu"))
+    check_servable(MoRConfig(routing="none", sharing_strategy="middle_sequence"), tensor_parallel_size=2)
+
+
+def test_refused_before_the_engine_starts(references, tmp_path):
+    """The plugin's configuration hook refuses in the loading process: no engine is started."""
+    folder, _ = references
+    from vllm import LLM
+
+    gelu = copy_with_config(folder / "expert", tmp_path / "gelu", hidden_act="gelu")
+    with pytest.raises(UnsupportedMoRCheckpoint, match="hidden_act='gelu'.*transformers"):
+        LLM(model=str(gelu), dtype="float32", kv_cache_memory_bytes=KV_CACHE_BYTES, max_model_len=256)
+    invalid = copy_with_config(folder / "expert", tmp_path / "invalid", sharing_strategy="spiral")
+    with pytest.raises(ValueError, match="MoRConfig.sharing_strategy='spiral' is not valid"):
+        LLM(model=str(invalid), dtype="float32", kv_cache_memory_bytes=KV_CACHE_BYTES, max_model_len=256)
+
+
+def test_weights_that_do_not_fit_the_model_are_named(references, tmp_path):
+    """A tensor the model has no place for: the engine fails to start and its log names the tensor."""
+    folder, _ = references
+    odd = shutil.copytree(folder / "expert", tmp_path / "odd")
+    weights = load_file(odd / "model.safetensors")
+    weights["model.recursion_block.unknown.weight"] = torch.zeros(2)
+    save_file(weights, odd / "model.safetensors", metadata={"format": "pt"})
+    script = textwrap.dedent(f"""
+        from vllm import LLM
+        if __name__ == "__main__":
+            LLM(model={str(odd)!r}, dtype="float32", kv_cache_memory_bytes={KV_CACHE_BYTES}, max_model_len=256,
+                enforce_eager=True)
+    """)
+    result = subprocess.run([python(), "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0
+    assert "'model.recursion_block.unknown.weight', which this MoR model has no place for" in result.stdout + result.stderr
+
+
+def test_remote_code_config_loads_in_vllms_environment(references):
+    """With trust_remote_code=True vLLM reads the folder's own configuration_mor.py (the MoR config's floor is
+    vLLM's transformers, not the model's): same tokens as through the plugin's registered config."""
+    folder, reference = references
+    from vllm import SamplingParams, TokensPrompt
+
+    with serving(folder / "expert", trust_remote_code=True) as llm:
+        assert type(llm.llm_engine.vllm_config.model_config.hf_config).__module__.startswith("transformers_modules")
+        prompt = reference["expert"]["prompts"][0]
+        output = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
+                              SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0), use_tqdm=False)
+    assert list(output[0].outputs[0].token_ids) == reference["expert"]["tokens"][0][:8]
