@@ -35,6 +35,7 @@ from transformers.generation.continuous_batching.utils import drain_queue
 from transformers.utils import logging
 
 from .cache_mor import END_LAYERS, PagedKVStorage, PagedKVView
+from .packing_mor import ActiveTokens, RowBuckets, build_attention_mask
 from .routing_mor import apply_gate
 
 
@@ -491,8 +492,6 @@ class DepthwiseBatchProcessor:
         """Runs `layers` over the selected tokens of every group (None: all of them), packed row after row, each
         row reading its request's token set in the pages and writing its new keys/values to `writes` (pages,
         offsets, and the mask of tokens whose keys are stored). Returns the packed input, output and row sizes."""
-        from .modeling_mor import ActiveTokens, RowBuckets, build_attention_mask
-
         started = time.perf_counter()
         rows = list(zip(groups, selections))
         hidden = torch.cat([group.hidden if chosen is None else group.hidden[chosen] for group, chosen in rows])

@@ -9,6 +9,7 @@ gradient reductions.
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +45,10 @@ def _launch_fsdp(report_dir, model_dir, output_dir, *options, timeout=300):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG),
                "--num_processes", str(WORLD_SIZE), "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
                str(WORKER), str(report_dir), str(model_dir), str(output_dir), *map(str, options)]
-    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+    # On this checkout's code: the worker's folder, not the working directory, is on its path, so it would import an
+    # installed copy of the package otherwise.
+    result = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout,
+                            env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     reports = [report_dir / f"rank{rank}.json" for rank in range(WORLD_SIZE)]
     assert all(report.is_file() for report in reports), "accelerate did not shard the model: it trained without FSDP"

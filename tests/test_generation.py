@@ -9,6 +9,7 @@ from transformers import DynamicCache, LlamaForCausalLM, StoppingCriteria, Stopp
 from transformers.cache_utils import DynamicLayer
 
 import modeling_mor.modeling_mor
+import modeling_mor.packing_mor
 from modeling_mor import MoRCache, MoRForCausalLM
 from modeling_mor.cache_mor import ChunkGrownLayer
 
@@ -206,13 +207,13 @@ def test_uncached_shared_policy_rows_read_their_own_step_one_keys(monkeypatch):
     """Without a cache, the shared policy's deeper steps read step 1's keys of their own rows (KeyRows among the rows
     that took step 1): with left padding, each row of a batch gets the logits it gets alone."""
     selections = []
-    select = modeling_mor.modeling_mor.KeyRows.select
+    select = modeling_mor.packing_mor.KeyRows.select
 
     def recording_select(self, *tensors):
         selections.append((self.positions.numel(), tensors[0].shape[0]))
         return select(self, *tensors)
 
-    monkeypatch.setattr(modeling_mor.modeling_mor.KeyRows, "select", recording_select)
+    monkeypatch.setattr(modeling_mor.packing_mor.KeyRows, "select", recording_select)
     model = _model(routing="expert_choice", kv_cache_policy="shared")
     lengths = [1, 2, 1, 6, 3, 1]
     rows = [torch.randint(1, model.config.vocab_size, (length,)) for length in lengths]

@@ -342,7 +342,7 @@ def test_row_buckets_attend_as_one_padded_call(implementation):
     gives every real query what one call over the padded layout gives it."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    from modeling_mor.modeling_mor import RowBuckets, build_attention_mask
+    from modeling_mor.packing_mor import RowBuckets, build_attention_mask
 
     torch.manual_seed(0)
     config = tiny_mor_config()
@@ -373,7 +373,7 @@ def test_row_buckets_attend_as_one_padded_call(implementation):
 def test_prefill_chunks_and_decode_tokens_share_block_passes_and_attend_apart(monkeypatch):
     """A block pass holds prefill chunks next to decode tokens; their attention runs per range of equal query
     counts (one-token rows together), so a decode row does not pay for a chunk's queries."""
-    from modeling_mor.modeling_mor import RowBuckets
+    from modeling_mor.packing_mor import RowBuckets
 
     mixed_passes = []
     attend = RowBuckets.attend
