@@ -35,12 +35,13 @@ def test_unservable_settings_are_named():
 
 
 def test_refused_before_the_engine_starts(references, tmp_path):
-    """The plugin's configuration hook refuses in the loading process: no engine is started."""
+    """The plugin's configuration hook refuses in the loading process, before an engine starts (vLLM's config
+    validation wraps the message in its own ValueError)."""
     folder, _ = references
     from vllm import LLM
 
     gelu = copy_with_config(folder / "expert", tmp_path / "gelu", hidden_act="gelu")
-    with pytest.raises(UnsupportedMoRCheckpoint, match="hidden_act='gelu'.*transformers"):
+    with pytest.raises(ValueError, match="hidden_act='gelu'.*transformers"):
         LLM(model=str(gelu), dtype="float32", kv_cache_memory_bytes=KV_CACHE_BYTES, max_model_len=256)
     invalid = copy_with_config(folder / "expert", tmp_path / "invalid", sharing_strategy="spiral")
     with pytest.raises(ValueError, match="MoRConfig.sharing_strategy='spiral' is not valid"):
@@ -66,13 +67,21 @@ def test_weights_that_do_not_fit_the_model_are_named(references, tmp_path):
 
 
 def test_remote_code_config_loads_in_vllms_environment(references):
-    """With trust_remote_code=True vLLM reads the folder's own configuration_mor.py (the MoR config's floor is
-    vLLM's transformers, not the model's): same tokens as through the plugin's registered config."""
+    """The folder's own configuration_mor.py (remote code) loads under vLLM's transformers: the MoR config's floor
+    is vLLM's transformers, not the model's. In a process without the plugin, as transformers alone would read it;
+    with the plugin registered, vLLM uses the plugin's (the same file) even under trust_remote_code=True."""
     folder, reference = references
+    script = textwrap.dedent(f"""
+        from transformers import AutoConfig
+        config = AutoConfig.from_pretrained({str(folder / "expert")!r}, trust_remote_code=True)
+        print(type(config).__module__.split(".")[0], config.routing, config.block_size)
+    """)
+    result = subprocess.run([python(), "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-3:] == ["transformers_modules", "expert_choice", "2"]
     from vllm import SamplingParams, TokensPrompt
 
     with serving(folder / "expert", trust_remote_code=True) as llm:
-        assert type(llm.llm_engine.vllm_config.model_config.hf_config).__module__.startswith("transformers_modules")
         prompt = reference["expert"]["prompts"][0]
         output = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
                               SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0), use_tqdm=False)
