@@ -11,15 +11,15 @@ before it (an error, Ctrl-C, SIGTERM) leaves nothing behind; from the first chec
 Compute: every run counts its training FLOPs from the recursion depths its tokens actually take (`conversion.flops`)
 and the tokens it has seen; both are logged (`train_flops`, `num_input_tokens_seen`) and written to
 OUTPUT_DIR/training_summary.json. `--max-train-flops` trains to a FLOP budget instead of (or as well as) a number of
-steps. `python -m conversion.pretrain` trains a fresh model from a config with the same code.
+steps. `mor-pretrain` trains a fresh model from a config with the same code.
 
 Examples:
 
-    python -m conversion.uptrain outputs/stories-mor outputs/stories-mor-uptrained \\
+    mor-uptrain outputs/stories-mor outputs/stories-mor-uptrained \\
         --train-file examples/assets/tinystories_train_sample.txt \\
         --eval-file examples/assets/tinystories_valid_sample.txt --max-steps 600 --teacher examples/assets/stories260K
 
-    torchrun --nproc_per_node 2 -m conversion.uptrain outputs/stories-mor outputs/stories-mor-ddp \\
+    torchrun --nproc_per_node 2 --no-python mor-uptrain outputs/stories-mor outputs/stories-mor-ddp \\
         --train-file examples/assets/tinystories_train_sample.txt --max-steps 100
 """
 
@@ -442,7 +442,7 @@ def save_loss_curve(log_history, path, title: str = "MoR uptraining") -> bool:
 
 def build_argument_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m conversion.uptrain", description=__doc__, formatter_class=HelpFormatter
+        prog="mor-uptrain", description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("model_dir", metavar="INPUT_DIR", help="a converted MoR folder (or Hub id)")
     parser.add_argument("output_dir", metavar="OUTPUT_DIR",
@@ -942,5 +942,10 @@ def write_card(args, trainer, folder: Path, output_dir: Path, before, after, dep
         print(f"warning: no model card was written ({error})")
 
 
+def command_line() -> int:
+    """The `mor-uptrain` console script (and `python -m conversion.uptrain`): `main`, with Ctrl-C as one error line."""
+    return run_command_line(main, INTERRUPTED_RUN)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_command_line(main, INTERRUPTED_RUN))
+    raise SystemExit(command_line())
