@@ -41,7 +41,7 @@ from conversion.cli_checks import HelpFormatter, describe_threads, one_line, rea
 from conversion.measure import context_length, eval_block_size, perplexity_and_depths, read_eval_text, read_eval_tokens  # noqa: E402
 from conversion.measure import depth_histogram, format_depth_histogram, mean_depth  # noqa: E402
 from conversion.output_dir import WRITTEN_BY, check_output_files  # noqa: E402
-from conversion.uptrain import load_tokenizer  # noqa: E402
+from conversion.training.data import load_tokenizer  # noqa: E402
 
 
 ASSETS = PROJECT_ROOT / "examples" / "assets"

@@ -51,8 +51,8 @@ def load(command_line: str):
 def internal_class_names() -> set[str]:
     """The classes the command lines' own code defines (Trainer callbacks, datasets, errors, ...)."""
     names = set()
-    for module_info in pkgutil.iter_modules(conversion.__path__):
-        module = importlib.import_module(f"conversion.{module_info.name}")
+    for module_info in pkgutil.walk_packages(conversion.__path__, prefix="conversion."):
+        module = importlib.import_module(module_info.name)
         names |= {name for name, cls in inspect.getmembers(module, inspect.isclass) if cls.__module__ == module.__name__}
     return names
 
