@@ -23,6 +23,11 @@ from collections import Counter
 from pathlib import Path
 
 
+# Started as a script, so sys.path[0] is tests/: the command line is the repository's conversion/ folder (installed,
+# the package is named mor_conversion).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
 def enable_fsdp_on_cpu():
     """Keeps accelerate's FSDP plugin on CPU processes (see the module docstring)."""
     from accelerate.state import AcceleratorState, DistributedType, PartialState
