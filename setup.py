@@ -1,6 +1,13 @@
 from setuptools import find_packages, setup
 
 
+# The repository's `conversion/` folder installs as the package `mor_conversion` (a top-level `conversion` would clash
+# with other distributions' modules). Its modules import each other relatively, so the folder also runs as it is from
+# the repository root (`python -m conversion.uptrain`, the examples, the tests).
+CONVERSION_PACKAGES = [
+    "mor_conversion" + name[len("conversion"):] for name in find_packages(include=["conversion", "conversion.*"])
+]
+
 setup(
     name="mor-transformers",
     version="0.1.0",
@@ -9,7 +16,17 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["modeling_mor", "modeling_mor.*", "conversion", "conversion.*"]),
+    packages=find_packages(include=["modeling_mor", "modeling_mor.*"]) + CONVERSION_PACKAGES,
+    package_dir={"mor_conversion": "conversion"},
+    package_data={"mor_conversion": ["MODEL_CARD.md"]},  # the model card template
+    entry_points={
+        "console_scripts": [
+            "mor-convert = mor_conversion.convert_llama_to_mor:command_line",
+            "mor-uptrain = mor_conversion.uptrain:command_line",
+            "mor-pretrain = mor_conversion.pretrain:command_line",
+            "mor-push = mor_conversion.push_to_hub:main",
+        ],
+    },
     install_requires=[
         # The model code checks this range at import (modeling_mor/configuration_mor.py).
         "transformers>=5.24.0,<6",
@@ -25,7 +42,7 @@ setup(
         "matplotlib>=3.5",  # pyplot.subplots, get_cmap, patches.Rectangle; tested with 3.11
     ],
     extras_require={
-        # `python -m conversion.uptrain --dataset` (a Hub dataset or a local dataset folder); --train-file needs
+        # `mor-uptrain --dataset` (a Hub dataset or a local dataset folder); --train-file needs
         # nothing more than install_requires.
         "train": ["datasets>=2.19"],  # tested with 5.2
         "peft": ["peft>=0.17"],  # tested with 0.21

@@ -61,7 +61,8 @@ from conversion import pretrain  # noqa: E402
 from conversion.cli_checks import one_line  # noqa: E402
 from conversion.measure import depth_histogram, mean_depth, perplexity_and_depths, read_eval_tokens  # noqa: E402
 from conversion.output_dir import check_output_dir, record_output  # noqa: E402
-from conversion.uptrain import SUMMARY_FILE, tokenize_texts  # noqa: E402
+from conversion.training.data import tokenize_texts  # noqa: E402
+from conversion.training.summary import SUMMARY_FILE  # noqa: E402
 from conversion.text_files import read_text_file  # noqa: E402
 from modeling_mor import MoRConfig  # noqa: E402
 

@@ -139,7 +139,7 @@ def check_extra_installed(module: str, extra: str, needed_by: str, alternative: 
 
 
 def run_command_line(main, interrupted: str = "nothing was written") -> int:
-    """Runs a command line's `main()` for `python -m ...`: Ctrl-C (and SIGTERM, which `staged_output_dir` turns into
+    """Runs a command line's `main()` for its console script and `python -m ...`: Ctrl-C (and SIGTERM, which `staged_output_dir` turns into
     `Terminated`) ends it with one `error:` line saying `interrupted` (what is left) and the shell's status for the
     signal, 130 for Ctrl-C, instead of a traceback. The output folders are cleaned up before this is reached."""
     import signal
@@ -274,8 +274,8 @@ def read_mor_config(model: str, name: str):
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(
-                f"{given} is not a model folder: it has no config.json. Fix: give a folder written by "
-                f"`python -m conversion.convert_llama_to_mor` (or by `python -m conversion.uptrain`)."
+                f"{given} is not a model folder: it has no config.json. Fix: give a folder written by `mor-convert` "
+                f"(or by `mor-uptrain`)."
             )
         check_model_weights(path, given)
     elif path.exists():
@@ -295,7 +295,7 @@ def read_mor_config(model: str, name: str):
     if config.get("model_type") != "mor":
         raise ValueError(
             f"{given} is a {config.get('model_type')!r} model, not an MoR one. Fix: convert it first with "
-            f"`python -m conversion.convert_llama_to_mor {model} MOR_DIR`, then give MOR_DIR."
+            f"`mor-convert {model} MOR_DIR`, then give MOR_DIR."
         )
     mor_config = build_config(config, given)
     if path.is_dir():

@@ -175,18 +175,18 @@ def convert_llama_to_mor(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Command line: python -m conversion.convert_llama_to_mor SOURCE OUTPUT_DIR ...
+# Command line: mor-convert SOURCE OUTPUT_DIR ... (or python -m conversion.convert_llama_to_mor from the repository)
 # ----------------------------------------------------------------------------------------------------------------------
 
 CLI_EXAMPLE = """
 Examples:
 
     # a local Llama/SmolLM folder (or a Hub id) -> an MoR folder, with perplexities measured on a text file
-    python -m conversion.convert_llama_to_mor examples/assets/stories260K outputs/stories-mor \\
+    mor-convert examples/assets/stories260K outputs/stories-mor \\
         --num-recursions 3 --sharing-strategy middle_cycle --eval-file examples/assets/tinystories_valid_sample.txt
 
     # a GGUF file (dequantized by transformers; needs pip install "mor-transformers[gguf]"), then pushed to the Hub
-    python -m conversion.convert_llama_to_mor path/to/SmolLM2-135M-Instruct.Q4_1.gguf outputs/smollm2-mor \\
+    mor-convert path/to/SmolLM2-135M-Instruct.Q4_1.gguf outputs/smollm2-mor \\
         --num-recursions 2 --sharing-strategy middle_cycle --push-to-hub your-name/smollm2-mor --private
 
 Every option is checked before the source is loaded; bad input stops with one "error:" line (exit code 2) and
@@ -209,7 +209,7 @@ def build_argument_parser():
     from .measure import DEFAULT_BLOCK_SIZE
 
     parser = argparse.ArgumentParser(
-        prog="python -m conversion.convert_llama_to_mor",
+        prog="mor-convert",
         description="Convert a Llama-architecture checkpoint (Llama, SmolLM, SmolLM2) into a Mixture-of-Recursions model.",
         epilog=CLI_EXAMPLE,
         formatter_class=HelpFormatter,
@@ -593,7 +593,7 @@ def _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, st
         "base_model": base_model,
         "source_name": source_name,
         **source_license(plan["source"], args.base_model_license, plan["gguf_metadata"]),
-        "provenance_note": f"Converted with `python -m conversion.convert_llama_to_mor` from `{args.source}`"
+        "provenance_note": f"Converted with `mor-convert` from `{args.source}`"
         + (f" (GGUF file `{gguf_file}`, dequantized by transformers)" if gguf_file else "") + ".",
         "repo_id": args.push_to_hub or f"path/to/{output_dir.name}",
         "source_layers": plan["num_layers"],
@@ -689,13 +689,19 @@ def main(argv=None) -> int:
                               commit_message=args.commit_message)
         except PushError as error:
             print(f"error: {error}", file=sys.stderr)
-            # As `python -m conversion.push_to_hub`: bad input and an unreachable Hub exit 2, a refused push 1.
+            # As `mor-push`: bad input and an unreachable Hub exit 2, a refused push 1.
             return 2 if isinstance(error, (InvalidPushError, HubUnreachableError)) else 1
         print(f"Pushed to {url}")
     return 0
 
 
-if __name__ == "__main__":
+def command_line() -> int:
+    """The `mor-convert` console script (and `python -m conversion.convert_llama_to_mor`): `main`, with Ctrl-C as one
+    error line."""
     from .cli_checks import run_command_line
 
-    raise SystemExit(run_command_line(main))
+    return run_command_line(main)
+
+
+if __name__ == "__main__":
+    raise SystemExit(command_line())

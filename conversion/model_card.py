@@ -1,4 +1,5 @@
-"""Renders the project's MODEL_CARD.md template with the real figures of a conversion or uptraining run.
+"""Renders the model card template (MODEL_CARD.md, next to this file) with the real figures of a conversion or
+uptraining run.
 
 The figures are kept next to the weights in `mor_card.json`, so that uptraining can update them and render again.
 Every figure on the card says how it was measured: a perplexity row is either a number, measured as the card's
@@ -12,7 +13,8 @@ import string
 from pathlib import Path
 
 
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "MODEL_CARD.md"
+# Package data (setup.py), so that an installed package renders cards too.
+TEMPLATE_PATH = Path(__file__).with_name("MODEL_CARD.md")
 CARD_FIGURES_FILE = "mor_card.json"
 
 
@@ -70,7 +72,7 @@ def training_status(figures: dict) -> str:
         return (
             "**Freshly converted, not uptrained.** The shared layers come from the source's pretrained layers; the "
             "routers start at zero (untrained), so routing decisions are not yet meaningful. Uptrain it "
-            "(`python -m conversion.uptrain`) before use."
+            "(`mor-uptrain`, a command of the mor-transformers package) before use."
         )
     return (
         f"**Uptrained** for {uptraining['steps']} steps ({uptraining['tokens']:,} tokens of `{uptraining['train_data']}`) "

@@ -2,8 +2,8 @@
 
 The model is an MoR model (a config.json with `"model_type": "mor"`, for example with gating "output" and the router's
 own BCE for causal inference, as the paper trains from scratch) or a vanilla Llama (`"model_type": "llama"`) of the
-same width, initialised with `--seed`. Training is uptraining's code path (`conversion.uptrain.run_training`: the same
-Trainer, data, checkpoints, resuming, staging and DDP), without a teacher: see `python -m conversion.uptrain --help`.
+same width, initialised with `--seed`. Training is uptraining's code path (`run_training` of conversion/training/: the
+same Trainer, data, checkpoints, resuming, staging and DDP), without a teacher: see `mor-uptrain --help`.
 
 Compute: `--max-train-flops` stops training at the end of the first optimizer step whose FLOP count reaches the budget
 (it is checked right after each step, so a run overshoots by less than one step and never stops short). The count is
@@ -21,7 +21,7 @@ Example (the config: stories260K's shape as MoR; any MoRConfig or LlamaConfig sa
     python -c "from modeling_mor import MoRConfig; MoRConfig(vocab_size=512, hidden_size=64, intermediate_size=172, \\
     num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, router_aux_loss_coef=1e-2, \\
     tie_word_embeddings=True).save_pretrained('outputs/mor-config')"
-    python -m conversion.pretrain outputs/mor-config outputs/mor-scratch --tokenizer examples/assets/stories260K \\
+    mor-pretrain outputs/mor-config outputs/mor-scratch --tokenizer examples/assets/stories260K \\
         --train-file examples/assets/tinystories_train_sample.txt \\
         --eval-file examples/assets/tinystories_valid_sample.txt --max-train-flops 2e12 --learning-rate 3e-3
 """
@@ -40,27 +40,23 @@ from modeling_mor import MoRConfig, MoRForCausalLM
 
 from .cli_checks import HelpFormatter, describe_threads, one_line, run_command_line
 from .measure import read_eval_text
-from .uptrain import (
-    INTERRUPTED_RUN,
+from .training.data import load_tokenizer, load_training_data
+from .training.options import (
     add_data_arguments,
     add_trainer_arguments,
     check_capacity_schedule,
     check_run_folder,
     check_training_options,
-    load_tokenizer,
-    load_training_data,
     resolve_block_sizes,
-    run_training,
 )
+from .training.run import INTERRUPTED_RUN, run_training
 
 
 MODEL_CLASSES = {"mor": (MoRConfig, MoRForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
 
 
 def build_argument_parser():
-    parser = argparse.ArgumentParser(
-        prog="python -m conversion.pretrain", description=__doc__, formatter_class=HelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="mor-pretrain", description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("config", metavar="CONFIG",
                         help="the model to train: a config.json (model_type 'mor' or 'llama'), or a folder holding one")
     parser.add_argument("output_dir", metavar="OUTPUT_DIR",
@@ -99,7 +95,7 @@ def read_model_config(path):
 
 def check_arguments(args):
     """Everything that can be refused before any work: options, CONFIG, the tokenizer, the text files, OUTPUT_DIR
-    and the checkpoint to resume from. Returns the config, the tokenizer and `uptrain.CheckedArguments`."""
+    and the checkpoint to resume from. Returns the config, the tokenizer and `training.options.CheckedArguments`."""
     check_training_options(args)
     config = read_model_config(args.config)
     resolve_block_sizes(args, config)
@@ -137,5 +133,10 @@ def main(argv=None) -> int:
     return run_training(args, checked, model, tokenizer, data, start, activity="pretraining")
 
 
+def command_line() -> int:
+    """The `mor-pretrain` console script (and `python -m conversion.pretrain`): `main`, with Ctrl-C as one error line."""
+    return run_command_line(main, INTERRUPTED_RUN)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_command_line(main, INTERRUPTED_RUN))
+    raise SystemExit(command_line())

@@ -9,7 +9,7 @@ all from the top of the folder. Everything else stays local and is listed: Train
 
 Example:
 
-    python -m conversion.push_to_hub outputs/stories-mor your-name/stories-mor --private
+    mor-push outputs/stories-mor your-name/stories-mor --private
 """
 
 import argparse
@@ -178,7 +178,7 @@ def push_folder(folder, repo_id: str, *, private: bool = False, token: str | Non
     folder = Path(folder)
     pushed = check_model_folder(folder)
     check_repo_id(repo_id)
-    retry = f"retry with `python -m conversion.push_to_hub {folder} {repo_id}`"
+    retry = f"retry with `mor-push {folder} {repo_id}`"
     if constants.HF_HUB_OFFLINE:
         raise HubUnreachableError(f"HF_HUB_OFFLINE is set, so the Hub cannot be reached; nothing was pushed and "
                                   f"{folder} is intact. Unset HF_HUB_OFFLINE, then {retry}.")
@@ -209,7 +209,7 @@ def push_folder(folder, repo_id: str, *, private: bool = False, token: str | Non
 
 
 def build_argument_parser():
-    parser = argparse.ArgumentParser(prog="python -m conversion.push_to_hub", description=__doc__,
+    parser = argparse.ArgumentParser(prog="mor-push", description=__doc__,
                                      formatter_class=HelpFormatter)
     parser.add_argument("folder", help="a model folder written by the converter or by uptraining")
     parser.add_argument("repo_id", help="the Hub repo to create or update, e.g. your-name/model")

@@ -4,9 +4,8 @@ recursion depth (the compute each token spends), next to other checkpoints as re
 Eval-mode expert-choice routing is causal: at every recursion step whose configured capacity is below 1, a token
 continues iff sigmoid(router logit) > `config.router_threshold`. Raising the threshold stops more tokens earlier (less
 compute); lowering it sends more of them deeper. Whether that trades quality for compute smoothly depends on how the
-model was trained: with random capacities (`--random-capacity MIN` of `python -m conversion.pretrain` or
-`conversion.uptrain`) the routers' sigmoids learn a ranking that holds at any depth; trained at one fixed capacity
-schedule, they learn one cut.
+model was trained: with random capacities (`--random-capacity MIN` of `mor-pretrain` or `mor-uptrain`) the routers'
+sigmoids learn a ranking that holds at any depth; trained at one fixed capacity schedule, they learn one cut.
 
 For every CHECKPOINT and every --thresholds value, the held-out perplexity and the mean depth are measured with
 `conversion.measure.perplexity_and_depths` (the project's one perplexity) on the first --eval-max-tokens tokens of
@@ -16,9 +15,9 @@ references as points) to PREFIX.png.
 
 Example (a random-capacity model swept, a fixed-capacity one as a point; see docs/budget_curve.md for the full run):
 
-    python -m conversion.pretrain mor_config.json outputs/mor-random --tokenizer examples/assets/stories260K \\
+    mor-pretrain mor_config.json outputs/mor-random --tokenizer examples/assets/stories260K \\
         --train-file examples/assets/tinystories_train_sample.txt --max-steps 300 --random-capacity 0.1
-    python -m conversion.pretrain mor_config.json outputs/mor-fixed --tokenizer examples/assets/stories260K \\
+    mor-pretrain mor_config.json outputs/mor-fixed --tokenizer examples/assets/stories260K \\
         --train-file examples/assets/tinystories_train_sample.txt --max-steps 300
     python examples/budget_curve.py outputs/mor-random --reference outputs/mor-fixed \\
         --thresholds 0.1 0.3 0.5 0.7 0.9 --output-prefix outputs/budget_curve
@@ -42,7 +41,7 @@ from conversion.cli_checks import HelpFormatter, describe_threads, one_line, rea
 from conversion.measure import context_length, eval_block_size, perplexity_and_depths, read_eval_text, read_eval_tokens  # noqa: E402
 from conversion.measure import depth_histogram, format_depth_histogram, mean_depth  # noqa: E402
 from conversion.output_dir import WRITTEN_BY, check_output_files  # noqa: E402
-from conversion.uptrain import load_tokenizer  # noqa: E402
+from conversion.training.data import load_tokenizer  # noqa: E402
 
 
 ASSETS = PROJECT_ROOT / "examples" / "assets"

@@ -8,7 +8,7 @@ routing.
 Example (from the repository root; the first command converts the shipped stories260K Llama to an MoR folder):
 
 ```bash
-python -m conversion.convert_llama_to_mor examples/assets/stories260K /tmp/mor-stories --num-recursions 3 \
+mor-convert examples/assets/stories260K /tmp/mor-stories --num-recursions 3 \
     --sharing-strategy middle_cycle
 python examples/evaluate_model.py /tmp/mor-stories \
     --eval-file examples/assets/tinystories_valid_sample.txt --max-tokens 8192 \

@@ -11,7 +11,7 @@ training, logs the training loss through Trainer, and saves the adapter (and the
 Example, from the repository root (`pip install -e '.[peft]'`): convert the tiny stories260K Llama shipped in
 examples/assets into MoR form, then fine-tune it on TinyStories text or on the bundled instructions:
 
-    python -m conversion.convert_llama_to_mor examples/assets/stories260K mor-stories260K \\
+    mor-convert examples/assets/stories260K mor-stories260K \\
         --num-recursions 3 --sharing-strategy middle_cycle
     python examples/finetune_lora.py mor-stories260K lora-stories260K \\
         --train-file examples/assets/tinystories_train_sample.txt \\

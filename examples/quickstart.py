@@ -53,7 +53,8 @@ from conversion import cli_checks, convert_llama_to_mor  # noqa: E402
 from conversion.convert_llama_to_mor import source_license  # noqa: E402
 from conversion.measure import depth_histogram, full_depth, mean_depth, perplexity_and_depths, read_eval_tokens  # noqa: E402
 from conversion.model_card import save_card  # noqa: E402
-from conversion.uptrain import TokenBlocks, UptrainTrainer, tokenize_texts  # noqa: E402
+from conversion.training.data import TokenBlocks, tokenize_texts  # noqa: E402
+from conversion.training.trainer import UptrainTrainer  # noqa: E402
 from show_recursion_depth import (  # noqa: E402
     describe_generated_depth,
     format_depths,

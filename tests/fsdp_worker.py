@@ -1,4 +1,4 @@
-"""One rank of `python -m conversion.uptrain` trained with FSDP2 through accelerate on CPU processes (gloo), started
+"""One rank of `mor-uptrain` trained with FSDP2 through accelerate on CPU processes (gloo), started
 by tests/test_fsdp.py:
 
     accelerate launch --config_file examples/accelerate/fsdp2.yaml --num_processes 2 tests/fsdp_worker.py \\
@@ -10,7 +10,7 @@ It runs the uptraining command line as it is (`conversion.uptrain.main`), with t
   (`AcceleratorState` keeps `DistributedType.MULTI_CPU` and drops the plugin). `enable_fsdp_on_cpu` keeps the plugin
   and sets `DistributedType.FSDP` there, which is what accelerate does on GPUs; everything else (Trainer, the plugin
   built from the launcher's environment, `fully_shard`, the checkpoints) is the ordinary code. On GPUs the worker is
-  not needed: `accelerate launch --config_file examples/accelerate/fsdp2.yaml -m conversion.uptrain ...`.
+  not needed: `accelerate launch --config_file examples/accelerate/fsdp2.yaml --no_python mor-uptrain ...`.
 - `record_fsdp_units` writes REPORT_DIR/rank{N}.json: the `fully_shard` units accelerate made, the parameters each
   one manages, how their parameters are sharded, and how many times each unit ran in the first training forward
   (a shared recursion layer is one unit that runs once per recursion step).
@@ -21,6 +21,11 @@ import os
 import sys
 from collections import Counter
 from pathlib import Path
+
+
+# Started as a script, so sys.path[0] is tests/: the command line is the repository's conversion/ folder (installed,
+# the package is named mor_conversion).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def enable_fsdp_on_cpu():

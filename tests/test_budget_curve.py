@@ -1,7 +1,7 @@
-"""One checkpoint, many budgets: --random-capacity (conversion/uptrain.py's `CapacitySchedule`, shared by
-conversion/pretrain.py) draws every optimizer step's capacities within bounds and leaves the configured ones in place;
-examples/budget_curve.py sweeps router_threshold on a checkpoint, end to end, with the mean depth non-increasing in the
-threshold."""
+"""One checkpoint, many budgets: --random-capacity (`CapacitySchedule` of conversion/training/trainer.py, shared by
+uptraining and pretraining) draws every optimizer step's capacities within bounds and leaves the configured ones in
+place; examples/budget_curve.py sweeps router_threshold on a checkpoint, end to end, with the mean depth
+non-increasing in the threshold."""
 
 import json
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 from transformers import LlamaConfig
 
 from conversion import pretrain
-from conversion.uptrain import CapacitySchedule
+from conversion.training.trainer import CapacitySchedule
 from modeling_mor import MoRConfig, MoRForCausalLM
 
 from conftest import STORIES_DIR, TINYSTORIES_TRAIN, TINYSTORIES_VALID, edited_model_copy, with_config_fields

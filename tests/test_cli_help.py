@@ -1,19 +1,30 @@
 """`--help` of every command line (issue 18, item 7): every option has a help text that shows its default, no help
-names an internal class, and the model and output folders are positional arguments everywhere."""
+names an internal class, and the model and output folders are positional arguments everywhere. The installed console
+scripts (issue 19, item 3) run those command lines from any folder, and a built package installs `conversion/` as
+`mor_conversion`."""
 
 import argparse
+import configparser
 import importlib
 import importlib.util
 import inspect
+import os
 import pkgutil
+import shutil
+import subprocess
+import sys
+import sysconfig
+import zipfile
 from pathlib import Path
 
 import pytest
 
 import conversion
+from conftest import STORIES_DIR
 
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = PROJECT_ROOT / "examples"
 COMMAND_LINES = {
     "conversion.convert_llama_to_mor": ("source", "output_dir"),
     "conversion.uptrain": ("model_dir", "output_dir"),
@@ -40,8 +51,8 @@ def load(command_line: str):
 def internal_class_names() -> set[str]:
     """The classes the command lines' own code defines (Trainer callbacks, datasets, errors, ...)."""
     names = set()
-    for module_info in pkgutil.iter_modules(conversion.__path__):
-        module = importlib.import_module(f"conversion.{module_info.name}")
+    for module_info in pkgutil.walk_packages(conversion.__path__, prefix="conversion."):
+        module = importlib.import_module(module_info.name)
         names |= {name for name, cls in inspect.getmembers(module, inspect.isclass) if cls.__module__ == module.__name__}
     return names
 
@@ -60,3 +71,74 @@ def test_help_documents_every_option_with_its_default(command_line, monkeypatch)
     help_text = parser.format_help()
     named = {name for name in internal_class_names() if name in help_text}
     assert not named, f"--help names internal classes: {named}"
+
+
+# The console scripts setup.py installs, and the command line each runs.
+CONSOLE_SCRIPTS = {
+    "mor-convert": "conversion.convert_llama_to_mor",
+    "mor-uptrain": "conversion.uptrain",
+    "mor-pretrain": "conversion.pretrain",
+    "mor-push": "conversion.push_to_hub",
+}
+
+
+# A fixed width, so that argparse wraps a help text alike in a subprocess and in the test.
+HELP_WIDTH = "120"
+
+
+@pytest.mark.parametrize("script", CONSOLE_SCRIPTS)
+def test_console_script_is_installed_and_answers_help_from_any_folder(script, tmp_path, monkeypatch):
+    path = shutil.which(script, path=sysconfig.get_path("scripts"))
+    assert path, f"{script} is not installed in {sysconfig.get_path('scripts')}: run pip install -e . (again)"
+    result = subprocess.run([path, "--help"], cwd=tmp_path, env={**os.environ, "COLUMNS": HELP_WIDTH},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    monkeypatch.setenv("COLUMNS", HELP_WIDTH)
+    assert result.stdout.startswith(f"usage: {script} ")
+    assert result.stdout == load(CONSOLE_SCRIPTS[script]).build_argument_parser().format_help()
+
+
+def test_built_package_installs_conversion_as_mor_conversion_with_working_scripts(tmp_path):
+    """A non-editable install (a wheel built from setup.py): `conversion/` becomes `mor_conversion`, with the model
+    card template, next to `modeling_mor` and nothing else; its scripts convert a model from any folder."""
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("setup.py", "README.md"):
+        shutil.copy(PROJECT_ROOT / name, source / name)
+    for name in ("modeling_mor", "conversion"):
+        shutil.copytree(PROJECT_ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir",
+                            str(tmp_path / "wheel"), str(source)], capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        assert {name.split("/")[0] for name in names if ".dist-info/" not in name} == {"modeling_mor", "mor_conversion"}
+        conversion_files = {path.relative_to(PROJECT_ROOT / "conversion").as_posix()
+                            for path in (PROJECT_ROOT / "conversion").rglob("*") if path.suffix in (".py", ".md")}
+        assert {name for name in names if name.startswith("mor_conversion/")} == {
+            f"mor_conversion/{name}" for name in conversion_files}
+        (entry_points_file,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+        entry_points = configparser.ConfigParser()
+        entry_points.read_string(archive.read(entry_points_file).decode())
+    assert {script: target.split(":")[0] for script, target in entry_points["console_scripts"].items()} == {
+        script: module.replace("conversion.", "mor_conversion.") for script, module in CONSOLE_SCRIPTS.items()}
+
+    site = tmp_path / "site"
+    installed = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
+                                str(site), str(wheel)], capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    environment = {**os.environ, "PYTHONPATH": str(site)}  # the installed copy, not the repository's folders
+    imported = subprocess.run(
+        [sys.executable, "-c", "import modeling_mor, mor_conversion; print(mor_conversion.__file__, modeling_mor.__file__)"],
+        cwd=elsewhere, env=environment, capture_output=True, text=True, timeout=300, check=True,
+    )
+    assert all(Path(file).is_relative_to(site) for file in imported.stdout.split()), imported.stdout
+    converted = subprocess.run(
+        [str(site / "bin" / "mor-convert"), str(STORIES_DIR), "mor", "--num-recursions", "3"],
+        cwd=elsewhere, env=environment, capture_output=True, text=True, timeout=600,
+    )
+    assert converted.returncode == 0, converted.stderr[-3000:]
+    assert "Converted with `mor-convert`" in (elsewhere / "mor" / "README.md").read_text()

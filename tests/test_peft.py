@@ -456,7 +456,7 @@ def test_example_refuses_a_plain_llama_model_before_loading_it(tmp_path, stories
         "--output-dir", str(tmp_path / "out"),
     ])
     assert f"MODEL {stories_dir} is a 'llama' model, not an MoR one" in line
-    assert "python -m conversion.convert_llama_to_mor" in line
+    assert f"`mor-convert {stories_dir} MOR_DIR`" in line
     assert not (tmp_path / "out").exists()
 
 

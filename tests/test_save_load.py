@@ -222,9 +222,9 @@ def test_tokenizer_of_a_saved_folder_loads_quietly(tmp_path):
 
     from conftest import STORIES_DIR
 
-    # The arguments of the line README.md and MODEL_CARD.md recommend (the same in both).
+    # The arguments of the line README.md and the model card template recommend (the same in both).
     (arguments,) = {re.search(r'tokenizer = AutoTokenizer\.from_pretrained\("[^"]+"(, [^)]*)\)', (ROOT / name).read_text())[1]
-                    for name in ("README.md", "MODEL_CARD.md")}
+                    for name in ("README.md", "conversion/MODEL_CARD.md")}
     MoRForCausalLM(tiny_mor_config(vocab_size=512)).save_pretrained(tmp_path / "checkpoint")
     AutoTokenizer.from_pretrained(STORIES_DIR).save_pretrained(tmp_path / "checkpoint")
     script = BLOCK_PROJECT_IMPORTS + textwrap.dedent(

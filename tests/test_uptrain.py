@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conversion import uptrain
 from conversion.convert_llama_to_mor import main as convert_main
 from conversion.model_card import render_model_card
+from conversion.training.trainer import UptrainTrainer
 from conversion.uptrain import main as uptrain_main
 
 from conftest import free_port, last_log_history
@@ -257,14 +257,14 @@ def test_default_blocks_are_capped_at_the_model_context(train_text, tmp_path, ca
 
 def _interrupt_at_step(monkeypatch, step):
     """Ctrl-C (KeyboardInterrupt, which is also what SIGTERM becomes) when training reaches `step`."""
-    training_step = uptrain.UptrainTrainer.training_step
+    training_step = UptrainTrainer.training_step
 
     def interrupted(self, *args, **kwargs):
         if self.state.global_step == step:
             raise KeyboardInterrupt
         return training_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(uptrain.UptrainTrainer, "training_step", interrupted)
+    monkeypatch.setattr(UptrainTrainer, "training_step", interrupted)
 
 
 def test_an_uptraining_interrupted_before_its_first_checkpoint_leaves_nothing(converted, train_text, tmp_path,

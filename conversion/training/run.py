@@ -1,0 +1,194 @@
+"""The training run of both command lines, `run_training`: Trainer's arguments, the steps a FLOP budget plans, the
+staging folder, training, saving, the evaluation after it, and what it prints at the end."""
+
+import contextlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainingArguments, default_data_collator
+
+from ..cli_checks import one_line
+from ..measure import format_depth_histogram, perplexity_and_depths
+from ..model_card import describe_measurement
+from ..output_dir import TRAINER_CHECKPOINTS, OutputDirExistsError, foreign_entries, record_output, staged_output_dir
+from .data import TrainingData
+from .options import CheckedArguments
+from .summary import SUMMARY_FILE, save_loss_curve, training_summary
+from .trainer import (
+    CapacitySchedule,
+    MoveIntoPlaceAtFirstCheckpoint,
+    UptrainTrainer,
+    capacity_schedule_of,
+    flop_counter_of,
+)
+
+
+# What Ctrl-C leaves of a training run (see `trainer.MoveIntoPlaceAtFirstCheckpoint`).
+INTERRUPTED_RUN = ("a run stopped before its first checkpoint leaves nothing, a later one continues with "
+                   "--resume-from-checkpoint latest")
+
+
+def run_training(args, checked: CheckedArguments, model, tokenizer, data: TrainingData, start: float, *,
+                 teacher=None, measure_before: bool = False, finish=None, activity: str = "training") -> int:
+    """Trains `model` with `UptrainTrainer` as `args` say (the options of `add_data_arguments` and
+    `add_trainer_arguments`), saves it with its tokenizer, a loss curve and OUTPUT_DIR/training_summary.json (steps,
+    tokens seen, training FLOPs, the evaluation), and calls `finish(trainer, folder, before, after, depths,
+    train_seconds)` before the folder moves into place (uptraining renders its model card there)."""
+    capacity_schedule = capacity_schedule_of(args, model)
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    training_args = build_training_arguments(args, output_dir, evaluates=data.eval_dataset is not None)
+    steps_planned = None
+    if args.max_train_flops is not None:
+        steps_planned = planned_steps(model, args, training_args.world_size, capacity_schedule)
+        if args.max_steps is None:
+            training_args.max_steps = steps_planned
+    # A run that continues in OUTPUT_DIR leaves what was there before, and not written by these tools, out of the
+    # folder's record (see output_dir.py).
+    foreign_before = foreign_entries(output_dir) if checked.in_place else []
+    staging = contextlib.ExitStack()
+    try:
+        with staging:  # on leaving it, a run that is still staged (no checkpoint saved) moves into place
+            if not checked.in_place:
+                training_args.output_dir = str(staging_folder(staging, output_dir, training_args))
+            callbacks = [MoveIntoPlaceAtFirstCheckpoint(staging, output_dir)]
+            if capacity_schedule is not None:
+                callbacks.append(capacity_schedule)
+            trainer = UptrainTrainer(
+                model=model,
+                args=training_args,
+                train_dataset=data.train_dataset,
+                eval_dataset=data.eval_dataset,
+                # The tokenizer goes into every checkpoint and the final folder; the blocks need no padding collator.
+                processing_class=tokenizer,
+                data_collator=default_data_collator,
+                callbacks=callbacks,
+                teacher=teacher.to(training_args.device) if teacher is not None else None,
+                distill_weight=getattr(args, "distill_weight", 0.5),
+                distill_temperature=getattr(args, "distill_temperature", 1.0),
+                max_train_flops=args.max_train_flops,
+            )
+
+            before = None
+            if measure_before and data.eval_tokens is not None and trainer.is_world_process_zero():
+                before, _ = perplexity_and_depths(model, data.eval_tokens, args.eval_block_size,
+                                                  desc="perplexity before")
+                print(f"Perplexity before {activity}: {before:.2f}")
+
+            trainer.train(resume_from_checkpoint=checked.resume_checkpoint)
+            train_seconds = time.perf_counter() - start
+
+            # OUTPUT_DIR, or the staging folder still when no checkpoint was saved (a run resumed at its last step).
+            final_dir = Path(training_args.output_dir)
+            trainer.save_model(str(final_dir))  # the final model and its tokenizer (every process must call this)
+            after = depths = None
+            # An FSDP-sharded model all-gathers its parameters in every forward: every process runs the measurement.
+            if data.eval_tokens is not None and (trainer.is_world_process_zero() or trainer.is_fsdp_enabled):
+                after, depths = perplexity_and_depths(trainer.model, data.eval_tokens, args.eval_block_size,
+                                                      desc="perplexity after")
+            if not trainer.is_world_process_zero():
+                return 0
+            summary = training_summary(args, trainer, steps_planned, data, after, depths, train_seconds)
+            (final_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+            if finish is not None:
+                finish(trainer, final_dir, before, after, depths, train_seconds)
+            curve_saved = save_loss_curve(trainer.state.log_history, final_dir / "loss_curve.png",
+                                          title=f"{type(model).__name__}, {activity}")
+            if final_dir == output_dir:  # a staged run is recorded as it moves into place
+                record_output(final_dir, also=(TRAINER_CHECKPOINTS,), exclude=foreign_before)
+    except OutputDirExistsError as error:  # OUTPUT_DIR gained other files during the run: it is kept as it is
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
+
+    print(f"\n{activity.capitalize()}: {trainer.state.global_step} steps in {train_seconds / 60:.1f} min; saved "
+          f"{output_dir}")
+    print(f"  training FLOPs {summary['train_flops']:.4g} ({summary['stopped_by']}), tokens seen "
+          f"{summary['tokens_seen']:,}")
+    if after is not None:
+        measured = describe_measurement({"file": args.eval_file, "tokens": data.eval_tokens.numel(),
+                                         "block_size": args.eval_block_size})
+        prefix = f"perplexity before {before:.2f} -> after" if before is not None else "perplexity"
+        print(f"  {prefix} {after:.2f} ({measured.replace('`', '')})")
+        if depths:
+            print(f"  recursion depths (tokens per depth): {format_depth_histogram(summary['eval']['depth_histogram'])}, "
+                  f"mean {summary['eval']['mean_depth']:.2f}")
+    if curve_saved:
+        print(f"  loss curve: {output_dir / 'loss_curve.png'}")
+    return 0
+
+
+def build_training_arguments(args, output_dir: Path, evaluates: bool) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        # Without --max-steps, `run_training` plans the steps from the FLOP budget.
+        max_steps=args.max_steps if args.max_steps is not None else 1,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        lr_scheduler_type=args.lr_scheduler_type,
+        logging_steps=args.logging_steps,
+        eval_strategy="steps" if evaluates else "no",
+        eval_steps=args.eval_steps,
+        save_strategy="steps",
+        save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit,
+        activation_checkpointing=args.gradient_checkpointing,
+        bf16=args.bf16,
+        seed=args.seed,
+        dataloader_num_workers=args.dataloader_num_workers,
+        report_to=args.report_to,
+        disable_tqdm=args.disable_tqdm,
+        # Counted over every process (the blocks are packed: every token is a real one).
+        include_num_input_tokens_seen="all",
+        # Routing can leave a router or a relaxation delta without gradient in a step (no token routed to it).
+        ddp_find_unused_parameters=True,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+# Token-choice depths, and expert-choice depths under --random-capacity, vary from step to step, so their plan (an even
+# load; the mean capacities) is an estimate: their schedule gets this many times the planned steps, so that the budget,
+# not the step count, ends a run up to that much lighter than planned (the last steps of a cosine schedule run at a
+# small fraction of the peak rate).
+VARYING_DEPTH_STEP_MARGIN = 1.05
+
+
+def planned_steps(model, args, world_size: int, capacity_schedule: CapacitySchedule | None = None) -> int:
+    """The optimizer steps the FLOP budget is planned to take, from the FLOPs of a training step with the depths
+    training is expected to route (`FlopCounter.planned_batch_flops`: exact for vanilla models, routing "none" and
+    expert-choice; token-choice at an even load, and random capacities at their mean, with
+    `VARYING_DEPTH_STEP_MARGIN`)."""
+    counter = flop_counter_of(model)
+    varies = getattr(model.config, "routing", None) == "token_choice"
+    configured = getattr(model.config, "capacity", None)
+    if capacity_schedule is not None and capacity_schedule.random_min is not None:
+        varies = True
+        model.config.capacity = capacity_schedule.expected_capacity()
+    try:
+        step_flops = (counter.planned_batch_flops(args.per_device_train_batch_size, args.block_size)
+                      * args.gradient_accumulation_steps * world_size)
+    finally:
+        if configured is not None:
+            model.config.capacity = configured
+    steps = args.max_train_flops / step_flops
+    if varies:
+        steps *= VARYING_DEPTH_STEP_MARGIN
+    return max(1, math.ceil(steps))
+
+
+def staging_folder(staging: contextlib.ExitStack, output_dir: Path, training_args) -> Path:
+    """Enters `staged_output_dir` on the process that saves; every process gets the same staging folder's path."""
+    # overwrite=True: check_arguments has already refused an OUTPUT_DIR that may not be replaced.
+    folder = (staging.enter_context(staged_output_dir(output_dir, overwrite=True, grows=(TRAINER_CHECKPOINTS,)))
+              if training_args.should_save else None)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        shared = [str(folder) if folder is not None else None]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        folder = Path(shared[0])
+    return folder

@@ -1,0 +1,244 @@
+"""`UptrainTrainer`, the Trainer of both training command lines, and its callbacks: the FLOP budget, the expert-choice
+capacity schedule, and moving a staged run into place at its first checkpoint."""
+
+import contextlib
+import random
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer, TrainerCallback
+
+from ..flops import FlopCounter
+
+
+class UptrainTrainer(Trainer):
+    """Trainer whose loss adds distillation from a teacher (KL to its softened logits), which logs every loss term
+    (LM, router, distillation) on its own, and which counts the training FLOPs from the recursion depths taken
+    (`conversion.flops.FlopCounter`; the teacher's forward passes are not counted), logged as `train_flops` with the
+    tokens seen. `max_train_flops` stops training once the count reaches it (`FlopBudget`). Vanilla Llama models train
+    with it too (the plain LM loss; every token at full depth)."""
+
+    def __init__(self, *args, teacher=None, distill_weight=0.5, distill_temperature=1.0, max_train_flops=None,
+                 **kwargs):
+        model = kwargs.get("model")
+        # Trainer sets `config.use_cache = args.use_cache` (False) for training; what is saved keeps the model's own.
+        self.saved_use_cache = getattr(getattr(model, "config", None), "use_cache", True)
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+        self.distill_weight = distill_weight
+        self.distill_temperature = distill_temperature
+        self._loss_terms: dict[str, list[float]] = {}
+        self.flop_counter = flop_counter_of(self.model)
+        if max_train_flops is not None and self.flop_counter is None:
+            raise ValueError(f"a FLOP budget needs a model whose FLOPs can be counted (a Llama or an MoR causal LM), "
+                             f"not a {type(self.model).__name__}.")
+        self._micro_batch_flops = None
+        self.flop_budget = FlopBudget(self, max_train_flops)
+        self.add_callback(self.flop_budget)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        counts_depth = self.flop_counter is not None and self.flop_counter.is_mor
+        outputs = model(**inputs, output_recursion_depth=True) if counts_depth else model(**inputs)
+        if model.training and self.flop_counter is not None:
+            token_valid = inputs.get("attention_mask")
+            if token_valid is None:
+                token_valid = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+            self._micro_batch_flops = self.flop_counter.batch_flops(
+                token_valid, outputs.recursion_depth if counts_depth else None
+            )
+        loss = outputs.loss
+        # A vanilla model's loss is the LM loss.
+        terms = {"lm_loss": outputs.lm_loss if getattr(outputs, "lm_loss", None) is not None else outputs.loss}
+        for name in ("router_aux_loss", "balance_loss", "router_z_loss"):
+            if getattr(outputs, name, None) is not None:
+                terms[name] = getattr(outputs, name)
+        if self.teacher is not None and model.training:
+            with torch.no_grad():
+                teacher_logits = self.teacher(input_ids=inputs["input_ids"]).logits
+            temperature = self.distill_temperature
+            distill_loss = F.kl_div(
+                F.log_softmax(outputs.logits.float() / temperature, dim=-1),
+                F.log_softmax(teacher_logits.float() / temperature, dim=-1),
+                log_target=True,
+                reduction="batchmean",
+            ) * temperature**2 / outputs.logits.shape[1]
+            loss = (1 - self.distill_weight) * loss + self.distill_weight * distill_loss
+            terms["distill_loss"] = distill_loss
+        if model.training:
+            for name, value in terms.items():
+                self._loss_terms.setdefault(name, []).append(value.detach().float().item())
+        return (loss, outputs) if return_outputs else loss
+
+    def floating_point_ops(self, inputs) -> float:
+        """The FLOPs of the micro-batch just trained, counted by `compute_loss` from its recursion depths (Trainer
+        calls this after every training step and adds it to `state.total_flos`, which checkpoints keep)."""
+        if self.flop_counter is None:
+            return super().floating_point_ops(inputs)
+        flops, self._micro_batch_flops = self._micro_batch_flops, None
+        return flops or 0.0
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Saves with the model's own `use_cache` (the final model and every checkpoint), training goes on without."""
+        config = self.model.config
+        training_use_cache = config.use_cache
+        config.use_cache = self.saved_use_cache
+        try:
+            super().save_model(output_dir, _internal_call=_internal_call)
+        finally:
+            config.use_cache = training_use_cache
+
+    def _save(self, output_dir=None, state_dict=None):
+        """Saves a sharded model (FSDP2, DeepSpeed) as a one-process run saves it. Their gathered state dicts hold
+        the tied head and the embeddings as two tensors, which `save_pretrained` (which finds ties by storage) would
+        both write: the head is dropped, as `tie_word_embeddings` restores it on loading. And FSDP2's `fully_shard`
+        turns the model's class into a subclass FSDP<Class> defined in torch, for which `save_pretrained` would write
+        torch's FSDP source files as the model's code and point config.json's auto_map at them: the model saves as
+        its own class."""
+        from torch.distributed.fsdp import FSDPModule
+
+        head = self.model.get_output_embeddings()
+        if state_dict is not None and head is not None and head.weight is self.model.get_input_embeddings().weight:
+            head_names = {f"{name}.weight" for name, module in self.model.named_modules() if module is head}
+            state_dict = {name: tensor for name, tensor in state_dict.items() if name not in head_names}
+        model_class = type(self.model)
+        if not issubclass(model_class, FSDPModule):
+            return super()._save(output_dir, state_dict=state_dict)
+        self.model.__class__ = next(cls for cls in model_class.__mro__ if not issubclass(cls, FSDPModule))
+        try:
+            super()._save(output_dir, state_dict=state_dict)
+        finally:
+            self.model.__class__ = model_class
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:
+            # Every process logs a training step (Trainer gathers the loss there), so the terms are averaged over
+            # the processes here, as Trainer averages the loss: the global batch's, not the main process's part.
+            names = sorted(self._loss_terms)
+            local = torch.tensor([sum(self._loss_terms[n]) / len(self._loss_terms[n]) for n in names],
+                                 device=self.args.device)
+            means = self.accelerator.reduce(local, reduction="mean") if names else local
+            for name, value in zip(names, means.tolist()):
+                logs[name] = round(value, 4)
+            self._loss_terms = {}
+            # Trainer sums the count (store_flos) just before it logs; current_flos is what a later log adds.
+            logs["train_flops"] = self.state.total_flos + self.current_flos
+        super().log(logs, *args, **kwargs)
+
+
+def flop_counter_of(model) -> FlopCounter | None:
+    """A `FlopCounter` for `model` (DDP-unwrapped), or None for a model it does not know (a PEFT wrapper, another
+    architecture): Trainer's own 6 * parameters * tokens count is used then."""
+    try:
+        return FlopCounter(model)
+    except AttributeError:
+        return None
+
+
+class FlopBudget(TrainerCallback):
+    """Keeps Trainer's FLOP count (`state.total_flos`, the depth-aware count of `UptrainTrainer.floating_point_ops`)
+    summed over every process after each optimizer step, and stops training at the end of the first step that brings
+    it to `max_flops` or beyond: the budget is checked right after the step that crosses it, so a run overshoots by
+    less than one step's FLOPs and never stops short of the budget. That step is saved (and evaluated, with
+    evaluation on), as the last step of a run that reaches max_steps is."""
+
+    def __init__(self, trainer: Trainer, max_flops: float | None = None):
+        self.trainer = trainer
+        self.max_flops = max_flops
+        self.reached = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.max_flops is None:
+            return  # Trainer sums the count itself before every log, save and the end of training
+        # Every process ends the step together, so the count's all-gather (under DDP) is safe here.
+        self.trainer.store_flos()
+        if state.total_flos >= self.max_flops:
+            self.reached = True
+            control.should_training_stop = True
+            if args.save_strategy == "steps":
+                control.should_save = True
+            if args.eval_strategy == "steps":
+                control.should_evaluate = True
+
+
+class CapacitySchedule(TrainerCallback):
+    """The expert-choice capacities (`config.capacity`) each optimizer step trains with: set before the step, and the
+    configured ones restored after it and at the end of training, so that evaluation, every checkpoint and the final
+    model keep the configured capacities (which eval-mode routing reads: a step of capacity 1 makes no decision).
+
+    - Warm-up (`warmup_steps`): every step starts at capacity 1 (all tokens at full depth) and moves linearly to its
+      target over `warmup_steps`, so the routers learn before they start dropping tokens.
+    - Random capacities (`random_min`): every optimizer step draws its own target: the first recursion step keeps its
+      configured capacity c_1 and the later steps' capacities are N_r - 1 draws, uniform in [random_min, c_1], sorted
+      non-increasing (a mean training depth anywhere from c_1 + (N_r - 1) * random_min to N_r * c_1). The model
+      learns to work at any depth, and each router's sigmoid, trained by the BCE against top-k decisions taken at
+      varying capacities, learns the probability that a token is kept: a ranking, so that `router_threshold` at
+      inference trades quality for compute on one checkpoint. The draws depend on `seed` and the step only: every
+      process draws the same, and a resumed run draws what the straight run drew.
+    """
+
+    def __init__(self, model, warmup_steps: int = 0, random_min: float | None = None, seed: int = 0):
+        self.config = model.config
+        self.configured = list(model.config.capacity)
+        self.warmup_steps = warmup_steps
+        self.random_min = random_min
+        self.seed = seed
+
+    def target_at(self, step: int) -> list[float]:
+        """The capacities step `step` routes to after warm-up: the configured ones, or this step's random draw."""
+        if self.random_min is None:
+            return list(self.configured)
+        first = self.configured[0]
+        draws = random.Random(f"capacity-{self.seed}-{step}")
+        later = sorted((draws.uniform(self.random_min, first) for _ in self.configured[1:]), reverse=True)
+        return [first, *later]
+
+    def expected_capacity(self) -> list[float]:
+        """The mean capacities over the steps (the k-th largest of n uniform draws on [a, b] averages
+        a + (b - a) * (n + 1 - k) / (n + 1)), which the FLOP budget plans with."""
+        if self.random_min is None:
+            return list(self.configured)
+        first, draws = self.configured[0], len(self.configured) - 1
+        return [first, *(self.random_min + (first - self.random_min) * (draws + 1 - k) / (draws + 1)
+                         for k in range(1, draws + 1))]
+
+    def capacity_at(self, step: int) -> list[float]:
+        progress = min(1.0, step / max(1, self.warmup_steps)) if self.warmup_steps else 1.0
+        return [1.0 - progress * (1.0 - target) for target in self.target_at(step)]
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.config.capacity = self.capacity_at(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Trainer logs, evaluates and saves right after this: with the configured capacities.
+        self.config.capacity = list(self.configured)
+
+
+def capacity_schedule_of(args, model) -> CapacitySchedule | None:
+    """The `CapacitySchedule` of --capacity-warmup-steps and --random-capacity, or None when neither is given."""
+    warmup_steps, random_min = getattr(args, "capacity_warmup_steps", 0), getattr(args, "random_capacity", None)
+    if not warmup_steps and random_min is None:
+        return None
+    return CapacitySchedule(model, warmup_steps, random_min, seed=args.seed)
+
+
+class MoveIntoPlaceAtFirstCheckpoint(TrainerCallback):
+    """A new run trains into a hidden staging folder (see `output_dir.staged_output_dir`), so that one stopped before
+    its first checkpoint leaves nothing behind. Once that checkpoint is complete, the folder moves into place as
+    OUTPUT_DIR, where later checkpoints and the final model land and where `--resume-from-checkpoint latest` finds
+    them: a run stopped after it can be resumed."""
+
+    def __init__(self, staging: contextlib.ExitStack, output_dir: Path):
+        self.staging = staging
+        self.output_dir = output_dir
+
+    def on_save(self, args, state, control, **kwargs):
+        if args.output_dir == str(self.output_dir):
+            return
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:  # every process has written its part of the checkpoint (its RNG state)
+            torch.distributed.barrier()
+        self.staging.close()  # renames the staging folder to OUTPUT_DIR, on the process that made it
+        if distributed:  # no process writes again before the folder has moved
+            torch.distributed.barrier()
+        args.output_dir = str(self.output_dir)
