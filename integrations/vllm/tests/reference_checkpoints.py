@@ -112,8 +112,10 @@ def main():
         folder = args.output_dir / name
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-        # The bfloat16 checkpoint's reference is its weights in float32 (how the test serves it exactly).
-        references[name] = reference(model.float() if dtype != torch.float32 else model, prompts(), args.new_tokens)
+        references[name] = reference(model, prompts(), args.new_tokens)
+        if dtype != torch.float32:
+            # Served in float32 too: the weights upcast, an exact reference.
+            references[name]["float32"] = reference(model.float(), prompts(), args.new_tokens)
         # What an OpenAI-style completion of a text prompt gives: the tokenizer adds BOS, as vLLM's server does.
         text_prompt = tokenizer("Once upon a time", return_tensors="pt")
         completion = model.generate(**text_prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
