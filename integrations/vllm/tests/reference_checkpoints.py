@@ -50,6 +50,7 @@ VARIANTS = {
     "none_middle_sequence": dict(routing="none", sharing_strategy="middle_sequence"),
 }
 BFLOAT16_VARIANT = "expert_bfloat16"  # the "expert" model saved in bfloat16
+TOP_LOGPROBS = 5
 
 
 def prompts() -> list[list[int]]:
@@ -79,7 +80,7 @@ def build(overrides: dict, dtype=torch.float32):
 
 @torch.no_grad()
 def reference(model, prompt_list: list[list[int]], new_tokens: int) -> dict:
-    tokens, logprobs, depths = [], [], []
+    tokens, logprobs, top_logprobs, depths = [], [], [], []
     for prompt in prompt_list:
         output = model.generate(
             torch.tensor([prompt]), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
@@ -90,9 +91,14 @@ def reference(model, prompt_list: list[list[int]], new_tokens: int) -> dict:
         scores = torch.stack(output.logits)[:, 0].float().log_softmax(-1)
         tokens.append(generated.tolist())
         logprobs.append(scores.gather(-1, generated.unsqueeze(-1)).squeeze(-1).tolist())
+        # The runners-up at every step: in bfloat16 a near-tie may go either way in another engine's kernels.
+        best = scores.topk(TOP_LOGPROBS, dim=-1)
+        top_logprobs.append([dict(zip(map(str, ids.tolist()), values.tolist())) for values, ids in zip(*best)])
         # The recursion depth of every prompt token and every generated token but the last, which is never run.
         depths.append(output["recursion_depth"][0, :-1].tolist())
-    return {"prompts": prompt_list, "tokens": tokens, "logprobs": logprobs, "depths": depths}
+    return {
+        "prompts": prompt_list, "tokens": tokens, "logprobs": logprobs, "top_logprobs": top_logprobs, "depths": depths
+    }
 
 
 def main():

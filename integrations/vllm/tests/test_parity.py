@@ -3,7 +3,8 @@
 Each prompt's greedy tokens equal generate() on that prompt alone, although vLLM batches the prompts together and
 splits the long ones into prefill chunks of 64 tokens, and the last prompt, sent once the others are done, finds its
 first 128 tokens in vLLM's prefix cache. The log-probabilities of the tokens match generate()'s, and the recursion
-depths vLLM's model counted match the depths generate()'s tokens took.
+depths vLLM's model counted match the depths generate()'s tokens took. Served in bfloat16, the engines agree up to
+the first exact tie in generate()'s logits, which bfloat16 rounding may break either way.
 """
 
 from collections import Counter
@@ -51,11 +52,32 @@ def test_greedy_tokens_equal_generate(references, variant, mode, dtype):
         tokens, logprobs = greedy(llm, expected["prompts"][:-1], new_tokens)
         last_tokens, last_logprobs = greedy(llm, expected["prompts"][-1:], new_tokens)
         depth_counts = [after - start for start, after in zip(before, llm.apply_model(depth_counts_of)[0])]
+    if dtype == "bfloat16":
+        assert_bfloat16_greedy_agrees(tokens + last_tokens, logprobs + last_logprobs, expected)
+        return
     for index, (got, want) in enumerate(zip(tokens + last_tokens, expected["tokens"])):
         assert got == want, f"prompt {index} ({len(expected['prompts'][index])} tokens)"
     for got, want in zip(logprobs + last_logprobs, expected["logprobs"]):
-        assert got == pytest.approx(want, abs=2e-3 if dtype == "float32" else 3e-2)
+        assert got == pytest.approx(want, abs=2e-3)
     # vLLM ran every token once, but the last prompt's first block, which its prefix cache served.
     ran = Counter(depth for depths in expected["depths"] for depth in depths)
     ran.subtract(expected["depths"][-1][:PREFIX_CACHE_BLOCK])
     assert depth_counts == [ran[depth] for depth in range(len(depth_counts))]
+
+
+BFLOAT16_TIE = 2e-2  # two logits closer than bfloat16's resolution at their size are a tie either engine may break
+
+
+def assert_bfloat16_greedy_agrees(tokens, logprobs, expected):
+    """In bfloat16 the engines' kernels round differently, so an exact tie in generate()'s logits (a random model
+    has some) may be broken the other way. Each prompt's tokens equal generate()'s up to a step where generate()
+    scored vLLM's token within BFLOAT16_TIE of its own; from there the two continue different texts. The
+    log-probabilities agree up to that step."""
+    for index, (got, want) in enumerate(zip(tokens, expected["tokens"])):
+        step = next((step for step, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+        assert logprobs[index][:step] == pytest.approx(expected["logprobs"][index][:step], abs=BFLOAT16_TIE)
+        if step < len(want):
+            runners_up = expected["top_logprobs"][index][step]
+            assert str(got[step]) in runners_up, f"prompt {index}: vLLM's token {got[step]} at step {step} is not in generate()'s top 5"
+            gap = expected["logprobs"][index][step] - runners_up[str(got[step])]
+            assert gap <= BFLOAT16_TIE, f"prompt {index}: vLLM's token {got[step]} at step {step} scored {gap:.3f} below generate()'s"
