@@ -203,8 +203,8 @@ def test_bad_requests_fail_alone_with_a_clear_error():
 
 
 def test_generate_batch_fills_unset_fields_from_the_model_generation_config():
-    """The README's snippet, `GenerationConfig(max_new_tokens=..., do_sample=False)`, leaves `eos_token_id` unset:
-    like generate(), generate_batch takes it from `model.generation_config` and stops there."""
+    """The snippet of docs/serving.md, `GenerationConfig(max_new_tokens=..., do_sample=False)`, leaves `eos_token_id`
+    unset: like generate(), generate_batch takes it from `model.generation_config` and stops there."""
     model = _model(routing="expert_choice")
     prompts = _prompts(count=4)
     config = GenerationConfig(max_new_tokens=12, do_sample=False)

@@ -14,8 +14,8 @@ with it, a folder that is not the installed version's distribution, or a missing
 The two mixins the file imports but the distribution lacks are empty stand-ins (no export or generation tests run
 from here; MoR's generation is tested against Llama and the uncached forward in test_generation.py).
 
-Tests that cannot apply to MoR are skipped below with the reason (`INAPPLICABLE`); README "transformers' common
-model tests" lists them.
+Tests that cannot apply to MoR are skipped below with the reason (`INAPPLICABLE`); docs/usage.md, "transformers'
+common model tests", lists them.
 """
 
 import importlib.util
