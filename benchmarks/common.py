@@ -8,6 +8,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
+def seeded_prompts(num_requests: int, args) -> list[list[int]]:
+    """The serving workload: prompt lengths in [args.min_prompt, args.max_prompt], then their tokens, drawn from one
+    generator seeded with args.seed (tokens 1..args.vocab_size - 1)."""
+    generator = torch.Generator().manual_seed(args.seed)
+    lengths = torch.randint(args.min_prompt, args.max_prompt + 1, (num_requests,), generator=generator)
+    return [torch.randint(1, args.vocab_size, (int(n),), generator=generator).tolist() for n in lengths]
+
+
 def model_dims(args) -> dict:
     return dict(
         vocab_size=args.vocab_size,

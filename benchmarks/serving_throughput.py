@@ -28,14 +28,8 @@ import torch
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-from common import add_model_arguments, build_decode_models, matmul_flop_ratio, synchronize
+from common import add_model_arguments, build_decode_models, matmul_flop_ratio, seeded_prompts, synchronize
 from modeling_mor.serving_mor import IN_FLIGHT_PER_SLOT
-
-
-def workload(args) -> list[list[int]]:
-    generator = torch.Generator().manual_seed(args.seed)
-    lengths = torch.randint(args.min_prompt, args.max_prompt + 1, (args.num_requests,), generator=generator)
-    return [torch.randint(1, args.vocab_size, (int(n),), generator=generator).tolist() for n in lengths]
 
 
 def generation_config(args) -> GenerationConfig:
@@ -144,7 +138,7 @@ def main():
         parser.error(f"--repeats must be 1 or more, got {args.repeats}")
 
     models = build_decode_models(args)
-    prompts = workload(args)
+    prompts = seeded_prompts(args.num_requests, args)
     new_tokens = args.num_requests * args.new_tokens
     print(f"device={args.device} dtype={args.dtype} threads={torch.get_num_threads()} L={args.num_layers} "
           f"hidden={args.hidden_size} requests={args.num_requests} prompts {args.min_prompt}-{args.max_prompt} "

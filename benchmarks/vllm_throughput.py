@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from common import matmul_flop_ratio, seeded_prompts  # imports the project's model code only when asked to
+
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 ROWS = {  # folder written by save_decode_models.py -> row name
@@ -38,26 +40,20 @@ ROWS = {  # folder written by save_decode_models.py -> row name
 }
 
 
-def workload(num_requests: int, args) -> list[list[int]]:
-    """The prompts (as serving_throughput.py draws them): lengths then tokens from one seeded generator."""
-    generator = torch.Generator().manual_seed(args.seed)
-    lengths = torch.randint(args.min_prompt, args.max_prompt + 1, (num_requests,), generator=generator)
-    return [torch.randint(1, args.vocab_size, (int(n),), generator=generator).tolist() for n in lengths]
-
-
 def measure(args) -> dict:
     """One row once (the child process): serve the workload, return tokens/s, KV capacity and depth counts."""
     from vllm import LLM, SamplingParams, TokensPrompt
 
     from mor_vllm.model import depth_counts_of
 
-    prompts = workload(args.requests, args)
+    prompts = seeded_prompts(args.requests, args)
     llm = LLM(model=str(args.measure), skip_tokenizer_init=True, enforce_eager=args.mode == "eager",
               max_num_seqs=args.concurrency, kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), dtype=args.dtype,
               max_model_len=args.max_prompt + args.new_tokens, seed=0)
     params = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, temperature=0.0, detokenize=False)
     is_mor = llm.llm_engine.vllm_config.model_config.hf_config.model_type == "mor"
-    llm.generate([TokensPrompt(prompt_token_ids=p) for p in workload(4, args)], params, use_tqdm=False)  # warm-up
+    warm_up = [TokensPrompt(prompt_token_ids=prompt) for prompt in seeded_prompts(4, args)]
+    llm.generate(warm_up, params, use_tqdm=False)
     before = llm.apply_model(depth_counts_of)[0] if is_mor else None
     started = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
@@ -96,8 +92,6 @@ def build_models(args) -> None:
 
 def flop_ideal(models_dir: Path, folder: str, depth_counts: list[int]) -> float:
     """The matmul-FLOP ratio of routing none over this row, from the depths its tokens took (common.py's model)."""
-    sys.path.insert(0, str(REPOSITORY / "benchmarks"))
-    from common import matmul_flop_ratio
     from transformers import LlamaConfig
 
     from mor_vllm.configuration_mor import MoRConfig

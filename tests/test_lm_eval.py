@@ -21,7 +21,7 @@ from conftest import STORIES_DIR, mixed_routing_model, tiny_mor_config
 
 
 lm_eval = pytest.importorskip(
-    "lm_eval", reason="lm-eval is not installed (pip install 'lm-eval==0.4.13'); the harness test needs it"
+    "lm_eval", reason="lm-eval is not installed (pip install -e '.[lm-eval]'; the dev extra has it)"
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
