@@ -211,6 +211,16 @@ class MoRConfig(LlamaConfig):
             plan.update({f"{layer}.{name}": style for name, style in _LLAMA_LAYER_TP_PLAN.items()})
         return plan
 
+    @base_model_tp_plan.setter
+    def base_model_tp_plan(self, plan: dict[str, str]) -> None:
+        # transformers before 5.24 (vLLM's pin) assigns the plan with "embed_tokens" sharded on the vocabulary when the
+        # embeddings are tied, which the derived plan already does; accept that, refuse a plan that would differ.
+        if plan != self.base_model_tp_plan:
+            raise ValueError(
+                "MoRConfig.base_model_tp_plan is derived from the sharing strategy and the relaxation, so it cannot be "
+                f"set to another plan ({plan!r}). Fix: set sharing_strategy / relaxation_rank, or subclass MoRConfig."
+            )
+
     @property
     def base_model_pp_plan(self) -> dict[str, tuple[list[str], list[str]]]:
         """Pipeline stages of `MoRModel` in forward order, each with the inputs it takes and the outputs it gives.

@@ -58,3 +58,15 @@ def test_valid_layouts_and_round_trip():
     config = MoRConfig(**TINY_DIMS, num_hidden_layers=8, capacity=(1, 0.5, 0.5), kv_cache_policy="shared")
     again = MoRConfig.from_dict(config.to_dict())
     assert again.capacity == [1.0, 0.5, 0.5] and again.kv_cache_policy == "shared"
+
+
+def test_tensor_parallel_plan_is_derived_and_accepts_transformers_tied_embedding_assignment():
+    """transformers before 5.24 (vLLM's pin) assigns `base_model_tp_plan` with the embeddings sharded on the vocabulary
+    when they are tied: the derived plan already says so, and that assignment is accepted; any other plan is refused,
+    since the plan follows the sharing strategy and the relaxation."""
+    config = MoRConfig(tie_word_embeddings=True)
+    derived = config.base_model_tp_plan
+    config.base_model_tp_plan = {**derived, "embed_tokens": "embedding_rowwise"}
+    assert config.base_model_tp_plan == derived
+    with pytest.raises(ValueError, match="derived from the sharing strategy and the relaxation"):
+        config.base_model_tp_plan = {"embed_tokens": "colwise"}

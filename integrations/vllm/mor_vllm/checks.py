@@ -4,14 +4,21 @@ registration, which runs in every vLLM process, imports no model layers."""
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
 
-class UnsupportedMoRCheckpoint(ValueError):
-    """Raised when the model is built for a checkpoint or a setting vLLM cannot serve it with."""
+class UnsupportedMoRCheckpoint(Exception):
+    """Raised when the model is built for a checkpoint or a setting vLLM cannot serve it with.
+
+    Not a ValueError: vLLM's configuration is a pydantic dataclass, whose validation wraps a ValueError raised in the
+    configuration hook into its own multi-line ValidationError; any other exception reaches the user as it is, so the
+    traceback ends on this one message."""
 
 
-def check_servable(config, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:
+def check_servable(
+    config, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, head_sizes: list[int] | None = None
+) -> None:
     """Refuses what this model cannot serve exactly, with one message naming the reason and the alternative. vLLM
     runs it when the engine's configuration is made, before any process starts (`MoRConfigCheck`), and the model
-    again when it is built."""
+    again when it is built. `head_sizes`: the head sizes the platform's attention kernels take, where it has a fixed
+    list (vLLM's CPU backend)."""
     if getattr(config, "model_type", None) != "mor":
         raise UnsupportedMoRCheckpoint(f"MoRForCausalLM needs an MoR config (model_type 'mor'), got {type(config).__name__}.")
     config.validate_recursion()
@@ -24,6 +31,13 @@ def check_servable(config, tensor_parallel_size: int = 1, pipeline_parallel_size
         raise UnsupportedMoRCheckpoint(
             f"relaxation_rank={config.relaxation_rank} with tensor_parallel_size={tensor_parallel_size}: the per-step "
             f"low-rank deltas of a relaxed checkpoint are not sharded. Serve it with tensor_parallel_size=1."
+        )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_sizes is not None and head_dim not in head_sizes:
+        raise UnsupportedMoRCheckpoint(
+            f"head_dim={head_dim}: vLLM's CPU attention kernels take head sizes {', '.join(map(str, head_sizes))} "
+            f"only, so this checkpoint would fail at its first request. Serve it with transformers (generate_batch), "
+            f"or convert a source whose hidden_size / num_attention_heads is one of those sizes."
         )
     if config.hidden_act != "silu":
         raise UnsupportedMoRCheckpoint(
@@ -43,4 +57,17 @@ class MoRConfigCheck(VerifyAndUpdateConfig):
             vllm_config.model_config.hf_config,
             parallel_config.tensor_parallel_size,
             parallel_config.pipeline_parallel_size,
+            cpu_attention_head_sizes(),
         )
+
+
+def cpu_attention_head_sizes() -> list[int] | None:
+    """The head sizes vLLM's CPU attention kernels take, on a CPU platform (None elsewhere: GPU backends are chosen
+    per head size by vLLM itself). Its kernels check the size only when they first run, inside the engine."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    return CPUAttentionBackend.get_supported_head_sizes()

@@ -48,7 +48,19 @@ VARIANTS = {
     "token_shared": dict(routing="token_choice", kv_cache_policy="shared"),
     "token_loss_free": dict(routing="token_choice", balancing="loss_free", gating="update"),
     "none_middle_sequence": dict(routing="none", sharing_strategy="middle_sequence"),
+    # Tied input/output embeddings, as in stories260K, SmolLM2 and most small Llamas (so in every conversion of them).
+    "expert_tied": dict(routing="expert_choice", tie_word_embeddings=True),
+    "expert_shared_tied": dict(routing="expert_choice", kv_cache_policy="shared", tie_word_embeddings=True),
 }
+# A tied SmolLM2-shaped Llama (head_dim 64, 3 query heads per KV head, SiLU MLP 8/3 wide) converted by the project's
+# converter with mor-convert's defaults (middle_cycle, N_r = 2: auxiliary routers, update gating), its routers then
+# scaled like the other variants' so that they make mixed decisions.
+CONVERTED_VARIANT = "converted_smollm2_shape"
+SMOLLM2_SHAPE = dict(
+    vocab_size=512, hidden_size=192, intermediate_size=512, num_attention_heads=3, num_key_value_heads=1,
+    num_hidden_layers=6, max_position_embeddings=512, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,
+)
 BFLOAT16_VARIANT = "expert_bfloat16"  # the "expert" model saved in bfloat16
 TOP_LOGPROBS = 5
 
@@ -68,14 +80,36 @@ def build(overrides: dict, dtype=torch.float32):
 
     torch.manual_seed(0)
     model = MoRForCausalLM(MoRConfig(**{**DIMS, **overrides})).eval()
+    return mix_routing_decisions(model).to(dtype)
+
+
+def build_converted():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conversion.convert_llama_to_mor import convert_llama_to_mor
+
+    torch.manual_seed(0)
+    source = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).eval()
+    model = convert_llama_to_mor(source, num_recursions=2, sharing_strategy="middle_cycle").eval()
+    assert model.config.tie_word_embeddings and model.config.router_inference == "auxiliary"
     with torch.no_grad():
-        for router in model.routers():
-            for parameter in router.parameters():
-                parameter.mul_(40.0)
-        if overrides.get("router_inference") == "auxiliary":
-            for router in model.model.recursion_block.routing.auxiliary_routers.values():
-                router.output_layer.weight.normal_(0, 2.0)
-    return model.to(dtype)
+        # A fresh conversion's auxiliary routers let every token continue (a large bias); a trained one decides.
+        for router in model.model.recursion_block.routing.auxiliary_routers.values():
+            router.output_layer.bias.zero_()
+    return mix_routing_decisions(model)
+
+
+@torch.no_grad()
+def mix_routing_decisions(model):
+    """Scales the routers of a random or freshly converted model so that eval-mode routing sends some tokens deeper
+    and others out."""
+    for router in model.routers():
+        for parameter in router.parameters():
+            parameter.mul_(40.0)
+    if model.config.routing == "expert_choice" and model.config.router_inference == "auxiliary":
+        for router in model.model.recursion_block.routing.auxiliary_routers.values():
+            router.output_layer.weight.normal_(0, 2.0)
+    return model
 
 
 @torch.no_grad()
@@ -112,9 +146,9 @@ def main():
 
     tokenizer = AutoTokenizer.from_pretrained(REPOSITORY / "examples" / "assets" / "stories260K")
     references = {}
-    for name, overrides in [*VARIANTS.items(), (BFLOAT16_VARIANT, VARIANTS["expert"])]:
+    for name, overrides in [*VARIANTS.items(), (BFLOAT16_VARIANT, VARIANTS["expert"]), (CONVERTED_VARIANT, None)]:
         dtype = torch.bfloat16 if name == BFLOAT16_VARIANT else torch.float32
-        model = build(overrides, dtype)
+        model = build_converted() if name == CONVERTED_VARIANT else build(overrides, dtype)
         folder = args.output_dir / name
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -2,6 +2,7 @@
 alternative; a config.json from another environment loads either way."""
 
 import json
+import os
 import shutil
 import subprocess
 import textwrap
@@ -10,7 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import KV_CACHE_BYTES, python, serving
+from conftest import KV_CACHE_BYTES, REFERENCE_PYTHON, REPOSITORY, python, serving
+
+STORIES_DIR = REPOSITORY / "examples" / "assets" / "stories260K"
 from mor_vllm.checks import UnsupportedMoRCheckpoint, check_servable
 from mor_vllm.configuration_mor import MoRConfig
 
@@ -32,20 +35,46 @@ def test_unservable_settings_are_named():
     with pytest.raises(UnsupportedMoRCheckpoint, match="hidden_act='gelu'"):
         check_servable(MoRConfig(hidden_act="gelu"))
     check_servable(MoRConfig(routing="none", sharing_strategy="middle_sequence"), tensor_parallel_size=2)
+    with pytest.raises(UnsupportedMoRCheckpoint, match="head_dim=8: .* take head sizes 32, 64"):
+        check_servable(MoRConfig(hidden_size=64, num_attention_heads=8), head_sizes=[32, 64, 128])
+
+
+def test_tied_embeddings_config_builds_under_vllms_transformers():
+    """vLLM's transformers (5.19) assigns `base_model_tp_plan` in its config's __post_init__ when the embeddings are
+    tied, as every conversion of stories260K or SmolLM2 has them."""
+    config = MoRConfig(tie_word_embeddings=True)
+    assert config.base_model_tp_plan["embed_tokens"] == "embedding_rowwise"
 
 
 def test_refused_before_the_engine_starts(references, tmp_path):
-    """The plugin's configuration hook refuses in the loading process, before an engine starts (vLLM's config
-    validation wraps the message in its own ValueError)."""
+    """The plugin's configuration hook refuses in the loading process, before an engine starts, with its own exception
+    (not wrapped in vLLM's pydantic ValidationError). An invalid config is refused by MoRConfig's own check, which
+    vLLM's config validation wraps in its ValueError."""
     folder, _ = references
     from vllm import LLM
 
     gelu = copy_with_config(folder / "expert", tmp_path / "gelu", hidden_act="gelu")
-    with pytest.raises(ValueError, match="hidden_act='gelu'.*transformers"):
+    with pytest.raises(UnsupportedMoRCheckpoint, match=r"^hidden_act='gelu'.*transformers"):
         LLM(model=str(gelu), dtype="float32", kv_cache_memory_bytes=KV_CACHE_BYTES, max_model_len=256)
     invalid = copy_with_config(folder / "expert", tmp_path / "invalid", sharing_strategy="spiral")
     with pytest.raises(ValueError, match="MoRConfig.sharing_strategy='spiral' is not valid"):
         LLM(model=str(invalid), dtype="float32", kv_cache_memory_bytes=KV_CACHE_BYTES, max_model_len=256)
+
+
+def test_head_size_the_cpu_kernels_cannot_run_is_refused_before_the_engine_starts(tmp_path):
+    """The shipped stories260K (head_dim 8, tied embeddings) converted as a user would: refused for its head size when
+    the engine's configuration is made, not by a dead engine at the first request."""
+    from vllm import LLM
+
+    folder = tmp_path / "stories-mor"
+    convert = [str(REFERENCE_PYTHON), "-m", "conversion.convert_llama_to_mor", str(STORIES_DIR), str(folder),
+               "--num-recursions", "3", "--sharing-strategy", "middle_cycle"]
+    result = subprocess.run(convert, capture_output=True, text=True, timeout=600, cwd=REPOSITORY,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((folder / "config.json").read_text())["tie_word_embeddings"] is True
+    with pytest.raises(UnsupportedMoRCheckpoint, match=r"^head_dim=8: vLLM's CPU attention kernels take head sizes 32"):
+        LLM(model=str(folder), dtype="float32", kv_cache_memory_bytes=KV_CACHE_BYTES, max_model_len=256)
 
 
 def test_weights_that_do_not_fit_the_model_are_named(references, tmp_path):

@@ -15,7 +15,7 @@ from vllm import SamplingParams, TokensPrompt
 from mor_vllm.model import depth_counts_of
 
 from conftest import serving
-from reference_checkpoints import BFLOAT16_VARIANT, VARIANTS
+from reference_checkpoints import BFLOAT16_VARIANT, CONVERTED_VARIANT, VARIANTS
 
 
 PREFIX_CACHE_BLOCK = 128  # vLLM's CPU block size: the last prompt shares 140 tokens with the one before
@@ -36,7 +36,7 @@ def greedy(llm, prompts, new_tokens):
 # Every variant in vLLM's eager mode, in float32; two also with vLLM's torch.compile (the model compiles its token-wise
 # work); the checkpoint saved in bfloat16 served in float32 (its weights upcast, as generate() runs them) and in
 # bfloat16 (as generate() runs it in bfloat16).
-CASES = [(variant, "eager", "float32") for variant in [*VARIANTS, BFLOAT16_VARIANT]]
+CASES = [(variant, "eager", "float32") for variant in [*VARIANTS, BFLOAT16_VARIANT, CONVERTED_VARIANT]]
 CASES += [("expert", "compiled", "float32"), ("token_shared", "compiled", "float32"), (BFLOAT16_VARIANT, "eager", "bfloat16")]
 
 
