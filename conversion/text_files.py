@@ -1,5 +1,6 @@
 """Reading the text files the command lines take (training, evaluation and instruction data)."""
 
+import re
 from pathlib import Path
 
 
@@ -40,3 +41,25 @@ def read_text_file(path, option: str | None = None) -> str:
         raise TextFileError(f"{name} has no text ({'empty' if not data else 'blank'} file). Fix: give a file with text "
                             f"in it.")
     return text
+
+
+# WikiText's word-level tokenization, undone in this order: the "@" joiners inside numbers and words, then the spaces
+# it put around punctuation, contractions and brackets. "<unk>" (its rare-word token) is kept.
+_WIKITEXT_REPLACEMENTS = [
+    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),
+    (" 's", "'s"), (" 're", "'re"), (" 've", "'ve"), (" 'll", "'ll"), (" 'd", "'d"), (" 'm", "'m"), (" n't", "n't"), (" 't", "'t"),
+    (" ,", ","), (" .", "."), (" ;", ";"), (" :", ":"), (" !", "!"), (" ?", "?"), (" %", "%"),
+    ("( ", "("), (" )", ")"), ("[ ", "["), (" ]", "]"), ("$ ", "$"),
+    ("= = = =", "===="), ("= = =", "==="), ("= =", "=="),
+]
+
+
+def detokenize_wikitext(text: str) -> str:
+    """WikiText-2/103's word-level text ("a 60 @-@ cm lobster , H. americanus 's") as plain English ("a 60-cm lobster,
+    H. americanus's") for a subword tokenizer, the way evaluation harnesses read its raw version; line structure is
+    kept, so its blank lines still separate paragraphs."""
+    for tokenized, plain in _WIKITEXT_REPLACEMENTS:
+        text = text.replace(tokenized, plain)
+    # A quotation's inner spaces: '" lobster red "' -> '"lobster red"' (pairs within a line).
+    text = re.sub(r'"\s([^"\n]*?)\s"', r'"\1"', text)
+    return "\n".join(line.strip(" ") for line in text.split("\n"))

@@ -100,3 +100,49 @@ def test_serving_benchmark_runs_and_the_engine_matches_generate():
           for mode in ("generate() x16", "engine, 2 slots", "engine, 3 slots")],
     ], result.stdout
     assert "block_pass_layers" in result.stdout and "attention_kv_paging" in result.stdout and "/ideal" in result.stdout
+
+
+def test_wikitext_is_detokenized_into_plain_english():
+    from conversion.text_files import detokenize_wikitext
+
+    tokenized = (' = Homarus gammarus = \n \n It may grow to 60 @-@ cm ( 24 in ) , 1 @,@ 000 or 0 @.@ 7 kg ; H. americanus '
+                 '\'s claws are " lobster red " . It isn \'t <unk> ! \n \n = = Description = = \n')
+    assert detokenize_wikitext(tokenized) == (
+        '= Homarus gammarus =\n\nIt may grow to 60-cm (24 in), 1,000 or 0.7 kg; H. americanus\'s claws are "lobster '
+        'red". It isn\'t <unk>!\n\n== Description ==\n'
+    )
+
+
+def test_conversion_recipe_runs_end_to_end(tmp_path):
+    """benchmarks/conversion_recipe.py on stories260K with a small word-level WikiText-style text: one JSON line per
+    measured model, the source's perplexity on the same tokens, the final model loadable in OUTPUT_DIR."""
+    import json
+
+    wikitext = tmp_path / "wikitext"
+    wikitext.mkdir()
+    story = (PROJECT_ROOT / "examples" / "assets" / "tinystories_valid_sample.txt").read_text()[:20000]
+    for split in ("valid", "test"):
+        (wikitext / f"{split}.txt").write_text(story.replace(",", " ,").replace(".", " ."))
+    output = tmp_path / "recipe"
+    result = run_benchmark("conversion_recipe.py", PROJECT_ROOT / "examples" / "assets" / "stories260K",
+                           "--output-dir", output, "--minutes", "0.3", "--num-recursions", "3", "--threads", "1",
+                           "--wikitext-dir", wikitext, "--eval-tokens", "512", "--curve-tokens", "256",
+                           "--eval-steps", "5", "--capacity", "1.0", "0.6", "0.3")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (output / "conversion_recipe.jsonl").read_text().splitlines()]
+    assert [row["model"] for row in rows] == ["source", "converted", "uptrained"]
+    source, converted, uptrained = rows
+    assert source["layer_applications"] == 5.0 and converted["mean_depth"] == 3.0
+    for row in (converted, uptrained):
+        for text in ("wikitext2_test", "tinystories_valid"):
+            assert row[f"vs_source_{text}"] == pytest.approx(row[f"perplexity_{text}"] / source[f"perplexity_{text}"],
+                                                             rel=1e-2)
+    # middle_cycle with a block of one layer: the two end layers plus one layer per recursion step taken.
+    assert uptrained["layer_applications"] == pytest.approx(2 + uptrained["mean_depth"], abs=0.01)
+    assert uptrained["parameters_vs_source"] < 0.7
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["stopped_by"] == "time budget"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
+    assert "refused" not in result.stderr

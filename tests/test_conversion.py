@@ -168,17 +168,23 @@ def test_a_staging_folder_left_by_sigkill_is_cleaned_by_the_next_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "out"]
 
 
-def test_full_rank_relaxation_from_the_cli_reproduces_the_source(tmp_path):
+@pytest.mark.parametrize("routing", ["none", "expert_choice"])
+def test_full_rank_relaxation_from_the_cli_reproduces_the_source(routing, tmp_path):
+    """The compute route of the conversion recipe starts from the source itself: with --relaxation-rank full the
+    converted model's logits are the source's, without routing and under expert-choice routing (a fresh conversion's
+    routers send every token to full depth), whatever the capacities it will train for."""
     from transformers import AutoModelForCausalLM
 
     llama_dir = _llama_folder(tmp_path / "llama")
-    assert convert_main([str(llama_dir), str(tmp_path / "relaxed"), "--num-recursions", "3", "--routing", "none",
-                         "--relaxation-rank", "full"]) == 0
+    assert convert_main([str(llama_dir), str(tmp_path / "relaxed"), "--num-recursions", "3", "--routing", routing,
+                         "--relaxation-rank", "full", *(["--capacity", "1.0", "0.5", "0.3"] if routing != "none" else [])]) == 0
     source = LlamaForCausalLM.from_pretrained(llama_dir).eval()
     relaxed = AutoModelForCausalLM.from_pretrained(tmp_path / "relaxed").eval()
     input_ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
-        assert (relaxed(input_ids).logits - source(input_ids).logits).abs().max().item() <= 1e-4
+        output = relaxed(input_ids, output_recursion_depth=True)
+        assert (output.logits - source(input_ids).logits).abs().max().item() <= 1e-4
+    assert output.recursion_depth.eq(3).all()
 
 
 def test_push_to_hub_round_trip(converted_stories, tmp_path):

@@ -174,6 +174,35 @@ def test_flop_budget_stops_at_the_right_count(name, train_text, tmp_path):
     assert summary["steps"] == summary["planned_steps"] == 8 and summary["tokens_seen"] == 8 * BATCH * BLOCK
 
 
+def test_time_budget_stops_the_run_and_the_learning_rate_follows_the_clock(train_text, tmp_path):
+    """--max-minutes alone: the run stops at the end of the first step past the budget, and the learning rate warms up
+    over its steps, then decays with the share of the budget spent, ending near zero when the time does."""
+    config = CONFIGS["expert recursion-wise"]()
+    config.max_position_embeddings = BLOCK
+    output = _pretrain(config, tmp_path / "run", train_text, "--max-minutes", "0.05", "--warmup-steps", "2")
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["stopped_by"] == "time budget" and summary["max_minutes"] == 0.05
+    rates = [entry["learning_rate"] for entry in last_log_history(output) if "learning_rate" in entry]
+    assert len(rates) >= 6, "a few steps fit into 3 seconds"
+    peak = max(rates)
+    assert peak == pytest.approx(3e-3, rel=0.2)
+    assert rates[-1] < 0.1 * peak
+    decay = rates[rates.index(peak):]
+    assert all(later <= earlier for earlier, later in zip(decay, decay[1:]))
+
+
+def test_a_run_needs_a_budget(train_text, tmp_path, capsys):
+    config = CONFIGS["vanilla"]()
+    config_file = tmp_path / "config.json"
+    config.to_json_file(config_file)
+    arguments = [config_file, tmp_path / "out", "--tokenizer", STORIES_DIR, "--train-file", train_text]
+    assert pretrain.main([str(argument) for argument in arguments]) == 2
+    assert "give --max-steps (optimizer steps to train), --max-train-flops (a training FLOP budget), --max-minutes" in capsys.readouterr().err
+    assert pretrain.main([str(argument) for argument in [*arguments, "--max-minutes", "0"]]) == 2
+    assert "--max-minutes 0.0 is not valid: give a positive number of minutes" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_routed_model_trains_on_more_tokens_for_the_same_budget(train_text, tmp_path):
     """Counting differs for routed and unrouted models of the same shape: expert-choice skips steps, so the same
     budget buys more steps; token-choice (whose depths vary) stops at the end of the first step at or past it."""

@@ -43,6 +43,12 @@ def add_trainer_arguments(parser) -> None:
                          help="training FLOP budget (forward + backward, counted from the recursion depths taken; see "
                               "conversion/flops.py): training stops at the end of the first step that reaches it. "
                               "Without --max-steps, the schedule spans the steps the budget is planned to take")
+    trainer.add_argument("--max-minutes", type=float,
+                         help="wall-time budget of the training, in minutes of this machine (evaluation and saving "
+                              "during training included, loading and the final measurement not): training stops at "
+                              "the end of the first step that reaches it. Without --max-steps and --max-train-flops, "
+                              "the learning-rate schedule runs on the clock: warm-up in steps, then its decay over the "
+                              "budget")
     trainer.add_argument("--per-device-train-batch-size", type=int, default=16,
                          help="blocks of --block-size tokens per process and micro-batch")
     trainer.add_argument("--gradient-accumulation-steps", type=int, default=1,
@@ -100,10 +106,13 @@ def check_training_options(args) -> None:
     """The checks of the data and Trainer options that read no file."""
     if bool(args.train_file) == bool(args.dataset):
         raise ValueError("give exactly one of --train-file or --dataset.")
-    if args.max_steps is None and args.max_train_flops is None:
+    if args.max_steps is None and args.max_train_flops is None and getattr(args, "max_minutes", None) is None:
         raise ValueError("give --max-steps (optimizer steps to train), --max-train-flops (a training FLOP budget), "
-                         "or both.")
+                         "--max-minutes (a wall-time budget), or several.")
     check_minimum_values(args, MINIMUM_VALUES)
+    if getattr(args, "max_minutes", None) is not None and not args.max_minutes > 0:
+        raise ValueError(f"--max-minutes {args.max_minutes} is not valid: give a positive number of minutes "
+                         f"(for example 60).")
     random_min = getattr(args, "random_capacity", None)
     if random_min is not None and not 0.0 < random_min < 1.0:
         raise ValueError(f"--random-capacity {random_min} is not valid: it is the smallest capacity a recursion step "

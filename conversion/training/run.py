@@ -46,6 +46,11 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
         steps_planned = planned_steps(model, args, training_args.world_size, capacity_schedule)
         if args.max_steps is None:
             training_args.max_steps = steps_planned
+    max_minutes = getattr(args, "max_minutes", None)
+    lr_follows_clock = max_minutes is not None and args.max_steps is None and args.max_train_flops is None
+    if lr_follows_clock:
+        # The time budget ends the run; the step count only has to be out of its way.
+        training_args.max_steps = CLOCK_RUN_MAX_STEPS
     # A run that continues in OUTPUT_DIR leaves what was there before, and not written by these tools, out of the
     # folder's record (see output_dir.py).
     foreign_before = foreign_entries(output_dir) if checked.in_place else []
@@ -70,6 +75,8 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
                 distill_weight=getattr(args, "distill_weight", 0.5),
                 distill_temperature=getattr(args, "distill_temperature", 1.0),
                 max_train_flops=args.max_train_flops,
+                max_seconds=max_minutes * 60 if max_minutes is not None else None,
+                lr_follows_clock=lr_follows_clock,
             )
 
             before = None
@@ -150,6 +157,10 @@ def build_training_arguments(args, output_dir: Path, evaluates: bool) -> Trainin
         ddp_find_unused_parameters=True,
         use_cpu=not torch.cuda.is_available(),
     )
+
+
+# The step count Trainer is given when the time budget alone ends a run (a bound no CPU or GPU reaches in a budget).
+CLOCK_RUN_MAX_STEPS = 10_000_000
 
 
 # Token-choice depths, and expert-choice depths under --random-capacity, vary from step to step, so their plan (an even

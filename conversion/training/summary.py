@@ -13,8 +13,8 @@ def training_summary(args, trainer, steps_planned, data: TrainingData, after, de
     """What OUTPUT_DIR/training_summary.json records: the compute spent, the data seen and the evaluation."""
     state = trainer.state
     budget = args.max_train_flops
-    if trainer.flop_budget.reached:
-        stopped_by = "FLOP budget"
+    if trainer.budget.reached:
+        stopped_by = trainer.budget.reached
     elif state.global_step >= state.max_steps:
         stopped_by = "max steps"
     else:
@@ -27,6 +27,7 @@ def training_summary(args, trainer, steps_planned, data: TrainingData, after, de
         "tokens_seen": int(state.num_input_tokens_seen),
         "train_flops": state.total_flos,
         "max_train_flops": budget,
+        "max_minutes": getattr(args, "max_minutes", None),
         "stopped_by": stopped_by,
         "flop_count": "conversion/flops.py: 6 * parameters touched at each token's depth + causal attention, "
                       "forward + backward" if trainer.flop_counter is not None else "Trainer: 6 * parameters * tokens",

@@ -1,26 +1,32 @@
-"""`UptrainTrainer`, the Trainer of both training command lines, and its callbacks: the FLOP budget, the expert-choice
+"""`UptrainTrainer`, the Trainer of both training command lines, and its callbacks: the FLOP and time budget, the expert-choice
 capacity schedule, and moving a staged run into place at its first checkpoint."""
 
 import contextlib
 import random
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, get_scheduler
 
 from ..flops import FlopCounter
+
+
+# The resolution of a learning-rate schedule that follows the clock (`UptrainTrainer.create_scheduler`).
+CLOCK_SCHEDULE_GRID = 10_000
 
 
 class UptrainTrainer(Trainer):
     """Trainer whose loss adds distillation from a teacher (KL to its softened logits), which logs every loss term
     (LM, router, distillation) on its own, and which counts the training FLOPs from the recursion depths taken
     (`conversion.flops.FlopCounter`; the teacher's forward passes are not counted), logged as `train_flops` with the
-    tokens seen. `max_train_flops` stops training once the count reaches it (`FlopBudget`). Vanilla Llama models train
-    with it too (the plain LM loss; every token at full depth)."""
+    tokens seen. `max_train_flops` and `max_seconds` stop training once the count or the wall time reaches it
+    (`TrainingBudget`); with `lr_follows_clock`, the learning-rate schedule runs on the share of `max_seconds` spent
+    rather than on steps. Vanilla Llama models train with it too (the plain LM loss; every token at full depth)."""
 
     def __init__(self, *args, teacher=None, distill_weight=0.5, distill_temperature=1.0, max_train_flops=None,
-                 **kwargs):
+                 max_seconds=None, lr_follows_clock=False, **kwargs):
         model = kwargs.get("model")
         # Trainer sets `config.use_cache = args.use_cache` (False) for training; what is saved keeps the model's own.
         self.saved_use_cache = getattr(getattr(model, "config", None), "use_cache", True)
@@ -34,8 +40,29 @@ class UptrainTrainer(Trainer):
             raise ValueError(f"a FLOP budget needs a model whose FLOPs can be counted (a Llama or an MoR causal LM), "
                              f"not a {type(self.model).__name__}.")
         self._micro_batch_flops = None
-        self.flop_budget = FlopBudget(self, max_train_flops)
-        self.add_callback(self.flop_budget)
+        self.budget = TrainingBudget(self, max_train_flops, max_seconds)
+        self.add_callback(self.budget)
+        self.lr_follows_clock = lr_follows_clock
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Trainer's schedule, or with `lr_follows_clock` the same warm-up (in steps) followed by the decay of
+        `args.lr_scheduler_type` over the time budget: transformers' own schedule of that type, read at the share of
+        the budget spent (on a grid of `CLOCK_SCHEDULE_GRID` points)."""
+        if not self.lr_follows_clock:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if self.lr_scheduler is None:
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            shape = get_scheduler(self.args.lr_scheduler_type, torch.optim.SGD([torch.zeros(1)], lr=1.0),
+                                  num_warmup_steps=0, num_training_steps=CLOCK_SCHEDULE_GRID).lr_lambdas[0]
+
+            def factor(step: int) -> float:
+                if step < warmup:
+                    return step / max(1, warmup)
+                return shape(min(CLOCK_SCHEDULE_GRID, int(self.budget.elapsed_fraction() * CLOCK_SCHEDULE_GRID)))
+
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer or self.optimizer, factor)
+            self._created_lr_scheduler = True
+        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         counts_depth = self.flop_counter is not None and self.flop_counter.is_mor
@@ -135,25 +162,43 @@ def flop_counter_of(model) -> FlopCounter | None:
         return None
 
 
-class FlopBudget(TrainerCallback):
-    """Keeps Trainer's FLOP count (`state.total_flos`, the depth-aware count of `UptrainTrainer.floating_point_ops`)
-    summed over every process after each optimizer step, and stops training at the end of the first step that brings
-    it to `max_flops` or beyond: the budget is checked right after the step that crosses it, so a run overshoots by
-    less than one step's FLOPs and never stops short of the budget. That step is saved (and evaluated, with
-    evaluation on), as the last step of a run that reaches max_steps is."""
+class TrainingBudget(TrainerCallback):
+    """The compute budget of a run: training FLOPs (Trainer's `state.total_flos`, the depth-aware count of
+    `UptrainTrainer.floating_point_ops`, summed over every process) and wall time (seconds since training began in
+    this process). Training stops at the end of the first optimizer step that reaches either: the budget is checked
+    right after the step that crosses it, so a run overshoots by less than one step and never stops short of it. That
+    step is saved (and evaluated, with evaluation on), as the last step of a run that reaches max_steps is. `reached`
+    names the budget that stopped the run ("FLOP budget" or "time budget"), None while neither has.
 
-    def __init__(self, trainer: Trainer, max_flops: float | None = None):
+    With a time budget and no step count, the learning rate follows the clock (`elapsed_fraction`; see
+    `UptrainTrainer.create_scheduler`), so that its schedule ends when the time does."""
+
+    def __init__(self, trainer: Trainer, max_flops: float | None = None, max_seconds: float | None = None):
         self.trainer = trainer
         self.max_flops = max_flops
-        self.reached = False
+        self.max_seconds = max_seconds
+        self.reached = None
+        self.started = time.perf_counter()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def elapsed_fraction(self) -> float:
+        """The share of the time budget spent so far, agreed by every process (the largest)."""
+        elapsed = torch.tensor((time.perf_counter() - self.started) / self.max_seconds, dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
+        return float(elapsed)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.max_flops is None:
-            return  # Trainer sums the count itself before every log, save and the end of training
-        # Every process ends the step together, so the count's all-gather (under DDP) is safe here.
-        self.trainer.store_flos()
-        if state.total_flos >= self.max_flops:
-            self.reached = True
+        if self.max_flops is not None:
+            # Every process ends the step together, so the count's all-gather (under DDP) is safe here.
+            self.trainer.store_flos()
+            if state.total_flos >= self.max_flops:
+                self.reached = "FLOP budget"
+        if self.reached is None and self.max_seconds is not None and self.elapsed_fraction() >= 1.0:
+            self.reached = "time budget"
+        if self.reached is not None:
             control.should_training_stop = True
             if args.save_strategy == "steps":
                 control.should_save = True

