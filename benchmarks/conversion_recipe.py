@@ -81,6 +81,10 @@ def build_argument_parser():
     training.add_argument("--block-size", type=int, default=128)
     training.add_argument("--batch-size", type=int, default=4)
     training.add_argument("--distill-weight", type=float, default=0.5)
+    training.add_argument("--hidden-distill-weight", type=float, default=0.0,
+                          help="mor-uptrain's hidden-state term at the recursion boundaries")
+    training.add_argument("--capacity-warmup-steps", type=int, default=0,
+                          help="mor-uptrain's: capacities from 1 to their targets over the first N steps")
     training.add_argument("--eval-steps", type=int, default=40, help="the curve's resolution (0: no curve)")
     training.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bfloat16 autocast)")
     data = parser.add_argument_group("evaluation")
@@ -201,6 +205,8 @@ def main(argv=None) -> int:
     curve_file = next(iter(evaluations.values()))
     uptrain_argv = [str(converted), str(output_dir), "--train-file", *map(str, train_files),
                     "--teacher", args.source, "--distill-weight", str(args.distill_weight),
+                    "--hidden-distill-weight", str(args.hidden_distill_weight),
+                    "--capacity-warmup-steps", str(args.capacity_warmup_steps),
                     "--max-minutes", f"{minutes_left:.2f}", "--learning-rate", str(args.learning_rate),
                     "--warmup-steps", str(args.warmup_steps), "--block-size", str(args.block_size),
                     "--per-device-train-batch-size", str(args.batch_size), "--logging-steps", "5",

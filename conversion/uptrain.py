@@ -46,6 +46,7 @@ from .training.options import (
     resolve_block_sizes,
 )
 from .training.run import INTERRUPTED_RUN, run_training
+from .training.trainer import recursion_boundaries
 
 
 def build_argument_parser():
@@ -62,6 +63,10 @@ def build_argument_parser():
                              "rest")
     method.add_argument("--distill-temperature", type=float, default=1.0,
                         help="softmax temperature of the student's and the teacher's logits in the distillation loss")
+    method.add_argument("--hidden-distill-weight", type=float, default=0.0,
+                        help="weight of a hidden-state term (needs --teacher): the student's hidden states where each "
+                             "recursion step ends against the teacher's at the same depth, each channel standardized "
+                             "by the teacher's statistics (0: off)")
     method.add_argument("--router-aux-loss-coef", type=float, help="override the model's BCE router-loss weight")
     add_trainer_arguments(parser)
     return parser
@@ -74,6 +79,11 @@ def check_arguments(args) -> CheckedArguments:
     config = read_mor_config(args.model_dir, "INPUT_DIR")
     resolve_block_sizes(args, config)
     check_capacity_schedule(args, config)
+    if args.hidden_distill_weight:
+        if args.hidden_distill_weight < 0 or not args.teacher:
+            raise ValueError(f"--hidden-distill-weight {args.hidden_distill_weight} needs a --teacher and a weight of 0 "
+                             f"or more. Fix: give --teacher SOURCE (the model converted), or leave the option out.")
+        recursion_boundaries(config)  # refuses a model without recursion steps to match
     if args.teacher:
         teacher_source, _ = resolve_source(args.teacher)  # a missing .gguf file is refused here
         if not Path(teacher_source).expanduser().exists() and not looks_like_hub_id(args.teacher):

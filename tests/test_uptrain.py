@@ -69,6 +69,27 @@ def test_uptraining_lowers_the_loss_and_updates_the_card(converted, train_text, 
     assert config["capacity"] == pytest.approx([1.0, 2 / 3, 1 / 3])  # warm-up leaves the target capacities
 
 
+def test_hidden_state_distillation_matches_the_recursion_boundaries(converted, train_text, tmp_path, capsys):
+    """--hidden-distill-weight compares the hidden states where the recursion steps end with the teacher's at the
+    same depth: zero for a conversion that is the source itself (full-rank relaxation, every token at full depth),
+    positive for the tied model; refused without a teacher."""
+    exact = tmp_path / "exact"
+    assert convert_main([str(STORIES), str(exact), "--num-recursions", "3", "--routing", "none",
+                         "--relaxation-rank", "full"]) == 0
+    for model_dir, name in ((exact, "exact-up"), (converted, "tied-up")):
+        _uptrain(model_dir, tmp_path / name, train_text, "--max-steps", "1", "--teacher", STORIES,
+                 "--hidden-distill-weight", "1.0", "--learning-rate", "0")
+    first = {name: next(entry for entry in last_log_history(tmp_path / name) if "hidden_distill_loss" in entry)
+             for name in ("exact-up", "tied-up")}
+    assert first["exact-up"]["hidden_distill_loss"] < 1e-6
+    assert first["tied-up"]["hidden_distill_loss"] > 1e-2
+    arguments = [str(converted), str(tmp_path / "refused"), "--train-file", str(train_text), "--max-steps", "1",
+                 "--hidden-distill-weight", "1.0"]
+    assert uptrain_main(arguments) == 2
+    assert "--hidden-distill-weight 1.0 needs a --teacher" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
+
+
 def test_resume_from_checkpoint_continues_the_same_run(converted, train_text, tmp_path):
     straight = tmp_path / "straight"
     _uptrain(converted, straight, train_text, "--max-steps", "6", "--save-steps", "3", "--save-total-limit", "3")

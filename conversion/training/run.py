@@ -74,6 +74,7 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
                 teacher=teacher.to(training_args.device) if teacher is not None else None,
                 distill_weight=getattr(args, "distill_weight", 0.5),
                 distill_temperature=getattr(args, "distill_temperature", 1.0),
+                hidden_distill_weight=getattr(args, "hidden_distill_weight", 0.0),
                 max_train_flops=args.max_train_flops,
                 max_seconds=max_minutes * 60 if max_minutes is not None else None,
                 lr_follows_clock=lr_follows_clock,

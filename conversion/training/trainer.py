@@ -25,8 +25,8 @@ class UptrainTrainer(Trainer):
     (`TrainingBudget`); with `lr_follows_clock`, the learning-rate schedule runs on the share of `max_seconds` spent
     rather than on steps. Vanilla Llama models train with it too (the plain LM loss; every token at full depth)."""
 
-    def __init__(self, *args, teacher=None, distill_weight=0.5, distill_temperature=1.0, max_train_flops=None,
-                 max_seconds=None, lr_follows_clock=False, **kwargs):
+    def __init__(self, *args, teacher=None, distill_weight=0.5, distill_temperature=1.0, hidden_distill_weight=0.0,
+                 max_train_flops=None, max_seconds=None, lr_follows_clock=False, **kwargs):
         model = kwargs.get("model")
         # Trainer sets `config.use_cache = args.use_cache` (False) for training; what is saved keeps the model's own.
         self.saved_use_cache = getattr(getattr(model, "config", None), "use_cache", True)
@@ -34,6 +34,8 @@ class UptrainTrainer(Trainer):
         self.teacher = teacher
         self.distill_weight = distill_weight
         self.distill_temperature = distill_temperature
+        self.hidden_distill_weight = hidden_distill_weight
+        self.hidden_boundaries = recursion_boundaries(self.model.config) if hidden_distill_weight else []
         self._loss_terms: dict[str, list[float]] = {}
         self.flop_counter = flop_counter_of(self.model)
         if max_train_flops is not None and self.flop_counter is None:
@@ -66,7 +68,11 @@ class UptrainTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         counts_depth = self.flop_counter is not None and self.flop_counter.is_mor
-        outputs = model(**inputs, output_recursion_depth=True) if counts_depth else model(**inputs)
+        distills_hidden = bool(self.hidden_boundaries) and self.teacher is not None and model.training
+        extra = {"output_recursion_depth": True} if counts_depth else {}
+        if distills_hidden:
+            extra["output_hidden_states"] = True
+        outputs = model(**inputs, **extra)
         if model.training and self.flop_counter is not None:
             token_valid = inputs.get("attention_mask")
             if token_valid is None:
@@ -82,7 +88,8 @@ class UptrainTrainer(Trainer):
                 terms[name] = getattr(outputs, name)
         if self.teacher is not None and model.training:
             with torch.no_grad():
-                teacher_logits = self.teacher(input_ids=inputs["input_ids"]).logits
+                teacher_outputs = self.teacher(input_ids=inputs["input_ids"], output_hidden_states=distills_hidden)
+            teacher_logits = teacher_outputs.logits
             temperature = self.distill_temperature
             distill_loss = F.kl_div(
                 F.log_softmax(outputs.logits.float() / temperature, dim=-1),
@@ -92,6 +99,11 @@ class UptrainTrainer(Trainer):
             ) * temperature**2 / outputs.logits.shape[1]
             loss = (1 - self.distill_weight) * loss + self.distill_weight * distill_loss
             terms["distill_loss"] = distill_loss
+            if distills_hidden:
+                hidden_loss = hidden_state_distance(outputs.hidden_states, teacher_outputs.hidden_states,
+                                                    self.hidden_boundaries)
+                loss = loss + self.hidden_distill_weight * hidden_loss
+                terms["hidden_distill_loss"] = hidden_loss
         if model.training:
             for name, value in terms.items():
                 self._loss_terms.setdefault(name, []).append(value.detach().float().item())
@@ -160,6 +172,33 @@ def flop_counter_of(model) -> FlopCounter | None:
         return FlopCounter(model)
     except AttributeError:
         return None
+
+
+def recursion_boundaries(config) -> list[int]:
+    """The indices, in a model's `hidden_states` output (embeddings first, then each unrolled layer's output), of the
+    hidden states where an MoR model's recursion steps end, which the source model also has: after the first layer
+    and B shared layers for step 1, after B more for step 2, and so on (cycle strategies). The final layer's output is
+    left out (it is returned after the final norm)."""
+    if getattr(config, "model_type", None) != "mor" or not config.sharing_strategy.endswith("cycle"):
+        raise ValueError("--hidden-distill-weight matches the hidden states where recursion steps end: it needs an MoR "
+                         "model with a cycle or middle_cycle strategy. Fix: leave --hidden-distill-weight out.")
+    offset = 1 if config.has_unshared_ends else 0
+    ends = [offset + step * config.block_size for step in range(1, config.num_recursions + 1)]
+    return [index for index in ends if index < config.num_hidden_layers]
+
+
+def hidden_state_distance(student_states, teacher_states, boundaries: list[int]) -> torch.Tensor:
+    """The mean squared difference of the student's and the teacher's hidden states at `boundaries`, each channel
+    standardized by the teacher's mean and spread over the batch's tokens: a residual stream has a few channels of
+    very large magnitude, which would otherwise be all that a plain MSE or cosine distance sees."""
+    distances = []
+    for index in boundaries:
+        teacher = teacher_states[index].float()
+        mean = teacher.mean(dim=(0, 1), keepdim=True)
+        spread = teacher.std(dim=(0, 1), keepdim=True) + 1e-6
+        student = (student_states[index].float() - mean) / spread
+        distances.append(F.mse_loss(student, (teacher - mean) / spread))
+    return torch.stack(distances).mean()
 
 
 class TrainingBudget(TrainerCallback):
