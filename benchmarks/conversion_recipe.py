@@ -83,6 +83,9 @@ def build_argument_parser():
     training.add_argument("--distill-weight", type=float, default=0.5)
     training.add_argument("--hidden-distill-weight", type=float, default=0.0,
                           help="mor-uptrain's hidden-state term at the recursion boundaries")
+    training.add_argument("--random-capacity", type=float, metavar="MIN",
+                          help="mor-uptrain's: every step draws the deeper steps' capacities in [MIN, 1], so that "
+                               "the router threshold trades quality for compute at inference (see --thresholds)")
     training.add_argument("--capacity-warmup-steps", type=int, default=0,
                           help="mor-uptrain's: capacities from 1 to their targets over the first N steps")
     training.add_argument("--eval-steps", type=int, default=40, help="the curve's resolution (0: no curve)")
@@ -94,6 +97,9 @@ def build_argument_parser():
     data.add_argument("--tinystories-valid", type=Path, default=ASSETS / "tinystories_valid_sample.txt")
     data.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each evaluation text")
     data.add_argument("--curve-tokens", type=int, default=2048, help="tokens of the curve's evaluations")
+    data.add_argument("--thresholds", type=float, nargs="+", default=[],
+                      help="also measure the final model at these router thresholds (one line each, after the budget): "
+                           "its quality-for-compute curve")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     return parser
 
@@ -214,6 +220,8 @@ def main(argv=None) -> int:
                     "--eval-file", str(curve_file), "--eval-max-tokens", str(args.curve_tokens)]
     if args.eval_steps:
         uptrain_argv += ["--eval-steps", str(args.eval_steps)]
+    if args.random_capacity is not None:
+        uptrain_argv += ["--random-capacity", str(args.random_capacity)]
     if not args.no_bf16:
         uptrain_argv.append("--bf16")
     if args.overwrite:
@@ -222,6 +230,10 @@ def main(argv=None) -> int:
         return 2
     model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True, dtype=torch.float32)
     measure("uptrained", model, token_sets, source_row, source_layers, start, results_file)
+    for threshold in args.thresholds:
+        model.config.router_threshold = threshold
+        measure(f"uptrained, router_threshold {threshold}", model, token_sets, source_row, source_layers, start,
+                results_file)
     shutil.copy(results_file, output_dir / RESULTS_FILE)
     record_output(output_dir, also=("checkpoint-*",))
     print(f"Recipe done in {(time.perf_counter() - start) / 60:.1f} min: {output_dir} (measurements: "

@@ -127,11 +127,13 @@ def test_conversion_recipe_runs_end_to_end(tmp_path):
     result = run_benchmark("conversion_recipe.py", PROJECT_ROOT / "examples" / "assets" / "stories260K",
                            "--output-dir", output, "--minutes", "0.3", "--num-recursions", "3", "--threads", "1",
                            "--wikitext-dir", wikitext, "--eval-tokens", "512", "--curve-tokens", "256",
-                           "--eval-steps", "5", "--capacity", "1.0", "0.6", "0.3")
+                           "--eval-steps", "5", "--capacity", "1.0", "0.6", "0.3", "--random-capacity", "0.2",
+                           "--thresholds", "0.9")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (output / "conversion_recipe.jsonl").read_text().splitlines()]
-    assert [row["model"] for row in rows] == ["source", "converted", "uptrained"]
-    source, converted, uptrained = rows
+    assert [row["model"] for row in rows] == ["source", "converted", "uptrained", "uptrained, router_threshold 0.9"]
+    source, converted, uptrained, stricter = rows
+    assert stricter["mean_depth"] <= uptrained["mean_depth"]
     assert source["layer_applications"] == 5.0 and converted["mean_depth"] == 3.0
     for row in (converted, uptrained):
         for text in ("wikitext2_test", "tinystories_valid"):
