@@ -37,13 +37,16 @@ def _num_parameters(module, exclude=()) -> int:
 
 
 RELAXATION_PARAMETERS = ("relaxation_A", "relaxation_B", "relaxation_bias", "relaxation_weight")
+# A full-rank delta stored whole is added to the shared weight before the product: it costs no multiplication per token.
+MERGED_RELAXATION_PARAMETERS = ("relaxation_delta",)
 
 
 def _step_parameters(module, num_recursions: int) -> float:
-    """The parameters of a shared module that one recursion step uses: the shared weights, and its own one of the
-    N_r per-step relaxation deltas (relaxation_mor.py stacks them, one per step)."""
-    shared = _num_parameters(module, exclude=RELAXATION_PARAMETERS)
-    return shared + (_num_parameters(module) - shared) / num_recursions
+    """The parameters of a shared module that one recursion step multiplies each token with: the shared weights, and
+    its own one of the N_r per-step low-rank relaxation deltas (relaxation_mor.py stacks them, one per step)."""
+    shared = _num_parameters(module, exclude=RELAXATION_PARAMETERS + MERGED_RELAXATION_PARAMETERS)
+    per_step = _num_parameters(module, exclude=MERGED_RELAXATION_PARAMETERS) - shared
+    return shared + per_step / num_recursions
 
 
 class FlopCounter:

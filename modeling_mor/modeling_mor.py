@@ -518,9 +518,13 @@ class MoRPreTrainedModel(PreTrainedModel):
         if isinstance(module, TokenChoiceRouting):
             init.zeros_(module.selection_bias)
         elif isinstance(module, RelaxedLinear):
-            # LoRA-style: A random, B zero, so the deltas start at zero yet receive gradients.
-            init.normal_(module.relaxation_A, mean=0.0, std=self.config.initializer_range)
-            init.zeros_(module.relaxation_B)
+            # LoRA-style: A random, B zero, so the deltas start at zero yet receive gradients (a whole delta gets its
+            # gradient directly).
+            if module.is_dense:
+                init.zeros_(module.relaxation_delta)
+            else:
+                init.normal_(module.relaxation_A, mean=0.0, std=self.config.initializer_range)
+                init.zeros_(module.relaxation_B)
             if module.relaxation_bias is not None:
                 init.zeros_(module.relaxation_bias)
         elif isinstance(module, RelaxedRMSNorm):

@@ -4,6 +4,11 @@ With `config.relaxation_rank > 0`, every linear projection of a shared layer car
 low-rank delta `B_r A_r`, and every RMSNorm a per-step weight delta, so the layer computes `W + B_r A_r` at step r.
 Conversion initializes the deltas from the truncated SVD of (original layer weight - shared weight): at full rank the
 converted model is the source model again.
+
+A delta whose rank is the projection's full rank (the smaller of its two sizes; `--relaxation-rank full` gives every
+projection one) is stored whole, `relaxation_delta[r]`, and merged into the shared weight before the product: one
+matmul per projection at every step, where the two factors would cost two more and store twice as much. Such a
+projection computes exactly its per-step weight `W + D_r`, as a model with separate weights per unrolled layer would.
 """
 
 import torch
@@ -13,30 +18,45 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 
 class RelaxedLinear(nn.Linear):
-    """A shared linear layer plus one low-rank delta per recursion step: `y = x (W + B_r A_r)^T + b + db_r`."""
+    """A shared linear layer plus one delta per recursion step: `y = x (W + B_r A_r)^T + b + db_r`, or with a
+    full-rank delta stored whole (`is_dense`), `y = x (W + D_r)^T + b + db_r`."""
 
     def __init__(self, in_features, out_features, bias, num_steps: int, rank: int):
         super().__init__(in_features, out_features, bias=bias)
         # A delta of a matrix never needs more than its smaller side's rank ("full" relaxation asks for hidden_size).
         rank = min(rank, in_features, out_features)
         self.rank = rank
-        self.relaxation_A = nn.Parameter(torch.zeros(num_steps, rank, in_features))
-        self.relaxation_B = nn.Parameter(torch.zeros(num_steps, out_features, rank))
+        self.is_dense = rank == min(in_features, out_features)
+        if self.is_dense:
+            self.relaxation_delta = nn.Parameter(torch.zeros(num_steps, out_features, in_features))
+        else:
+            self.relaxation_A = nn.Parameter(torch.zeros(num_steps, rank, in_features))
+            self.relaxation_B = nn.Parameter(torch.zeros(num_steps, out_features, rank))
         self.relaxation_bias = nn.Parameter(torch.zeros(num_steps, out_features)) if bias else None
 
     def forward(self, input: torch.Tensor, recursion_step: int | None = None) -> torch.Tensor:
-        output = F.linear(input, self.weight, self.bias)
         if recursion_step is None:
-            return output
-        delta = F.linear(F.linear(input, self.relaxation_A[recursion_step]), self.relaxation_B[recursion_step])
+            return F.linear(input, self.weight, self.bias)
+        if self.is_dense:
+            output = F.linear(input, self.weight + self.relaxation_delta[recursion_step], self.bias)
+        else:
+            output = F.linear(input, self.weight, self.bias) + F.linear(
+                F.linear(input, self.relaxation_A[recursion_step]), self.relaxation_B[recursion_step]
+            )
         if self.relaxation_bias is not None:
-            delta = delta + self.relaxation_bias[recursion_step]
-        return output + delta
+            output = output + self.relaxation_bias[recursion_step]
+        return output
 
     @torch.no_grad()
     def init_from_target(self, recursion_step: int, target_weight: torch.Tensor, target_bias=None) -> None:
-        """Sets step `recursion_step`'s delta to the best rank-`rank` approximation of (target - shared weight)."""
-        difference = (target_weight.float() - self.weight.float()).to(self.relaxation_A.device)
+        """Sets step `recursion_step`'s delta to the best rank-`rank` approximation of (target - shared weight): the
+        difference itself for a full-rank delta."""
+        difference = (target_weight.float() - self.weight.float()).to(self.weight.device)
+        if self.relaxation_bias is not None and target_bias is not None:
+            self.relaxation_bias[recursion_step] = target_bias - self.bias
+        if self.is_dense:
+            self.relaxation_delta[recursion_step] = difference.to(self.relaxation_delta.dtype)
+            return
         left, singular_values, right = torch.linalg.svd(difference, full_matrices=False)
         rank = min(self.rank, singular_values.numel())
         self.relaxation_A[recursion_step].zero_()
@@ -45,11 +65,10 @@ class RelaxedLinear(nn.Linear):
         scale = singular_values[:rank].sqrt()
         self.relaxation_B[recursion_step, :, :rank] = (left[:, :rank] * scale).to(self.relaxation_B.dtype)
         self.relaxation_A[recursion_step, :rank] = (scale.unsqueeze(-1) * right[:rank]).to(self.relaxation_A.dtype)
-        if self.relaxation_bias is not None and target_bias is not None:
-            self.relaxation_bias[recursion_step] = target_bias - self.bias
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, relaxation_rank={self.rank}, steps={self.relaxation_A.shape[0]}"
+        steps = (self.relaxation_delta if self.is_dense else self.relaxation_A).shape[0]
+        return f"{super().extra_repr()}, relaxation_rank={self.rank}{' (dense)' if self.is_dense else ''}, steps={steps}"
 
 
 class RelaxedRMSNorm(LlamaRMSNorm):

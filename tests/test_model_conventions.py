@@ -22,6 +22,8 @@ from conftest import TINY_DIMS, mixed_routing_model, tiny_mor_config
 INIT_CONFIGS = {
     "expert_choice_auxiliary_relaxed": dict(router_inference="auxiliary", relaxation_rank=2, attention_bias=True),
     "token_choice_loss_free_mlp_router": dict(routing="token_choice", balancing="loss_free", router_type="mlp"),
+    # Every projection's delta of full rank, stored whole (relaxation_delta).
+    "expert_choice_full_rank_relaxed": dict(relaxation_rank=32, attention_bias=True),
 }
 
 
@@ -62,7 +64,7 @@ def test_initialization_follows_initializer_range(name):
     model = MoRForCausalLM(config)
     std = config.initializer_range
     for key, parameter in model.named_parameters():
-        if key.endswith(("relaxation_B", "relaxation_bias", "relaxation_weight", ".bias")):
+        if key.endswith(("relaxation_B", "relaxation_bias", "relaxation_weight", "relaxation_delta", ".bias")):
             assert torch.all(parameter == 0), key  # deltas start at zero: the relaxed model starts as the shared one
         elif "norm" in key:
             assert torch.all(parameter == 1), key

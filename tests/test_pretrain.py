@@ -117,6 +117,21 @@ def test_routed_depths_cost_less_than_full_depth():
     assert counter.planned_batch_flops(2, 12) == counter.batch_flops(valid, routed)  # top-k depths are planned exactly
 
 
+def test_full_rank_relaxation_is_merged_and_costs_no_extra_multiplication():
+    """A full-rank per-step delta is stored whole and added to the shared weight before the product (one matmul per
+    projection per step, the source's cost); a low-rank delta adds its two factors' products."""
+    depth = torch.full((2, 12), 3)
+    valid = torch.ones_like(depth, dtype=torch.bool)
+    counts = {}
+    for rank in (0, 2, DIMS["hidden_size"]):
+        model = MoRForCausalLM(MoRConfig(**DIMS, num_recursions=3, routing="none", relaxation_rank=rank))
+        counts[rank] = FlopCounter(model).batch_flops(valid, depth)
+        projections = [module for module in model.modules() if hasattr(module, "is_dense")]
+        assert all(module.is_dense == (rank == DIMS["hidden_size"]) for module in projections)
+    assert counts[DIMS["hidden_size"]] == pytest.approx(counts[0], rel=1e-2)  # the norms' per-step deltas only
+    assert counts[2] > counts[0]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The FLOP budget through `python -m conversion.pretrain`.
 

@@ -102,18 +102,26 @@ class RecursionStepTokens:
         return rows if self.index is None else tensor.index_copy(0, self.index, rows)
 
 
-class LowRankDelta(nn.Module):
-    """A relaxed projection's per-step delta `x A_r^T B_r^T + b_r` (relaxation_mor.RelaxedLinear's parameters)."""
+class StepDelta(nn.Module):
+    """A relaxed projection's per-step delta (relaxation_mor.RelaxedLinear's parameters): `x A_r^T B_r^T + b_r`, or
+    `x D_r^T + b_r` for a full-rank delta, which the checkpoint stores whole."""
 
     def __init__(self, num_steps: int, rank: int, in_features: int, out_features: int, bias: bool):
         super().__init__()
         rank = min(rank, in_features, out_features)
-        self.relaxation_A = nn.Parameter(torch.zeros(num_steps, rank, in_features), requires_grad=False)
-        self.relaxation_B = nn.Parameter(torch.zeros(num_steps, out_features, rank), requires_grad=False)
+        self.is_dense = rank == min(in_features, out_features)
+        if self.is_dense:
+            self.relaxation_delta = nn.Parameter(torch.zeros(num_steps, out_features, in_features), requires_grad=False)
+        else:
+            self.relaxation_A = nn.Parameter(torch.zeros(num_steps, rank, in_features), requires_grad=False)
+            self.relaxation_B = nn.Parameter(torch.zeros(num_steps, out_features, rank), requires_grad=False)
         self.relaxation_bias = nn.Parameter(torch.zeros(num_steps, out_features), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        delta = (x @ self.relaxation_A[step].t()) @ self.relaxation_B[step].t()
+        if self.is_dense:
+            delta = x @ self.relaxation_delta[step].t()
+        else:
+            delta = (x @ self.relaxation_A[step].t()) @ self.relaxation_B[step].t()
         return delta if self.relaxation_bias is None else delta + self.relaxation_bias[step]
 
 
@@ -176,7 +184,7 @@ class MoRBlockAttention(nn.Module):
                 "o_proj": (config.num_attention_heads * self.head_dim, config.hidden_size),
             }
             for name, (in_features, out_features) in sizes.items():
-                self.relaxation[name] = LowRankDelta(
+                self.relaxation[name] = StepDelta(
                     config.num_recursions, config.relaxation_rank, in_features, out_features, config.attention_bias
                 )
 
@@ -288,7 +296,7 @@ class MoRMLP(nn.Module):
         if config.relaxation_rank > 0:
             sizes = {"gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden)}
             for name, (in_features, out_features) in sizes.items():
-                self.relaxation[name] = LowRankDelta(
+                self.relaxation[name] = StepDelta(
                     config.num_recursions, config.relaxation_rank, in_features, out_features, config.mlp_bias
                 )
 

@@ -44,6 +44,8 @@ VARIANTS = {
     "expert_mlp_router": dict(routing="expert_choice", router_type="mlp", router_activation="tanh", gating="update"),
     "expert_cycle": dict(routing="expert_choice", sharing_strategy="cycle", num_hidden_layers=6),
     "expert_relaxed": dict(routing="expert_choice", relaxation_rank=4),
+    # Every projection's delta of full rank, which the checkpoint stores whole (relaxation_delta).
+    "expert_relaxed_full_rank": dict(routing="expert_choice", relaxation_rank=128),
     "token": dict(routing="token_choice"),
     "token_shared": dict(routing="token_choice", kv_cache_policy="shared"),
     "token_loss_free": dict(routing="token_choice", balancing="loss_free", gating="update"),
@@ -80,6 +82,11 @@ def build(overrides: dict, dtype=torch.float32):
 
     torch.manual_seed(0)
     model = MoRForCausalLM(MoRConfig(**{**DIMS, **overrides})).eval()
+    with torch.no_grad():
+        # A fresh model's per-step deltas are zero (B, or the whole delta): make each step's projections differ.
+        for name, parameter in model.named_parameters():
+            if name.endswith(("relaxation_B", "relaxation_delta")):
+                parameter.normal_(std=0.02)
     return mix_routing_decisions(model).to(dtype)
 
 
