@@ -12,6 +12,9 @@ import os
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -69,3 +72,40 @@ def free_port() -> int:
 
 def python() -> str:
     return sys.executable
+
+
+def request(url, payload=None) -> tuple[int, dict]:
+    """(HTTP status, JSON body) of a GET, or of a POST of `payload`; an error status is returned, not raised."""
+    data = None if payload is None else json.dumps(payload).encode()
+    headers = {"Content-Type": "application/json"}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data=data, headers=headers), timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@contextlib.contextmanager
+def openai_server(command: list[str], log_path: Path, cwd: Path | None = None):
+    """vLLM's OpenAI-compatible server started with `command` plus a free port on 127.0.0.1 (in `cwd`); yields its
+    base URL (`http://127.0.0.1:PORT/v1`) once /v1/models answers, and stops it afterwards."""
+    port = free_port()
+    log = open(log_path, "w")
+    server = subprocess.Popen(command + ["--host", "127.0.0.1", "--port", str(port)], stdout=log, cwd=cwd,
+                              stderr=subprocess.STDOUT, env={**os.environ, "VLLM_NO_USAGE_STATS": "1"})
+    try:
+        base = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 600
+        while True:
+            assert server.poll() is None, log_path.read_text()[-4000:]
+            try:
+                request(f"{base}/models")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start within 10 minutes"
+                time.sleep(2)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+        log.close()
