@@ -80,13 +80,21 @@ def fetching_from_hub(repo_id: str, name: str | None = None):
     """Around the first Hub request for `repo_id`, which is no local folder: says at once that it is fetched from the
     Hub as a model id (when the Hub cannot be reached, its retries take up to a minute; nothing to say with
     HF_HUB_OFFLINE), and keeps the retries' log lines off stderr, where a failure is reported in one line."""
-    import logging
-
     from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE:
         given = f"{name} {repo_id}" if name else repo_id
         print(f"{given} is not a local folder: fetching it from the Hub as a model id (Ctrl-C to stop) ...", flush=True)
+    with quiet_hub_logs():
+        yield
+
+
+@contextlib.contextmanager
+def quiet_hub_logs():
+    """Keeps huggingface_hub's log lines (its retries, "No files have been modified ...") off stderr, where a command
+    line reports a failure in one `error:` line and says itself what happened."""
+    import logging
+
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
     hub_logger.setLevel(logging.ERROR)
@@ -178,9 +186,10 @@ def check_option_needs(needed: str, needed_value, options: dict) -> None:
                              f"ignored. Fix: pass {needed}, or leave {option} out.")
 
 
-def check_safetensors_files(folder) -> None:
-    """Raises ValueError naming the file when a weights file of a local checkpoint folder has a corrupt or truncated
-    header (reads the headers only: cheap, before any loading)."""
+def check_safetensors_files(folder, outcome: str = "nothing was written") -> None:
+    """Raises ValueError naming the file when a weights file of a local checkpoint folder is corrupt or truncated
+    (reads the headers, which also give the file's length: cheap, before any loading or upload). `outcome`: what the
+    refusal left undone, for the message."""
     from safetensors import SafetensorError, safe_open
 
     for path in sorted(Path(folder).glob("*.safetensors")):
@@ -190,7 +199,7 @@ def check_safetensors_files(folder) -> None:
         except (SafetensorError, OSError) as error:
             raise ValueError(
                 f"{path} is not a readable safetensors file ({one_line(error)}): it is corrupt or truncated; "
-                f"nothing was written. Fix: download or copy the checkpoint again."
+                f"{outcome}. Fix: download or copy the checkpoint again."
             ) from error
 
 

@@ -685,13 +685,13 @@ def main(argv=None) -> int:
         from .push_to_hub import HubUnreachableError, InvalidPushError, PushError, push_folder
 
         try:
-            url = push_folder(output_dir, args.push_to_hub, private=args.private, token=args.token,
-                              commit_message=args.commit_message)
+            result = push_folder(output_dir, args.push_to_hub, private=args.private, token=args.token,
+                                 commit_message=args.commit_message)
         except PushError as error:
             print(f"error: {error}", file=sys.stderr)
             # As `mor-push`: bad input and an unreachable Hub exit 2, a refused push 1.
             return 2 if isinstance(error, (InvalidPushError, HubUnreachableError)) else 1
-        print(f"Pushed to {url}")
+        print(result.describe(output_dir, args.push_to_hub))
     return 0
 
 
