@@ -21,10 +21,11 @@ setup(
     package_data={"mor_conversion": ["MODEL_CARD.md"]},  # the model card template
     entry_points={
         "console_scripts": [
-            "mor-convert = mor_conversion.convert_llama_to_mor:command_line",
-            "mor-uptrain = mor_conversion.uptrain:command_line",
-            "mor-pretrain = mor_conversion.pretrain:command_line",
-            "mor-push = mor_conversion.push_to_hub:main",
+            # conversion/commands.py: each imports its command line (and torch) once Ctrl-C is one error line
+            "mor-convert = mor_conversion.commands:convert",
+            "mor-uptrain = mor_conversion.commands:uptrain",
+            "mor-pretrain = mor_conversion.commands:pretrain",
+            "mor-push = mor_conversion.commands:push",
         ],
     },
     install_requires=[

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -43,6 +44,33 @@ def describe_threads(from_environment: bool | None = None, why: str | None = Non
 # The weights `save_pretrained` writes (one file, or an index of shards).
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
+
+
+# The files `save_pretrained` of fast and slow tokenizers writes: a folder with none of them holds no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "*.spm", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_FIX = ("save the tokenizer of the model it came from next to the weights (tokenizer.save_pretrained(folder); "
+                 "mor-convert saves its source's)")
+
+
+def load_tokenizer(folder, described: str, needed_by: str, fix: str = TOKENIZER_FIX, **kwargs):
+    """The tokenizer of `folder` (a folder or a Hub id, given as the argument `described`: "MODEL", "--tokenizer"),
+    with `trust_remote_code=True` unless `kwargs` say otherwise; ValueError in one line naming the folder, what needs
+    the tokenizer (`needed_by`) and `fix`. A folder without any tokenizer file is said to be one (transformers would
+    ask to install sentencepiece or tiktoken instead)."""
+    from transformers import AutoTokenizer
+
+    given = f"{described} {folder}".strip()
+    path = Path(folder).expanduser()
+    if path.is_dir() and not kwargs.get("gguf_file") and not any(any(path.glob(name)) for name in TOKENIZER_FILES):
+        raise ValueError(f"{given} has no tokenizer (no {', '.join(TOKENIZER_FILES[:2])} or {TOKENIZER_FILES[4]}); "
+                         f"{needed_by}. Fix: {fix}.")
+    try:
+        return AutoTokenizer.from_pretrained(folder, **{"trust_remote_code": True, **kwargs})
+    except (OSError, ValueError) as error:
+        raise ValueError(f"the tokenizer of {given} could not be loaded ({one_line(error)}); {needed_by}. Fix: "
+                         f"{fix}.") from None
 
 
 def one_line(error: BaseException) -> str:
@@ -164,15 +192,62 @@ def run_command_line(main, interrupted: str = "nothing was written") -> int:
         return 128 + signum
 
 
-def check_minimum_values(args, minimums: dict[str, int]) -> None:
-    """Raises ValueError for the first option of `args` (an argparse Namespace) below its minimum in `minimums`
-    (option destination -> smallest value); options left at None are not checked."""
-    for name, minimum in minimums.items():
-        value = getattr(args, name)
-        if value is not None and value < minimum:
+class Range(NamedTuple):
+    """The values an option takes: from `low` (left out when `low_open`) up to `high` (left out when `high_open`;
+    None: no upper bound)."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:  # NaN is in no range
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"more than {self.low}" if self.low_open else f"at least {self.low}"
+        return f"a value in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Range(0, low_open=True)  # a learning rate, a temperature
+
+
+def check_option_values(args, limits: dict) -> None:
+    """Raises ValueError for the first option of `args` (an argparse Namespace) outside its limit in `limits` (option
+    destination -> the smallest value, or a `Range`); options left at None, or that `args` lacks, are not checked."""
+    for name, limit in limits.items():
+        value = getattr(args, name, None)
+        limit = limit if isinstance(limit, Range) else Range(limit)
+        if value is not None and value not in limit:
             # Trainer reads max_steps=-1 as "train for the epochs instead": the command lines train for the steps given.
             epochs = " (Trainer's -1, train for the epochs instead, is not offered)" if name == "max_steps" else ""
-            raise ValueError(f"--{name.replace('_', '-')} {value} is not valid: give at least {minimum}{epochs}.")
+            raise ValueError(f"--{name.replace('_', '-')} {value} is not valid: give {limit.describe()}{epochs}.")
+
+
+def check_output_file(path, option: str, suffixes: tuple[str, ...] = (), creates_folder: bool = False) -> None:
+    """Raises ValueError (one line naming `option` and the fix) unless a file can be written at `path`: checked
+    before the work, not after it. `suffixes`: the names it may end with (a picture's format follows its name);
+    `creates_folder`: a missing folder is created (else refused)."""
+    target = Path(path).expanduser()
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise ValueError(f"{option} {path} does not end in {', '.join(suffixes[:-1])} or {suffixes[-1]}, the formats "
+                         f"it is written in; nothing was written. Fix: give for example {option} "
+                         f"{target.with_suffix(suffixes[0]) if target.suffix else str(target) + suffixes[0]}.")
+    if target.is_dir():
+        raise ValueError(f"{option} {path} is a folder. Fix: give a file name, e.g. {option} "
+                         f"{target / ('results' + (suffixes[0] if suffixes else '.json'))}.")
+    if not creates_folder and not target.parent.is_dir():
+        raise ValueError(f"{option} {path}: the folder {target.parent} does not exist. Fix: create it first, or give "
+                         f"a file in an existing folder.")
+    folder = target.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"{option} {path} cannot be written: {folder} is not a folder this user may write in. Fix: "
+                         f"give a path in a folder of yours.")
 
 
 def check_option_needs(needed: str, needed_value, options: dict) -> None:

@@ -310,6 +310,34 @@ def check_source(source: str, gguf_file: str | None = None) -> bool:
     )
 
 
+def read_source_config(source: str, gguf_file: str | None = None, name: str | None = None):
+    """(config, GGUF metadata or None) of a checkpoint that `check_source` accepted (a folder, or a Hub id: `source`
+    not found here), read without loading any weights: the safetensors files of a local folder must be readable, a
+    GGUF file needs the `gguf` package, and a Hub failure is one line (naming the argument `name` that gave it)."""
+    import contextlib
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    is_hub_id = not Path(source).expanduser().exists()
+    local_source = None if is_hub_id else str(Path(source).expanduser() / (gguf_file or ""))
+    gguf_metadata = None
+    if gguf_file is not None:
+        check_gguf_support(local_source or f"{gguf_file} of {source}")
+        if local_source is not None:
+            gguf_metadata = read_gguf_metadata(local_source)
+    elif local_source is not None:
+        check_safetensors_files(local_source)
+    try:
+        with fetching_from_hub(source, name or "SOURCE") if is_hub_id else contextlib.nullcontext():
+            config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+    except (OSError, ValueError) as error:
+        if is_hub_id:
+            raise OSError(hub_failure(source, error, name)) from error
+        raise
+    return config, gguf_metadata
+
+
 def check_gguf_support(gguf_file: str) -> None:
     """Raises ImportError (one line, naming the extra to install) when the `gguf` package transformers reads GGUF
     files with is missing or too old."""
@@ -451,10 +479,7 @@ def _check_recursion_options(args, num_layers: int | None = None) -> None:
 def _check_arguments(args, output_dir) -> dict:
     """Every check that needs no weights: paths, the source's config, the options, the output folder. Raises
     ValueError, OSError or ImportError (one line each); returns what loading and converting need."""
-    import contextlib
     from pathlib import Path
-
-    from transformers import AutoConfig
 
     from .cli_checks import check_option_needs
     from .measure import context_length, eval_block_size, read_eval_text
@@ -482,20 +507,7 @@ def _check_arguments(args, output_dir) -> dict:
     check_output_dir_is_separate(output_dir, **inputs)
     check_output_dir(output_dir, args.overwrite)
 
-    gguf_metadata = None
-    if gguf_file is not None:
-        check_gguf_support(local_source or f"{gguf_file} of {source}")
-        if local_source is not None:
-            gguf_metadata = read_gguf_metadata(local_source)
-    elif local_source is not None:
-        check_safetensors_files(local_source)
-    try:
-        with fetching_from_hub(source, "SOURCE") if is_hub_id else contextlib.nullcontext():
-            source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
-    except (OSError, ValueError) as error:
-        if is_hub_id:
-            raise OSError(hub_failure(source, error)) from error
-        raise
+    source_config, gguf_metadata = read_source_config(source, gguf_file)
     if source_config.model_type != "llama":
         raise ValueError(
             f"{args.source} is a {source_config.model_type!r} checkpoint "

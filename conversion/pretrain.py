@@ -38,9 +38,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 
 from modeling_mor import MoRConfig, MoRForCausalLM
 
-from .cli_checks import HelpFormatter, describe_threads, one_line, run_command_line
+from .cli_checks import HelpFormatter, describe_threads, load_tokenizer, one_line, run_command_line
 from .measure import read_eval_text
-from .training.data import load_tokenizer, load_training_data
+from .training.data import load_training_data
 from .training.options import (
     add_data_arguments,
     add_trainer_arguments,
@@ -100,8 +100,9 @@ def check_arguments(args):
     config = read_model_config(args.config)
     resolve_block_sizes(args, config)
     check_capacity_schedule(args, config)
-    tokenizer = load_tokenizer(args.tokenizer, "--tokenizer", "give a folder that holds a tokenizer "
-                               "(tokenizer.json, or a sentencepiece model, with tokenizer_config.json)")
+    tokenizer = load_tokenizer(args.tokenizer, "--tokenizer", "pretraining reads the text with it and saves it with "
+                               "the model", fix="give a folder that holds a tokenizer (tokenizer.json, or a sentencepiece "
+                               "model, with tokenizer_config.json), for example examples/assets/stories260K")
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"CONFIG's vocab_size {config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} "
                          f"tokens: the embedding could not hold every token id. Fix: set \"vocab_size\" to "
