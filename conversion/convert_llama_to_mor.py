@@ -242,6 +242,10 @@ def build_argument_parser():
                         help="rank of the per-step low-rank deltas (0 = none, 'full' = exact reproduction of the source)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
     parser.add_argument("--gguf-file", help="name of the GGUF file inside SOURCE (a folder or Hub id)")
+    parser.add_argument("--no-tokenizer", action="store_true",
+                        help="write the folder without a tokenizer when SOURCE has none (uptraining, evaluation and "
+                             "generation need one: save it next to the weights later); a source without one is "
+                             "refused otherwise")
     parser.add_argument("--eval-file", help="UTF-8 text file on which to measure perplexity and recursion depths")
     parser.add_argument("--eval-max-tokens", type=int, default=16384,
                         help="measure on the first N tokens of --eval-file")
@@ -487,6 +491,9 @@ def _check_arguments(args, output_dir) -> dict:
 
     _check_recursion_options(args)
     check_option_needs("--eval-file", args.eval_file, {"--eval-block-size": args.eval_block_size})
+    if args.no_tokenizer and args.eval_file:
+        raise ValueError("--eval-file needs the source's tokenizer, which --no-tokenizer leaves out. Fix: leave out "
+                         "one of them.")
     if args.push_to_hub:
         from .push_to_hub import check_repo_id
 
@@ -549,20 +556,17 @@ def _load_source(args, plan) -> tuple:
     The tokenizer and the evaluation text come first: they are cheap, and an unusable text is refused before the
     weights are loaded."""
     from safetensors import SafetensorError
-    from transformers import AutoTokenizer
 
+    from .cli_checks import load_tokenizer
     from .measure import check_fills_one_block, read_eval_tokens
 
     source, gguf_file = plan["source"], plan["gguf_file"]
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-    except (OSError, ValueError) as error:
-        if args.eval_file:
-            raise ValueError(f"--eval-file needs the source's tokenizer, which could not be loaded: "
-                             f"{one_line(error)}") from error
-        print(f"warning: no tokenizer could be loaded from {args.source} ({one_line(error)}); the output folder has "
-              f"none.")
-        tokenizer = None
+    tokenizer = None
+    if not args.no_tokenizer:
+        tokenizer = load_tokenizer(
+            source, "SOURCE", "the MoR folder needs it to be uptrained, evaluated or to generate text",
+            fix="save the source model's tokenizer next to its weights, or pass --no-tokenizer to write the folder "
+                "without one (and add it later)", gguf_file=gguf_file, trust_remote_code=False)
     token_ids = None
     if args.eval_file:
         token_ids = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens)

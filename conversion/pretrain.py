@@ -38,7 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 
 from modeling_mor import MoRConfig, MoRForCausalLM
 
-from .cli_checks import HelpFormatter, describe_threads, load_tokenizer, one_line, run_command_line
+from .cli_checks import WEIGHTS_FILES, HelpFormatter, describe_threads, load_tokenizer, one_line, run_command_line
 from .measure import read_eval_text
 from .training.data import load_training_data
 from .training.options import (
@@ -77,6 +77,14 @@ def read_model_config(path):
     if not file.is_file():
         raise ValueError(f"CONFIG {path} does not exist{' (no config.json in it)' if given.is_dir() else ''}. Fix: "
                          f"give a config.json with model_type 'mor' or 'llama', or a folder holding one.")
+    weights = [name for name in WEIGHTS_FILES if (given / name).is_file()] if given.is_dir() else []
+    if weights:
+        raise ValueError(
+            f"CONFIG {path} holds trained weights ({weights[0]}), and pretraining starts from random weights: they "
+            f"would be ignored. Fix: to train these weights further, give an MoR folder to `mor-uptrain {path} "
+            f"OUTPUT_DIR` (a Llama: convert it first with mor-convert); to start afresh with this shape, give the file "
+            f"{file}."
+        )
     try:
         fields = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
