@@ -23,22 +23,29 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def describe_threads(from_environment: bool | None = None, why: str | None = None) -> str:
-    """The line a run starts with about its CPU threads: how many torch uses and how to change them. For models this
-    small, torch's default (one thread per core) can be several times slower than one thread on a busy machine.
-    `from_environment`: whether the user set OMP_NUM_THREADS (default: whether it is set); `why`: the reason for a
-    number the script chose itself."""
+# The largest hidden size for which the command lines run on one CPU thread by default (docs/benchmarks.md#cpu-threads,
+# 2 cores): up to it one thread generated and trained several times faster than torch's default (one per core), 13x
+# per generated token for the shipped stories260K (hidden size 64), because thread start-up and synchronisation cost
+# more than the small matrix products gain; at hidden size 512, batched decoding was faster on 2 threads.
+ONE_THREAD_MAX_HIDDEN_SIZE = 256
+
+
+def choose_threads(config=None) -> str:
+    """Sets torch's CPU threads for a run of the model `config` describes (any config with a `hidden_size`), and
+    returns the line each command line starts with about them: the number OMP_NUM_THREADS gives when it is set; one
+    thread for a model of hidden size up to ONE_THREAD_MAX_HIDDEN_SIZE; torch's default otherwise."""
     import torch
 
-    threads = torch.get_num_threads()
-    if from_environment is None:
-        from_environment = bool(os.environ.get("OMP_NUM_THREADS"))
-    if from_environment:
-        return f"Using {threads} CPU thread(s), as OMP_NUM_THREADS says."
-    if why:
-        return f"Using {threads} CPU thread(s) ({why}; set OMP_NUM_THREADS to choose another number)."
-    return (f"Using {threads} CPU thread(s), torch's default. For a small model on a busy machine one thread can be "
-            f"several times faster: set OMP_NUM_THREADS=1 (or another number) to choose.")
+    fix = "set OMP_NUM_THREADS to choose another number"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"Using {torch.get_num_threads()} CPU thread(s), as OMP_NUM_THREADS says."
+    hidden_size = getattr(config, "hidden_size", None)
+    if hidden_size is not None and hidden_size <= ONE_THREAD_MAX_HIDDEN_SIZE:
+        torch.set_num_threads(1)
+        return (f"Using 1 CPU thread: faster than several for a model this small (hidden size {hidden_size}); "
+                f"{fix}.")
+    size = f" for a model of hidden size {hidden_size}" if hidden_size is not None else ""
+    return f"Using {torch.get_num_threads()} CPU thread(s), torch's default{size}; {fix}."
 
 
 # The weights `save_pretrained` writes (one file, or an index of shards).

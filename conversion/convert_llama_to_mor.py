@@ -547,6 +547,7 @@ def _check_arguments(args, output_dir) -> dict:
     return dict(
         source=source, gguf_file=gguf_file, inputs=inputs, num_layers=num_layers, routing=routing, overrides=overrides,
         relaxation_rank=relaxation_rank, block_size=block_size, base_model=base_model, gguf_metadata=gguf_metadata,
+        source_config=source_config,
     )
 
 
@@ -658,7 +659,7 @@ def main(argv=None) -> int:
     import time
     from pathlib import Path
 
-    from .cli_checks import describe_threads
+    from .cli_checks import choose_threads
     from .measure import format_depth_histogram
     from .output_dir import OutputDirExistsError, staged_output_dir
     from .push_to_hub import InvalidPushError
@@ -668,7 +669,7 @@ def main(argv=None) -> int:
     output_dir = Path(args.output_dir)
     try:
         plan = _check_arguments(args, output_dir)
-        print(describe_threads())
+        print(choose_threads(plan["source_config"]))
         if args.routing is None and plan["routing"] != "expert_choice":
             print(f"note: --sharing-strategy {args.sharing_strategy} cannot route (a router decides at each pass "
                   f"through the shared block); converting with --routing {plan['routing']}.")

@@ -38,7 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 
 from modeling_mor import MoRConfig, MoRForCausalLM
 
-from .cli_checks import WEIGHTS_FILES, HelpFormatter, describe_threads, load_tokenizer, one_line, run_command_line
+from .cli_checks import WEIGHTS_FILES, HelpFormatter, choose_threads, load_tokenizer, one_line, run_command_line
 from .measure import read_eval_text
 from .training.data import load_training_data
 from .training.options import (
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    print(describe_threads())
+    print(choose_threads(config))
     model = build_model(config, args.seed)
     return run_training(args, checked, model, tokenizer, data, start, activity="pretraining")
 

@@ -35,7 +35,7 @@ from .cli_checks import (
     HelpFormatter,
     check_model_weights,
     load_tokenizer,
-    describe_threads,
+    choose_threads,
     looks_like_hub_id,
     one_line,
     read_mor_config,
@@ -134,9 +134,8 @@ def main(argv=None) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    print(describe_threads())
-
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=torch.float32)
+    print(choose_threads(model.config))
     if args.router_aux_loss_coef is not None:
         model.config.router_aux_loss_coef = args.router_aux_loss_coef
     teacher = None

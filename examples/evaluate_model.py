@@ -40,7 +40,7 @@ from conversion.cli_checks import (  # noqa: E402
     check_extra_installed,
     check_model_weights,
     check_output_file,
-    describe_threads,
+    choose_threads,
     check_weights_match_config,
     hub_failure,
     load_tokenizer,
@@ -222,9 +222,8 @@ def main(argv=None) -> dict:
     except ValueError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2)
-    print(describe_threads())
-
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    print(choose_threads(model.config))
     perplexity = text_file_perplexity(
         args.model,
         args.eval_file,

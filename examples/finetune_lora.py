@@ -60,7 +60,7 @@ from conversion.cli_checks import (  # noqa: E402
     Range,
     check_extra_installed,
     check_option_values,
-    describe_threads,
+    choose_threads,
     load_tokenizer,
     one_line,
     read_mor_config,
@@ -379,12 +379,12 @@ def main(argv=None):
         raise SystemExit(2)
     from peft import LoraConfig, get_peft_model  # checked above: the `peft` extra
 
-    print(describe_threads())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
 
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     config = model.config
+    print(choose_threads(config))
     print(
         f"Loaded {type(model).__name__}: {config.num_hidden_layers} unrolled layers, {config.num_unique_layers} unique "
         f"({config.sharing_strategy}, num_recursions={config.num_recursions}, routing={config.routing})."

@@ -7,8 +7,8 @@ Runs offline in a few CPU minutes with what ships in examples/assets (the storie
 3. print the perplexity of the original, of the converted model and of the uptrained one;
 4. generate a story, print each token's recursion depth and save a picture of them.
 
-It uses one CPU thread unless OMP_NUM_THREADS says otherwise: for a model this small, thread start-up costs more than
-the matrix products it parallelizes (one thread ran it several times faster than the default on a loaded machine).
+It uses one CPU thread unless OMP_NUM_THREADS says otherwise, as every command line does for a model this small:
+thread start-up costs more than the matrix products it parallelizes (docs/benchmarks.md#cpu-threads).
 The folder it saves is a complete MoR model: weights, config (with the KV cache on), model code, tokenizer and a model
 card (README.md) with the figures of this run.
 
@@ -21,15 +21,10 @@ Example:
 
 import argparse
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
 
-
-# Chosen before torch is imported, so that its thread pool starts with one thread; an explicit OMP_NUM_THREADS wins.
-THREADS_FROM_ENVIRONMENT = bool(os.environ.get("OMP_NUM_THREADS"))
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # What the main job needs beyond transformers and torch: Trainer needs accelerate, the progress bars tqdm and the
 # picture matplotlib. All are install requirements of the package; a partial environment is told what to install.
@@ -42,7 +37,7 @@ if _missing:
     raise SystemExit(2)
 
 import torch  # noqa: E402
-from transformers import AutoTokenizer, LlamaForCausalLM, TrainingArguments  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, TrainingArguments  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -68,10 +63,6 @@ from show_recursion_depth import (  # noqa: E402
     generate_with_depths,
     plot_token_depths,
 )
-
-
-def describe_threads() -> str:
-    return cli_checks.describe_threads(THREADS_FROM_ENVIRONMENT, why="faster than several for a model this small")
 
 
 def display_path(path) -> str:
@@ -184,7 +175,7 @@ def main(argv=None):
 def run(args, staging: Path, output_dir: Path) -> dict:
     """Converts, uptrains, measures and writes into `staging`, which becomes `output_dir` once this returns."""
     torch.manual_seed(args.seed)
-    print(describe_threads())
+    print(cli_checks.choose_threads(AutoConfig.from_pretrained(args.model)))
 
     print(f"1. Converting {display_path(args.model)} to MoR (middle_cycle, {args.num_recursions} recursions, "
           f"expert-choice)")

@@ -24,7 +24,7 @@ from conversion.cli_checks import (  # noqa: E402
     HelpFormatter,
     check_option_values,
     check_output_file,
-    describe_threads,
+    choose_threads,
     load_tokenizer,
     one_line,
     read_mor_config,
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         check_output_file(args.output, "--output", PICTURE_SUFFIXES, creates_folder=True)
         # config.json, its values and the weights' headers: a mistyped folder, a truncated or invalid config.json or
         # one that does not fit the weights is refused here, before loading.
-        read_mor_config(args.model, "MODEL")
+        config = read_mor_config(args.model, "MODEL")
         tokenizer = load_tokenizer(args.model, "MODEL", "it reads the prompt and writes the continuation with it")
         if not tokenizer(args.prompt)["input_ids"]:
             raise ValueError("--prompt is empty and the tokenizer adds no BOS token: there is nothing to continue. "
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    print(describe_threads())
+    print(choose_threads(config))
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
     tokens, depths, prompt_length = generate_with_depths(
         model, tokenizer, args.prompt, args.max_new_tokens, args.do_sample, args.seed
