@@ -30,7 +30,7 @@ setup(
     },
     install_requires=[
         # The model code checks this range at import (modeling_mor/configuration_mor.py).
-        "transformers>=5.24.0,<6",
+        "transformers>=5.24.0,<6",  # tested with 5.24.0 and 5.25.0
         # The floors below are transformers 5.24's own, so that pip never picks an older one we do not run.
         "torch>=2.6",  # tested with 2.13
         "safetensors>=0.8.0",
