@@ -33,7 +33,7 @@ class _Package(types.ModuleType):
 
     @convert_llama_to_mor.setter
     def convert_llama_to_mor(self, submodule):
-        pass  # the submodule, set by the import system: it stays reachable as sys.modules[f"{__name__}.convert_llama_to_mor"]
+        pass  # the submodule, set by the import system, stays in sys.modules
 
     @property
     def INIT_STRATEGIES(self):

@@ -19,28 +19,20 @@ import sys
 from pathlib import Path
 from typing import NamedTuple
 
-from .cli_checks import HelpFormatter, check_safetensors_files, one_line, quiet_hub_logs, run_command_line
+from .cli_checks import (
+    TOKENIZER_FILES,
+    HelpFormatter,
+    check_safetensors_files,
+    one_line,
+    quiet_hub_logs,
+    run_command_line,
+)
 
 
 # Files of a model repo, at the top of the folder. Pickled files (*.bin, *.pt, *.pth) are never pushed: they run
 # code when loaded, and Trainer's are training state (optimizer, scheduler, RNG, arguments), not the model.
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
-MODEL_REPO_PATTERNS = WEIGHT_PATTERNS + (
-    "config.json",
-    "generation_config.json",
-    # tokenizer files written by `save_pretrained` of fast and slow tokenizers
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "*.spm",
-    "spiece.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
+MODEL_REPO_PATTERNS = WEIGHT_PATTERNS + ("config.json", "generation_config.json") + TOKENIZER_FILES + (
     # the card, its figures and pictures, licences
     "README.md",
     "mor_card.json",

@@ -34,8 +34,8 @@ from transformers import AutoModelForCausalLM
 from .cli_checks import (
     HelpFormatter,
     check_model_weights,
-    load_tokenizer,
     choose_threads,
+    load_tokenizer,
     looks_like_hub_id,
     one_line,
     read_mor_config,
@@ -96,15 +96,14 @@ def check_teacher(args, config) -> None:
     training block, so it needs the student's vocabulary and a context of at least --block-size tokens."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
-    teacher_source, gguf_file = resolve_source(args.teacher)  # a missing .gguf file is refused here
-    if not Path(teacher_source).expanduser().exists() and not looks_like_hub_id(args.teacher):
-        raise ValueError(f"--teacher {args.teacher} does not exist. Fix: check the path, or give a Hub id or a "
-                         f".gguf file.")
-    folder = Path(teacher_source).expanduser()
-    if gguf_file is None and (folder / "config.json").is_file():
-        check_model_weights(folder, f"--teacher {args.teacher}")
-    teacher, _ = read_source_config(teacher_source, gguf_file, "--teacher")
     given = f"--teacher {args.teacher}"
+    teacher_source, gguf_file = resolve_source(args.teacher)  # a missing .gguf file is refused here
+    folder = Path(teacher_source).expanduser()
+    if not folder.exists() and not looks_like_hub_id(args.teacher):
+        raise ValueError(f"{given} does not exist. Fix: check the path, or give a Hub id or a .gguf file.")
+    if gguf_file is None and (folder / "config.json").is_file():
+        check_model_weights(folder, given)
+    teacher, _ = read_source_config(teacher_source, gguf_file, "--teacher")
     if type(teacher) not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ValueError(f"{given} is a {teacher.model_type!r} model without a language-model head, so it predicts no "
                          f"next token to distill. Fix: give the model INPUT_DIR was converted from.")

@@ -37,7 +37,13 @@ sys.path.insert(0, str(PROJECT_ROOT))  # run from a source checkout without inst
 
 import torch  # noqa: E402
 
-from conversion.cli_checks import HelpFormatter, choose_threads, load_tokenizer, one_line, read_mor_config  # noqa: E402
+from conversion.cli_checks import (  # noqa: E402
+    HelpFormatter,
+    choose_threads,
+    load_tokenizer,
+    one_line,
+    read_mor_config,
+)
 from conversion.measure import context_length, eval_block_size, perplexity_and_depths, read_eval_text, read_eval_tokens  # noqa: E402
 from conversion.measure import depth_histogram, format_depth_histogram, mean_depth  # noqa: E402
 from conversion.output_dir import WRITTEN_BY, check_output_files  # noqa: E402
