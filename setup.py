@@ -21,15 +21,16 @@ setup(
     package_data={"mor_conversion": ["MODEL_CARD.md"]},  # the model card template
     entry_points={
         "console_scripts": [
-            "mor-convert = mor_conversion.convert_llama_to_mor:command_line",
-            "mor-uptrain = mor_conversion.uptrain:command_line",
-            "mor-pretrain = mor_conversion.pretrain:command_line",
-            "mor-push = mor_conversion.push_to_hub:main",
+            # conversion/commands.py: each imports its command line (and torch) once Ctrl-C is one error line
+            "mor-convert = mor_conversion.commands:convert",
+            "mor-uptrain = mor_conversion.commands:uptrain",
+            "mor-pretrain = mor_conversion.commands:pretrain",
+            "mor-push = mor_conversion.commands:push",
         ],
     },
     install_requires=[
         # The model code checks this range at import (modeling_mor/configuration_mor.py).
-        "transformers>=5.24.0,<6",
+        "transformers>=5.24.0,<6",  # tested with 5.24.0 and 5.25.0
         # The floors below are transformers 5.24's own, so that pip never picks an older one we do not run.
         "torch>=2.6",  # tested with 2.13
         "safetensors>=0.8.0",

@@ -5,7 +5,10 @@ mor_conversion import convert_llama_to_mor`) with the command lines `mor-convert
 `mor-push` (setup.py). From the repository root it also runs as it is: `python -m conversion.uptrain`.
 """
 
+import importlib
 import re
+import sys
+import types
 import warnings
 
 
@@ -18,9 +21,25 @@ warnings.filterwarnings(
     category=RuntimeWarning,
 )
 
-# Imported eagerly so that the package attribute `convert_llama_to_mor` is the function, not the submodule of the
-# same name (the submodule also holds the command line).
-from .convert_llama_to_mor import INIT_STRATEGIES, convert_llama_to_mor  # noqa: E402
 
+class _Package(types.ModuleType):
+    """The package attribute `convert_llama_to_mor` is the function, not the submodule of the same name (which also
+    holds the command line, and which the import system sets here once it is imported), and it is imported on first
+    use: importing the package imports no torch, so that the console scripts (`commands`) start at once."""
+
+    @property
+    def convert_llama_to_mor(self):
+        return importlib.import_module(f"{__name__}.convert_llama_to_mor").convert_llama_to_mor
+
+    @convert_llama_to_mor.setter
+    def convert_llama_to_mor(self, submodule):
+        pass  # the submodule, set by the import system, stays in sys.modules
+
+    @property
+    def INIT_STRATEGIES(self):
+        return importlib.import_module(f"{__name__}.convert_llama_to_mor").INIT_STRATEGIES
+
+
+sys.modules[__name__].__class__ = _Package
 
 __all__ = ["convert_llama_to_mor", "INIT_STRATEGIES"]

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -22,27 +23,61 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def describe_threads(from_environment: bool | None = None, why: str | None = None) -> str:
-    """The line a run starts with about its CPU threads: how many torch uses and how to change them. For models this
-    small, torch's default (one thread per core) can be several times slower than one thread on a busy machine.
-    `from_environment`: whether the user set OMP_NUM_THREADS (default: whether it is set); `why`: the reason for a
-    number the script chose itself."""
+# The largest hidden size for which the command lines run on one CPU thread by default (docs/benchmarks.md#cpu-threads,
+# 2 cores): up to it one thread generated and trained several times faster than torch's default (one per core), 13x
+# per generated token for the shipped stories260K (hidden size 64), because thread start-up and synchronisation cost
+# more than the small matrix products gain; at hidden size 512, batched decoding was faster on 2 threads.
+ONE_THREAD_MAX_HIDDEN_SIZE = 256
+
+
+def choose_threads(config=None) -> str:
+    """Sets torch's CPU threads for a run of the model `config` describes (any config with a `hidden_size`), and
+    returns the line each command line starts with about them: the number OMP_NUM_THREADS gives when it is set; one
+    thread for a model of hidden size up to ONE_THREAD_MAX_HIDDEN_SIZE; torch's default otherwise."""
     import torch
 
-    threads = torch.get_num_threads()
-    if from_environment is None:
-        from_environment = bool(os.environ.get("OMP_NUM_THREADS"))
-    if from_environment:
-        return f"Using {threads} CPU thread(s), as OMP_NUM_THREADS says."
-    if why:
-        return f"Using {threads} CPU thread(s) ({why}; set OMP_NUM_THREADS to choose another number)."
-    return (f"Using {threads} CPU thread(s), torch's default. For a small model on a busy machine one thread can be "
-            f"several times faster: set OMP_NUM_THREADS=1 (or another number) to choose.")
+    fix = "set OMP_NUM_THREADS to choose another number"
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"Using {torch.get_num_threads()} CPU thread(s), as OMP_NUM_THREADS says."
+    hidden_size = getattr(config, "hidden_size", None)
+    if hidden_size is not None and hidden_size <= ONE_THREAD_MAX_HIDDEN_SIZE:
+        torch.set_num_threads(1)
+        return (f"Using 1 CPU thread: faster than several for a model this small (hidden size {hidden_size}); "
+                f"{fix}.")
+    size = f" for a model of hidden size {hidden_size}" if hidden_size is not None else ""
+    return f"Using {torch.get_num_threads()} CPU thread(s), torch's default{size}; {fix}."
 
 
 # The weights `save_pretrained` writes (one file, or an index of shards).
 WEIGHTS_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json")
+
+
+# The files `save_pretrained` of fast and slow tokenizers writes: a folder with none of them holds no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "*.spm", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+TOKENIZER_FIX = ("save the tokenizer of the model it came from next to the weights (tokenizer.save_pretrained(folder); "
+                 "mor-convert saves its source's)")
+
+
+def load_tokenizer(folder, described: str, needed_by: str, fix: str = TOKENIZER_FIX, **kwargs):
+    """The tokenizer of `folder` (a folder or a Hub id, given as the argument `described`: "MODEL", "--tokenizer"),
+    with `trust_remote_code=True` unless `kwargs` say otherwise; ValueError in one line naming the folder, what needs
+    the tokenizer (`needed_by`) and `fix`. A folder without any tokenizer file is said to be one (transformers would
+    ask to install sentencepiece or tiktoken instead)."""
+    from transformers import AutoTokenizer
+
+    given = f"{described} {folder}".strip()
+    path = Path(folder).expanduser()
+    if path.is_dir() and not kwargs.get("gguf_file") and not any(any(path.glob(name)) for name in TOKENIZER_FILES):
+        raise ValueError(f"{given} has no tokenizer (no {', '.join(TOKENIZER_FILES[:2])} or {TOKENIZER_FILES[4]}); "
+                         f"{needed_by}. Fix: {fix}.")
+    try:
+        return AutoTokenizer.from_pretrained(folder, **{"trust_remote_code": True, **kwargs})
+    except (OSError, ValueError) as error:
+        raise ValueError(f"the tokenizer of {given} could not be loaded ({one_line(error)}); {needed_by}. Fix: "
+                         f"{fix}.") from None
 
 
 def one_line(error: BaseException) -> str:
@@ -80,13 +115,21 @@ def fetching_from_hub(repo_id: str, name: str | None = None):
     """Around the first Hub request for `repo_id`, which is no local folder: says at once that it is fetched from the
     Hub as a model id (when the Hub cannot be reached, its retries take up to a minute; nothing to say with
     HF_HUB_OFFLINE), and keeps the retries' log lines off stderr, where a failure is reported in one line."""
-    import logging
-
     from huggingface_hub import constants
 
     if not constants.HF_HUB_OFFLINE:
         given = f"{name} {repo_id}" if name else repo_id
         print(f"{given} is not a local folder: fetching it from the Hub as a model id (Ctrl-C to stop) ...", flush=True)
+    with quiet_hub_logs():
+        yield
+
+
+@contextlib.contextmanager
+def quiet_hub_logs():
+    """Keeps huggingface_hub's log lines (its retries, "No files have been modified ...") off stderr, where a command
+    line reports a failure in one `error:` line and says itself what happened."""
+    import logging
+
     hub_logger = logging.getLogger("huggingface_hub")
     level = hub_logger.level
     hub_logger.setLevel(logging.ERROR)
@@ -156,15 +199,62 @@ def run_command_line(main, interrupted: str = "nothing was written") -> int:
         return 128 + signum
 
 
-def check_minimum_values(args, minimums: dict[str, int]) -> None:
-    """Raises ValueError for the first option of `args` (an argparse Namespace) below its minimum in `minimums`
-    (option destination -> smallest value); options left at None are not checked."""
-    for name, minimum in minimums.items():
-        value = getattr(args, name)
-        if value is not None and value < minimum:
+class Range(NamedTuple):
+    """The values an option takes: from `low` (left out when `low_open`) up to `high` (left out when `high_open`;
+    None: no upper bound)."""
+
+    low: float
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value) -> bool:  # NaN is in no range
+        above = value > self.low if self.low_open else value >= self.low
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def describe(self) -> str:
+        if self.high is None:
+            return f"more than {self.low}" if self.low_open else f"at least {self.low}"
+        return f"a value in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+POSITIVE = Range(0, low_open=True)  # a learning rate, a temperature
+
+
+def check_option_values(args, limits: dict) -> None:
+    """Raises ValueError for the first option of `args` (an argparse Namespace) outside its limit in `limits` (option
+    destination -> the smallest value, or a `Range`); options left at None, or that `args` lacks, are not checked."""
+    for name, limit in limits.items():
+        value = getattr(args, name, None)
+        limit = limit if isinstance(limit, Range) else Range(limit)
+        if value is not None and value not in limit:
             # Trainer reads max_steps=-1 as "train for the epochs instead": the command lines train for the steps given.
             epochs = " (Trainer's -1, train for the epochs instead, is not offered)" if name == "max_steps" else ""
-            raise ValueError(f"--{name.replace('_', '-')} {value} is not valid: give at least {minimum}{epochs}.")
+            raise ValueError(f"--{name.replace('_', '-')} {value} is not valid: give {limit.describe()}{epochs}.")
+
+
+def check_output_file(path, option: str, suffixes: tuple[str, ...] = (), creates_folder: bool = False) -> None:
+    """Raises ValueError (one line naming `option` and the fix) unless a file can be written at `path`: checked
+    before the work, not after it. `suffixes`: the names it may end with (a picture's format follows its name);
+    `creates_folder`: a missing folder is created (else refused)."""
+    target = Path(path).expanduser()
+    if suffixes and target.suffix.lower() not in suffixes:
+        raise ValueError(f"{option} {path} does not end in {', '.join(suffixes[:-1])} or {suffixes[-1]}, the formats "
+                         f"it is written in; nothing was written. Fix: give for example {option} "
+                         f"{target.with_suffix(suffixes[0]) if target.suffix else str(target) + suffixes[0]}.")
+    if target.is_dir():
+        raise ValueError(f"{option} {path} is a folder. Fix: give a file name, e.g. {option} "
+                         f"{target / ('results' + (suffixes[0] if suffixes else '.json'))}.")
+    if not creates_folder and not target.parent.is_dir():
+        raise ValueError(f"{option} {path}: the folder {target.parent} does not exist. Fix: create it first, or give "
+                         f"a file in an existing folder.")
+    folder = target.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"{option} {path} cannot be written: {folder} is not a folder this user may write in. Fix: "
+                         f"give a path in a folder of yours.")
 
 
 def check_option_needs(needed: str, needed_value, options: dict) -> None:
@@ -178,9 +268,10 @@ def check_option_needs(needed: str, needed_value, options: dict) -> None:
                              f"ignored. Fix: pass {needed}, or leave {option} out.")
 
 
-def check_safetensors_files(folder) -> None:
-    """Raises ValueError naming the file when a weights file of a local checkpoint folder has a corrupt or truncated
-    header (reads the headers only: cheap, before any loading)."""
+def check_safetensors_files(folder, outcome: str = "nothing was written") -> None:
+    """Raises ValueError naming the file when a weights file of a local checkpoint folder is corrupt or truncated
+    (reads the headers, which also give the file's length: cheap, before any loading or upload). `outcome`: what the
+    refusal left undone, for the message."""
     from safetensors import SafetensorError, safe_open
 
     for path in sorted(Path(folder).glob("*.safetensors")):
@@ -190,7 +281,7 @@ def check_safetensors_files(folder) -> None:
         except (SafetensorError, OSError) as error:
             raise ValueError(
                 f"{path} is not a readable safetensors file ({one_line(error)}): it is corrupt or truncated; "
-                f"nothing was written. Fix: download or copy the checkpoint again."
+                f"{outcome}. Fix: download or copy the checkpoint again."
             ) from error
 
 

@@ -242,6 +242,10 @@ def build_argument_parser():
                         help="rank of the per-step low-rank deltas (0 = none, 'full' = exact reproduction of the source)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
     parser.add_argument("--gguf-file", help="name of the GGUF file inside SOURCE (a folder or Hub id)")
+    parser.add_argument("--no-tokenizer", action="store_true",
+                        help="write the folder without a tokenizer when SOURCE has none (uptraining, evaluation and "
+                             "generation need one: save it next to the weights later); a source without one is "
+                             "refused otherwise")
     parser.add_argument("--eval-file", help="UTF-8 text file on which to measure perplexity and recursion depths")
     parser.add_argument("--eval-max-tokens", type=int, default=16384,
                         help="measure on the first N tokens of --eval-file")
@@ -308,6 +312,34 @@ def check_source(source: str, gguf_file: str | None = None) -> bool:
         f"the source folder {source} does not exist{spelled}{read_as_path(source)}; nothing was written. Check the path, or give a .gguf "
         f"file or a Hub id ('name' or 'org/name')."
     )
+
+
+def read_source_config(source: str, gguf_file: str | None = None, name: str | None = None):
+    """(config, GGUF metadata or None) of a checkpoint that `check_source` accepted (a folder, or a Hub id: `source`
+    not found here), read without loading any weights: the safetensors files of a local folder must be readable, a
+    GGUF file needs the `gguf` package, and a Hub failure is one line (naming the argument `name` that gave it)."""
+    import contextlib
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    is_hub_id = not Path(source).expanduser().exists()
+    local_source = None if is_hub_id else str(Path(source).expanduser() / (gguf_file or ""))
+    gguf_metadata = None
+    if gguf_file is not None:
+        check_gguf_support(local_source or f"{gguf_file} of {source}")
+        if local_source is not None:
+            gguf_metadata = read_gguf_metadata(local_source)
+    elif local_source is not None:
+        check_safetensors_files(local_source)
+    try:
+        with fetching_from_hub(source, name or "SOURCE") if is_hub_id else contextlib.nullcontext():
+            config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
+    except (OSError, ValueError) as error:
+        if is_hub_id:
+            raise OSError(hub_failure(source, error, name)) from error
+        raise
+    return config, gguf_metadata
 
 
 def check_gguf_support(gguf_file: str) -> None:
@@ -451,10 +483,7 @@ def _check_recursion_options(args, num_layers: int | None = None) -> None:
 def _check_arguments(args, output_dir) -> dict:
     """Every check that needs no weights: paths, the source's config, the options, the output folder. Raises
     ValueError, OSError or ImportError (one line each); returns what loading and converting need."""
-    import contextlib
     from pathlib import Path
-
-    from transformers import AutoConfig
 
     from .cli_checks import check_option_needs
     from .measure import context_length, eval_block_size, read_eval_text
@@ -462,6 +491,9 @@ def _check_arguments(args, output_dir) -> dict:
 
     _check_recursion_options(args)
     check_option_needs("--eval-file", args.eval_file, {"--eval-block-size": args.eval_block_size})
+    if args.no_tokenizer and args.eval_file:
+        raise ValueError("--eval-file needs the source's tokenizer, which --no-tokenizer leaves out. Fix: leave out "
+                         "one of them.")
     if args.push_to_hub:
         from .push_to_hub import check_repo_id
 
@@ -482,20 +514,7 @@ def _check_arguments(args, output_dir) -> dict:
     check_output_dir_is_separate(output_dir, **inputs)
     check_output_dir(output_dir, args.overwrite)
 
-    gguf_metadata = None
-    if gguf_file is not None:
-        check_gguf_support(local_source or f"{gguf_file} of {source}")
-        if local_source is not None:
-            gguf_metadata = read_gguf_metadata(local_source)
-    elif local_source is not None:
-        check_safetensors_files(local_source)
-    try:
-        with fetching_from_hub(source, "SOURCE") if is_hub_id else contextlib.nullcontext():
-            source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file)
-    except (OSError, ValueError) as error:
-        if is_hub_id:
-            raise OSError(hub_failure(source, error)) from error
-        raise
+    source_config, gguf_metadata = read_source_config(source, gguf_file)
     if source_config.model_type != "llama":
         raise ValueError(
             f"{args.source} is a {source_config.model_type!r} checkpoint "
@@ -528,6 +547,7 @@ def _check_arguments(args, output_dir) -> dict:
     return dict(
         source=source, gguf_file=gguf_file, inputs=inputs, num_layers=num_layers, routing=routing, overrides=overrides,
         relaxation_rank=relaxation_rank, block_size=block_size, base_model=base_model, gguf_metadata=gguf_metadata,
+        source_config=source_config,
     )
 
 
@@ -537,20 +557,17 @@ def _load_source(args, plan) -> tuple:
     The tokenizer and the evaluation text come first: they are cheap, and an unusable text is refused before the
     weights are loaded."""
     from safetensors import SafetensorError
-    from transformers import AutoTokenizer
 
+    from .cli_checks import load_tokenizer
     from .measure import check_fills_one_block, read_eval_tokens
 
     source, gguf_file = plan["source"], plan["gguf_file"]
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
-    except (OSError, ValueError) as error:
-        if args.eval_file:
-            raise ValueError(f"--eval-file needs the source's tokenizer, which could not be loaded: "
-                             f"{one_line(error)}") from error
-        print(f"warning: no tokenizer could be loaded from {args.source} ({one_line(error)}); the output folder has "
-              f"none.")
-        tokenizer = None
+    tokenizer = None
+    if not args.no_tokenizer:
+        tokenizer = load_tokenizer(
+            source, "SOURCE", "the MoR folder needs it to be uptrained, evaluated or to generate text",
+            fix="save the source model's tokenizer next to its weights, or pass --no-tokenizer to write the folder "
+                "without one (and add it later)", gguf_file=gguf_file, trust_remote_code=False)
     token_ids = None
     if args.eval_file:
         token_ids = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens)
@@ -642,7 +659,7 @@ def main(argv=None) -> int:
     import time
     from pathlib import Path
 
-    from .cli_checks import describe_threads
+    from .cli_checks import choose_threads
     from .measure import format_depth_histogram
     from .output_dir import OutputDirExistsError, staged_output_dir
     from .push_to_hub import InvalidPushError
@@ -652,7 +669,7 @@ def main(argv=None) -> int:
     output_dir = Path(args.output_dir)
     try:
         plan = _check_arguments(args, output_dir)
-        print(describe_threads())
+        print(choose_threads(plan["source_config"]))
         if args.routing is None and plan["routing"] != "expert_choice":
             print(f"note: --sharing-strategy {args.sharing_strategy} cannot route (a router decides at each pass "
                   f"through the shared block); converting with --routing {plan['routing']}.")
@@ -685,13 +702,13 @@ def main(argv=None) -> int:
         from .push_to_hub import HubUnreachableError, InvalidPushError, PushError, push_folder
 
         try:
-            url = push_folder(output_dir, args.push_to_hub, private=args.private, token=args.token,
-                              commit_message=args.commit_message)
+            result = push_folder(output_dir, args.push_to_hub, private=args.private, token=args.token,
+                                 commit_message=args.commit_message)
         except PushError as error:
             print(f"error: {error}", file=sys.stderr)
             # As `mor-push`: bad input and an unreachable Hub exit 2, a refused push 1.
             return 2 if isinstance(error, (InvalidPushError, HubUnreachableError)) else 1
-        print(f"Pushed to {url}")
+        print(result.describe(output_dir, args.push_to_hub))
     return 0
 
 

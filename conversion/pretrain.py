@@ -38,9 +38,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, set_seed
 
 from modeling_mor import MoRConfig, MoRForCausalLM
 
-from .cli_checks import HelpFormatter, describe_threads, one_line, run_command_line
+from .cli_checks import WEIGHTS_FILES, HelpFormatter, choose_threads, load_tokenizer, one_line, run_command_line
 from .measure import read_eval_text
-from .training.data import load_tokenizer, load_training_data
+from .training.data import load_training_data
 from .training.options import (
     add_data_arguments,
     add_trainer_arguments,
@@ -77,6 +77,14 @@ def read_model_config(path):
     if not file.is_file():
         raise ValueError(f"CONFIG {path} does not exist{' (no config.json in it)' if given.is_dir() else ''}. Fix: "
                          f"give a config.json with model_type 'mor' or 'llama', or a folder holding one.")
+    weights = [name for name in WEIGHTS_FILES if (given / name).is_file()] if given.is_dir() else []
+    if weights:
+        raise ValueError(
+            f"CONFIG {path} holds trained weights ({weights[0]}), and pretraining starts from random weights: they "
+            f"would be ignored. Fix: to train these weights further, give an MoR folder to `mor-uptrain {path} "
+            f"OUTPUT_DIR` (a Llama: convert it first with mor-convert); to start afresh with this shape, give the file "
+            f"{file}."
+        )
     try:
         fields = json.loads(file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -100,8 +108,9 @@ def check_arguments(args):
     config = read_model_config(args.config)
     resolve_block_sizes(args, config)
     check_capacity_schedule(args, config)
-    tokenizer = load_tokenizer(args.tokenizer, "--tokenizer", "give a folder that holds a tokenizer "
-                               "(tokenizer.json, or a sentencepiece model, with tokenizer_config.json)")
+    tokenizer = load_tokenizer(args.tokenizer, "--tokenizer", "pretraining reads the text with it and saves it with "
+                               "the model", fix="give a folder that holds a tokenizer (tokenizer.json, or a sentencepiece "
+                               "model, with tokenizer_config.json), for example examples/assets/stories260K")
     if len(tokenizer) > config.vocab_size:
         raise ValueError(f"CONFIG's vocab_size {config.vocab_size} is smaller than the tokenizer's {len(tokenizer)} "
                          f"tokens: the embedding could not hold every token id. Fix: set \"vocab_size\" to "
@@ -128,7 +137,7 @@ def main(argv=None) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    print(describe_threads())
+    print(choose_threads(config))
     model = build_model(config, args.seed)
     return run_training(args, checked, model, tokenizer, data, start, activity="pretraining")
 

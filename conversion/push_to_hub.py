@@ -17,29 +17,22 @@ import fnmatch
 import json
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
-from .cli_checks import HelpFormatter, one_line
+from .cli_checks import (
+    TOKENIZER_FILES,
+    HelpFormatter,
+    check_safetensors_files,
+    one_line,
+    quiet_hub_logs,
+    run_command_line,
+)
 
 
 # Files of a model repo, at the top of the folder. Pickled files (*.bin, *.pt, *.pth) are never pushed: they run
 # code when loaded, and Trainer's are training state (optimizer, scheduler, RNG, arguments), not the model.
 WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json")
-MODEL_REPO_PATTERNS = WEIGHT_PATTERNS + (
-    "config.json",
-    "generation_config.json",
-    # tokenizer files written by `save_pretrained` of fast and slow tokenizers
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "*.spm",
-    "spiece.model",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
+MODEL_REPO_PATTERNS = WEIGHT_PATTERNS + ("config.json", "generation_config.json") + TOKENIZER_FILES + (
     # the card, its figures and pictures, licences
     "README.md",
     "mor_card.json",
@@ -110,8 +103,8 @@ def model_repo_files(folder) -> tuple[list[str], list[str]]:
 
 
 def check_model_folder(folder) -> list[str]:
-    """Raises InvalidPushError unless `folder` holds a model (config.json and safetensors weights); returns the
-    files to push."""
+    """Raises InvalidPushError unless `folder` holds a model (config.json and safetensors weights that are not
+    corrupt or truncated: every other tool refuses such a folder); returns the files to push."""
     folder = Path(folder)
     if not folder.exists():
         raise InvalidPushError(f"{folder} does not exist; nothing was pushed. Pass the folder written by the "
@@ -126,6 +119,10 @@ def check_model_folder(folder) -> list[str]:
             f"{folder} has no *.safetensors weights at its top; nothing was pushed. Save the model there with "
             f"save_pretrained (pickled *.bin weights and checkpoint-N/ folders are never pushed)."
         )
+    try:
+        check_safetensors_files(folder, outcome="nothing was pushed")
+    except ValueError as error:
+        raise InvalidPushError(str(error)) from None
     return pushed
 
 
@@ -165,10 +162,42 @@ def is_network_error(error: BaseException) -> bool:
     return False
 
 
+class PushResult(NamedTuple):
+    url: str  # the new commit's URL, or the repo's latest commit when nothing changed
+    files: list[str]  # the files of the folder that a model repo gets
+    unchanged: int  # how many of them the repo already held as they are (all: no commit was made)
+
+    def describe(self, folder, repo_id: str) -> str:
+        """The one line that says what the push did."""
+        if self.unchanged == len(self.files):
+            return (f"Nothing to push: {repo_id} already holds the {len(self.files)} files of {folder} unchanged, so "
+                    f"no commit was made ({self.url}).")
+        kept = f"; {self.unchanged} of them were already there unchanged" if self.unchanged else ""
+        return f"Pushed {len(self.files)} files of {folder} to {self.url}{kept}."
+
+
+def check_push(folder, repo_id: str) -> list[str]:
+    """Everything that can be refused before the Hub is contacted (InvalidPushError, or HubUnreachableError with
+    HF_HUB_OFFLINE set); returns the files to push."""
+    from huggingface_hub import constants
+
+    pushed = check_model_folder(folder)
+    check_repo_id(repo_id)
+    if constants.HF_HUB_OFFLINE:
+        raise HubUnreachableError(f"HF_HUB_OFFLINE is set, so the Hub cannot be reached; nothing was pushed and "
+                                  f"{folder} is intact. Unset HF_HUB_OFFLINE, then {retry_hint(folder, repo_id)}.")
+    return pushed
+
+
+def retry_hint(folder, repo_id: str) -> str:
+    return f"retry with `mor-push {folder} {repo_id}`"
+
+
 def push_folder(folder, repo_id: str, *, private: bool = False, token: str | None = None,
-                commit_message: str = "Upload MoR model") -> str:
+                commit_message: str = "Upload MoR model") -> PushResult:
     """Creates `repo_id` (if needed) and uploads the model files of `folder` (see `model_repo_files`) in one commit;
-    returns the commit URL.
+    returns what was pushed (`PushResult`; files the repo already holds unchanged are not uploaded again, and no
+    commit is made when all of them are).
 
     A folder that is not a model raises InvalidPushError before the Hub is contacted; an unreachable Hub raises
     HubUnreachableError, any other failure PushError, each saying why. The local folder is never modified."""
@@ -176,17 +205,14 @@ def push_folder(folder, repo_id: str, *, private: bool = False, token: str | Non
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     folder = Path(folder)
-    pushed = check_model_folder(folder)
-    check_repo_id(repo_id)
-    retry = f"retry with `mor-push {folder} {repo_id}`"
-    if constants.HF_HUB_OFFLINE:
-        raise HubUnreachableError(f"HF_HUB_OFFLINE is set, so the Hub cannot be reached; nothing was pushed and "
-                                  f"{folder} is intact. Unset HF_HUB_OFFLINE, then {retry}.")
+    pushed = check_push(folder, repo_id)
+    retry = retry_hint(folder, repo_id)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in pushed]
-        commit = api.create_commit(repo_id, operations, commit_message=commit_message, repo_type="model")
+        with quiet_hub_logs():  # its "No files have been modified ... Skipping": PushResult says it
+            commit = api.create_commit(repo_id, operations, commit_message=commit_message, repo_type="model")
     except OfflineModeIsEnabled as error:
         raise HubUnreachableError(f"{one_line(error)}; nothing was pushed and {folder} is intact. Unset "
                                   f"HF_HUB_OFFLINE, then {retry}.") from error
@@ -205,7 +231,10 @@ def push_folder(folder, repo_id: str, *, private: bool = False, token: str | Non
             f"pushing {folder} to {repo_id} failed: {one_line(error)}. The local folder is intact; {retry} once the "
             f"cause is fixed."
         ) from error
-    return getattr(commit, "commit_url", str(commit))
+    # The files the Hub already held as they are (huggingface_hub leaves them out of the commit).
+    unchanged = sum(operation._remote_oid is not None and operation._remote_oid == operation._local_oid
+                    for operation in operations)
+    return PushResult(getattr(commit, "commit_url", str(commit)), pushed, unchanged)
 
 
 def build_argument_parser():
@@ -222,14 +251,13 @@ def build_argument_parser():
 def main(argv=None) -> int:
     args = build_argument_parser().parse_args(argv)
     try:
-        pushed = check_model_folder(args.folder)
-        check_repo_id(args.repo_id)
+        pushed = check_push(args.folder, args.repo_id)
         _, left_out = model_repo_files(args.folder)
         print(f"Pushing {len(pushed)} files of {args.folder}: {', '.join(pushed)}")
         if left_out:
             print(f"  left out (not part of a model repo): {', '.join(left_out)}")
-        url = push_folder(args.folder, args.repo_id, private=args.private, token=args.token,
-                          commit_message=args.commit_message)
+        result = push_folder(args.folder, args.repo_id, private=args.private, token=args.token,
+                             commit_message=args.commit_message)
     except (InvalidPushError, HubUnreachableError) as error:
         # Nothing could be attempted: bad input or no connection, which the user fixes before retrying.
         print(f"error: {error}", file=sys.stderr)
@@ -237,9 +265,15 @@ def main(argv=None) -> int:
     except PushError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"Pushed {args.folder} to {url}")
+    print(result.describe(args.folder, args.repo_id))
     return 0
 
 
+def command_line() -> int:
+    """The `mor-push` console script (and `python -m conversion.push_to_hub`): `main`, with Ctrl-C as one error line
+    (a Hub commit is all or nothing: the repo holds either the earlier files or these)."""
+    return run_command_line(main, "the Hub repo is as it was unless the commit had been made")
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(command_line())

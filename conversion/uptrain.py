@@ -31,11 +31,20 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from .cli_checks import HelpFormatter, describe_threads, looks_like_hub_id, one_line, read_mor_config, run_command_line
-from .convert_llama_to_mor import resolve_source
-from .measure import depth_histogram, read_eval_text
+from .cli_checks import (
+    HelpFormatter,
+    check_model_weights,
+    choose_threads,
+    load_tokenizer,
+    looks_like_hub_id,
+    one_line,
+    read_mor_config,
+    run_command_line,
+)
+from .convert_llama_to_mor import read_source_config, resolve_source
+from .measure import context_length, depth_histogram, read_eval_text
 from .model_card import UnfilledPlaceholderError, load_card_figures, perplexity_rows, save_card
-from .training.data import load_tokenizer, load_training_data
+from .training.data import load_training_data
 from .training.options import (
     CheckedArguments,
     add_data_arguments,
@@ -80,33 +89,63 @@ def check_arguments(args) -> CheckedArguments:
     resolve_block_sizes(args, config)
     check_capacity_schedule(args, config)
     if args.hidden_distill_weight:
-        if args.hidden_distill_weight < 0 or not args.teacher:
-            raise ValueError(f"--hidden-distill-weight {args.hidden_distill_weight} needs a --teacher and a weight of 0 "
-                             f"or more. Fix: give --teacher SOURCE (the model converted), or leave the option out.")
+        if not args.teacher:
+            raise ValueError(f"--hidden-distill-weight {args.hidden_distill_weight} needs a --teacher, whose hidden "
+                             f"states it matches. Fix: give --teacher SOURCE (the model converted), or leave the option "
+                             f"out.")
         recursion_boundaries(config)  # refuses a model without recursion steps to match
     if args.teacher:
-        teacher_source, _ = resolve_source(args.teacher)  # a missing .gguf file is refused here
-        if not Path(teacher_source).expanduser().exists() and not looks_like_hub_id(args.teacher):
-            raise ValueError(f"--teacher {args.teacher} does not exist. Fix: check the path, or give a Hub id or a "
-                             f".gguf file.")
+        check_teacher(args, config)
     if args.eval_file:
         read_eval_text(args.eval_file)
     return check_run_folder(args, INPUT_DIR=args.model_dir, **{"--teacher": args.teacher})
+
+
+def check_teacher(args, config) -> None:
+    """Refuses a --teacher that distillation could not use (ValueError, one line naming the fix), reading its config
+    only: distillation compares the teacher's next-token distribution with the student's at every position of a
+    training block, so it needs the student's vocabulary and a context of at least --block-size tokens."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    given = f"--teacher {args.teacher}"
+    teacher_source, gguf_file = resolve_source(args.teacher)  # a missing .gguf file is refused here
+    folder = Path(teacher_source).expanduser()
+    if not folder.exists() and not looks_like_hub_id(args.teacher):
+        raise ValueError(f"{given} does not exist. Fix: check the path, or give a Hub id or a .gguf file.")
+    if gguf_file is None and (folder / "config.json").is_file():
+        check_model_weights(folder, given)
+    teacher, _ = read_source_config(teacher_source, gguf_file, "--teacher")
+    if type(teacher) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"{given} is a {teacher.model_type!r} model without a language-model head, so it predicts no "
+                         f"next token to distill. Fix: give the model INPUT_DIR was converted from.")
+    if teacher.vocab_size != config.vocab_size:
+        raise ValueError(
+            f"{given} has a vocabulary of {teacher.vocab_size} tokens and INPUT_DIR {args.model_dir} one of "
+            f"{config.vocab_size}: distillation compares their next-token distributions token by token, so they "
+            f"need the same tokenizer. Fix: give the model INPUT_DIR was converted from, or leave --teacher out."
+        )
+    teacher_context = context_length(teacher)
+    if teacher_context and teacher_context < args.block_size:
+        raise ValueError(
+            f"{given} reads at most {teacher_context} tokens (max_position_embeddings), fewer than the training "
+            f"blocks of --block-size {args.block_size}. Fix: pass --block-size {teacher_context} (or less), or give "
+            f"a teacher with a longer context."
+        )
 
 
 def main(argv=None) -> int:
     args = build_argument_parser().parse_args(argv)
     try:
         checked = check_arguments(args)
-        tokenizer = load_tokenizer(args.model_dir)
+        tokenizer = load_tokenizer(args.model_dir, "INPUT_DIR", "uptraining reads the text with it and saves it with "
+                                   "the model")
         data = load_training_data(args, tokenizer)
     except (ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    print(describe_threads())
-
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=torch.float32)
+    print(choose_threads(model.config))
     if args.router_aux_loss_coef is not None:
         model.config.router_aux_loss_coef = args.router_aux_loss_coef
     teacher = None

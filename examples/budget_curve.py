@@ -37,11 +37,16 @@ sys.path.insert(0, str(PROJECT_ROOT))  # run from a source checkout without inst
 
 import torch  # noqa: E402
 
-from conversion.cli_checks import HelpFormatter, describe_threads, one_line, read_mor_config  # noqa: E402
+from conversion.cli_checks import (  # noqa: E402
+    HelpFormatter,
+    choose_threads,
+    load_tokenizer,
+    one_line,
+    read_mor_config,
+)
 from conversion.measure import context_length, eval_block_size, perplexity_and_depths, read_eval_text, read_eval_tokens  # noqa: E402
 from conversion.measure import depth_histogram, format_depth_histogram, mean_depth  # noqa: E402
 from conversion.output_dir import WRITTEN_BY, check_output_files  # noqa: E402
-from conversion.training.data import load_tokenizer  # noqa: E402
 
 
 ASSETS = PROJECT_ROOT / "examples" / "assets"
@@ -202,7 +207,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as error:  # OSError: OutputDirExistsError
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    print(describe_threads())
+    print(choose_threads(read_mor_config(args.checkpoints[0], "CHECKPOINT")))
     result = {WRITTEN_BY: "examples/budget_curve.py", "eval_file": Path(args.eval_file).name,
               "eval_tokens": tokens.numel(), "block_size": block_size, "sweeps": [], "references": []}
     for folder in args.checkpoints:

@@ -39,9 +39,11 @@ from conversion.cli_checks import (  # noqa: E402
     build_config,
     check_extra_installed,
     check_model_weights,
-    describe_threads,
+    check_output_file,
+    choose_threads,
     check_weights_match_config,
     hub_failure,
+    load_tokenizer,
     looks_like_hub_id,
     fetching_from_hub,
     one_line,
@@ -49,7 +51,7 @@ from conversion.cli_checks import (  # noqa: E402
 )
 from conversion.measure import format_depth_histogram  # noqa: E402
 from conversion.text_files import read_text_file  # noqa: E402
-from evaluation.core import read_checkpoint_config  # noqa: E402
+from evaluation.core import METRICS, load_metric, read_checkpoint_config  # noqa: E402
 from evaluation import (  # noqa: E402
     check_supported_checkpoint,
     load_model_and_tokenizer,
@@ -163,8 +165,6 @@ def print_report(results: dict) -> None:
 def check_model(model: str) -> None:
     """Raises ValueError, reading config.json, the weights' headers and the tokenizer only, unless `model` is an MoR
     or Llama folder (with its weights and tokenizer) or Hub id."""
-    from transformers import AutoTokenizer
-
     path = Path(model).expanduser()
     if not path.exists() and not looks_like_hub_id(model):
         raise ValueError(f"{model} does not exist{read_as_path(model)}. Pass a model folder (an MoR or Llama checkpoint saved with "
@@ -180,24 +180,7 @@ def check_model(model: str) -> None:
         check_model_weights(path, model)
         config = build_config(read_checkpoint_config(model), model)
         check_weights_match_config(path, config, model)
-    try:
-        AutoTokenizer.from_pretrained(model, trust_remote_code=True)  # as load_model_and_tokenizer loads it
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"{model}: no tokenizer could be loaded ({one_line(error)}). Fix: save the tokenizer next to the weights "
-            f"(tokenizer.save_pretrained(folder); the converter copies its source's)."
-        ) from error
-
-
-def check_output_json(path: str) -> None:
-    """Raises ValueError unless a JSON file can be written at `path`: checked before the evaluation, not after it."""
-    target = Path(path).expanduser()
-    if target.is_dir():
-        raise ValueError(f"--output-json {path} is a folder. Fix: give a file name, e.g. --output-json "
-                         f"{target / 'results.json'}.")
-    if not target.parent.is_dir():
-        raise ValueError(f"--output-json {path}: the folder {target.parent} does not exist. Fix: create it first, "
-                         f"or give a file in an existing folder.")
+    load_tokenizer(model, "", "the evaluation reads the text and the questions with it")  # as load_model_and_tokenizer
 
 
 def check_inputs(args) -> None:
@@ -218,7 +201,17 @@ def check_inputs(args) -> None:
         raise ValueError(f"--num-fewshot {args.num_fewshot} needs at least {args.num_fewshot + 1} questions; "
                          f"{args.mc_file} has {len(items)}. Pass a smaller --num-fewshot.")
     if args.output_json:
-        check_output_json(args.output_json)
+        check_output_file(args.output_json, "--output-json")
+    if args.metric_source == "hub":  # fetched now (and cached), not after the model has run
+        for name in METRICS:
+            try:
+                load_metric(name, "hub")
+            except RuntimeError as error:
+                raise ValueError(
+                    f"--metric-source hub: the Hub's {METRICS[name][1]!r} metric could not be loaded "
+                    f"({one_line(error.__cause__ or error)}). Fix: check the network connection (and unset "
+                    f"HF_HUB_OFFLINE), or leave --metric-source out for the project's own copies, which run offline."
+                ) from None
 
 
 def main(argv=None) -> dict:
@@ -229,9 +222,8 @@ def main(argv=None) -> dict:
     except ValueError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(2)
-    print(describe_threads())
-
     model, tokenizer = load_model_and_tokenizer(args.model, device=args.device)
+    print(choose_threads(model.config))
     perplexity = text_file_perplexity(
         args.model,
         args.eval_file,

@@ -47,7 +47,7 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -55,10 +55,13 @@ sys.path.insert(0, str(PROJECT_ROOT))  # run from a source checkout without inst
 
 # Importing the package registers the MoR classes with the Auto classes (no remote code needed).
 from conversion.cli_checks import (  # noqa: E402
+    POSITIVE,
     HelpFormatter,
+    Range,
     check_extra_installed,
-    check_minimum_values,
-    describe_threads,
+    check_option_values,
+    choose_threads,
+    load_tokenizer,
     one_line,
     read_mor_config,
     run_command_line,
@@ -164,10 +167,10 @@ def parse_arguments(argv=None):
     return build_argument_parser().parse_args(argv)
 
 
-# The smallest value each option takes (--block-size is checked by `conversion.measure.eval_block_size`).
-MINIMUM_VALUES = {
+# The values each option takes (--block-size is checked by `conversion.measure.eval_block_size`).
+OPTION_VALUES = {
     "max_steps": 1, "batch_size": 1, "logging_steps": 1, "warmup_steps": 0, "lora_r": 1, "max_eval_tokens": 1,
-    "sample_tokens": 0,
+    "sample_tokens": 0, "learning_rate": POSITIVE, "lora_alpha": POSITIVE, "lora_dropout": Range(0, 1, high_open=True),
 }
 
 
@@ -326,22 +329,38 @@ def print_samples(title, prompts, samples):
         print(f"[prompt] {prompt}\n[sample] {sample.strip()}\n")
 
 
+def lora_targets(args, model):
+    """(target_modules, modules_to_save) of the LoraConfig: --target-modules, and the routers' scorers with
+    --lora-routers. ValueError when a name matches no module LoRA can wrap, listing the module names that exist."""
+    target_modules = list(args.target_modules)
+    modules_to_save = None
+    if args.lora_routers == "lora":
+        target_modules += router_linear_names(model)
+    elif args.lora_routers == "full":
+        modules_to_save = router_linear_names(model)
+    check_lora_target_modules(model, target_modules)
+    return target_modules, modules_to_save
+
+
 def check_arguments(args):
     """Everything that can be wrong with the input, before the model is loaded and before any write: the option
     values, MODEL (an MoR checkpoint), OUTPUT_DIR and the data files. Resolves the default --block-size in `args`;
     returns the tokenizer, the training and eval examples and the inputs OUTPUT_DIR must stay clear of."""
     check_extra_installed("peft", "peft", "examples/finetune_lora.py")
-    check_minimum_values(args, MINIMUM_VALUES)
+    check_option_values(args, OPTION_VALUES)
     config = read_mor_config(args.model, "MODEL")
+    with torch.device("meta"):  # the model's modules, without memory: a LoRA target that matches none is refused now
+        skeleton = AutoModelForCausalLM.from_config(config)
+    try:
+        lora_targets(args, skeleton)
+    except ValueError as error:
+        raise ValueError(f"--target-modules {' '.join(args.target_modules)}: {one_line(error)}") from None
     args.block_size = eval_block_size(args.block_size, context_length(config), option="--block-size")
     inputs = {"MODEL": args.model, "--train-file": args.train_file, "--eval-file": args.eval_file}
     check_output_dir_is_separate(args.output_dir, **inputs)
     check_output_dir(Path(args.output_dir).expanduser(), args.overwrite)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    except (OSError, ValueError) as error:
-        raise DataFileError(f"MODEL {args.model}: no tokenizer could be loaded ({one_line(error)}). Fix: save the "
-                            f"tokenizer next to the weights (the converter copies its source's).") from error
+    tokenizer = load_tokenizer(args.model, "MODEL", "fine-tuning reads the data with it and saves it with the adapter",
+                               trust_remote_code=args.trust_remote_code)
     train_examples = load_examples(args.train_file, args.format, tokenizer, args.block_size)
     eval_examples = None
     if args.eval_file:
@@ -360,12 +379,12 @@ def main(argv=None):
         raise SystemExit(2)
     from peft import LoraConfig, get_peft_model  # checked above: the `peft` extra
 
-    print(describe_threads())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
 
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     config = model.config
+    print(choose_threads(config))
     print(
         f"Loaded {type(model).__name__}: {config.num_hidden_layers} unrolled layers, {config.num_unique_layers} unique "
         f"({config.sharing_strategy}, num_recursions={config.num_recursions}, routing={config.routing})."
@@ -390,14 +409,7 @@ def main(argv=None):
             "recursion depth, and training the shared layers alone cannot change that. Pass --lora-routers to train "
             "the routers as well."
         )
-    target_modules = list(args.target_modules)
-    modules_to_save = None
-    if args.lora_routers == "lora":
-        target_modules += router_linear_names(model)
-    elif args.lora_routers == "full":
-        modules_to_save = router_linear_names(model)
-    # A name that matches nothing fails here, with the list of the module names that do exist.
-    check_lora_target_modules(model, target_modules)
+    target_modules, modules_to_save = lora_targets(args, model)
     lora_config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,

@@ -7,8 +7,8 @@ Runs offline in a few CPU minutes with what ships in examples/assets (the storie
 3. print the perplexity of the original, of the converted model and of the uptrained one;
 4. generate a story, print each token's recursion depth and save a picture of them.
 
-It uses one CPU thread unless OMP_NUM_THREADS says otherwise: for a model this small, thread start-up costs more than
-the matrix products it parallelizes (one thread ran it several times faster than the default on a loaded machine).
+It uses one CPU thread unless OMP_NUM_THREADS says otherwise, as every command line does for a model this small:
+thread start-up costs more than the matrix products it parallelizes (docs/benchmarks.md#cpu-threads).
 The folder it saves is a complete MoR model: weights, config (with the KV cache on), model code, tokenizer and a model
 card (README.md) with the figures of this run.
 
@@ -16,19 +16,15 @@ Example:
 
     python examples/quickstart.py                  # defaults: 300 training steps, outputs/quickstart
     python examples/quickstart.py --steps 50 --output-dir /tmp/mor-quickstart
+    python examples/quickstart.py --overwrite      # again, replacing the earlier run's outputs/quickstart
 """
 
 import argparse
 import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
 
-
-# Chosen before torch is imported, so that its thread pool starts with one thread; an explicit OMP_NUM_THREADS wins.
-THREADS_FROM_ENVIRONMENT = bool(os.environ.get("OMP_NUM_THREADS"))
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # What the main job needs beyond transformers and torch: Trainer needs accelerate, the progress bars tqdm and the
 # picture matplotlib. All are install requirements of the package; a partial environment is told what to install.
@@ -41,7 +37,7 @@ if _missing:
     raise SystemExit(2)
 
 import torch  # noqa: E402
-from transformers import AutoTokenizer, LlamaForCausalLM, TrainingArguments  # noqa: E402
+from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM, TrainingArguments  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -53,6 +49,12 @@ from conversion import cli_checks, convert_llama_to_mor  # noqa: E402
 from conversion.convert_llama_to_mor import source_license  # noqa: E402
 from conversion.measure import depth_histogram, full_depth, mean_depth, perplexity_and_depths, read_eval_tokens  # noqa: E402
 from conversion.model_card import save_card  # noqa: E402
+from conversion.output_dir import (  # noqa: E402
+    OutputDirExistsError,
+    check_output_dir,
+    check_output_dir_is_separate,
+    staged_output_dir,
+)
 from conversion.training.data import TokenBlocks, tokenize_texts  # noqa: E402
 from conversion.training.trainer import UptrainTrainer  # noqa: E402
 from show_recursion_depth import (  # noqa: E402
@@ -61,10 +63,6 @@ from show_recursion_depth import (  # noqa: E402
     generate_with_depths,
     plot_token_depths,
 )
-
-
-def describe_threads() -> str:
-    return cli_checks.describe_threads(THREADS_FROM_ENVIRONMENT, why="faster than several for a model this small")
 
 
 def display_path(path) -> str:
@@ -140,7 +138,11 @@ def build_argument_parser():
                         help="text of the perplexities and the mean depth (default: the shipped TinyStories "
                              "validation sample)")
     parser.add_argument("--output-dir", default="outputs/quickstart",
-                        help="where the model folder and the picture are saved")
+                        help="where the model folder and the picture are saved (refused if it exists, unless "
+                             "--overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --output-dir if it is an earlier output of these tools (a folder holding "
+                             "anything else is refused), once this run is complete")
     parser.add_argument("--num-recursions", type=int, default=3, help="N_r, how often the shared layer is applied")
     parser.add_argument("--steps", type=int, default=300, help="uptraining steps")
     parser.add_argument("--batch-size", type=int, default=16, help="blocks of --block-size tokens per step")
@@ -154,9 +156,26 @@ def build_argument_parser():
 def main(argv=None):
     args = build_argument_parser().parse_args(argv)
     start = time.perf_counter()
-    torch.manual_seed(args.seed)
     output_dir = Path(args.output_dir)
-    print(describe_threads())
+    inputs = {"--model": args.model, "--train-file": args.train_file, "--eval-file": args.eval_file}
+    try:  # an earlier run's folder is replaced only with --overwrite, and only once this run is complete
+        check_output_dir_is_separate(output_dir, **inputs)
+        check_output_dir(output_dir, args.overwrite)
+    except OutputDirExistsError as error:
+        print(f"error: {cli_checks.one_line(error)}", file=sys.stderr)
+        raise SystemExit(2)
+    with staged_output_dir(output_dir, overwrite=args.overwrite, inputs=inputs) as staging:
+        results = run(args, staging, output_dir)
+    print(f"\nSaved the picture to {output_dir / 'recursion_depths.png'} and the model, with its model card, to "
+          f"{output_dir / 'model'} (load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)); "
+          f"total time {time.perf_counter() - start:.0f}s")
+    return results
+
+
+def run(args, staging: Path, output_dir: Path) -> dict:
+    """Converts, uptrains, measures and writes into `staging`, which becomes `output_dir` once this returns."""
+    torch.manual_seed(args.seed)
+    print(cli_checks.choose_threads(AutoConfig.from_pretrained(args.model)))
 
     print(f"1. Converting {display_path(args.model)} to MoR (middle_cycle, {args.num_recursions} recursions, "
           f"expert-choice)")
@@ -176,7 +195,7 @@ def main(argv=None):
     text = Path(args.train_file).read_text(encoding="utf-8")
     train_dataset = TokenBlocks(tokenize_texts(tokenizer, text.split("<|endoftext|>")), args.block_size)
     training_args = TrainingArguments(
-        output_dir=str(output_dir / "checkpoints"),
+        output_dir=str(staging / "checkpoints"),
         max_steps=args.steps,
         per_device_train_batch_size=args.batch_size,
         learning_rate=2e-3,
@@ -210,24 +229,20 @@ def main(argv=None):
     tokens, token_depths, prompt_length = generate_with_depths(mor, tokenizer, args.prompt, max_new_tokens=80)
     print(format_depths(tokens, token_depths))
     print(f"   {describe_generated_depth(token_depths, prompt_length, args.num_recursions)}")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    picture = output_dir / "recursion_depths.png"
-    plot_token_depths(tokens, token_depths, args.num_recursions, picture, prompt_length)
+    plot_token_depths(tokens, token_depths, args.num_recursions, staging / "recursion_depths.png", prompt_length)
     model_dir = output_dir / "model"
-    mor.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    save_card(model_dir, model_card_figures(
+    mor.save_pretrained(staging / model_dir.name)
+    tokenizer.save_pretrained(staging / model_dir.name)
+    save_card(staging / model_dir.name, model_card_figures(
         args, llama, mor, model_dir, eval_tokens.numel(), {
             f"source ({source_name(args.model)})": llama_ppl,
             "recursive (tied) model, every token at full depth": tied_ppl,
             "MoR after uptraining": uptrained_ppl,
         }, depths, steps=trainer.state.global_step, train_seconds=train_seconds,
     ))
-    print(f"\nSaved the picture to {picture} and the model, with its model card, to {model_dir} "
-          f"(load it with AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)); "
-          f"total time {time.perf_counter() - start:.0f}s")
     return {"llama": llama_ppl, "converted": tied_ppl, "uptrained": uptrained_ppl, "mean_depth": eval_mean_depth}
 
 
 if __name__ == "__main__":
-    main()
+    # Ctrl-C (or SIGTERM) removes the unfinished output folder and ends with one error line.
+    raise SystemExit(cli_checks.run_command_line(lambda: main() and 0))

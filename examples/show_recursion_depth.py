@@ -14,13 +14,21 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))  # run from a source checkout without installing
 
-from conversion.cli_checks import HelpFormatter, describe_threads, one_line, read_mor_config  # noqa: E402
+from conversion.cli_checks import (  # noqa: E402
+    HelpFormatter,
+    check_option_values,
+    check_output_file,
+    choose_threads,
+    load_tokenizer,
+    one_line,
+    read_mor_config,
+)
 
 
 def generate_with_depths(model, tokenizer, prompt: str, max_new_tokens: int = 60, do_sample: bool = False, seed: int = 0):
@@ -111,6 +119,8 @@ def plot_token_depths(tokens, depths, num_recursions: int, path, prompt_length: 
 
 # outputs/ is where the examples write (the repository ignores it), not the working directory.
 DEFAULT_PICTURE = Path("outputs") / "recursion_depths.png"
+# The formats matplotlib writes without other packages: the picture's format follows its name.
+PICTURE_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def build_argument_parser():
@@ -120,7 +130,8 @@ def build_argument_parser():
     parser.add_argument("--max-new-tokens", type=int, default=60, help="how many tokens to generate")
     parser.add_argument("--do-sample", action="store_true", help="sample the continuation instead of greedy decoding")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (with --do-sample)")
-    parser.add_argument("--output", default=str(DEFAULT_PICTURE), help="where to save the picture (a .png file)")
+    parser.add_argument("--output", default=str(DEFAULT_PICTURE),
+                        help=f"where to save the picture (a {', '.join(PICTURE_SUFFIXES)} file; its folder is created)")
     return parser
 
 
@@ -128,17 +139,19 @@ def main(argv=None) -> int:
     args = build_argument_parser().parse_args(argv)
 
     try:
+        check_option_values(args, {"max_new_tokens": 1})
+        check_output_file(args.output, "--output", PICTURE_SUFFIXES, creates_folder=True)
         # config.json, its values and the weights' headers: a mistyped folder, a truncated or invalid config.json or
         # one that does not fit the weights is refused here, before loading.
-        read_mor_config(args.model, "MODEL")
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+        config = read_mor_config(args.model, "MODEL")
+        tokenizer = load_tokenizer(args.model, "MODEL", "it reads the prompt and writes the continuation with it")
         if not tokenizer(args.prompt)["input_ids"]:
             raise ValueError("--prompt is empty and the tokenizer adds no BOS token: there is nothing to continue. "
                              "Fix: give a prompt.")
     except (ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
-    print(describe_threads())
+    print(choose_threads(config))
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True).eval()
     tokens, depths, prompt_length = generate_with_depths(
         model, tokenizer, args.prompt, args.max_new_tokens, args.do_sample, args.seed

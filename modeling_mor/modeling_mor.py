@@ -493,6 +493,12 @@ class MoRPreTrainedModel(PreTrainedModel):
             )
         return super().prepare_distribute_model(distributed_config, *args, **kwargs)
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """transformers' deprecated alias of `is_activation_checkpointing`, without its FutureWarning: PEFT (0.21)
+        still reads this name in `get_peft_model`, so every LoRA run printed the warning."""
+        return self.is_activation_checkpointing
+
     def routers(self) -> list[nn.Module]:
         """Every router module (the step routers, the auxiliary routers, or the token-choice router)."""
         return [module for module in self.modules() if isinstance(module, MoRRouter)]

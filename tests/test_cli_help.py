@@ -82,6 +82,27 @@ CONSOLE_SCRIPTS = {
 }
 
 
+# The function of conversion/commands.py each console script calls.
+CONSOLE_SCRIPT_FUNCTIONS = {"mor-convert": "convert", "mor-uptrain": "uptrain", "mor-pretrain": "pretrain",
+                            "mor-push": "push"}
+
+# Runs a console script's function (the last argument) as its installed wrapper does, with `import torch`
+# interrupted as Ctrl-C interrupts it (torch takes seconds to import).
+INTERRUPTED_IMPORT = """
+import sys
+
+class InterruptTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+
+function = sys.argv.pop()
+sys.meta_path.insert(0, InterruptTorch())
+from conversion import commands
+raise SystemExit(getattr(commands, function)())
+"""
+
+
 # A fixed width, so that argparse wraps a help text alike in a subprocess and in the test.
 HELP_WIDTH = "120"
 
@@ -96,6 +117,16 @@ def test_console_script_is_installed_and_answers_help_from_any_folder(script, tm
     monkeypatch.setenv("COLUMNS", HELP_WIDTH)
     assert result.stdout.startswith(f"usage: {script} ")
     assert result.stdout == load(CONSOLE_SCRIPTS[script]).build_argument_parser().format_help()
+
+
+@pytest.mark.parametrize("script", ["mor-convert", "mor-uptrain", "mor-pretrain"])
+def test_ctrl_c_while_torch_is_imported_is_one_error_line(script, tmp_path):
+    """Issue 23, item 6: Ctrl-C while `mor-convert` still imported torch ended in a bare KeyboardInterrupt traceback."""
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT, CONSOLE_SCRIPT_FUNCTIONS[script]],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 130, result.stderr
+    assert result.stderr == "\nerror: interrupted by Ctrl-C; nothing was written.\n", result.stderr
+    assert result.stdout == ""
 
 
 def test_built_package_installs_conversion_as_mor_conversion_with_working_scripts(tmp_path):
@@ -121,8 +152,8 @@ def test_built_package_installs_conversion_as_mor_conversion_with_working_script
         (entry_points_file,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
         entry_points = configparser.ConfigParser()
         entry_points.read_string(archive.read(entry_points_file).decode())
-    assert {script: target.split(":")[0] for script, target in entry_points["console_scripts"].items()} == {
-        script: module.replace("conversion.", "mor_conversion.") for script, module in CONSOLE_SCRIPTS.items()}
+    assert dict(entry_points["console_scripts"]) == {
+        script: f"mor_conversion.commands:{name}" for script, name in CONSOLE_SCRIPT_FUNCTIONS.items()}
 
     site = tmp_path / "site"
     installed = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",

@@ -164,7 +164,7 @@ def test_a_staging_folder_left_by_sigkill_is_cleaned_by_the_next_run(tmp_path):
     stale = tmp_path / ".out.incomplete-999999999"
     stale.mkdir()
     (stale / "model.safetensors").write_text("half written")
-    assert convert_main([str(llama), str(tmp_path / "out"), "--num-recursions", "3"]) == 0
+    assert convert_main([str(llama), str(tmp_path / "out"), "--num-recursions", "3", "--no-tokenizer"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "out"]
 
 
@@ -177,7 +177,7 @@ def test_full_rank_relaxation_from_the_cli_reproduces_the_source(routing, tmp_pa
 
     llama_dir = _llama_folder(tmp_path / "llama")
     assert convert_main([str(llama_dir), str(tmp_path / "relaxed"), "--num-recursions", "3", "--routing", routing,
-                         "--relaxation-rank", "full", *(["--capacity", "1.0", "0.5", "0.3"] if routing != "none" else [])]) == 0
+                         "--relaxation-rank", "full", "--no-tokenizer", *(["--capacity", "1.0", "0.5", "0.3"] if routing != "none" else [])]) == 0
     source = LlamaForCausalLM.from_pretrained(llama_dir).eval()
     relaxed = AutoModelForCausalLM.from_pretrained(tmp_path / "relaxed").eval()
     input_ids = torch.randint(0, 64, (2, 12))
@@ -231,7 +231,7 @@ def test_cli_push_failure_keeps_the_converted_folder(tmp_path):
     with running_hub_server(tmp_path / "hub") as url:
         env = hub_environment(url, "hf_wrong_token", tmp_path / "home")
         result = run_module("conversion.convert_llama_to_mor", llama_dir, tmp_path / "out", "--num-recursions", "3",
-                            "--push-to-hub", "someone/model", env=env)
+                            "--push-to-hub", "someone/model", "--no-tokenizer", env=env)
     assert result.returncode == 1
     assert "pushing" in result.stderr and "local folder is intact" in result.stderr
     assert (tmp_path / "out" / "model.safetensors").exists()
@@ -255,7 +255,7 @@ def test_a_quantized_source_leaves_no_quantization_config(tmp_path):
 
 def test_output_folder_gets_normal_permissions(tmp_path):
     llama_dir = _llama_folder(tmp_path / "llama")
-    assert convert_main([str(llama_dir), str(tmp_path / "out"), "--num-recursions", "3"]) == 0
+    assert convert_main([str(llama_dir), str(tmp_path / "out"), "--num-recursions", "3", "--no-tokenizer"]) == 0
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask

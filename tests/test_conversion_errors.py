@@ -129,7 +129,8 @@ def test_staged_output_dir_checks_the_inputs_before_creating_anything(tmp_path, 
 def test_the_source_is_still_replaceable_by_a_separate_output(tmp_path, llama):
     """The refusal is about overlapping paths only: a sibling output folder with --overwrite still works."""
     (tmp_path / "mor").mkdir()
-    assert convert_main([str(llama), str(tmp_path / "mor"), "--num-recursions", "3", "--overwrite"]) == 0
+    assert convert_main([str(llama), str(tmp_path / "mor"), "--num-recursions", "3", "--overwrite",
+                         "--no-tokenizer"]) == 0
     assert (tmp_path / "mor" / "model.safetensors").is_file()
 
 
@@ -138,7 +139,7 @@ def test_the_source_is_still_replaceable_by_a_separate_output(tmp_path, llama):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def _convert(source, output, *extra):
-    return convert_main([str(source), str(output), "--num-recursions", "3", *map(str, extra)])
+    return convert_main([str(source), str(output), "--num-recursions", "3", "--no-tokenizer", *map(str, extra)])
 
 
 def test_overwrite_replaces_an_earlier_conversion_but_not_what_was_added_to_it(tmp_path, llama, capsys):
@@ -227,7 +228,7 @@ def test_output_files_are_replaced_only_when_their_json_says_these_tools_wrote_t
 def test_sequence_strategies_convert_with_routing_none_by_default(tmp_path, llama, capsys, strategy, num_recursions):
     output = tmp_path / "mor"
     assert convert_main([str(llama), str(output), "--sharing-strategy", strategy,
-                         "--num-recursions", str(num_recursions)]) == 0
+                         "--num-recursions", str(num_recursions), "--no-tokenizer"]) == 0
     assert f"--sharing-strategy {strategy} cannot route" in capsys.readouterr().out
     config = json.loads((output / "config.json").read_text())
     assert config["routing"] == "none" and config["sharing_strategy"] == strategy
@@ -269,7 +270,7 @@ def test_a_missing_absolute_source_says_it_does_not_exist(tmp_path, capsys):
 
 def test_a_quoted_home_relative_source_is_the_local_folder(tmp_path, llama, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert convert_main(["~/llama", str(tmp_path / "mor"), "--num-recursions", "3"]) == 0
+    assert convert_main(["~/llama", str(tmp_path / "mor"), "--num-recursions", "3", "--no-tokenizer"]) == 0
     assert (tmp_path / "mor" / "model.safetensors").is_file()
 
 
@@ -304,7 +305,7 @@ def test_hub_sources_name_the_base_model_and_a_missing_repo_says_so(tmp_path, ll
             HfApi().create_repo("test-user/tiny-llama")
             HfApi().upload_folder(repo_id="test-user/tiny-llama", folder_path={str(llama)!r})
             results = []
-            for argv in (["test-user/tiny-llama", {str(tmp_path / "mor")!r}, "--num-recursions", "3"],
+            for argv in (["test-user/tiny-llama", {str(tmp_path / "mor")!r}, "--num-recursions", "3", "--no-tokenizer"],
                          ["test-user/no-such-model", {str(tmp_path / "missing")!r}]):
                 stderr = io.StringIO()
                 with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
@@ -473,13 +474,13 @@ def test_the_card_gives_the_tokens_actually_scored(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------------
 
 def test_a_local_source_gives_no_base_model_unless_named(tmp_path, llama):
-    assert convert_main([str(llama), str(tmp_path / "mor"), "--num-recursions", "3"]) == 0
+    assert convert_main([str(llama), str(tmp_path / "mor"), "--num-recursions", "3", "--no-tokenizer"]) == 0
     figures = json.loads((tmp_path / "mor" / "mor_card.json").read_text())
     assert figures["base_model"] is None and figures["source_name"] == "llama"
     assert f"base_model: {llama}" not in (tmp_path / "mor" / "README.md").read_text()
 
     assert convert_main([str(llama), str(tmp_path / "named"), "--num-recursions", "3",
-                         "--base-model-name", "someone/tiny-llama"]) == 0
+                         "--base-model-name", "someone/tiny-llama", "--no-tokenizer"]) == 0
     assert json.loads((tmp_path / "named" / "mor_card.json").read_text())["base_model"] == "someone/tiny-llama"
 
 
@@ -505,3 +506,17 @@ def test_the_base_model_of_a_gguf_source_comes_from_its_metadata(tmp_path):
     assert gguf_base_model_name(read_gguf_metadata(unnamed)) is None
     with pytest.raises(ValueError, match="is not a readable GGUF file"):
         read_gguf_metadata(VALID_TEXT)
+
+
+def test_a_source_without_a_tokenizer_is_refused_unless_asked(tmp_path, llama, capsys):
+    """Issue 23, item 7: it only warned, and wrote a folder that uptraining, evaluation and generation refuse."""
+    before = _digest(llama)
+    assert convert_main([str(llama), str(tmp_path / "mor"), "--num-recursions", "3"]) == 2
+    assert _one_error_line(capsys) == (
+        f"error: SOURCE {llama} has no tokenizer (no tokenizer.json, tokenizer_config.json or tokenizer.model); the "
+        f"MoR folder needs it to be uptrained, evaluated or to generate text. Fix: save the source model's tokenizer "
+        f"next to its weights, or pass --no-tokenizer to write the folder without one (and add it later).")
+    assert [path.name for path in tmp_path.iterdir()] == ["llama"]
+    assert _digest(llama) == before
+    assert convert_main([str(llama), str(tmp_path / "mor"), "--num-recursions", "3", "--no-tokenizer"]) == 0
+    assert not list((tmp_path / "mor").glob("tokenizer*"))

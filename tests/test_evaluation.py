@@ -528,7 +528,8 @@ def test_cli_rejects_unsupported_folder(tmp_path, capsys):
 @pytest.mark.parametrize(
     "problem",
     ["no_config", "gpt2", "missing", "a_file", "bad_eval_file", "bad_mc_file", "blank_eval_file", "corrupt_weights",
-     "config_only", "no_tokenizer", "output_json_folder", "output_json_missing_folder", "unreachable_hub_id"],
+     "config_only", "no_tokenizer", "output_json_folder", "output_json_missing_folder", "unreachable_hub_id",
+     "hub_metrics_offline"],
 )
 def test_cli_bad_input_is_one_error_line(tmp_path, problem):
     import shutil
@@ -547,6 +548,8 @@ def test_cli_bad_input_is_one_error_line(tmp_path, problem):
     elif problem in ("output_json_folder", "output_json_missing_folder"):
         extra = ["--output-json", tmp_path if problem == "output_json_folder" else tmp_path / "no-such" / "r.json"]
         folder = STORIES_DIR
+    elif problem == "hub_metrics_offline":  # issue 23, item 6: a traceback after the model had run
+        folder, extra = STORIES_DIR, ["--metric-source", "hub"]
     elif problem == "unreachable_hub_id":
         folder = "someone/some-model"  # HF_HUB_OFFLINE=1 in run_cli
     elif problem == "blank_eval_file":
@@ -574,10 +577,11 @@ def test_cli_bad_input_is_one_error_line(tmp_path, problem):
         "a_file": "is a file", "bad_eval_file": "not UTF-8", "bad_mc_file": "not UTF-8",
         "blank_eval_file": "--eval-file " + str(tmp_path / "blank.txt") + " has no text",
         "corrupt_weights": "model.safetensors is not a readable safetensors file",
-        "config_only": "no model weights", "no_tokenizer": "no tokenizer could be loaded",
+        "config_only": "no model weights", "no_tokenizer": f"{tmp_path / 'folder'} has no tokenizer (no tokenizer.json",
         "output_json_folder": f"--output-json {tmp_path} is a folder",
         "output_json_missing_folder": f"the folder {tmp_path / 'no-such'} does not exist",
         "unreachable_hub_id": "the Hub could not be reached",
+        "hub_metrics_offline": "error: --metric-source hub: the Hub's 'perplexity' metric could not be loaded (",
     }[problem]
     assert expected in lines[0]
     assert result.stdout == ""  # refused before anything was loaded or printed

@@ -264,6 +264,21 @@ def test_generate_through_peft_uses_mor_cache(overrides):
     assert full.recursion_depth.min() < full.recursion_depth.max(), "routers should make mixed decisions"
 
 
+def test_get_peft_model_prints_no_future_warning():
+    """Issue 23, item 7: PEFT reads the deprecated `is_gradient_checkpointing`, and transformers warned on every LoRA
+    run (finetune_lora.py printed it)."""
+    import warnings
+
+    model = tiny_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(model, lora_config(["q_proj"]))
+        assert model.is_gradient_checkpointing is False
+        model.activation_checkpointing_enable()
+        assert model.is_gradient_checkpointing is True
+    assert [str(warning.message) for warning in caught if "checkpointing" in str(warning.message)] == []
+
+
 def test_unmatched_target_error_names_the_modules_that_exist():
     model = tiny_model()
     with pytest.raises(ValueError) as error:
@@ -437,6 +452,13 @@ def test_example_names_the_file_and_line_of_bad_instructions(tmp_path, converted
         (["--max-steps", "-1"], "--max-steps -1 is not valid: give at least 1"),
         (["--batch-size", "0"], "--batch-size 0 is not valid: give at least 1"),
         (["--lora-r", "0"], "--lora-r 0 is not valid: give at least 1"),
+        # Issue 23, item 6: these ended in tracebacks, the last one after the model had loaded.
+        (["--learning-rate", "-1"], "--learning-rate -1.0 is not valid: give more than 0."),
+        (["--learning-rate", "nan"], "--learning-rate nan is not valid: give more than 0."),
+        (["--lora-dropout", "2"], "--lora-dropout 2.0 is not valid: give a value in [0, 1)."),
+        (["--lora-alpha", "0"], "--lora-alpha 0 is not valid: give more than 0."),
+        (["--target-modules", "foo_proj"], "error: --target-modules foo_proj: LoRA target_modules ['foo_proj'] "
+                                           "match no module of this MoRForCausalLM."),
     ],
 )
 def test_example_refuses_bad_option_values(tmp_path, converted_stories_dir, capsys, options, expected):

@@ -145,6 +145,53 @@ def test_offline_mode_is_named(uptrained_folder, tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "HF_HUB_OFFLINE" in lines[0], lines
+    # Issue 23, item 4: refused before it says what it would push.
+    assert result.stdout == "", result.stdout
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header only"])
+def test_corrupt_weights_are_refused_before_any_request(uptrained_folder, tmp_path, damage):
+    """Issue 23, item 4: a truncated model.safetensors was uploaded (exit 0, "Pushed"), while every other tool
+    refuses the folder."""
+    folder, _ = uptrained_folder
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncated" else data[:100])
+    before = folder_digest(folder)
+    # No server at all: the folder is refused before the Hub is contacted.
+    env = hub_environment(f"http://127.0.0.1:{free_port()}", DEFAULT_TOKEN, tmp_path / "home")
+    result = run_push(folder, f"{DEFAULT_USER}/model", env=env)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {weights} is not a readable safetensors file"), lines
+    assert "corrupt or truncated; nothing was pushed. Fix: download or copy the checkpoint again." in lines[0]
+    assert result.stdout == ""
+    assert folder_digest(folder) == before
+
+
+def test_a_repeated_push_says_that_nothing_changed(uptrained_folder, tmp_path):
+    """Issue 23, item 4: pushing an unchanged folder again printed "Pushed ..." and then huggingface_hub's "No files
+    have been modified ... Skipping"; now one line says what happened, and a changed file is pushed alone."""
+    folder, model_files = uptrained_folder
+    repo = f"{DEFAULT_USER}/again"
+    with running_hub_server(tmp_path / "hub") as url:
+        env = hub_environment(url, DEFAULT_TOKEN, tmp_path / "home")
+        first = run_push(folder, repo, env=env)
+        assert first.returncode == 0, first.stderr
+        assert first.stdout.splitlines()[-1].startswith(f"Pushed {len(model_files)} files of {folder} to {url}")
+        second = run_push(folder, repo, env=env)
+        assert second.returncode == 0, second.stderr
+        assert second.stderr == ""
+        assert second.stdout.splitlines()[-1] == (
+            f"Nothing to push: {repo} already holds the {len(model_files)} files of {folder} unchanged, so no commit "
+            f"was made ({first.stdout.splitlines()[-1].split(' to ')[1].rstrip('.')})."
+        ), second.stdout
+        assert "Pushed" not in second.stdout
+        (folder / "README.md").write_text("---\nlicense: mit\n---\n# An MoR model, described better\n")
+        third = run_push(folder, repo, env=env)
+    assert third.returncode == 0 and third.stderr == "", third.stderr
+    assert third.stdout.splitlines()[-1].endswith(
+        f"; {len(model_files) - 1} of them were already there unchanged."), third.stdout
 
 
 def test_an_invalid_repo_id_is_refused_before_any_request(uptrained_folder, tmp_path):

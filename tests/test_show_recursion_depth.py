@@ -54,6 +54,45 @@ def test_a_broken_model_folder_is_one_error_line(mor_dir, tmp_path, capsys, monk
     assert sorted(path.name for path in tmp_path.iterdir()) == [problem]  # no picture written
 
 
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        # Issue 23, items 6 and 7: a traceback after generating; "saved to mine" while mine.png was written.
+        (["--max-new-tokens", "0"], "--max-new-tokens 0 is not valid: give at least 1."),
+        (["--output", "notes.txt"], "--output notes.txt does not end in .png, .pdf or .svg, the formats it is written "
+                                    "in; nothing was written. Fix: give for example --output notes.png."),
+        (["--output", "pictures/mine"], "--output pictures/mine does not end in .png, .pdf or .svg, the formats it is "
+                                        "written in; nothing was written. Fix: give for example --output "
+                                        "pictures/mine.png."),
+        (["--output", "."], "--output . does not end in .png"),
+    ],
+)
+def test_bad_options_are_one_error_line(mor_dir, tmp_path, capsys, monkeypatch, options, expected):
+    monkeypatch.chdir(tmp_path)
+    script = load_script()
+    monkeypatch.setattr(script.AutoModelForCausalLM, "from_pretrained",
+                        lambda *args, **kwargs: pytest.fail("the model was loaded before the checks"))
+    error = one_error_line(script.main, capsys, [mor_dir, *options])
+    assert error.startswith(f"error: {expected}"), error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_without_a_tokenizer_is_named(mor_dir, tmp_path, capsys, monkeypatch):
+    """Issue 23, item 7: it said "install sentencepiece or tiktoken", without naming the folder."""
+    import shutil
+
+    folder = tmp_path / "no-tokenizer"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(mor_dir / name, folder / name)
+    monkeypatch.chdir(tmp_path)
+    error = one_error_line(load_script().main, capsys, [folder, "--max-new-tokens", "2"])
+    assert error.startswith(f"error: MODEL {folder} has no tokenizer (no tokenizer.json, tokenizer_config.json or "
+                            f"tokenizer.model); it reads the prompt and writes the continuation with it. Fix: save the "
+                            f"tokenizer of the model it came from next to the weights"), error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["no-tokenizer"]
+
+
 def test_a_mistyped_folder_is_one_error_line_without_the_hub(tmp_path, capsys, monkeypatch):
     """'outputs/no-such-model' has the form of a Hub id, but outputs/ is a local folder: it is read as a path and
     refused at once (it cost 30-50 s of Hub retries)."""

@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 from conversion import uptrain
 from conversion.convert_llama_to_mor import main as convert_main
 
-from conftest import edited_model_copy, one_error_line, with_config_fields
+from conftest import TINY_DIMS, edited_model_copy, one_error_line, with_config_fields
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -156,6 +156,19 @@ def test_input_dir_that_is_not_an_mor_model_is_refused(converted, train_text, tm
     assert not (tmp_path / "up").exists()
 
 
+@pytest.mark.parametrize("option, value, expected", [
+    ("--learning-rate", "-1", "--learning-rate -1.0 is not valid: give more than 0."),  # issue 23, item 6
+    ("--learning-rate", "0", "--learning-rate 0.0 is not valid: give more than 0."),
+    ("--distill-weight", "1.5", "--distill-weight 1.5 is not valid: give a value in [0, 1]."),
+    ("--distill-temperature", "0", "--distill-temperature 0.0 is not valid: give more than 0."),
+    ("--weight-decay", "-0.1", "--weight-decay -0.1 is not valid: give at least 0."),
+])
+def test_option_values_out_of_range_are_refused(converted, train_text, tmp_path, refused, option, value, expected):
+    error = refused(converted, tmp_path / "up", "--train-file", train_text, "--max-steps", "1", option, value)
+    assert error == f"error: {expected}\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("max_steps", ["0", "-1"])
 def test_max_steps_must_be_positive(converted, train_text, tmp_path, refused, max_steps):
     error = refused(converted, tmp_path / "up", "--train-file", train_text, "--max-steps", max_steps)
@@ -236,4 +249,32 @@ def test_a_corrupt_safetensors_input_is_refused(converted, train_text, tmp_path,
     weights.write_bytes(weights.read_bytes()[:100])
     error = refused(model_dir, tmp_path / "up", "--train-file", train_text, "--max-steps", "1")
     assert f"{weights} is not a readable safetensors file" in error
+    assert not (tmp_path / "up").exists()
+
+
+@pytest.mark.parametrize("teacher_kind", ["another vocabulary", "a shorter context", "no weights", "missing"])
+def test_a_teacher_distillation_cannot_use_is_refused(converted, train_text, tmp_path, refused, teacher_kind):
+    """Issue 23, item 5: a teacher with another vocabulary failed mid-training with a tensor size RuntimeError, one
+    with a shorter context with an IndexError."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    teacher = tmp_path / "teacher"
+    dims = dict(TINY_DIMS, num_hidden_layers=2)
+    if teacher_kind == "another vocabulary":  # 97 tokens, the student 512
+        LlamaForCausalLM(LlamaConfig(**dims)).save_pretrained(teacher)
+        expected = (f"--teacher {teacher} has a vocabulary of 97 tokens and INPUT_DIR {converted} one of 512: "
+                    f"distillation compares their next-token distributions token by token")
+    elif teacher_kind == "a shorter context":
+        LlamaForCausalLM(LlamaConfig(**dict(dims, vocab_size=512, max_position_embeddings=32))).save_pretrained(teacher)
+        expected = (f"--teacher {teacher} reads at most 32 tokens (max_position_embeddings), fewer than the training "
+                    f"blocks of --block-size 64. Fix: pass --block-size 32 (or less)")
+    elif teacher_kind == "no weights":
+        teacher.mkdir()
+        shutil.copyfile(STORIES / "config.json", teacher / "config.json")
+        expected = f"--teacher {teacher} has a config.json but no model weights"
+    else:
+        expected = f"--teacher {teacher} does not exist. Fix:"
+    error = refused(converted, tmp_path / "up", "--train-file", train_text, "--max-steps", "1", "--block-size", "64",
+                    "--teacher", teacher)
+    assert error.startswith(f"error: {expected}"), error
     assert not (tmp_path / "up").exists()

@@ -6,21 +6,10 @@ from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset
-from transformers import AutoTokenizer
 
 from ..cli_checks import one_line
 from ..measure import check_fills_one_block, read_eval_tokens
 from ..text_files import read_text_file
-
-
-def load_tokenizer(model_dir, described: str = "INPUT_DIR", needed_by: str = "uptraining needs the one its "
-                   "conversion saved next to the weights"):
-    try:
-        return AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
-    except (OSError, ValueError) as error:
-        raise ValueError(
-            f"the tokenizer of {described} {model_dir} could not be loaded ({one_line(error)}); {needed_by}."
-        ) from None
 
 
 class TokenBlocks(Dataset):

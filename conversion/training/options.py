@@ -8,7 +8,7 @@ from typing import NamedTuple
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
-from ..cli_checks import check_extra_installed, check_minimum_values, check_option_needs
+from ..cli_checks import POSITIVE, Range, check_extra_installed, check_option_needs, check_option_values
 from ..measure import context_length, eval_block_size
 from ..output_dir import OutputDirExistsError, check_output_dir, check_output_dir_is_separate
 
@@ -93,12 +93,16 @@ def add_trainer_arguments(parser) -> None:
                              "holding anything else is refused), once this run has saved its first checkpoint")
 
 
-# The smallest value each option takes (block sizes are checked by `measure.eval_block_size`). Trainer's
-# `max_steps=-1` (train for the epochs instead) is not offered: a run trains for the steps or the FLOPs it is given.
-MINIMUM_VALUES = {
+# The values each option takes (block sizes are checked by `measure.eval_block_size`), and those of uptraining's
+# distillation and router options. Trainer's `max_steps=-1` (train for the epochs instead) is not offered: a run
+# trains for the steps or the FLOPs it is given.
+OPTION_VALUES = {
     "max_steps": 1, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "logging_steps": 1,
     "save_steps": 1, "save_total_limit": 1, "eval_steps": 1, "max_train_documents": 1, "eval_max_tokens": 2,
-    "max_train_flops": 1, "warmup_steps": 0, "capacity_warmup_steps": 0,
+    "max_train_flops": 1, "warmup_steps": 0, "capacity_warmup_steps": 0, "learning_rate": POSITIVE,
+    "weight_decay": 0, "dataloader_num_workers": 0,
+    "distill_weight": Range(0, 1), "distill_temperature": POSITIVE, "router_aux_loss_coef": 0,
+    "max_minutes": POSITIVE, "hidden_distill_weight": 0,
 }
 
 
@@ -109,10 +113,7 @@ def check_training_options(args) -> None:
     if args.max_steps is None and args.max_train_flops is None and getattr(args, "max_minutes", None) is None:
         raise ValueError("give --max-steps (optimizer steps to train), --max-train-flops (a training FLOP budget), "
                          "--max-minutes (a wall-time budget), or several.")
-    check_minimum_values(args, MINIMUM_VALUES)
-    if getattr(args, "max_minutes", None) is not None and not args.max_minutes > 0:
-        raise ValueError(f"--max-minutes {args.max_minutes} is not valid: give a positive number of minutes "
-                         f"(for example 60).")
+    check_option_values(args, OPTION_VALUES)
     random_min = getattr(args, "random_capacity", None)
     if random_min is not None and not 0.0 < random_min < 1.0:
         raise ValueError(f"--random-capacity {random_min} is not valid: it is the smallest capacity a recursion step "
