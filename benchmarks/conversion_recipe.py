@@ -37,7 +37,6 @@ A quick run on the shipped stories260K (seconds; WikiText-2 left out):
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -51,12 +50,12 @@ sys.path.insert(0, str(REPOSITORY))
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from conversion.convert_llama_to_mor import main as convert_main  # noqa: E402
-from conversion.uptrain import main as uptrain_main  # noqa: E402
-from conversion.convert_llama_to_mor import resolve_source  # noqa: E402
+from conversion.convert_llama_to_mor import main as convert_main, resolve_source  # noqa: E402
+from conversion.flops import FlopCounter  # noqa: E402
 from conversion.measure import mean_depth, perplexity_and_depths, read_eval_tokens  # noqa: E402
 from conversion.output_dir import record_output  # noqa: E402
 from conversion.text_files import detokenize_wikitext, read_text_file  # noqa: E402
+from conversion.uptrain import main as uptrain_main  # noqa: E402
 
 
 ASSETS = REPOSITORY / "examples" / "assets"
@@ -132,19 +131,19 @@ def prepare_texts(args, work: Path) -> tuple[dict[str, Path], list[Path]]:
 
 
 def layer_applications(model, depths) -> float:
-    """Decoder-layer applications per token: the unshared end layers once, the block's layers at each token's depth;
-    a relaxed layer's low-rank deltas count as the share of the layer's matmuls they add."""
+    """Decoder-layer applications per token: the unshared end layers once, the block's layers at each token's depth,
+    each costing what `conversion.flops.FlopCounter` counts per recursion step against the layer's shared weights
+    (a low-rank delta adds the share of the matmuls its factors run; a full-rank one, merged, adds nothing)."""
     config = model.config
     if config.model_type != "mor":
         return float(config.num_hidden_layers)
-    block = config.block_size * mean_depth(depths) if config.sharing_strategy.endswith("cycle") else config.num_hidden_layers - 2 * config.has_unshared_ends
-    if config.relaxation_rank > 0:
-        layer = model.model.recursion_block.layers[0]
-        dense = sum(module.weight.numel() for module in layer.modules() if isinstance(module, torch.nn.Linear))
-        delta = sum(module.rank * (module.in_features + module.out_features)
-                    for module in layer.modules() if hasattr(module, "relaxation_A"))
-        block *= 1 + delta / dense
-    return 2 * config.has_unshared_ends + block
+    if config.sharing_strategy.endswith("cycle"):
+        block = config.block_size * mean_depth(depths)
+    else:
+        block = config.num_hidden_layers - 2 * config.has_unshared_ends
+    shared = sum(parameter.numel() for name, parameter in model.model.recursion_block.layers.named_parameters()
+                 if "relaxation_" not in name)
+    return 2 * config.has_unshared_ends + block * FlopCounter(model).step_parameters / shared
 
 
 def measure(name: str, model, token_sets: dict, source_results: dict | None, source_layers: float, start: float,

@@ -37,14 +37,27 @@ def references(tmp_path_factory) -> tuple[Path, dict]:
     if os.environ.get("MOR_VLLM_REFERENCES"):
         folder = Path(os.environ["MOR_VLLM_REFERENCES"])
         return folder, json.loads((folder / "reference.json").read_text())
-    if not REFERENCE_PYTHON.exists():
-        pytest.skip(f"no Python of the project's environment at {REFERENCE_PYTHON}: set MOR_REFERENCE_PYTHON")
+    require_reference_python()
     folder = tmp_path_factory.mktemp("checkpoints")
     script = Path(__file__).with_name("reference_checkpoints.py")
     result = subprocess.run([str(REFERENCE_PYTHON), str(script), str(folder)], capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""}, timeout=1200)
     assert result.returncode == 0, result.stderr[-4000:]
     return folder, json.loads((folder / "reference.json").read_text())
+
+
+def missing_setup(reason: str) -> None:
+    """Skips a test whose setup is missing here; on CI (CI=true), whose .ci/run builds that setup, fails instead, so
+    that a broken install step cannot pass as a skipped test."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (.ci/run should have set it up)", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_reference_python() -> None:
+    """The project's environment, which the references (generate()) and the docs' conversion run in."""
+    if not REFERENCE_PYTHON.exists():
+        missing_setup(f"no Python of the project's environment at {REFERENCE_PYTHON}: set MOR_REFERENCE_PYTHON")
 
 
 @contextlib.contextmanager

