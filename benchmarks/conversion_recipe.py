@@ -11,7 +11,8 @@ Stages (each one `mor-convert` / `mor-uptrain` as a user would run them, with th
 
 Every measured model prints one JSON line (and appends it to OUTPUT_DIR/conversion_recipe.jsonl): parameters, mean
 recursion depth, layer applications per token relative to the source (relaxation deltas counted as the matmuls they
-run), perplexity on each evaluation text and the source's on the same tokens, and the wall minutes since the start.
+run), perplexity on each evaluation text and the source's on the same tokens, 3-shot multiple-choice accuracy
+(`evaluation.multiple_choice_accuracy` on --mc-file), and the wall minutes since the start.
 OUTPUT_DIR ends holding the uptrained model as a loadable checkpoint with its model card and the JSON lines; the
 converted model and the prepared texts stay in a hidden folder beside it, `.NAME.recipe` (replaced by the next run).
 
@@ -51,15 +52,18 @@ sys.path.insert(0, str(REPOSITORY))
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from conversion.convert_llama_to_mor import main as convert_main, resolve_source  # noqa: E402
-from conversion.flops import FlopCounter  # noqa: E402
-from conversion.measure import mean_depth, perplexity_and_depths, read_eval_tokens  # noqa: E402
+from conversion.flops import layer_applications  # noqa: E402
+from conversion.measure import mean_depth, perplexity_and_depths, read_eval_tokens, routes_by_threshold  # noqa: E402
 from conversion.output_dir import record_output  # noqa: E402
+from evaluation import multiple_choice_accuracy  # noqa: E402
+from evaluation.core import load_multiple_choice_items  # noqa: E402
 from conversion.text_files import detokenize_wikitext, read_text_file  # noqa: E402
 from conversion.uptrain import main as uptrain_main  # noqa: E402
 
 
 ASSETS = REPOSITORY / "examples" / "assets"
 RESULTS_FILE = "conversion_recipe.jsonl"
+MC_FEWSHOT = 3
 # Step 2 for 46% of the tokens: 2 + 14 x 1.46 = 22.4 of SmolLM2's 30 layer applications per token (0.75x).
 RECOMMENDED_CAPACITY = [1.0, 0.46]
 
@@ -100,6 +104,9 @@ def build_argument_parser():
                           help="mor-uptrain's: capacities from 1 to their targets over the first N steps")
     training.add_argument("--eval-steps", type=int, default=40, help="the curve's resolution (0: no curve)")
     training.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bfloat16 autocast)")
+    training.add_argument("--layer-budget", type=float, metavar="FRACTION",
+                          help="mor-uptrain's: the final model's router threshold is set so that the training text "
+                               "takes at most this share of the source's layer applications per token")
     data = parser.add_argument_group("evaluation")
     data.add_argument("--wikitext-dir", type=Path, default=REPOSITORY.parent / "shared" / "data" / "wikitext-2",
                       help="a folder with WikiText-2's valid.txt (trained on) and test.txt (reported)")
@@ -107,6 +114,9 @@ def build_argument_parser():
     data.add_argument("--tinystories-valid", type=Path, default=ASSETS / "tinystories_valid_sample.txt")
     data.add_argument("--eval-tokens", type=int, default=4096, help="tokens of each evaluation text")
     data.add_argument("--curve-tokens", type=int, default=2048, help="tokens of the curve's evaluations")
+    data.add_argument("--mc-file", type=Path, default=REPOSITORY / "examples" / "data" / "tiny_stories_mc.jsonl",
+                      help=f"multiple-choice questions (JSON lines) every model answers, {MC_FEWSHOT}-shot")
+    data.add_argument("--no-mc", action="store_true", help="leave the multiple-choice evaluation out")
     data.add_argument("--thresholds", type=float, nargs="+", default=[],
                       help="also measure the final model at these router thresholds (one line each, after the budget): "
                            "its quality-for-compute curve")
@@ -130,44 +140,48 @@ def prepare_texts(args, work: Path) -> tuple[dict[str, Path], list[Path]]:
     return evaluations, train_files
 
 
-def layer_applications(model, depths) -> float:
-    """Decoder-layer applications per token: the unshared end layers once, the block's layers at each token's depth,
-    each costing what `conversion.flops.FlopCounter` counts per recursion step against the layer's shared weights
-    (a low-rank delta adds the share of the matmuls its factors run; a full-rank one, merged, adds nothing)."""
-    config = model.config
-    if config.model_type != "mor":
-        return float(config.num_hidden_layers)
-    if config.sharing_strategy.endswith("cycle"):
-        block = config.block_size * mean_depth(depths)
-    else:
-        block = config.num_hidden_layers - 2 * config.has_unshared_ends
-    shared = sum(parameter.numel() for name, parameter in model.model.recursion_block.layers.named_parameters()
-                 if "relaxation_" not in name)
-    return 2 * config.has_unshared_ends + block * FlopCounter(model).step_parameters / shared
+class Measurements:
+    """Measures every model of the recipe alike (`measure`), against the source's row, and records each row."""
 
+    def __init__(self, token_sets: dict, tokenizer, mc_file: Path | None, results_file: Path, start: float):
+        self.token_sets = token_sets
+        self.tokenizer = tokenizer
+        self.mc_file = mc_file
+        self.results_file = results_file
+        self.start = start
+        self.source = None  # the source's row, measured first
 
-def measure(name: str, model, token_sets: dict, source_results: dict | None, source_layers: float, start: float,
-            results_file: Path) -> dict:
-    model.eval()
-    row = {"model": name, "parameters": sum(parameter.numel() for parameter in model.parameters())}
-    depths_all = None
-    for text, tokens in token_sets.items():
-        perplexity, depths = perplexity_and_depths(model, tokens, 256, desc=f"{name}: {text}")
-        row[f"perplexity_{text}"] = round(perplexity, 3)
-        if source_results is not None:
-            row[f"vs_source_{text}"] = round(perplexity / source_results[f"perplexity_{text}"], 3)
-        depths_all = depths if depths_all is None else depths_all + depths
-    if model.config.model_type == "mor":
-        row["mean_depth"] = round(mean_depth(depths_all), 3)
-    row["layer_applications"] = round(layer_applications(model, depths_all), 2)
-    row["layer_applications_vs_source"] = round(row["layer_applications"] / source_layers, 3)
-    if source_results is not None:
-        row["parameters_vs_source"] = round(row["parameters"] / source_results["parameters"], 3)
-    row["wall_minutes"] = round((time.perf_counter() - start) / 60, 2)
-    print(json.dumps(row), flush=True)
-    with results_file.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
-    return row
+    def measure(self, name: str, model) -> dict:
+        model.eval()
+        row = {"model": name, "parameters": sum(parameter.numel() for parameter in model.parameters())}
+        depths_all = None
+        for text, tokens in self.token_sets.items():
+            perplexity, depths = perplexity_and_depths(model, tokens, 256, desc=f"{name}: {text}")
+            row[f"perplexity_{text}"] = round(perplexity, 3)
+            if self.source is not None:
+                row[f"vs_source_{text}"] = round(perplexity / self.source[f"perplexity_{text}"], 3)
+            depths_all = depths if depths_all is None else depths_all + depths
+        if self.mc_file is not None:
+            # The evaluation package's few-shot multiple choice (the log-likelihood of each choice).
+            scores = multiple_choice_accuracy(model, self.tokenizer, self.mc_file, num_fewshot=MC_FEWSHOT,
+                                              show_progress=False)
+            row["mc_accuracy"], row["mc_accuracy_norm"] = scores["accuracy"], scores["accuracy_norm"]
+        if model.config.model_type == "mor":
+            row["mean_depth"] = round(mean_depth(depths_all), 3)
+            if routes_by_threshold(model.config):
+                row["router_threshold"] = round(model.config.router_threshold, 4)
+        row["layer_applications"] = round(layer_applications(model, mean_depth(depths_all)), 2)
+        source_layers = self.source["layer_applications"] if self.source is not None else row["layer_applications"]
+        row["layer_applications_vs_source"] = round(row["layer_applications"] / source_layers, 3)
+        if self.source is not None:
+            row["parameters_vs_source"] = round(row["parameters"] / self.source["parameters"], 3)
+        row["wall_minutes"] = round((time.perf_counter() - self.start) / 60, 2)
+        print(json.dumps(row), flush=True)
+        with self.results_file.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.source is None:
+            self.source = row
+        return row
 
 
 def main(argv=None) -> int:
@@ -186,7 +200,9 @@ def main(argv=None) -> int:
     work.mkdir(parents=True)
     try:
         evaluations, train_files = prepare_texts(args, work)
-    except ValueError as error:
+        if not args.no_mc:
+            load_multiple_choice_items(args.mc_file)  # a missing or malformed file is refused before any work
+    except (ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         shutil.rmtree(work)
         return 2
@@ -195,9 +211,9 @@ def main(argv=None) -> int:
     source_path, gguf_file = resolve_source(args.source)
     tokenizer = AutoTokenizer.from_pretrained(source_path, gguf_file=gguf_file)
     token_sets = {name: read_eval_tokens(tokenizer, path, args.eval_tokens) for name, path in evaluations.items()}
+    measurements = Measurements(token_sets, tokenizer, None if args.no_mc else args.mc_file, results_file, start)
     source = AutoModelForCausalLM.from_pretrained(source_path, gguf_file=gguf_file, dtype=torch.float32)
-    source_layers = float(source.config.num_hidden_layers)
-    source_row = measure("source", source, token_sets, None, source_layers, start, results_file)
+    measurements.measure("source", source)
     del source
 
     converted = work / "converted"
@@ -211,7 +227,7 @@ def main(argv=None) -> int:
         return 2
     measured_at = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True, dtype=torch.float32)
-    measure("converted", model, token_sets, source_row, source_layers, start, results_file)
+    measurements.measure("converted", model)
     del model
     # The final measurement (and loading the teacher) take about what loading and measuring the conversion took.
     reserved_minutes = 1.5 * (time.perf_counter() - measured_at) / 60
@@ -233,6 +249,8 @@ def main(argv=None) -> int:
         uptrain_argv += ["--eval-steps", str(args.eval_steps)]
     if args.random_capacity is not None:
         uptrain_argv += ["--random-capacity", str(args.random_capacity)]
+    if args.layer_budget is not None:
+        uptrain_argv += ["--layer-budget", str(args.layer_budget)]
     if not args.no_bf16:
         uptrain_argv.append("--bf16")
     if args.overwrite:
@@ -240,11 +258,10 @@ def main(argv=None) -> int:
     if uptrain_main(uptrain_argv) != 0:
         return 2
     model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True, dtype=torch.float32)
-    measure("uptrained", model, token_sets, source_row, source_layers, start, results_file)
+    measurements.measure("uptrained", model)
     for threshold in args.thresholds:
         model.config.router_threshold = threshold
-        measure(f"uptrained, router_threshold {threshold}", model, token_sets, source_row, source_layers, start,
-                results_file)
+        measurements.measure(f"uptrained, router_threshold {threshold}", model)
     shutil.copy(results_file, output_dir / RESULTS_FILE)
     record_output(output_dir, also=("checkpoint-*",))
     print(f"Recipe done in {(time.perf_counter() - start) / 60:.1f} min: {output_dir} (measurements: "

@@ -154,3 +154,25 @@ def planned_recursion_depth(config, seq_len: int) -> torch.LongTensor:
     return (rank * num_recursions // seq_len + 1).unsqueeze(0)
 
 
+
+
+def layer_applications(model, mean_depth: float | None = None) -> float:
+    """Decoder-layer applications per token, the compute measure of the conversion recipe: a vanilla model's L layers;
+    for an MoR model, its unshared end layers once and the block's layers at the tokens' `mean_depth` (middle_cycle
+    and cycle; the sequence strategies cannot route, so every token takes every step), each shared layer costing what
+    `FlopCounter` counts per recursion step against its shared weights (a low-rank relaxation delta adds the share of
+    the matmuls its factors run; a full-rank one, merged into the weight, adds nothing). Relative to
+    `config.num_hidden_layers` (the unrolled depth, the source's layer count for a conversion) it is the share of the
+    source's compute a token spends in the layers."""
+    config = model.config
+    if getattr(config, "model_type", None) != "mor":
+        return float(config.num_hidden_layers)
+    if config.sharing_strategy.endswith("cycle"):
+        if mean_depth is None:
+            raise ValueError("the layer applications of a routed MoR model need the tokens' mean recursion depth")
+        block = config.block_size * mean_depth
+    else:
+        block = config.num_hidden_layers - 2 * config.has_unshared_ends
+    base = getattr(model, model.base_model_prefix, model)
+    shared = _num_parameters(base.recursion_block.layers, exclude=RELAXATION_PARAMETERS + MERGED_RELAXATION_PARAMETERS)
+    return 2 * config.has_unshared_ends + block * FlopCounter(model).step_parameters / shared

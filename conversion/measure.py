@@ -8,6 +8,7 @@ from collections import Counter
 import torch
 from tqdm.auto import tqdm
 
+from .flops import layer_applications
 from .text_files import read_text_file
 
 
@@ -141,3 +142,62 @@ def full_depth(model):
         yield model
     finally:
         config.capacity = capacity
+
+
+def routes_by_threshold(config) -> bool:
+    """Whether eval-mode routing of `config` is set by `router_threshold`: expert-choice with a recursion step that
+    decides (capacity below 1)."""
+    return (getattr(config, "model_type", None) == "mor" and config.routing == "expert_choice"
+            and config.sharing_strategy.endswith("cycle") and min(config.capacity) < 1.0)
+
+
+def layer_fraction(model, token_ids: torch.LongTensor, block_size: int | None = None, desc=None) -> float:
+    """The share of the unrolled model's layer applications (`config.num_hidden_layers`, the source's for a
+    conversion) that the tokens of `token_ids` take in eval mode (`flops.layer_applications`)."""
+    _, depths = perplexity_and_depths(model, token_ids, block_size, desc=desc)
+    return layer_applications(model, mean_depth(depths)) / model.config.num_hidden_layers
+
+
+# Bisection over the router logit t = log(p / (1 - p)) of the threshold p: thresholds cluster near 0 and 1 in
+# probability, evenly in logits; [-8, 8] spans p = 0.0003 to 0.9997, and 12 halvings resolve it to 0.004 in logit.
+THRESHOLD_LOGIT_RANGE = 8.0
+THRESHOLD_BISECTIONS = 12
+
+
+@torch.no_grad()
+def calibrate_router_threshold(model, token_ids: torch.LongTensor, budget: float, block_size: int | None = None):
+    """The lowest eval-mode `router_threshold` at which the tokens of `token_ids` take at most `budget` (a fraction)
+    of the unrolled model's layer applications per token, and the fraction they take at it.
+
+    A lower threshold sends more tokens deeper, so the lowest one within the budget spends it best. Raises
+    ValueError when no threshold reaches the budget (every token takes the steps of capacity 1). Restores the
+    model's threshold: the caller sets the one returned."""
+    config = model.config
+    configured = config.router_threshold
+
+    def fraction_at(logit: float) -> float:
+        config.router_threshold = 1.0 / (1.0 + math.exp(-logit))
+        return layer_fraction(model, token_ids, block_size, desc=f"router_threshold {config.router_threshold:.4f}")
+
+    try:
+        low, high = -THRESHOLD_LOGIT_RANGE, THRESHOLD_LOGIT_RANGE
+        spent = fraction_at(low)
+        if spent <= budget:
+            return config.router_threshold, spent
+        spent = fraction_at(high)
+        if spent > budget:
+            raise ValueError(
+                f"no router threshold brings the model within {budget:g} of its layer applications: at threshold "
+                f"{config.router_threshold:.4f} its tokens still take {spent:.3f} (the steps of capacity 1, "
+                f"{config.capacity}, are taken by every token). Fix: give a budget of at least {spent:.3f}."
+            )
+        for _ in range(THRESHOLD_BISECTIONS):
+            middle = (low + high) / 2
+            middle_spent = fraction_at(middle)
+            if middle_spent <= budget:
+                high, spent = middle, middle_spent
+            else:
+                low = middle
+        return 1.0 / (1.0 + math.exp(-high)), spent
+    finally:
+        config.router_threshold = configured

@@ -78,7 +78,17 @@ def training_status(figures: dict) -> str:
         f"**Uptrained** for {uptraining['steps']} steps ({uptraining['tokens']:,} tokens of `{uptraining['train_data']}`) "
         f"in {uptraining['wall_time']}, with the LM loss plus the router losses"
         f"{' and distillation from ' + repr(uptraining['teacher']) if uptraining.get('teacher') else ''}."
+        f"{calibration_note(uptraining.get('router_calibration'))}"
     )
+
+
+def calibration_note(calibration: dict | None) -> str:
+    """The sentence on a router threshold chosen by `--layer-budget`, or nothing."""
+    if not calibration:
+        return ""
+    return (f" Its router threshold, {calibration['router_threshold']:.4f}, was chosen so that the training text takes "
+            f"{calibration['layer_fraction']:.3f} of the source's layer applications per token (`--layer-budget "
+            f"{calibration['layer_budget']}`); `config.router_threshold` trades quality for compute.")
 
 
 def conversion_measurement(figures: dict) -> dict:

@@ -24,6 +24,7 @@ Examples:
 """
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ from .training.options import (
     resolve_block_sizes,
 )
 from .training.run import INTERRUPTED_RUN, run_training
+from .training.summary import SUMMARY_FILE
 from .training.trainer import recursion_boundaries
 
 
@@ -193,6 +195,8 @@ def write_card(args, trainer, folder: Path, output_dir: Path, before, after, dep
         "wall_time": f"{train_seconds / 60:.1f} min on {world_size} process(es)",
         # A local teacher by its name only: the card is published, the machine's paths are not.
         "teacher": Path(args.teacher).name if args.teacher and Path(args.teacher).exists() else args.teacher,
+        # --layer-budget's threshold, as the run recorded it (None when not asked for, or not applied).
+        "router_calibration": json.loads((folder / SUMMARY_FILE).read_text()).get("router_calibration"),
     }
     figures["model_name"] = output_dir.name
     figures["repo_id"] = f"path/to/{output_dir.name}"

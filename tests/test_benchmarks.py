@@ -129,13 +129,18 @@ def test_conversion_recipe_runs_end_to_end(tmp_path):
                            "--wikitext-dir", wikitext, "--eval-tokens", "512", "--curve-tokens", "256",
                            "--eval-steps", "5", "--relaxation-rank", "0", "--learning-rate", "3e-3",
                            "--capacity", "1.0", "0.6", "0.3", "--random-capacity", "0.2",
-                           "--thresholds", "0.9")
+                           "--thresholds", "0.9", "--layer-budget", "0.85")
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (output / "conversion_recipe.jsonl").read_text().splitlines()]
     assert [row["model"] for row in rows] == ["source", "converted", "uptrained", "uptrained, router_threshold 0.9"]
     source, converted, uptrained, stricter = rows
-    assert stricter["mean_depth"] <= uptrained["mean_depth"]
+    if uptrained["router_threshold"] <= 0.9:
+        assert stricter["mean_depth"] <= uptrained["mean_depth"]
+    else:
+        assert stricter["mean_depth"] >= uptrained["mean_depth"]
     assert source["layer_applications"] == 5.0 and converted["mean_depth"] == 3.0
+    # Every model answers the evaluation package's multiple-choice questions.
+    assert all(0.0 <= row["mc_accuracy"] <= 1.0 for row in rows)
     for row in (converted, uptrained):
         for text in ("wikitext2_test", "tinystories_valid"):
             assert row[f"vs_source_{text}"] == pytest.approx(row[f"perplexity_{text}"] / source[f"perplexity_{text}"],
@@ -145,7 +150,21 @@ def test_conversion_recipe_runs_end_to_end(tmp_path):
     assert uptrained["parameters_vs_source"] < 0.7
     summary = json.loads((output / "training_summary.json").read_text())
     assert summary["stopped_by"] == "time budget"
+    # --layer-budget: the saved threshold keeps the training text within 0.85 of the source's layer applications, the
+    # final row is measured at it, and the card says so.
+    calibration = summary["router_calibration"]
+    assert calibration["layer_fraction"] <= 0.85 and uptrained["router_threshold"] == pytest.approx(
+        calibration["router_threshold"], abs=1e-4)
+    assert "`--layer-budget 0.85`" in (output / "README.md").read_text()
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
     assert "refused" not in result.stderr
+
+
+def test_conversion_recipe_refuses_a_missing_question_file_before_any_work(tmp_path):
+    result = run_benchmark("conversion_recipe.py", PROJECT_ROOT / "examples" / "assets" / "stories260K",
+                           "--output-dir", tmp_path / "recipe", "--no-wikitext", "--mc-file", tmp_path / "missing.jsonl")
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "missing.jsonl" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -161,3 +161,85 @@ def test_budget_curve_help_and_bad_input(random_capacity_run, tmp_path):
         assert len(result.stderr.strip().splitlines()) == 1
     assert "not an earlier output" in result.stderr
     assert [path.name for path in (tmp_path / "out").iterdir()] == ["curve.md"]
+
+
+def calibration_text_tokens(model_dir):
+    from conversion.measure import read_eval_tokens
+    from transformers import AutoTokenizer
+
+    return read_eval_tokens(AutoTokenizer.from_pretrained(model_dir), TINYSTORIES_VALID, 1024)
+
+
+def test_calibrated_threshold_is_the_lowest_within_the_layer_budget(random_capacity_run):
+    """`calibrate_router_threshold` against `layer_fraction` measured independently at its answer and just below it
+    (a lower threshold sends tokens deeper: it must overspend), and a budget no threshold reaches is refused."""
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from conversion.flops import layer_applications
+    from conversion.measure import calibrate_router_threshold, layer_fraction, mean_depth, perplexity_and_depths
+
+    model_dir, _ = random_capacity_run
+    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+    tokens = calibration_text_tokens(model_dir)
+    # The rule it counts by: 2 end layers and the block's one layer per recursion step, of 5 unrolled layers.
+    _, depths = perplexity_and_depths(model, tokens, 64)
+    assert layer_applications(model, mean_depth(depths)) == pytest.approx(2 + mean_depth(depths))
+    for budget in (0.9, 0.75):
+        threshold, spent = calibrate_router_threshold(model, tokens, budget, 64)
+        assert model.config.router_threshold == 0.5  # the caller sets it
+        model.config.router_threshold = threshold
+        assert spent == pytest.approx(layer_fraction(model, tokens, 64)) and spent <= budget
+        logit = math.log(threshold / (1 - threshold))
+        model.config.router_threshold = 1 / (1 + math.exp(-(logit - 0.004)))
+        assert layer_fraction(model, tokens, 64) > budget
+        model.config.router_threshold = 0.5
+    with pytest.raises(ValueError, match="no router threshold brings the model within 0.55"):
+        calibrate_router_threshold(model, tokens, 0.55, 64)  # every token takes step 1: (2 + 1) / 5 = 0.6 at least
+
+
+def test_layer_budget_saves_the_calibrated_threshold(tmp_path, capsys):
+    """--layer-budget (mor-pretrain here; mor-uptrain runs the same `run_training`): the saved config's threshold
+    keeps the training text within the budget, the summary records it, and budgets the model cannot follow are
+    refused before any work, with nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    from conversion.measure import layer_fraction
+    from conversion.training.data import TokenBlocks
+    from conversion.training.run import calibration_tokens
+
+    config_file = tmp_path / "config.json"
+    tiny_config().to_json_file(config_file)
+    output = tmp_path / "model"
+    assert pretrain.main(pretrain_argv(config_file, output, "--max-steps", 20, "--random-capacity", 0.1,
+                                       "--layer-budget", 0.8)) == 0
+    summary = json.loads((output / "training_summary.json").read_text())["router_calibration"]
+    threshold = json.loads((output / "config.json").read_text())["router_threshold"]
+    assert summary["layer_budget"] == 0.8 and summary["router_threshold"] == pytest.approx(threshold, abs=1e-6)
+    assert threshold != 0.5 and summary["layer_fraction"] <= 0.8
+    # Measured again on the training blocks, from the saved model.
+    model = AutoModelForCausalLM.from_pretrained(output, trust_remote_code=True)
+    from transformers import AutoTokenizer
+
+    from conversion.training.data import load_training_texts, tokenize_texts
+
+    class Args:
+        dataset, train_file, max_train_documents = None, [str(TINYSTORIES_TRAIN)], 200
+
+    tokens = tokenize_texts(AutoTokenizer.from_pretrained(output), load_training_texts(Args))
+    measured = layer_fraction(model, calibration_tokens(TokenBlocks(tokens, 64)), 64)
+    assert measured == pytest.approx(summary["layer_fraction"], abs=1e-3)
+
+    for config, budget, message in (
+        (tiny_config(), "0", "--layer-budget 0.0 is not valid"),
+        (tiny_config(), "0.5", "is below what this model can spend"),
+        (tiny_config(routing="none"), "0.8", "sets the eval-mode router threshold"),
+    ):
+        config.to_json_file(config_file)
+        refused = tmp_path / "refused"
+        capsys.readouterr()
+        assert pretrain.main(pretrain_argv(config_file, refused, "--max-steps", 2, "--layer-budget", budget)) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("error: ") and message in error[0], error
+        assert not refused.exists() and not any(path.name.startswith(".refused") for path in tmp_path.iterdir())

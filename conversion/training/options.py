@@ -9,8 +9,12 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..cli_checks import POSITIVE, Range, check_extra_installed, check_option_needs, check_option_values
-from ..measure import context_length, eval_block_size
+from ..measure import context_length, eval_block_size, routes_by_threshold
 from ..output_dir import OutputDirExistsError, check_output_dir, check_output_dir_is_separate
+
+
+# The training tokens --layer-budget calibrates the router threshold on (see `training.run.calibration_tokens`).
+CALIBRATION_TOKENS = 4096
 
 
 def add_data_arguments(parser, eval_help: str) -> None:
@@ -88,6 +92,12 @@ def add_trainer_arguments(parser) -> None:
                                "theirs uniformly in [MIN, the first step's capacity], sorted non-increasing, so that "
                                "one checkpoint works at any depth and router_threshold trades quality for compute at "
                                "inference (examples/budget_curve.py); the saved config keeps the configured capacities")
+    schedule.add_argument("--layer-budget", type=float, metavar="FRACTION",
+                          help="after training, set the saved eval-mode router_threshold to the lowest at which the "
+                               "tokens of the training text take at most FRACTION of the unrolled model's layer "
+                               "applications per token (the source's, for a conversion; measured on up to "
+                               f"{CALIBRATION_TOKENS:,} tokens spread over the training blocks): the model's compute, "
+                               "chosen by the user (pairs with --random-capacity)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing OUTPUT_DIR that is an earlier output of these tools (a folder "
                              "holding anything else is refused), once this run has saved its first checkpoint")
@@ -102,7 +112,7 @@ OPTION_VALUES = {
     "max_train_flops": 1, "warmup_steps": 0, "capacity_warmup_steps": 0, "learning_rate": POSITIVE,
     "weight_decay": 0, "dataloader_num_workers": 0,
     "distill_weight": Range(0, 1), "distill_temperature": POSITIVE, "router_aux_loss_coef": 0,
-    "max_minutes": POSITIVE, "hidden_distill_weight": 0,
+    "max_minutes": POSITIVE, "hidden_distill_weight": 0, "layer_budget": Range(0, 1, low_open=True),
 }
 
 
@@ -134,6 +144,11 @@ def check_capacity_schedule(args, config) -> None:
     """Refuses a capacity schedule the model cannot follow (ValueError, one line naming the fix): only expert-choice
     routing has capacities, and a random one needs a later step to draw for, below the first step's capacity."""
     warmup_steps, random_min = getattr(args, "capacity_warmup_steps", 0), getattr(args, "random_capacity", None)
+    if getattr(args, "layer_budget", None) is not None and not routes_by_threshold(config):
+        raise ValueError(f"--layer-budget {args.layer_budget} sets the eval-mode router threshold of expert-choice "
+                         f"routing with a recursion step that decides (capacity below 1), which this model does not "
+                         f"have; nothing was written. Fix: leave --layer-budget out, or convert with --routing "
+                         f"expert_choice and a --capacity below 1 after the first step.")
     if not warmup_steps and random_min is None:
         return
     option = "--random-capacity" if random_min is not None else "--capacity-warmup-steps"

@@ -12,11 +12,12 @@ import torch
 from transformers import TrainingArguments, default_data_collator
 
 from ..cli_checks import one_line
-from ..measure import format_depth_histogram, perplexity_and_depths
+from ..flops import layer_applications
+from ..measure import calibrate_router_threshold, format_depth_histogram, perplexity_and_depths
 from ..model_card import describe_measurement
 from ..output_dir import TRAINER_CHECKPOINTS, OutputDirExistsError, foreign_entries, record_output, staged_output_dir
 from .data import TrainingData
-from .options import CheckedArguments
+from .options import CALIBRATION_TOKENS, CheckedArguments
 from .summary import SUMMARY_FILE, save_loss_curve, training_summary
 from .trainer import (
     CapacitySchedule,
@@ -40,6 +41,15 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
     train_seconds)` before the folder moves into place (uptraining renders its model card there)."""
     capacity_schedule = capacity_schedule_of(args, model)
     output_dir = Path(args.output_dir).expanduser().resolve()
+    layer_budget = getattr(args, "layer_budget", None)
+    if layer_budget is not None:
+        smallest = smallest_layer_fraction(model)
+        if layer_budget < smallest:
+            print(f"error: --layer-budget {layer_budget} is below what this model can spend: every token takes the "
+                  f"recursion steps of capacity 1 ({model.config.capacity}), {smallest:.3f} of its layer "
+                  f"applications; nothing was written. Fix: give at least {smallest:.3f}, or convert with a capacity "
+                  f"below 1 at an earlier step.", file=sys.stderr)
+            return 2
     training_args = build_training_arguments(args, output_dir, evaluates=data.eval_dataset is not None)
     steps_planned = None
     if args.max_train_flops is not None:
@@ -88,6 +98,19 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
 
             trainer.train(resume_from_checkpoint=checked.resume_checkpoint)
             train_seconds = time.perf_counter() - start
+            calibration = None
+            if layer_budget is not None:
+                # Every process measures the same tokens, so every one saves the same threshold.
+                try:
+                    threshold, spent = calibrate_router_threshold(
+                        trainer.model, calibration_tokens(data.train_dataset), layer_budget, args.block_size)
+                except ValueError as error:  # the trained model is saved all the same, at its configured threshold
+                    print(f"warning: --layer-budget {layer_budget} not applied: {one_line(error)} The model keeps "
+                          f"router_threshold {trainer.model.config.router_threshold}.", file=sys.stderr)
+                else:
+                    trainer.model.config.router_threshold = threshold
+                    calibration = {"layer_budget": layer_budget, "router_threshold": round(threshold, 6),
+                                   "layer_fraction": round(spent, 4)}
 
             # OUTPUT_DIR, or the staging folder still when no checkpoint was saved (a run resumed at its last step).
             final_dir = Path(training_args.output_dir)
@@ -100,6 +123,7 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
             if not trainer.is_world_process_zero():
                 return 0
             summary = training_summary(args, trainer, steps_planned, data, after, depths, train_seconds)
+            summary["router_calibration"] = calibration
             (final_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
             if finish is not None:
                 finish(trainer, final_dir, before, after, depths, train_seconds)
@@ -123,6 +147,9 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
         if depths:
             print(f"  recursion depths (tokens per depth): {format_depth_histogram(summary['eval']['depth_histogram'])}, "
                   f"mean {summary['eval']['mean_depth']:.2f}")
+    if calibration is not None:
+        print(f"  router_threshold {calibration['router_threshold']:.4f}: the training text takes "
+              f"{calibration['layer_fraction']:.3f} of the layer applications (--layer-budget {layer_budget})")
     if curve_saved:
         print(f"  loss curve: {output_dir / 'loss_curve.png'}")
     return 0
@@ -204,3 +231,19 @@ def staging_folder(staging: contextlib.ExitStack, output_dir: Path, training_arg
         torch.distributed.broadcast_object_list(shared, src=0)
         folder = Path(shared[0])
     return folder
+
+
+def smallest_layer_fraction(model) -> float:
+    """The share of its layer applications an expert-choice model spends when every token stops as early as it can:
+    after the recursion steps of capacity 1, which every token takes."""
+    steps_of_every_token = sum(1 for fraction in model.config.capacity if fraction >= 1.0)
+    return layer_applications(model, steps_of_every_token) / model.config.num_hidden_layers
+
+
+def calibration_tokens(train_dataset, num_tokens: int = CALIBRATION_TOKENS) -> torch.LongTensor:
+    """Up to `num_tokens` training tokens in whole blocks spread evenly over the training data (so that every file
+    of a mix is represented), on which --layer-budget measures the compute."""
+    blocks = train_dataset.blocks
+    count = max(1, min(len(blocks), num_tokens // blocks.shape[1]))
+    chosen = torch.linspace(0, len(blocks) - 1, count).round().long()
+    return blocks[chosen].flatten()
