@@ -264,6 +264,16 @@ class MoRConfig(LlamaConfig):
     def num_unique_layers(self) -> int:
         return self.block_size + (2 if self.has_unshared_ends else 0)
 
+    @property
+    def has_full_rank_relaxation(self) -> bool:
+        """Whether every per-step relaxation delta is full rank (stored whole: the rank reaches each projection's
+        smaller side, as `--relaxation-rank full` asks), so that recursion step r runs a weight of its own, W + D_r."""
+        if self.relaxation_rank <= 0:
+            return False
+        head_dim = getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
+        widths = (self.num_attention_heads * head_dim, self.num_key_value_heads * head_dim, self.intermediate_size)
+        return self.relaxation_rank >= max(min(self.hidden_size, width) for width in widths)
+
     def expert_choice_top_k(self, step: int, num_tokens: int) -> int:
         """k_r = ceil(capacity_r * T); the small epsilon keeps 2/3 * 6 from rounding up to 5."""
         return math.ceil(self.capacity[step] * num_tokens - 1e-6)

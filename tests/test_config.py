@@ -70,3 +70,17 @@ def test_tensor_parallel_plan_is_derived_and_accepts_transformers_tied_embedding
     assert config.base_model_tp_plan == derived
     with pytest.raises(ValueError, match="derived from the sharing strategy and the relaxation"):
         config.base_model_tp_plan = {"embed_tokens": "colwise"}
+
+
+def test_full_rank_relaxation_is_told_by_the_rank_reaching_every_projection():
+    """`has_full_rank_relaxation`: every per-step delta is stored whole (the rank reaches each projection's smaller
+    side), as `--relaxation-rank full` (hidden_size) asks; the vLLM plugin then loads per-step weights."""
+    dims = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    assert MoRConfig(**dims, relaxation_rank=64).has_full_rank_relaxation
+    assert not MoRConfig(**dims, relaxation_rank=32).has_full_rank_relaxation  # k/v (width 32) dense, q/MLP not
+    assert not MoRConfig(**dims, relaxation_rank=0).has_full_rank_relaxation
+    from modeling_mor import MoRForCausalLM
+
+    model = MoRForCausalLM(MoRConfig(**dims, vocab_size=64, num_hidden_layers=5, num_recursions=3, relaxation_rank=64))
+    relaxed = [module.is_dense for module in model.modules() if hasattr(module, "is_dense")]
+    assert len(relaxed) == 7 and all(relaxed)  # the shared layer's seven projections

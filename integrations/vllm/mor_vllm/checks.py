@@ -27,10 +27,11 @@ def check_servable(
             f"pipeline_parallel_size={pipeline_parallel_size}: MoR's shared recursion block runs its layers several "
             f"times, so it cannot be split into pipeline stages. Use tensor_parallel_size instead."
         )
-    if config.relaxation_rank > 0 and tensor_parallel_size > 1:
+    if config.relaxation_rank > 0 and not config.has_full_rank_relaxation and tensor_parallel_size > 1:
         raise UnsupportedMoRCheckpoint(
             f"relaxation_rank={config.relaxation_rank} with tensor_parallel_size={tensor_parallel_size}: the per-step "
-            f"low-rank deltas of a relaxed checkpoint are not sharded. Serve it with tensor_parallel_size=1."
+            f"low-rank deltas of a relaxed checkpoint are not sharded (full-rank ones are: they load as per-step "
+            f"weights). Serve it with tensor_parallel_size=1."
         )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head_sizes is not None and head_dim not in head_sizes:

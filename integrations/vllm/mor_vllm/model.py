@@ -125,6 +125,66 @@ class StepDelta(nn.Module):
         return delta if self.relaxation_bias is None else delta + self.relaxation_bias[step]
 
 
+def step_projection(config: MoRConfig, build) -> nn.Module:
+    """A projection of a shared layer: one vLLM parallel linear layer (`build("")`), or, for a checkpoint whose
+    relaxation is full rank, one per recursion step (`build(".r")`) holding that step's merged weight W + D_r
+    (`StepWeightMerger`): each step then runs one product per projection, as the source's layer did, and its weights
+    shard under tensor parallelism like any Llama layer's."""
+    if config.has_full_rank_relaxation:
+        return nn.ModuleList([build(f".{step}") for step in range(config.num_recursions)])
+    return build("")
+
+
+def at_step(projection: nn.Module, step: int) -> nn.Module:
+    """The layer a `step_projection` runs at recursion step `step`."""
+    return projection[step] if isinstance(projection, nn.ModuleList) else projection
+
+
+def has_step_deltas(config: MoRConfig) -> bool:
+    """Whether the shared projections add low-rank per-step deltas at run time (`StepDelta`): a relaxed checkpoint
+    whose relaxation is not full rank (a full-rank one is merged into per-step weights instead)."""
+    return config.relaxation_rank > 0 and not config.has_full_rank_relaxation
+
+
+class StepWeightMerger:
+    """Loads a full-rank relaxed checkpoint's block projections as per-step weights (`step_projection`). The shared
+    tensor ("weight", "bias") and its per-step deltas ("relaxation_delta", "relaxation_bias") arrive in any order;
+    once both have, `add` returns each step's sum W + D_r (b + db_r) under the step's checkpoint-style name
+    ("...q_proj.{r}.weight"), which `vllm_parameter_name` maps like any projection's."""
+
+    DELTA_OF = {"weight": "relaxation_delta", "bias": "relaxation_bias"}
+    SHARED_OF = {delta: shared for shared, delta in DELTA_OF.items()}
+
+    def __init__(self):
+        self.pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+
+    @classmethod
+    def takes(cls, checkpoint_name: str) -> bool:
+        parts = checkpoint_name.rsplit(".", 2)
+        return (".recursion_block.layers." in checkpoint_name and len(parts) == 3 and parts[1].endswith("_proj")
+                and (parts[2] in cls.DELTA_OF or parts[2] in cls.SHARED_OF))
+
+    def add(self, checkpoint_name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        projection, parameter = checkpoint_name.rsplit(".", 1)
+        shared = self.SHARED_OF.get(parameter, parameter)
+        arrived = self.pending.setdefault((projection, shared), {})
+        arrived[parameter] = tensor
+        if len(arrived) < 2:
+            return []
+        del self.pending[(projection, shared)]
+        base, deltas = arrived[shared], arrived[self.DELTA_OF[shared]]
+        return [(f"{projection}.{step}.{shared}", base + deltas[step]) for step in range(deltas.shape[0])]
+
+    def check_complete(self) -> None:
+        if self.pending:
+            (projection, shared), arrived = next(iter(self.pending.items()))
+            raise UnsupportedMoRCheckpoint(
+                f"the checkpoint holds {projection}.{next(iter(arrived))} without its "
+                f"{projection}.{self.DELTA_OF[shared] if shared in arrived else shared}: a full-rank relaxed layer "
+                f"needs both. Is it a complete checkpoint saved by this project's MoRForCausalLM?"
+            )
+
+
 class StepRMSNorm(RMSNorm):
     """vLLM's RMSNorm; in a relaxed layer with a per-step weight delta (relaxation_mor.RelaxedRMSNorm)."""
 
@@ -153,22 +213,22 @@ class MoRBlockAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.shares_step_one = config.kv_cache_policy == "shared"
-        self.qkv_proj = QKVParallelLinear(
+        self.qkv_proj = step_projection(config, lambda suffix: QKVParallelLinear(
             config.hidden_size,
             self.head_dim,
             config.num_attention_heads,
             config.num_key_value_heads,
             bias=config.attention_bias,
             quant_config=vllm_config.quant_config,
-            prefix=f"{prefix}.qkv_proj",
-        )
-        self.o_proj = RowParallelLinear(
+            prefix=f"{prefix}.qkv_proj{suffix}",
+        ))
+        self.o_proj = step_projection(config, lambda suffix: RowParallelLinear(
             config.num_attention_heads * self.head_dim,
             config.hidden_size,
             bias=config.attention_bias,
             quant_config=vllm_config.quant_config,
-            prefix=f"{prefix}.o_proj",
-        )
+            prefix=f"{prefix}.o_proj{suffix}",
+        ))
         self.rotary_emb = get_rope(
             self.head_dim,
             max_position=config.max_position_embeddings,
@@ -176,7 +236,7 @@ class MoRBlockAttention(nn.Module):
             is_neox_style=True,
         )
         self.relaxation = nn.ModuleDict()
-        if config.relaxation_rank > 0:
+        if has_step_deltas(config):
             sizes = {
                 "q_proj": (config.hidden_size, config.num_attention_heads * self.head_dim),
                 "k_proj": (config.hidden_size, config.num_key_value_heads * self.head_dim),
@@ -212,7 +272,7 @@ class MoRBlockAttention(nn.Module):
 
     def project(self, positions, hidden_states, step: int):
         """The step's queries, keys and values (rotary applied), `[tokens, heads * head_dim]` each."""
-        qkv, _ = self.qkv_proj(hidden_states)
+        qkv, _ = at_step(self.qkv_proj, step)(hidden_states)
         if self.relaxation:
             qkv = qkv + torch.cat([self.relaxation[name](hidden_states, step) for name in ("q_proj", "k_proj", "v_proj")], -1)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -226,7 +286,7 @@ class MoRBlockAttention(nn.Module):
         return self._attend(self.attn[str(step)], step in self.masked_steps, q, k, v, step_tokens)
 
     def output(self, attn_output, step: int) -> torch.Tensor:
-        output, _ = self.o_proj(attn_output)
+        output, _ = at_step(self.o_proj, step)(attn_output)
         if self.relaxation:
             output = output + self.relaxation["o_proj"](attn_output, step)
         return output
@@ -284,16 +344,17 @@ class MoRMLP(nn.Module):
     def __init__(self, config: MoRConfig, vllm_config: VllmConfig, prefix: str):
         super().__init__()
         hidden, intermediate = config.hidden_size, config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(
+        self.gate_up_proj = step_projection(config, lambda suffix: MergedColumnParallelLinear(
             hidden, [intermediate] * 2, bias=config.mlp_bias, quant_config=vllm_config.quant_config,
-            prefix=f"{prefix}.gate_up_proj",
-        )
-        self.down_proj = RowParallelLinear(
-            intermediate, hidden, bias=config.mlp_bias, quant_config=vllm_config.quant_config, prefix=f"{prefix}.down_proj"
-        )
+            prefix=f"{prefix}.gate_up_proj{suffix}",
+        ))
+        self.down_proj = step_projection(config, lambda suffix: RowParallelLinear(
+            intermediate, hidden, bias=config.mlp_bias, quant_config=vllm_config.quant_config,
+            prefix=f"{prefix}.down_proj{suffix}",
+        ))
         self.act_fn = SiluAndMul()
         self.relaxation = nn.ModuleDict()
-        if config.relaxation_rank > 0:
+        if has_step_deltas(config):
             sizes = {"gate_proj": (hidden, intermediate), "up_proj": (hidden, intermediate), "down_proj": (intermediate, hidden)}
             for name, (in_features, out_features) in sizes.items():
                 self.relaxation[name] = StepDelta(
@@ -301,11 +362,11 @@ class MoRMLP(nn.Module):
                 )
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        gate_up, _ = self.gate_up_proj(x)
+        gate_up, _ = at_step(self.gate_up_proj, step)(x)
         if self.relaxation:
             gate_up = gate_up + torch.cat([self.relaxation["gate_proj"](x, step), self.relaxation["up_proj"](x, step)], -1)
         activated = self.act_fn(gate_up)
-        output, _ = self.down_proj(activated)
+        output, _ = at_step(self.down_proj, step)(activated)
         if self.relaxation:
             output = output + self.relaxation["down_proj"](activated, step)
         return output
@@ -484,23 +545,35 @@ class MoRForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         params.update(self.named_buffers())  # token-choice's selection_bias
         loaded = set()
+        merger = StepWeightMerger() if self.config.has_full_rank_relaxation else None
         for checkpoint_name, tensor in weights:
             if self.config.tie_word_embeddings and checkpoint_name == "lm_head.weight":
                 continue
-            name, shard = vllm_parameter_name(checkpoint_name)
-            if name not in params:
-                raise UnsupportedMoRCheckpoint(
-                    f"the checkpoint holds {checkpoint_name!r}, which this MoR model has no place for: is it a "
-                    f"checkpoint saved by this project's MoRForCausalLM?"
-                )
-            param = params[name]
-            weight_loader = getattr(param, "weight_loader", default_weight_loader)
-            if shard is None:
-                weight_loader(param, tensor)
-            else:
-                weight_loader(param, tensor, shard)
-            loaded.add(name)
+            if merger is not None and merger.takes(checkpoint_name):
+                for step_name, step_tensor in merger.add(checkpoint_name, tensor):
+                    loaded.add(self._load_tensor(params, step_name, step_tensor))
+                continue
+            loaded.add(self._load_tensor(params, checkpoint_name, tensor))
+        if merger is not None:
+            merger.check_complete()
         return loaded
+
+    @staticmethod
+    def _load_tensor(params: dict, checkpoint_name: str, tensor: torch.Tensor) -> str:
+        """Loads one tensor by its transformers name into its parameter; returns the parameter's name."""
+        name, shard = vllm_parameter_name(checkpoint_name)
+        if name not in params:
+            raise UnsupportedMoRCheckpoint(
+                f"the checkpoint holds {checkpoint_name!r}, which this MoR model has no place for: is it a "
+                f"checkpoint saved by this project's MoRForCausalLM?"
+            )
+        param = params[name]
+        weight_loader = getattr(param, "weight_loader", default_weight_loader)
+        if shard is None:
+            weight_loader(param, tensor)
+        else:
+            weight_loader(param, tensor, shard)
+        return name
 
 
 # transformers' projections that vLLM merges: (its name, the merged layer, the shard).

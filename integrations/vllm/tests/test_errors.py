@@ -35,6 +35,10 @@ def test_unservable_settings_are_named():
     with pytest.raises(UnsupportedMoRCheckpoint, match="hidden_act='gelu'"):
         check_servable(MoRConfig(hidden_act="gelu"))
     check_servable(MoRConfig(routing="none", sharing_strategy="middle_sequence"), tensor_parallel_size=2)
+    # Full-rank deltas load as per-step weights, which shard like any layer's.
+    full_rank = MoRConfig(relaxation_rank=MoRConfig().hidden_size)
+    assert full_rank.has_full_rank_relaxation and not relaxed.has_full_rank_relaxation
+    check_servable(full_rank, tensor_parallel_size=2)
     with pytest.raises(UnsupportedMoRCheckpoint, match="head_dim=8: .* take head sizes 32, 64"):
         check_servable(MoRConfig(hidden_size=64, num_attention_heads=8), head_sizes=[32, 64, 128])
 
@@ -115,3 +119,20 @@ def test_remote_code_config_loads_in_vllms_environment(references):
         output = llm.generate([TokensPrompt(prompt_token_ids=prompt)],
                               SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0), use_tqdm=False)
     assert list(output[0].outputs[0].token_ids) == reference["expert"]["tokens"][0][:8]
+
+
+def test_full_rank_layer_without_its_deltas_is_refused():
+    """A full-rank relaxed checkpoint's block projection loads as W + D_r per step: the shared weight alone (a
+    truncated or edited checkpoint) is named, not served as something else."""
+    from mor_vllm.model import StepWeightMerger
+
+    merger = StepWeightMerger()
+    name = "model.recursion_block.layers.0.self_attn.q_proj.weight"
+    assert merger.takes(name) and not merger.takes("model.first_layer.self_attn.q_proj.weight")
+    assert merger.add(name, torch.ones(2, 3)) == []
+    with pytest.raises(UnsupportedMoRCheckpoint, match=r"q_proj.weight without its .*q_proj.relaxation_delta"):
+        merger.check_complete()
+    steps = merger.add(name.replace("weight", "relaxation_delta"), torch.stack([torch.zeros(2, 3), torch.eye(2, 3)]))
+    assert [step_name for step_name, _ in steps] == [name.replace("q_proj", "q_proj.0"), name.replace("q_proj", "q_proj.1")]
+    assert torch.equal(steps[1][1], torch.ones(2, 3) + torch.eye(2, 3))
+    merger.check_complete()

@@ -55,14 +55,19 @@ def test_greedy_tokens_equal_generate(references, variant, mode, dtype):
     if dtype == "bfloat16":
         assert_bfloat16_greedy_agrees(tokens + last_tokens, logprobs + last_logprobs, expected)
         return
-    for index, (got, want) in enumerate(zip(tokens + last_tokens, expected["tokens"])):
-        assert got == want, f"prompt {index} ({len(expected['prompts'][index])} tokens)"
-    for got, want in zip(logprobs + last_logprobs, expected["logprobs"]):
+    assert_equals_generate(tokens + last_tokens, logprobs + last_logprobs, depth_counts, expected)
+
+
+def assert_equals_generate(tokens, logprobs, depth_counts, expected, where=""):
+    """vLLM's greedy tokens and their log-probabilities are generate()'s, and the tokens it ran took generate()'s
+    depths: every token once, but the last prompt's first block, which vLLM's prefix cache served."""
+    for index, (got, want) in enumerate(zip(tokens, expected["tokens"])):
+        assert got == want, f"{where}prompt {index} ({len(expected['prompts'][index])} tokens)"
+    for got, want in zip(logprobs, expected["logprobs"]):
         assert got == pytest.approx(want, abs=2e-3)
-    # vLLM ran every token once, but the last prompt's first block, which its prefix cache served.
     ran = Counter(depth for depths in expected["depths"] for depth in depths)
     ran.subtract(expected["depths"][-1][:PREFIX_CACHE_BLOCK])
-    assert depth_counts == [ran[depth] for depth in range(len(depth_counts))]
+    assert depth_counts == [ran[depth] for depth in range(len(depth_counts))], where
 
 
 BFLOAT16_TIE = 2e-2  # two logits closer than bfloat16's resolution at their size are a tie either engine may break
