@@ -53,7 +53,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from conversion.convert_llama_to_mor import main as convert_main, resolve_source  # noqa: E402
 from conversion.flops import layer_applications  # noqa: E402
-from conversion.measure import mean_depth, perplexity_and_depths, read_eval_tokens, routes_by_threshold  # noqa: E402
+from conversion.measure import THRESHOLD_BISECTIONS, mean_depth, perplexity_and_depths, read_eval_tokens, routes_by_threshold  # noqa: E402
+from conversion.training.options import CALIBRATION_TOKENS  # noqa: E402
 from conversion.output_dir import record_output  # noqa: E402
 from evaluation import multiple_choice_accuracy  # noqa: E402
 from evaluation.core import load_multiple_choice_items  # noqa: E402
@@ -150,8 +151,11 @@ class Measurements:
         self.results_file = results_file
         self.start = start
         self.source = None  # the source's row, measured first
+        self.mc_seconds = 0.0
 
-    def measure(self, name: str, model) -> dict:
+    def measure(self, name: str, model, multiple_choice: bool = False) -> dict:
+        """One row: perplexity on every text, and with `multiple_choice` the questions of --mc-file (the slowest part:
+        asked of the source and the final model only; `mc_seconds` keeps how long it took)."""
         model.eval()
         row = {"model": name, "parameters": sum(parameter.numel() for parameter in model.parameters())}
         depths_all = None
@@ -161,10 +165,12 @@ class Measurements:
             if self.source is not None:
                 row[f"vs_source_{text}"] = round(perplexity / self.source[f"perplexity_{text}"], 3)
             depths_all = depths if depths_all is None else depths_all + depths
-        if self.mc_file is not None:
+        if self.mc_file is not None and multiple_choice:
             # The evaluation package's few-shot multiple choice (the log-likelihood of each choice).
+            asked = time.perf_counter()
             scores = multiple_choice_accuracy(model, self.tokenizer, self.mc_file, num_fewshot=MC_FEWSHOT,
                                               show_progress=False)
+            self.mc_seconds = time.perf_counter() - asked
             row["mc_accuracy"], row["mc_accuracy_norm"] = scores["accuracy"], scores["accuracy_norm"]
         if model.config.model_type == "mor":
             row["mean_depth"] = round(mean_depth(depths_all), 3)
@@ -213,7 +219,7 @@ def main(argv=None) -> int:
     token_sets = {name: read_eval_tokens(tokenizer, path, args.eval_tokens) for name, path in evaluations.items()}
     measurements = Measurements(token_sets, tokenizer, None if args.no_mc else args.mc_file, results_file, start)
     source = AutoModelForCausalLM.from_pretrained(source_path, gguf_file=gguf_file, dtype=torch.float32)
-    measurements.measure("source", source)
+    measurements.measure("source", source, multiple_choice=True)
     del source
 
     converted = work / "converted"
@@ -229,8 +235,15 @@ def main(argv=None) -> int:
     model = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True, dtype=torch.float32)
     measurements.measure("converted", model)
     del model
-    # The final measurement (and loading the teacher) take about what loading and measuring the conversion took.
-    reserved_minutes = 1.5 * (time.perf_counter() - measured_at) / 60
+    # Within the budget, after training: the final measurement and loading the teacher (about 1.5x what loading and
+    # measuring the conversion took), the multiple-choice questions (what the source's took), and --layer-budget's
+    # calibration (forward passes over mor-uptrain's calibration tokens, at the conversion's measured speed).
+    measure_seconds = time.perf_counter() - measured_at
+    reserved_seconds = 1.5 * measure_seconds + measurements.mc_seconds
+    if args.layer_budget is not None:
+        per_token = measure_seconds / sum(tokens.numel() for tokens in token_sets.values())
+        reserved_seconds += (2 + THRESHOLD_BISECTIONS) * CALIBRATION_TOKENS * per_token
+    reserved_minutes = reserved_seconds / 60
     minutes_left = args.minutes - (time.perf_counter() - start) / 60 - reserved_minutes
     if minutes_left <= 0:
         print(f"error: --minutes {args.minutes} is used up before uptraining could start.", file=sys.stderr)
@@ -258,7 +271,7 @@ def main(argv=None) -> int:
     if uptrain_main(uptrain_argv) != 0:
         return 2
     model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True, dtype=torch.float32)
-    measurements.measure("uptrained", model)
+    measurements.measure("uptrained", model, multiple_choice=True)
     for threshold in args.thresholds:
         model.config.router_threshold = threshold
         measurements.measure(f"uptrained, router_threshold {threshold}", model)

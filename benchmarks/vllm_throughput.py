@@ -10,7 +10,7 @@ Every row is measured in its own process (one vLLM engine each, the same KV cach
 every row once per round, rounds one after another (this machine drifts 10-20% within minutes), and the median round
 is reported. Printed per row: tokens/s, the ratio to the best vanilla row at that concurrency, the mean recursion
 depth the served tokens took (counted by the model), the matmul-FLOP ideal over routing none from those depths, and
-how many tokens of KV cache vLLM allotted in the budget, next to vanilla's.
+how many tokens of KV cache vLLM allotted in the budget, next to vanilla's, and the most requests it ran at once.
 
 Example:
 
@@ -47,14 +47,16 @@ def measure(args) -> dict:
     from mor_vllm.model import depth_counts_of
 
     prompts = seeded_prompts(args.requests, args)
+    # disable_log_stats=False: the scheduler reports its state after every step (read by `PeakRunning`).
     llm = LLM(model=str(args.measure), skip_tokenizer_init=True, enforce_eager=args.mode == "eager",
               max_num_seqs=args.concurrency, kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), dtype=args.dtype,
-              max_model_len=args.max_prompt + args.new_tokens, seed=0)
+              max_model_len=args.max_prompt + args.new_tokens, seed=0, disable_log_stats=False)
     params = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, temperature=0.0, detokenize=False)
     is_mor = llm.llm_engine.vllm_config.model_config.hf_config.model_type == "mor"
     warm_up = [TokensPrompt(prompt_token_ids=prompt) for prompt in seeded_prompts(4, args)]
     llm.generate(warm_up, params, use_tqdm=False)
     before = llm.apply_model(depth_counts_of)[0] if is_mor else None
+    peak = PeakRunning(llm)
     started = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     seconds = time.perf_counter() - started
@@ -63,10 +65,31 @@ def measure(args) -> dict:
     result = {
         "tokens_per_second": sum(len(output.outputs[0].token_ids) for output in outputs) / seconds,
         "kv_tokens": cache.num_gpu_blocks * cache.block_size,
+        "peak_running": peak.running,
+        "peak_kv_usage": peak.kv_usage,
         "depth_counts": None if before is None else [b - a for a, b in zip(before, after)],
     }
     llm.llm_engine.engine_core.shutdown()
     return result
+
+
+class PeakRunning:
+    """The most requests vLLM's scheduler ran at once, and the largest share of the KV cache it held, from the
+    scheduler statistics every engine step reports (what bounds a memory-bound row: requests wait or are preempted
+    when the KV cache is full)."""
+
+    def __init__(self, llm):
+        self.running, self.kv_usage = 0, 0.0
+        manager = llm.llm_engine.logger_manager
+        record = manager.record
+
+        def recording(*positional, scheduler_stats=None, **keywords):
+            if scheduler_stats is not None:
+                self.running = max(self.running, scheduler_stats.num_running_reqs)
+                self.kv_usage = max(self.kv_usage, scheduler_stats.kv_cache_usage)
+            return record(*positional, scheduler_stats=scheduler_stats, **keywords)
+
+        manager.record = recording
 
 
 def run_row(folder: Path, mode: str, requests: int, concurrency: int, args) -> dict:
@@ -113,7 +136,8 @@ def main():
     parser.add_argument("--project-python", type=Path, default=REPOSITORY / ".venv" / "bin" / "python",
                         help="Python of the project's environment, to build the checkpoints")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache budget of every row")
+    parser.add_argument("--kv-cache-gib", type=float, default=1.0,
+                        help="KV cache budget of every row (0.234375 is the memory-bound row's 240 MiB)")
     parser.add_argument("--min-prompt", type=int, default=32)
     parser.add_argument("--max-prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -150,7 +174,7 @@ def main():
     for requests, concurrency in workloads:
         print(f"\n{requests} requests, {concurrency} at a time")
         print(f"{'model':<28}{'mode':<10}{'tok/s':>8}{'vs best vanilla':>17}{'depth':>7}{'FLOP ideal':>12}"
-              f"{'KV tokens':>11}{'vs vanilla':>12}")
+              f"{'KV tokens':>11}{'vs vanilla':>12}{'peak running':>14}")
         median = {key: statistics.median(r["tokens_per_second"] for r in runs) for key, runs in results.items()}
         best_vanilla = max(median[("vanilla_llama", mode, requests, concurrency)] for mode in args.modes)
         for folder, name in ROWS.items():
@@ -166,10 +190,12 @@ def main():
                     line += " " * 19
                 vanilla_kv = results[("vanilla_llama", mode, requests, concurrency)][0]["kv_tokens"]
                 line += f"{first['kv_tokens']:>11}{first['kv_tokens'] / vanilla_kv:>11.2f}x"
+                line += f"{max(r['peak_running'] for r in results[key]):>14}"
                 print(line)
     print("\n'depth': mean recursion steps of the tokens the model ran (prompt tokens and every generated token but "
           "the last). 'FLOP ideal': weight-matmul FLOPs of routing none (= vanilla's) over this row's, from those "
-          "depths; attention is not counted. 'KV tokens': the tokens vLLM's KV cache holds in the budget.")
+          "depths; attention is not counted. 'KV tokens': the tokens vLLM's KV cache holds in the budget. 'peak running': "
+          "the most requests vLLM's scheduler ran at once (at most the concurrency; fewer where the KV cache binds).")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from modeling_mor import MoRConfig, MoRForCausalLM, valid_recursion_layouts
+from modeling_mor.configuration_mor import recursion_block_size
 
 from .cli_checks import (
     check_safetensors_files,
@@ -38,6 +39,34 @@ INIT_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
 # A router decides at each pass through the recursion block, which only the cycle strategies have (a sequence
 # strategy applies each shared layer several times in a row instead). MoRConfig enforces it.
 ROUTED_SHARING_STRATEGIES = ("cycle", "middle_cycle")
+
+
+# `--num-recursions auto` (the default) picks the layout whose recursion block is closest to this many layers: the knee
+# of the conversion recipe's table (docs/conversion.md#conversion-recipe), where routing can skip a few layers at a
+# time rather than half the model.
+DEFAULT_BLOCK_LAYERS = 4
+
+
+def default_num_recursions(num_layers: int, sharing_strategy: str) -> int | None:
+    """`--num-recursions auto`: the N_r >= 2 of `sharing_strategy` whose block is closest to DEFAULT_BLOCK_LAYERS
+    layers (the larger block on a tie), or None when an `num_layers`-layer source has no layout of that strategy."""
+    choices = [steps for strategy, steps in valid_recursion_layouts(num_layers) if strategy == sharing_strategy]
+    if not choices:
+        return None
+    return min(choices, key=lambda steps: (
+        abs(recursion_block_size(num_layers, steps, sharing_strategy) - DEFAULT_BLOCK_LAYERS), steps))
+
+
+def parse_num_recursions(value: str):
+    """--num-recursions: a whole number, or "auto" (resolved once the source's layer count is known)."""
+    import argparse
+
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a whole number nor 'auto'") from None
 
 
 def default_routing(sharing_strategy: str) -> str:
@@ -216,8 +245,10 @@ def build_argument_parser():
     )
     parser.add_argument("source", help="local checkpoint folder, .gguf file, or Hub id ('name' or 'org/name')")
     parser.add_argument("output_dir", help="folder to write (refused if it exists, unless --overwrite)")
-    parser.add_argument("--num-recursions", type=int, default=3,
-                        help="N_r, how many times the shared block is applied (>= 1; default 3)")
+    parser.add_argument("--num-recursions", type=parse_num_recursions, default="auto",
+                        help=f"N_r, how many times the shared block is applied (>= 1), or 'auto' (the default): the "
+                             f"layout whose block is closest to {DEFAULT_BLOCK_LAYERS} layers (SmolLM2-135M's 30 "
+                             f"layers: middle_cycle N_r = {default_num_recursions(30, 'middle_cycle')})")
     parser.add_argument("--sharing-strategy", default="middle_cycle", choices=SHARING_STRATEGIES,
                         help="which layers share weights: 'cycle' repeats the block of shared layers N_r times, "
                              "'sequence' repeats each shared layer N_r times in a row; 'middle_' keeps the first and "
@@ -238,8 +269,10 @@ def build_argument_parser():
     parser.add_argument("--capacity", type=float, nargs="+",
                         help="expert-choice capacity per step: N_r non-increasing fractions in (0, 1] "
                              "(default (N_r-r+1)/N_r)")
-    parser.add_argument("--relaxation-rank", default="0",
-                        help="rank of the per-step low-rank deltas (0 = none, 'full' = exact reproduction of the source)")
+    parser.add_argument("--relaxation-rank", default="full",
+                        help="rank of the per-step deltas: 'full' (the default) keeps every source layer exact, so the "
+                             "conversion is the source at full depth and routing saves compute; 0 ties the layers "
+                             "for real (fewer parameters, which uptraining must relearn); N in between")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="dtype of the saved weights")
     parser.add_argument("--gguf-file", help="name of the GGUF file inside SOURCE (a folder or Hub id)")
     parser.add_argument("--no-tokenizer", action="store_true",
@@ -444,6 +477,14 @@ def _check_recursion_options(args, num_layers: int | None = None) -> None:
     """--num-recursions, --capacity and --routing, in the command line's terms (MoRConfig checks them again)."""
     layouts = valid_recursion_layouts(num_layers) if num_layers is not None else None
     choices = ", ".join(f"--sharing-strategy {s} --num-recursions {n}" for s, n in layouts or [])
+    if args.num_recursions == "auto":
+        if num_layers is None:
+            return  # checked again once the source's layer count is known
+        args.num_recursions = default_num_recursions(num_layers, args.sharing_strategy)
+        if args.num_recursions is None:
+            raise ValueError(f"--num-recursions auto: the source's {num_layers} layers have no --sharing-strategy "
+                             f"{args.sharing_strategy} layout. Valid choices for it: {choices or 'none'}.")
+        args.resolved_num_recursions = True
     if args.num_recursions < 1:
         valid = f"; valid choices for this {num_layers}-layer source: {choices or 'none'}" if layouts is not None else ""
         raise ValueError(
@@ -670,6 +711,9 @@ def main(argv=None) -> int:
     try:
         plan = _check_arguments(args, output_dir)
         print(choose_threads(plan["source_config"]))
+        if getattr(args, "resolved_num_recursions", False):
+            print(f"--num-recursions auto: {args.num_recursions} (the {args.sharing_strategy} layout of the source's "
+                  f"{plan['num_layers']} layers whose block is closest to {DEFAULT_BLOCK_LAYERS} layers)")
         if args.routing is None and plan["routing"] != "expert_choice":
             print(f"note: --sharing-strategy {args.sharing_strategy} cannot route (a router decides at each pass "
                   f"through the shared block); converting with --routing {plan['routing']}.")

@@ -14,7 +14,7 @@ from ..output_dir import OutputDirExistsError, check_output_dir, check_output_di
 
 
 # The training tokens --layer-budget calibrates the router threshold on (see `training.run.calibration_tokens`).
-CALIBRATION_TOKENS = 4096
+CALIBRATION_TOKENS = 2048
 
 
 def add_data_arguments(parser, eval_help: str) -> None:
