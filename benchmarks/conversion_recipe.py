@@ -16,9 +16,12 @@ run), perplexity on each evaluation text and the source's on the same tokens, 3-
 OUTPUT_DIR ends holding the uptrained model as a loadable checkpoint with its model card and the JSON lines; the
 converted model and the prepared texts stay in a hidden folder beside it, `.NAME.recipe` (replaced by the next run).
 
-The defaults are the less-compute recipe of docs/conversion.md#conversion-recipe: the source's layers kept exact
-(`--relaxation-rank full`, N_r = 2) and routers that send 54% of the tokens out after step 1. `--relaxation-rank 0
---learning-rate 3e-4` is the fewer-parameters recipe.
+The defaults are the less-compute recipe of docs/conversion.md#conversion-recipe, the knee of its table: the source's
+layers kept exact (`--relaxation-rank full`), mor-convert's layout (`--num-recursions auto`: blocks of about 4 layers,
+N_r = 7 for SmolLM2-135M), routers trained at random capacities (`--random-capacity 0.3`) and the final threshold set
+so that the training text takes 0.75x the source's layer applications (`--layer-budget 0.75`). The fewer-parameters
+recipe, as measured: `--relaxation-rank 0 --num-recursions 2 --capacity 1.0 0.5 --fixed-capacity --no-layer-budget
+--learning-rate 3e-4`.
 
 The WikiText-2 files are word-level tokenized (" @-@ ", " , "): they are turned back into plain text first
 (`conversion.text_files.detokenize_wikitext`). Training uses the validation split, reports the test split.
@@ -51,7 +54,7 @@ sys.path.insert(0, str(REPOSITORY))
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from conversion.convert_llama_to_mor import main as convert_main, resolve_source  # noqa: E402
+from conversion.convert_llama_to_mor import main as convert_main, parse_num_recursions, resolve_source  # noqa: E402
 from conversion.flops import layer_applications  # noqa: E402
 from conversion.measure import THRESHOLD_BISECTIONS, mean_depth, perplexity_and_depths, read_eval_tokens, routes_by_threshold  # noqa: E402
 from conversion.training.options import CALIBRATION_TOKENS  # noqa: E402
@@ -65,8 +68,9 @@ from conversion.uptrain import main as uptrain_main  # noqa: E402
 ASSETS = REPOSITORY / "examples" / "assets"
 RESULTS_FILE = "conversion_recipe.jsonl"
 MC_FEWSHOT = 3
-# Step 2 for 46% of the tokens: 2 + 14 x 1.46 = 22.4 of SmolLM2's 30 layer applications per token (0.75x).
-RECOMMENDED_CAPACITY = [1.0, 0.46]
+# The TinyStories text of the default training mix: the team's 2 MB when this checkout sits beside ../shared.
+SHARED_TINYSTORIES_TRAIN = REPOSITORY.parent / "shared" / "data" / "tinystories" / "train.txt"
+TINYSTORIES_TRAIN = SHARED_TINYSTORIES_TRAIN if SHARED_TINYSTORIES_TRAIN.is_file() else ASSETS / "tinystories_train_sample.txt"
 
 
 def build_argument_parser():
@@ -76,20 +80,24 @@ def build_argument_parser():
     parser.add_argument("--minutes", type=float, default=60.0, help="wall-time budget of the whole recipe")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier output of this script")
     recipe = parser.add_argument_group("conversion")
-    recipe.add_argument("--num-recursions", type=int, default=2)
+    recipe.add_argument("--num-recursions", type=parse_num_recursions, default="auto",
+                        help="N_r, or 'auto': mor-convert's default layout (blocks of about 4 layers)")
     recipe.add_argument("--sharing-strategy", default="middle_cycle")
     recipe.add_argument("--init-strategy", default="stepwise")
     recipe.add_argument("--relaxation-rank", default="full",
                         help="N or 'full' (the source's layers kept exact: the less-compute recipe); 0 for the "
                              "fewer-parameters recipe")
     recipe.add_argument("--capacity", type=float, nargs="+",
-                        help="expert-choice capacities (default at N_r = 2: 1.0 0.46, step 2 for 46%% of the tokens, "
-                             "0.75x the source's layer applications; otherwise the config's default)")
+                        help="expert-choice capacities (default: mor-convert's, (N_r - r + 1) / N_r; with random "
+                             "capacities they only say which steps decide)")
     recipe.add_argument("--kv-cache-policy", default="recursion_wise", choices=["recursion_wise", "shared"])
     training = parser.add_argument_group("uptraining")
     training.add_argument("--train-files", nargs="+", type=Path,
-                          help="plain-text training files (default: WikiText-2 valid, detokenized, and the shipped "
-                               "TinyStories train sample)")
+                          help="plain-text training files (default: WikiText-2 valid, detokenized, and "
+                               "--tinystories-train)")
+    training.add_argument("--tinystories-train", type=Path, default=TINYSTORIES_TRAIN,
+                          help="the TinyStories training text of the default mix (default: ../shared's 2 MB when "
+                               "present, else the shipped 400 KB sample)")
     training.add_argument("--learning-rate", type=float, default=1e-4,
                           help="peak learning rate (3e-4 measured for --relaxation-rank 0)")
     training.add_argument("--warmup-steps", type=float, default=10)
@@ -98,16 +106,20 @@ def build_argument_parser():
     training.add_argument("--distill-weight", type=float, default=0.5)
     training.add_argument("--hidden-distill-weight", type=float, default=0.0,
                           help="mor-uptrain's hidden-state term at the recursion boundaries")
-    training.add_argument("--random-capacity", type=float, metavar="MIN",
+    training.add_argument("--random-capacity", type=float, metavar="MIN", default=0.3,
                           help="mor-uptrain's: every step draws the deeper steps' capacities in [MIN, 1], so that "
                                "the router threshold trades quality for compute at inference (see --thresholds)")
+    training.add_argument("--fixed-capacity", action="store_true",
+                          help="train at the configured capacities instead (no --random-capacity)")
     training.add_argument("--capacity-warmup-steps", type=int, default=0,
                           help="mor-uptrain's: capacities from 1 to their targets over the first N steps")
     training.add_argument("--eval-steps", type=int, default=40, help="the curve's resolution (0: no curve)")
     training.add_argument("--no-bf16", action="store_true", help="train in float32 (default: bfloat16 autocast)")
-    training.add_argument("--layer-budget", type=float, metavar="FRACTION",
+    training.add_argument("--layer-budget", type=float, metavar="FRACTION", default=0.75,
                           help="mor-uptrain's: the final model's router threshold is set so that the training text "
                                "takes at most this share of the source's layer applications per token")
+    training.add_argument("--no-layer-budget", action="store_true",
+                          help="keep the configured router threshold (no --layer-budget)")
     data = parser.add_argument_group("evaluation")
     data.add_argument("--wikitext-dir", type=Path, default=REPOSITORY.parent / "shared" / "data" / "wikitext-2",
                       help="a folder with WikiText-2's valid.txt (trained on) and test.txt (reported)")
@@ -137,7 +149,7 @@ def prepare_texts(args, work: Path) -> tuple[dict[str, Path], list[Path]]:
         if not args.train_files:
             train_files = [work / "wikitext2_valid.txt"]
     if not args.train_files:
-        train_files.append(ASSETS / "tinystories_train_sample.txt")
+        train_files.append(args.tinystories_train)
     return evaluations, train_files
 
 
@@ -213,6 +225,7 @@ def main(argv=None) -> int:
         shutil.rmtree(work)
         return 2
     results_file = work / RESULTS_FILE
+    print(f"Training text: {', '.join(map(str, train_files))}", flush=True)
 
     source_path, gguf_file = resolve_source(args.source)
     tokenizer = AutoTokenizer.from_pretrained(source_path, gguf_file=gguf_file)
@@ -226,9 +239,8 @@ def main(argv=None) -> int:
     convert_argv = [args.source, str(converted), "--num-recursions", str(args.num_recursions),
                     "--sharing-strategy", args.sharing_strategy, "--init-strategy", args.init_strategy,
                     "--relaxation-rank", str(args.relaxation_rank), "--kv-cache-policy", args.kv_cache_policy]
-    capacity = args.capacity or (RECOMMENDED_CAPACITY if args.num_recursions == 2 else None)
-    if capacity:
-        convert_argv += ["--capacity", *map(str, capacity)]
+    if args.capacity:
+        convert_argv += ["--capacity", *map(str, args.capacity)]
     if convert_main(convert_argv) != 0:
         return 2
     measured_at = time.perf_counter()
@@ -240,7 +252,7 @@ def main(argv=None) -> int:
     # calibration (forward passes over mor-uptrain's calibration tokens, at the conversion's measured speed).
     measure_seconds = time.perf_counter() - measured_at
     reserved_seconds = 1.5 * measure_seconds + measurements.mc_seconds
-    if args.layer_budget is not None:
+    if not args.no_layer_budget:
         per_token = measure_seconds / sum(tokens.numel() for tokens in token_sets.values())
         reserved_seconds += (2 + THRESHOLD_BISECTIONS) * CALIBRATION_TOKENS * per_token
     reserved_minutes = reserved_seconds / 60
@@ -260,9 +272,9 @@ def main(argv=None) -> int:
                     "--eval-file", str(curve_file), "--eval-max-tokens", str(args.curve_tokens)]
     if args.eval_steps:
         uptrain_argv += ["--eval-steps", str(args.eval_steps)]
-    if args.random_capacity is not None:
+    if not args.fixed_capacity:
         uptrain_argv += ["--random-capacity", str(args.random_capacity)]
-    if args.layer_budget is not None:
+    if not args.no_layer_budget:
         uptrain_argv += ["--layer-budget", str(args.layer_budget)]
     if not args.no_bf16:
         uptrain_argv.append("--bf16")

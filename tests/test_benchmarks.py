@@ -125,7 +125,7 @@ def test_conversion_recipe_runs_end_to_end(tmp_path):
         (wikitext / f"{split}.txt").write_text(story.replace(",", " ,").replace(".", " ."))
     output = tmp_path / "recipe"
     result = run_benchmark("conversion_recipe.py", PROJECT_ROOT / "examples" / "assets" / "stories260K",
-                           "--output-dir", output, "--minutes", "0.3", "--num-recursions", "3", "--threads", "1",
+                           "--output-dir", output, "--minutes", "0.8", "--num-recursions", "3", "--threads", "1",
                            "--wikitext-dir", wikitext, "--eval-tokens", "512", "--curve-tokens", "256",
                            "--eval-steps", "5", "--relaxation-rank", "0", "--learning-rate", "3e-3",
                            "--capacity", "1.0", "0.6", "0.3", "--random-capacity", "0.2",
