@@ -11,7 +11,10 @@ For every CHECKPOINT and every --thresholds value, the held-out perplexity and t
 `conversion.measure.perplexity_and_depths` (the project's one perplexity) on the first --eval-max-tokens tokens of
 --eval-file; every --reference checkpoint (for example models trained at fixed capacities) is measured once, at its
 own threshold. The table goes to PREFIX.md and PREFIX.json, the plot (each CHECKPOINT's sweep as a line, the
-references as points) to PREFIX.png.
+references as points) to PREFIX.png. Every row also gives the share of the unrolled model's layer applications per
+token (`conversion.flops.layer_applications`), and `--layer-budgets` adds, per budget, the threshold that
+`mor-uptrain --layer-budget` would have chosen (`conversion.measure.calibrate_router_threshold`) on
+`--calibration-file`: another compute budget for a trained checkpoint, without training again.
 
 Example (a random-capacity model swept, a fixed-capacity one as a point; see docs/budget_curve.md for the full run):
 
@@ -45,7 +48,9 @@ from conversion.cli_checks import (  # noqa: E402
     read_mor_config,
 )
 from conversion.measure import context_length, eval_block_size, perplexity_and_depths, read_eval_text, read_eval_tokens  # noqa: E402
-from conversion.measure import depth_histogram, format_depth_histogram, mean_depth  # noqa: E402
+from conversion.measure import calibrate_router_threshold, depth_histogram, format_depth_histogram, mean_depth  # noqa: E402
+from conversion.flops import layer_applications  # noqa: E402
+from conversion.text_files import read_text_file  # noqa: E402
 from conversion.output_dir import WRITTEN_BY, check_output_files  # noqa: E402
 
 
@@ -59,6 +64,13 @@ def build_argument_parser():
                         help="MoR expert-choice model folder(s) whose router_threshold is swept (each one a line)")
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9],
                         help="router_threshold values, each in (0, 1) (default: 0.1 0.3 0.5 0.7 0.9)")
+    parser.add_argument("--layer-budgets", type=float, nargs="+", default=[], metavar="FRACTION",
+                        help="also the threshold at which the text of --calibration-file takes at most each FRACTION of "
+                             "the unrolled model's layer applications per token (as mor-uptrain --layer-budget sets it), "
+                             "measured like the others")
+    parser.add_argument("--calibration-file",
+                        help="UTF-8 text the --layer-budgets thresholds are calibrated on (default: --eval-file; the "
+                             "training text keeps the evaluation text held out)")
     parser.add_argument("--reference", nargs="+", default=[], metavar="CHECKPOINT",
                         help="MoR model folder(s) measured once at their own threshold (points on the plot)")
     parser.add_argument("--eval-file", default=str(ASSETS / "tinystories_valid_sample.txt"),
@@ -80,6 +92,12 @@ def check_arguments(args) -> int:
         if not 0.0 < threshold < 1.0:
             raise ValueError(f"--thresholds {threshold} is not valid: router_threshold is a sigmoid cut in (0, 1). "
                              f"Fix: give values such as 0.1 0.3 0.5 0.7 0.9.")
+    for budget in args.layer_budgets:
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"--layer-budgets {budget} is not valid: it is a share of the model's layer applications, "
+                             f"in (0, 1]. Fix: give values such as 0.75 0.85.")
+    if args.calibration_file is not None:
+        read_text_file(args.calibration_file, "--calibration-file")
     if args.eval_max_tokens < 2:
         raise ValueError(f"--eval-max-tokens {args.eval_max_tokens} is too small; give at least 2 (default 16384).")
     contexts = []
@@ -116,6 +134,7 @@ def load_model(folder):
 def measure(model, tokens, block_size) -> dict:
     perplexity, depths = perplexity_and_depths(model, tokens, block_size)
     return {"perplexity": perplexity, "mean_depth": mean_depth(depths),
+            "layer_fraction": layer_applications(model, mean_depth(depths)) / model.config.num_hidden_layers,
             "depth_histogram": depth_histogram(depths)}
 
 
@@ -127,10 +146,22 @@ def sweep(model, tokens, block_size, thresholds) -> list[dict]:
         for threshold in thresholds:
             model.config.router_threshold = threshold
             rows.append({"threshold": threshold, **measure(model, tokens, block_size)})
-            print(f"  threshold {threshold:.2f}: mean depth {rows[-1]['mean_depth']:.3f}, perplexity "
-                  f"{rows[-1]['perplexity']:.3f}", flush=True)
+            print(f"  threshold {threshold:.4g}: mean depth {rows[-1]['mean_depth']:.3f}, layer applications "
+                  f"{rows[-1]['layer_fraction']:.3f}, perplexity {rows[-1]['perplexity']:.3f}", flush=True)
     finally:
         model.config.router_threshold = trained
+    return rows
+
+
+def budget_rows(model, calibration_tokens, tokens, block_size, budgets) -> list[dict]:
+    """For each budget, the threshold `calibrate_router_threshold` finds on `calibration_tokens`, measured on `tokens`."""
+    rows = []
+    for budget in budgets:
+        threshold, spent = calibrate_router_threshold(model, calibration_tokens, budget, block_size)
+        print(f"  --layer-budgets {budget}: threshold {threshold:.4f} (the calibration text takes {spent:.3f})",
+              flush=True)
+        (row,) = sweep(model, tokens, block_size, [threshold])
+        rows.append({**row, "layer_budget": budget, "calibration_fraction": spent})
     return rows
 
 
@@ -149,11 +180,13 @@ def markdown(result) -> str:
     for curve in result["sweeps"]:
         config = curve["config"]
         lines += [f"### `{curve['name']}` swept (trained capacity {config['capacity']}, threshold "
-                  f"{config['router_threshold']})", "", "| router_threshold | mean depth | perplexity | depth histogram |",
-                  "|---|---|---|---|"]
+                  f"{config['router_threshold']})", "",
+                  "| router_threshold | mean depth | layer applications | perplexity | depth histogram |",
+                  "|---|---|---|---|---|"]
         for row in curve["rows"]:
-            lines.append(f"| {row['threshold']:.2f} | {row['mean_depth']:.3f} | {row['perplexity']:.3f} | "
-                         f"{format_depth_histogram(row['depth_histogram'])} |")
+            budget = f" (--layer-budgets {row['layer_budget']:g})" if "layer_budget" in row else ""
+            lines.append(f"| {row['threshold']:.4g}{budget} | {row['mean_depth']:.3f} | {row['layer_fraction']:.3f} | "
+                         f"{row['perplexity']:.3f} | {format_depth_histogram(row['depth_histogram'])} |")
         flags = curve["monotone"]
         lines += ["", f"Depth non-increasing as the threshold grows: {'yes' if flags['depth_non_increasing_in_threshold'] else 'no'}; "
                       f"perplexity non-increasing as depth grows: {'yes' if flags['perplexity_non_increasing_in_depth'] else 'no'}.", ""]
@@ -204,6 +237,9 @@ def main(argv=None) -> int:
         block_size = check_arguments(args)
         tokenizer = load_tokenizer(args.checkpoints[0], "CHECKPOINT", "the sweep reads the eval text with it")
         tokens = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens)
+        calibration_tokens = tokens
+        if args.calibration_file is not None:
+            calibration_tokens = read_eval_tokens(tokenizer, args.calibration_file, args.eval_max_tokens)
     except (ValueError, OSError) as error:  # OSError: OutputDirExistsError
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
@@ -213,7 +249,13 @@ def main(argv=None) -> int:
     for folder in args.checkpoints:
         print(f"{folder}:", flush=True)
         model = load_model(folder)
-        rows = sweep(model, tokens, block_size, sorted(args.thresholds))
+        try:
+            rows = budget_rows(model, calibration_tokens, tokens, block_size, args.layer_budgets)
+            rows += sweep(model, tokens, block_size, args.thresholds)
+        except ValueError as error:  # a budget below what the steps every token takes cost
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return 2
+        rows.sort(key=lambda row: row["threshold"])
         result["sweeps"].append({"name": Path(folder).name, "path": str(folder), "rows": rows,
                                  "monotone": is_monotone(rows),
                                  "config": {"capacity": model.config.capacity,

@@ -118,11 +118,17 @@ def test_budget_curve_sweeps_one_checkpoint_end_to_end(random_capacity_run, tmp_
     thresholds = [0.05, 0.3, 0.5, 0.7, 0.95]
     prefix = tmp_path / "curve" / "budget"
     result = run_script(model_dir, "--reference", model_dir, "--thresholds", *thresholds, "--eval-file",
-                        TINYSTORIES_VALID, "--eval-max-tokens", 1024, "--output-prefix", prefix)
+                        TINYSTORIES_VALID, "--eval-max-tokens", 1024, "--output-prefix", prefix,
+                        "--layer-budgets", 0.8, "--calibration-file", TINYSTORIES_TRAIN)
     assert result.returncode == 0, result.stderr[-3000:]
     table = json.loads(prefix.with_suffix(".json").read_text())
     assert table["written_by"] == "examples/budget_curve.py"  # what lets --overwrite replace these files
-    rows = table["sweeps"][0]["rows"]
+    # --layer-budgets: the threshold calibrated on the training text, measured like the sweep's.
+    (calibrated,) = [row for row in table["sweeps"][0]["rows"] if "layer_budget" in row]
+    assert calibrated["layer_budget"] == 0.8 and calibrated["calibration_fraction"] <= 0.8
+    assert calibrated["layer_fraction"] == pytest.approx((2 + calibrated["mean_depth"]) / 5)
+    assert "(--layer-budgets 0.8)" in prefix.with_suffix(".md").read_text()
+    rows = [row for row in table["sweeps"][0]["rows"] if "layer_budget" not in row]
     assert [row["threshold"] for row in rows] == thresholds
     depths = [row["mean_depth"] for row in rows]
     assert all(later <= earlier for earlier, later in zip(depths, depths[1:])), depths
@@ -141,6 +147,8 @@ def test_budget_curve_help_and_bad_input(random_capacity_run, tmp_path):
     assert "Example" in run_script("--help").stdout
     for arguments, message in (
         (["--thresholds", "1.5"], "--thresholds 1.5 is not valid"),
+        (["--layer-budgets", "1.5"], "--layer-budgets 1.5 is not valid"),
+        (["--layer-budgets", "0.8", "--calibration-file", tmp_path / "missing.txt"], "missing.txt"),
         (["--reference", tmp_path / "missing"], "does not exist"),
     ):
         result = run_script(model_dir, *arguments, "--output-prefix", tmp_path / "out" / "curve")
