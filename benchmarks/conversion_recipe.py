@@ -54,7 +54,8 @@ sys.path.insert(0, str(REPOSITORY))
 
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from conversion.convert_llama_to_mor import main as convert_main, parse_num_recursions, resolve_source  # noqa: E402
+from conversion.cli_checks import Range, check_option_values, one_line  # noqa: E402
+from conversion.convert_llama_to_mor import ROUTED_SHARING_STRATEGIES, main as convert_main, parse_num_recursions, resolve_source  # noqa: E402
 from conversion.flops import layer_applications  # noqa: E402
 from conversion.measure import THRESHOLD_BISECTIONS, mean_depth, perplexity_and_depths, read_eval_tokens, routes_by_threshold  # noqa: E402
 from conversion.training.options import CALIBRATION_TOKENS  # noqa: E402
@@ -137,6 +138,25 @@ def build_argument_parser():
     return parser
 
 
+def check_recipe_options(args) -> None:
+    """What mor-convert and mor-uptrain would refuse only after the source's measurement and the conversion, refused
+    before any work (ValueError or OSError, one line naming this script's options)."""
+    check_option_values(args, {"layer_budget": Range(0, 1, low_open=True),
+                               "random_capacity": Range(0, 1, low_open=True, high_open=True)})
+    routed = args.sharing_strategy in ROUTED_SHARING_STRATEGIES
+    for option, used in (("--layer-budget", not args.no_layer_budget), ("--random-capacity", not args.fixed_capacity)):
+        if used and not routed:
+            off = "--no-layer-budget" if option == "--layer-budget" else "--fixed-capacity"
+            raise ValueError(f"{option} acts on expert-choice routing, which --sharing-strategy {args.sharing_strategy} "
+                             f"does not have; nothing was written. Fix: pass {off}, or a cycle strategy.")
+    if not args.no_mc:
+        try:
+            load_multiple_choice_items(args.mc_file)
+        except (ValueError, OSError) as error:
+            raise ValueError(f"--mc-file {args.mc_file}: {one_line(error)} Fix: give a file of multiple-choice "
+                             f"questions (JSON lines), or --no-mc.") from None
+
+
 def prepare_texts(args, work: Path) -> tuple[dict[str, Path], list[Path]]:
     """The evaluation texts (name -> file) and the training files, WikiText-2 detokenized into `work`."""
     evaluations = {"tinystories_valid": args.tinystories_valid}
@@ -185,10 +205,10 @@ class Measurements:
             self.mc_seconds = time.perf_counter() - asked
             row["mc_accuracy"], row["mc_accuracy_norm"] = scores["accuracy"], scores["accuracy_norm"]
         if model.config.model_type == "mor":
-            row["mean_depth"] = round(mean_depth(depths_all), 3)
+            row["mean_depth"] = round(mean_depth(depths_all, zero_is_padding=False), 3)
             if routes_by_threshold(model.config):
                 row["router_threshold"] = round(model.config.router_threshold, 4)
-        row["layer_applications"] = round(layer_applications(model, mean_depth(depths_all)), 2)
+        row["layer_applications"] = round(layer_applications(model, mean_depth(depths_all, zero_is_padding=False)), 2)
         source_layers = self.source["layer_applications"] if self.source is not None else row["layer_applications"]
         row["layer_applications_vs_source"] = round(row["layer_applications"] / source_layers, 3)
         if self.source is not None:
@@ -217,11 +237,12 @@ def main(argv=None) -> int:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     try:
+        check_recipe_options(args)
         evaluations, train_files = prepare_texts(args, work)
-        if not args.no_mc:
-            load_multiple_choice_items(args.mc_file)  # a missing or malformed file is refused before any work
+        for path in train_files:
+            read_text_file(path, "--train-files" if args.train_files else "--tinystories-train")
     except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         shutil.rmtree(work)
         return 2
     results_file = work / RESULTS_FILE

@@ -47,7 +47,8 @@ def measure(args) -> dict:
     from mor_vllm.model import depth_counts_of
 
     prompts = seeded_prompts(args.requests, args)
-    # disable_log_stats=False: the scheduler reports its state after every step (read by `PeakRunning`).
+    # disable_log_stats=False: the scheduler reports its state after every step (read by `PeakRunning`); every row runs
+    # so, so rows of one run compare alike (figures from before this option ran without vLLM's stat loggers).
     llm = LLM(model=str(args.measure), skip_tokenizer_init=True, enforce_eager=args.mode == "eager",
               max_num_seqs=args.concurrency, kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), dtype=args.dtype,
               max_model_len=args.max_prompt + args.new_tokens, seed=0, disable_log_stats=False)
@@ -174,7 +175,7 @@ def main():
     for requests, concurrency in workloads:
         print(f"\n{requests} requests, {concurrency} at a time")
         print(f"{'model':<28}{'mode':<10}{'tok/s':>8}{'vs best vanilla':>17}{'depth':>7}{'FLOP ideal':>12}"
-              f"{'KV tokens':>11}{'vs vanilla':>12}{'peak running':>14}")
+              f"{'KV tokens':>11}{'vs vanilla':>12}{'peak running':>14}{'peak KV use':>13}")
         median = {key: statistics.median(r["tokens_per_second"] for r in runs) for key, runs in results.items()}
         best_vanilla = max(median[("vanilla_llama", mode, requests, concurrency)] for mode in args.modes)
         for folder, name in ROWS.items():
@@ -191,11 +192,13 @@ def main():
                 vanilla_kv = results[("vanilla_llama", mode, requests, concurrency)][0]["kv_tokens"]
                 line += f"{first['kv_tokens']:>11}{first['kv_tokens'] / vanilla_kv:>11.2f}x"
                 line += f"{max(r['peak_running'] for r in results[key]):>14}"
+                line += f"{max(r['peak_kv_usage'] for r in results[key]):>12.0%}"
                 print(line)
     print("\n'depth': mean recursion steps of the tokens the model ran (prompt tokens and every generated token but "
           "the last). 'FLOP ideal': weight-matmul FLOPs of routing none (= vanilla's) over this row's, from those "
           "depths; attention is not counted. 'KV tokens': the tokens vLLM's KV cache holds in the budget. 'peak running': "
-          "the most requests vLLM's scheduler ran at once (at most the concurrency; fewer where the KV cache binds).")
+          "the most requests vLLM's scheduler ran at once (at most the concurrency; fewer where the KV cache binds); "
+          "'peak KV use': the largest share of the KV cache they held.")
 
 
 if __name__ == "__main__":

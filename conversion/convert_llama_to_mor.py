@@ -17,6 +17,7 @@ mor = convert_llama_to_mor(llama, num_recursions=3, sharing_strategy="middle_cyc
 ```
 """
 
+import argparse
 import random
 
 import torch
@@ -59,8 +60,6 @@ def default_num_recursions(num_layers: int, sharing_strategy: str) -> int | None
 
 def parse_num_recursions(value: str):
     """--num-recursions: a whole number, or "auto" (resolved once the source's layer count is known)."""
-    import argparse
-
     if value == "auto":
         return value
     try:
@@ -230,8 +229,6 @@ GGUF_SOURCE_REPO_KEYS = ("general.source.huggingface.repository", "general.sourc
 
 
 def build_argument_parser():
-    import argparse
-
     from modeling_mor.configuration_mor import GATINGS, KV_CACHE_POLICIES, ROUTER_INFERENCE, ROUTINGS, SHARING_STRATEGIES
 
     from .cli_checks import HelpFormatter
@@ -478,13 +475,7 @@ def _check_recursion_options(args, num_layers: int | None = None) -> None:
     layouts = valid_recursion_layouts(num_layers) if num_layers is not None else None
     choices = ", ".join(f"--sharing-strategy {s} --num-recursions {n}" for s, n in layouts or [])
     if args.num_recursions == "auto":
-        if num_layers is None:
-            return  # checked again once the source's layer count is known
-        args.num_recursions = default_num_recursions(num_layers, args.sharing_strategy)
-        if args.num_recursions is None:
-            raise ValueError(f"--num-recursions auto: the source's {num_layers} layers have no --sharing-strategy "
-                             f"{args.sharing_strategy} layout. Valid choices for it: {choices or 'none'}.")
-        args.resolved_num_recursions = True
+        return  # checked once `_check_arguments` has resolved it from the source's layer count
     if args.num_recursions < 1:
         valid = f"; valid choices for this {num_layers}-layer source: {choices or 'none'}" if layouts is not None else ""
         raise ValueError(
@@ -563,6 +554,13 @@ def _check_arguments(args, output_dir) -> dict:
             f"Llama-architecture checkpoints (model_type 'llama': Llama, SmolLM, SmolLM2), as a folder, Hub id or GGUF file."
         )
     num_layers = source_config.num_hidden_layers
+    auto_num_recursions = args.num_recursions == "auto"
+    if auto_num_recursions:
+        args.num_recursions = default_num_recursions(num_layers, args.sharing_strategy)
+        if args.num_recursions is None:
+            layouts = ", ".join(f"--sharing-strategy {s} --num-recursions {n}" for s, n in valid_recursion_layouts(num_layers))
+            raise ValueError(f"--num-recursions auto: the source's {num_layers} layers have no --sharing-strategy "
+                             f"{args.sharing_strategy} layout. Valid choices for it: {layouts or 'none'}.")
     _check_recursion_options(args, num_layers)
     relaxation_rank = _parse_relaxation_rank(args.relaxation_rank, source_config.hidden_size)
     block_size = eval_block_size(args.eval_block_size, context_length(source_config)) if args.eval_file else None
@@ -588,7 +586,7 @@ def _check_arguments(args, output_dir) -> dict:
     return dict(
         source=source, gguf_file=gguf_file, inputs=inputs, num_layers=num_layers, routing=routing, overrides=overrides,
         relaxation_rank=relaxation_rank, block_size=block_size, base_model=base_model, gguf_metadata=gguf_metadata,
-        source_config=source_config,
+        source_config=source_config, auto_num_recursions=auto_num_recursions,
     )
 
 
@@ -711,7 +709,7 @@ def main(argv=None) -> int:
     try:
         plan = _check_arguments(args, output_dir)
         print(choose_threads(plan["source_config"]))
-        if getattr(args, "resolved_num_recursions", False):
+        if plan["auto_num_recursions"]:
             print(f"--num-recursions auto: {args.num_recursions} (the {args.sharing_strategy} layout of the source's "
                   f"{plan['num_layers']} layers whose block is closest to {DEFAULT_BLOCK_LAYERS} layers)")
         if args.routing is None and plan["routing"] != "expert_choice":

@@ -110,10 +110,13 @@ def perplexity_and_depths(model, token_ids: torch.LongTensor, block_size: int | 
     return math.exp(total_nll / total_tokens), depths
 
 
-def mean_depth(depths: Counter) -> float | None:
-    """Mean recursion depth of the real tokens of a depth Counter (`perplexity_and_depths`; 0 marks padding)."""
-    total = sum(count for depth, count in depths.items() if depth > 0)
-    return sum(depth * count for depth, count in depths.items() if depth > 0) / total if total else None
+def mean_depth(depths: Counter, zero_is_padding: bool = True) -> float | None:
+    """Mean recursion depth of the real tokens of a depth Counter, None when it has none. Depth 0 marks padding by
+    default; `perplexity_and_depths` pads nothing, so for its counts a 0 is a real token that took no recursion step
+    (a first step of capacity below 1), which `zero_is_padding=False` counts."""
+    counted = {depth: count for depth, count in depths.items() if depth > 0 or not zero_is_padding}
+    total = sum(counted.values())
+    return sum(depth * count for depth, count in counted.items()) / total if total else None
 
 
 def depth_histogram(depths: Counter) -> dict[str, int]:
@@ -155,7 +158,7 @@ def layer_fraction(model, token_ids: torch.LongTensor, block_size: int | None = 
     """The share of the unrolled model's layer applications (`config.num_hidden_layers`, the source's for a
     conversion) that the tokens of `token_ids` take in eval mode (`flops.layer_applications`)."""
     _, depths = perplexity_and_depths(model, token_ids, block_size, desc=desc)
-    return layer_applications(model, mean_depth(depths)) / model.config.num_hidden_layers
+    return layer_applications(model, mean_depth(depths, zero_is_padding=False)) / model.config.num_hidden_layers
 
 
 # Bisection over the router logit t = log(p / (1 - p)) of the threshold p: thresholds cluster near 0 and 1 in

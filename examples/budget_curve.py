@@ -12,9 +12,10 @@ For every CHECKPOINT and every --thresholds value, the held-out perplexity and t
 --eval-file; every --reference checkpoint (for example models trained at fixed capacities) is measured once, at its
 own threshold. The table goes to PREFIX.md and PREFIX.json, the plot (each CHECKPOINT's sweep as a line, the
 references as points) to PREFIX.png. Every row also gives the share of the unrolled model's layer applications per
-token (`conversion.flops.layer_applications`), and `--layer-budgets` adds, per budget, the threshold that
-`mor-uptrain --layer-budget` would have chosen (`conversion.measure.calibrate_router_threshold`) on
-`--calibration-file`: another compute budget for a trained checkpoint, without training again.
+token (`conversion.flops.layer_applications`), and `--layer-budgets` adds, per budget, the threshold calibrated the
+way `mor-uptrain --layer-budget` calibrates it (`conversion.measure.calibrate_router_threshold`), on the first
+--eval-max-tokens tokens of `--calibration-file`: another compute budget for a trained checkpoint, without training
+again.
 
 Example (a random-capacity model swept, a fixed-capacity one as a point; see docs/budget_curve.md for the full run):
 
@@ -42,6 +43,7 @@ import torch  # noqa: E402
 
 from conversion.cli_checks import (  # noqa: E402
     HelpFormatter,
+    check_option_needs,
     choose_threads,
     load_tokenizer,
     one_line,
@@ -66,8 +68,8 @@ def build_argument_parser():
                         help="router_threshold values, each in (0, 1) (default: 0.1 0.3 0.5 0.7 0.9)")
     parser.add_argument("--layer-budgets", type=float, nargs="+", default=[], metavar="FRACTION",
                         help="also the threshold at which the text of --calibration-file takes at most each FRACTION of "
-                             "the unrolled model's layer applications per token (as mor-uptrain --layer-budget sets it), "
-                             "measured like the others")
+                             "the unrolled model's layer applications per token (calibrated as mor-uptrain "
+                             "--layer-budget does), measured like the others")
     parser.add_argument("--calibration-file",
                         help="UTF-8 text the --layer-budgets thresholds are calibrated on (default: --eval-file; the "
                              "training text keeps the evaluation text held out)")
@@ -96,6 +98,7 @@ def check_arguments(args) -> int:
         if not 0.0 < budget <= 1.0:
             raise ValueError(f"--layer-budgets {budget} is not valid: it is a share of the model's layer applications, "
                              f"in (0, 1]. Fix: give values such as 0.75 0.85.")
+    check_option_needs("--layer-budgets", args.layer_budgets or None, {"--calibration-file": args.calibration_file})
     if args.calibration_file is not None:
         read_text_file(args.calibration_file, "--calibration-file")
     if args.eval_max_tokens < 2:
@@ -133,8 +136,9 @@ def load_model(folder):
 
 def measure(model, tokens, block_size) -> dict:
     perplexity, depths = perplexity_and_depths(model, tokens, block_size)
-    return {"perplexity": perplexity, "mean_depth": mean_depth(depths),
-            "layer_fraction": layer_applications(model, mean_depth(depths)) / model.config.num_hidden_layers,
+    depth = mean_depth(depths, zero_is_padding=False)  # perplexity_and_depths pads nothing
+    return {"perplexity": perplexity, "mean_depth": depth,
+            "layer_fraction": layer_applications(model, depth) / model.config.num_hidden_layers,
             "depth_histogram": depth_histogram(depths)}
 
 

@@ -95,7 +95,7 @@ def add_trainer_arguments(parser) -> None:
     schedule.add_argument("--layer-budget", type=float, metavar="FRACTION",
                           help="after training, set the saved eval-mode router_threshold to the lowest at which the "
                                "tokens of the training text take at most FRACTION of the unrolled model's layer "
-                               "applications per token (the source's, for a conversion; measured on up to "
+                               "applications per token (the source's, for a conversion; measured on about "
                                f"{CALIBRATION_TOKENS:,} tokens spread over the training blocks): the model's compute, "
                                "chosen by the user (pairs with --random-capacity)")
     parser.add_argument("--overwrite", action="store_true",

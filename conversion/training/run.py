@@ -44,7 +44,7 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
     layer_budget = getattr(args, "layer_budget", None)
     if layer_budget is not None:
         smallest = smallest_layer_fraction(model)
-        if layer_budget < smallest:
+        if layer_budget < smallest:  # before training (this counts the model's relaxation deltas, hence here)
             print(f"error: --layer-budget {layer_budget} is below what this model can spend: every token takes the "
                   f"recursion steps of capacity 1 ({model.config.capacity}), {smallest:.3f} of its layer "
                   f"applications; nothing was written. Fix: give at least {smallest:.3f}, or convert with a capacity "
@@ -98,23 +98,25 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
 
             trainer.train(resume_from_checkpoint=checked.resume_checkpoint)
             train_seconds = time.perf_counter() - start
+            # OUTPUT_DIR, or the staging folder still when no checkpoint was saved (a run resumed at its last step).
+            final_dir = Path(training_args.output_dir)
+            trainer.save_model(str(final_dir))  # the final model and its tokenizer (every process must call this)
             calibration = None
             if layer_budget is not None:
-                # Every process measures the same tokens, so every one saves the same threshold.
+                # After saving: a calibration that fails or is interrupted loses no training. Every process measures
+                # the same tokens (an FSDP model needs them all), so every one finds the same threshold.
                 try:
                     threshold, spent = calibrate_router_threshold(
                         trainer.model, calibration_tokens(data.train_dataset), layer_budget, args.block_size)
-                except ValueError as error:  # the trained model is saved all the same, at its configured threshold
+                except ValueError as error:  # the trained model stays saved, at its configured threshold
                     print(f"warning: --layer-budget {layer_budget} not applied: {one_line(error)} The model keeps "
                           f"router_threshold {trainer.model.config.router_threshold}.", file=sys.stderr)
                 else:
                     trainer.model.config.router_threshold = threshold
+                    if trainer.is_world_process_zero():
+                        trainer.model.config.save_pretrained(final_dir)
                     calibration = {"layer_budget": layer_budget, "router_threshold": round(threshold, 6),
                                    "layer_fraction": round(spent, 4)}
-
-            # OUTPUT_DIR, or the staging folder still when no checkpoint was saved (a run resumed at its last step).
-            final_dir = Path(training_args.output_dir)
-            trainer.save_model(str(final_dir))  # the final model and its tokenizer (every process must call this)
             after = depths = None
             # An FSDP-sharded model all-gathers its parameters in every forward: every process runs the measurement.
             if data.eval_tokens is not None and (trainer.is_world_process_zero() or trainer.is_fsdp_enabled):
@@ -236,13 +238,14 @@ def staging_folder(staging: contextlib.ExitStack, output_dir: Path, training_arg
 def smallest_layer_fraction(model) -> float:
     """The share of its layer applications an expert-choice model spends when every token stops as early as it can:
     after the recursion steps of capacity 1, which every token takes."""
-    steps_of_every_token = sum(1 for fraction in model.config.capacity if fraction >= 1.0)
-    return layer_applications(model, steps_of_every_token) / model.config.num_hidden_layers
+    from modeling_mor.routing_mor import steps_every_token_takes
+
+    return layer_applications(model, steps_every_token_takes(model.config)) / model.config.num_hidden_layers
 
 
 def calibration_tokens(train_dataset, num_tokens: int = CALIBRATION_TOKENS) -> torch.LongTensor:
-    """Up to `num_tokens` training tokens in whole blocks spread evenly over the training data (so that every file
-    of a mix is represented), on which --layer-budget measures the compute."""
+    """About `num_tokens` training tokens (at least one block) in whole blocks spread evenly over the training data,
+    so that the files of a mix are sampled in about their proportion, on which --layer-budget measures the compute."""
     blocks = train_dataset.blocks
     count = max(1, min(len(blocks), num_tokens // blocks.shape[1]))
     chosen = torch.linspace(0, len(blocks) - 1, count).round().long()

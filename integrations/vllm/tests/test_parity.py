@@ -61,6 +61,7 @@ def test_greedy_tokens_equal_generate(references, variant, mode, dtype):
 def assert_equals_generate(tokens, logprobs, depth_counts, expected, where=""):
     """vLLM's greedy tokens and their log-probabilities are generate()'s, and the tokens it ran took generate()'s
     depths: every token once, but the last prompt's first block, which vLLM's prefix cache served."""
+    assert len(tokens) == len(logprobs) == len(expected["tokens"]), where
     for index, (got, want) in enumerate(zip(tokens, expected["tokens"])):
         assert got == want, f"{where}prompt {index} ({len(expected['prompts'][index])} tokens)"
     for got, want in zip(logprobs, expected["logprobs"]):
