@@ -55,8 +55,9 @@ VARIANTS = {
     "expert_shared_tied": dict(routing="expert_choice", kv_cache_policy="shared", tie_word_embeddings=True),
 }
 # A tied SmolLM2-shaped Llama (head_dim 64, 3 query heads per KV head, SiLU MLP 8/3 wide) converted by the project's
-# converter with mor-convert's defaults (middle_cycle, N_r = 2: auxiliary routers, update gating), its routers then
-# scaled like the other variants' so that they make mixed decisions.
+# converter as mor-convert's defaults convert it (middle_cycle, --num-recursions auto: 2 for its 6 layers, full-rank
+# relaxation, auxiliary routers, update gating), its routers then scaled like the other variants' so that they make
+# mixed decisions.
 CONVERTED_VARIANT = "converted_smollm2_shape"
 SMOLLM2_SHAPE = dict(
     vocab_size=512, hidden_size=192, intermediate_size=512, num_attention_heads=3, num_key_value_heads=1,
@@ -93,12 +94,15 @@ def build(overrides: dict, dtype=torch.float32):
 def build_converted():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conversion.convert_llama_to_mor import convert_llama_to_mor
+    from conversion.convert_llama_to_mor import convert_llama_to_mor, default_num_recursions
 
     torch.manual_seed(0)
     source = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE)).eval()
-    model = convert_llama_to_mor(source, num_recursions=2, sharing_strategy="middle_cycle").eval()
+    num_recursions = default_num_recursions(SMOLLM2_SHAPE["num_hidden_layers"], "middle_cycle")
+    model = convert_llama_to_mor(source, num_recursions=num_recursions, sharing_strategy="middle_cycle",
+                                 relaxation_rank=SMOLLM2_SHAPE["hidden_size"]).eval()
     assert model.config.tie_word_embeddings and model.config.router_inference == "auxiliary"
+    assert model.config.has_full_rank_relaxation
     with torch.no_grad():
         # A fresh conversion's auxiliary routers let every token continue (a large bias); a trained one decides.
         for router in model.model.recursion_block.routing.auxiliary_routers.values():
