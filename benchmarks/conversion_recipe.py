@@ -17,8 +17,8 @@ OUTPUT_DIR ends holding the uptrained model as a loadable checkpoint with its mo
 converted model and the prepared texts stay in a hidden folder beside it, `.NAME.recipe` (replaced by the next run).
 
 The defaults are the less-compute recipe of docs/conversion.md#conversion-recipe, the knee of its table: the source's
-layers kept exact (`--relaxation-rank full`), mor-convert's layout (`--num-recursions auto`: blocks of about 4 layers,
-N_r = 7 for SmolLM2-135M), routers trained at random capacities (`--random-capacity 0.3`) and the final threshold set
+layers kept exact (`--relaxation-rank full`), mor-convert's layout (`--num-recursions auto`: the smallest N_r the
+layer count allows, 2 for SmolLM2-135M), routers trained at random capacities (`--random-capacity 0.3`) and the final threshold set
 so that the training text takes 0.75x the source's layer applications (`--layer-budget 0.75`). The fewer-parameters
 recipe, as measured: `--relaxation-rank 0 --num-recursions 2 --capacity 1.0 0.5 --fixed-capacity --no-layer-budget
 --learning-rate 3e-4`.
@@ -82,7 +82,7 @@ def build_argument_parser():
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier output of this script")
     recipe = parser.add_argument_group("conversion")
     recipe.add_argument("--num-recursions", type=parse_num_recursions, default="auto",
-                        help="N_r, or 'auto': mor-convert's default layout (blocks of about 4 layers)")
+                        help="N_r, or 'auto': mor-convert's default (the smallest N_r the layer count allows)")
     recipe.add_argument("--sharing-strategy", default="middle_cycle")
     recipe.add_argument("--init-strategy", default="stepwise")
     recipe.add_argument("--relaxation-rank", default="full",

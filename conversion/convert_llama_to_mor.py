@@ -42,20 +42,13 @@ INIT_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
 ROUTED_SHARING_STRATEGIES = ("cycle", "middle_cycle")
 
 
-# `--num-recursions auto` (the default) picks the layout whose recursion block is closest to this many layers: the knee
-# of the conversion recipe's table (docs/conversion.md#conversion-recipe), where routing can skip a few layers at a
-# time rather than half the model.
-DEFAULT_BLOCK_LAYERS = 4
-
-
 def default_num_recursions(num_layers: int, sharing_strategy: str) -> int | None:
-    """`--num-recursions auto`: the N_r >= 2 of `sharing_strategy` whose block is closest to DEFAULT_BLOCK_LAYERS
-    layers (the larger block on a tie), or None when an `num_layers`-layer source has no layout of that strategy."""
+    """`--num-recursions auto`: the smallest N_r >= 2 of `sharing_strategy` that an `num_layers`-layer source allows
+    (the largest recursion block), or None when it allows none. The knee of the conversion recipe's table
+    (docs/conversion.md#conversion-recipe): at the same hour of uptraining and the same compute, SmolLM2-135M kept
+    more with N_r = 2 than with 4, 7 or 14 (fewer places a token can leave, each one for the last layer to learn)."""
     choices = [steps for strategy, steps in valid_recursion_layouts(num_layers) if strategy == sharing_strategy]
-    if not choices:
-        return None
-    return min(choices, key=lambda steps: (
-        abs(recursion_block_size(num_layers, steps, sharing_strategy) - DEFAULT_BLOCK_LAYERS), steps))
+    return min(choices) if choices else None
 
 
 def parse_num_recursions(value: str):
@@ -243,9 +236,8 @@ def build_argument_parser():
     parser.add_argument("source", help="local checkpoint folder, .gguf file, or Hub id ('name' or 'org/name')")
     parser.add_argument("output_dir", help="folder to write (refused if it exists, unless --overwrite)")
     parser.add_argument("--num-recursions", type=parse_num_recursions, default="auto",
-                        help=f"N_r, how many times the shared block is applied (>= 1), or 'auto' (the default): the "
-                             f"layout whose block is closest to {DEFAULT_BLOCK_LAYERS} layers (SmolLM2-135M's 30 "
-                             f"layers: middle_cycle N_r = {default_num_recursions(30, 'middle_cycle')})")
+                        help="N_r, how many times the shared block is applied (>= 1), or 'auto' (the default): the "
+                             "smallest N_r >= 2 the source's layer count allows (SmolLM2-135M: 2; stories260K: 3)")
     parser.add_argument("--sharing-strategy", default="middle_cycle", choices=SHARING_STRATEGIES,
                         help="which layers share weights: 'cycle' repeats the block of shared layers N_r times, "
                              "'sequence' repeats each shared layer N_r times in a row; 'middle_' keeps the first and "
@@ -710,8 +702,8 @@ def main(argv=None) -> int:
         plan = _check_arguments(args, output_dir)
         print(choose_threads(plan["source_config"]))
         if plan["auto_num_recursions"]:
-            print(f"--num-recursions auto: {args.num_recursions} (the {args.sharing_strategy} layout of the source's "
-                  f"{plan['num_layers']} layers whose block is closest to {DEFAULT_BLOCK_LAYERS} layers)")
+            print(f"--num-recursions auto: {args.num_recursions} (the smallest the source's {plan['num_layers']} "
+                  f"layers allow with --sharing-strategy {args.sharing_strategy})")
         if args.routing is None and plan["routing"] != "expert_choice":
             print(f"note: --sharing-strategy {args.sharing_strategy} cannot route (a router decides at each pass "
                   f"through the shared block); converting with --routing {plan['routing']}.")

@@ -188,19 +188,18 @@ def test_full_rank_relaxation_from_the_cli_reproduces_the_source(routing, tmp_pa
 
 
 def test_defaults_choose_the_layout_and_keep_the_source_exact(tmp_path, capsys):
-    """mor-convert's defaults, the knee of the conversion recipe: --num-recursions auto picks the layout whose block
-    is closest to 4 layers, and --relaxation-rank full keeps every layer exact (the source's logits)."""
+    """mor-convert's defaults, the knee of the conversion recipe: --num-recursions auto picks the smallest N_r the
+    layer count allows, and --relaxation-rank full keeps every layer exact (the source's logits)."""
     from transformers import AutoModelForCausalLM
 
     from conversion.convert_llama_to_mor import default_num_recursions
 
-    # SmolLM2-135M (30 layers: blocks of 14, 7, 4, 2, 1), stories260K (5), 32 layers (30 middle: blocks of 5 and 3 tie
-    # around 4; the larger block wins), and a layout-less source.
-    assert [default_num_recursions(layers, "middle_cycle") for layers in (30, 5, 32, 10)] == [7, 3, 6, 2]
-    assert default_num_recursions(30, "cycle") == 6 and default_num_recursions(3, "middle_cycle") is None
+    # SmolLM2-135M (30 layers), stories260K (5: 3 middle layers), 33 layers (31 middle: prime), and layout-less ones.
+    assert [default_num_recursions(layers, "middle_cycle") for layers in (30, 5, 33, 10)] == [2, 3, 31, 2]
+    assert default_num_recursions(27, "cycle") == 3 and default_num_recursions(3, "middle_cycle") is None
     llama_dir = _llama_folder(tmp_path / "llama", num_layers=10)
     assert convert_main([str(llama_dir), str(tmp_path / "mor"), "--no-tokenizer"]) == 0
-    assert "--num-recursions auto: 2 (the middle_cycle layout of the source's 10 layers" in capsys.readouterr().out
+    assert "--num-recursions auto: 2 (the smallest the source's 10 layers allow" in capsys.readouterr().out
     config = json.loads((tmp_path / "mor" / "config.json").read_text())
     assert (config["num_recursions"], config["relaxation_rank"], config["routing"]) == (2, 16, "expert_choice")
     source = LlamaForCausalLM.from_pretrained(llama_dir).eval()
