@@ -1,3 +1,4 @@
+import importlib
 import json
 import os
 import shutil
@@ -65,10 +66,27 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def missing_setup(reason: str) -> None:
+    """Skips a test (or, at import, a test module) whose setup is missing here; on CI (CI=true, which .ci/run sets and
+    whose install provides every setup these tests need) fails instead, so that a broken install step cannot pass as
+    a skipped test."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (.ci/run should have set it up)", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
+def import_or_missing(module: str, reason: str):
+    """`module` imported, or `missing_setup(reason)`: pytest.importorskip that fails on CI."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        missing_setup(reason)
+
+
 def skip_without_gloo() -> None:
     """Multi-process CPU tests need torch.distributed with the gloo backend (the CPU wheels have it)."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("this torch build has no torch.distributed gloo backend")
+        missing_setup("this torch build has no torch.distributed gloo backend")
 
 
 def last_log_history(folder) -> list[dict]:

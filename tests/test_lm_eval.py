@@ -17,12 +17,10 @@ from transformers import AutoTokenizer
 from evaluation import choice_loglikelihoods, load_model_and_tokenizer, load_multiple_choice_items
 from modeling_mor import MoRForCausalLM
 
-from conftest import STORIES_DIR, mixed_routing_model, tiny_mor_config
+from conftest import STORIES_DIR, import_or_missing, mixed_routing_model, tiny_mor_config
 
 
-lm_eval = pytest.importorskip(
-    "lm_eval", reason="lm-eval is not installed (pip install -e '.[lm-eval]'; the dev extra has it)"
-)
+lm_eval = import_or_missing("lm_eval", "lm-eval is not installed (pip install -e '.[lm-eval]'; the dev extra has it)")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS_DIR = REPO_ROOT / "evaluation" / "lm_eval_tasks"

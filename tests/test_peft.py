@@ -11,7 +11,9 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 
-peft = pytest.importorskip("peft", reason="peft is not installed (pip install -e '.[peft]')")
+from conftest import import_or_missing  # noqa: E402
+
+peft = import_or_missing("peft", "peft is not installed (pip install -e '.[peft]'; the dev extra has it)")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 from peft.tuners.lora import LoraLayer  # noqa: E402
 

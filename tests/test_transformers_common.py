@@ -29,6 +29,8 @@ from unittest import mock
 import pytest
 import transformers
 
+from conftest import missing_setup
+
 
 def _load_model_tester_mixin(source: str):
     """transformers' `test_modeling_common` module from the source distribution in `source`, or what is wrong."""
@@ -66,10 +68,7 @@ def _load_model_tester_mixin(source: str):
 
 
 if not os.environ.get("TRANSFORMERS_SOURCE"):
-    pytest.skip(
-        "TRANSFORMERS_SOURCE is not set (the unpacked transformers source distribution; see the docstring)",
-        allow_module_level=True,
-    )
+    missing_setup("TRANSFORMERS_SOURCE is not set (the unpacked transformers source distribution; see the docstring)")
 common, problem = _load_model_tester_mixin(os.environ["TRANSFORMERS_SOURCE"])
 if common is None:
     pytest.fail(problem, pytrace=False)
