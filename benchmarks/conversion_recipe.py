@@ -204,11 +204,12 @@ class Measurements:
                                               show_progress=False)
             self.mc_seconds = time.perf_counter() - asked
             row["mc_accuracy"], row["mc_accuracy_norm"] = scores["accuracy"], scores["accuracy_norm"]
+        depth = mean_depth(depths_all, zero_is_padding=False)  # perplexity_and_depths pads nothing
         if model.config.model_type == "mor":
-            row["mean_depth"] = round(mean_depth(depths_all, zero_is_padding=False), 3)
+            row["mean_depth"] = round(depth, 3)
             if routes_by_threshold(model.config):
                 row["router_threshold"] = round(model.config.router_threshold, 4)
-        row["layer_applications"] = round(layer_applications(model, mean_depth(depths_all, zero_is_padding=False)), 2)
+        row["layer_applications"] = round(layer_applications(model, depth), 2)
         source_layers = self.source["layer_applications"] if self.source is not None else row["layer_applications"]
         row["layer_applications_vs_source"] = round(row["layer_applications"] / source_layers, 3)
         if self.source is not None:

@@ -462,10 +462,15 @@ def _parse_relaxation_rank(value: str, hidden_size: int) -> int:
     return int(value)
 
 
+def _layout_choices(num_layers: int) -> str:
+    """The (strategy, N_r) pairs an `num_layers`-layer source can be converted with, as command-line options."""
+    return ", ".join(f"--sharing-strategy {s} --num-recursions {n}" for s, n in valid_recursion_layouts(num_layers))
+
+
 def _check_recursion_options(args, num_layers: int | None = None) -> None:
     """--num-recursions, --capacity and --routing, in the command line's terms (MoRConfig checks them again)."""
     layouts = valid_recursion_layouts(num_layers) if num_layers is not None else None
-    choices = ", ".join(f"--sharing-strategy {s} --num-recursions {n}" for s, n in layouts or [])
+    choices = _layout_choices(num_layers) if num_layers is not None else ""
     if args.num_recursions == "auto":
         return  # checked once `_check_arguments` has resolved it from the source's layer count
     if args.num_recursions < 1:
@@ -550,9 +555,8 @@ def _check_arguments(args, output_dir) -> dict:
     if auto_num_recursions:
         args.num_recursions = default_num_recursions(num_layers, args.sharing_strategy)
         if args.num_recursions is None:
-            layouts = ", ".join(f"--sharing-strategy {s} --num-recursions {n}" for s, n in valid_recursion_layouts(num_layers))
             raise ValueError(f"--num-recursions auto: the source's {num_layers} layers have no --sharing-strategy "
-                             f"{args.sharing_strategy} layout. Valid choices for it: {layouts or 'none'}.")
+                             f"{args.sharing_strategy} layout. Valid choices for it: {_layout_choices(num_layers) or 'none'}.")
     _check_recursion_options(args, num_layers)
     relaxation_rank = _parse_relaxation_rank(args.relaxation_rank, source_config.hidden_size)
     block_size = eval_block_size(args.eval_block_size, context_length(source_config)) if args.eval_file else None

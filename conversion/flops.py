@@ -154,8 +154,6 @@ def planned_recursion_depth(config, seq_len: int) -> torch.LongTensor:
     return (rank * num_recursions // seq_len + 1).unsqueeze(0)
 
 
-
-
 def layer_applications(model, mean_depth: float | None = None) -> float:
     """Decoder-layer applications per token, the compute measure of the conversion recipe: a vanilla model's L layers;
     for an MoR model, its unshared end layers once and the block's layers at the tokens' `mean_depth` (middle_cycle

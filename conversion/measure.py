@@ -179,7 +179,7 @@ def calibrate_router_threshold(model, token_ids: torch.LongTensor, budget: float
     configured = config.router_threshold
 
     def fraction_at(logit: float) -> float:
-        config.router_threshold = 1.0 / (1.0 + math.exp(-logit))
+        config.router_threshold = _sigmoid(logit)
         return layer_fraction(model, token_ids, block_size, desc=f"router_threshold {config.router_threshold:.4f}")
 
     try:
@@ -201,6 +201,10 @@ def calibrate_router_threshold(model, token_ids: torch.LongTensor, budget: float
                 high, spent = middle, middle_spent
             else:
                 low = middle
-        return 1.0 / (1.0 + math.exp(-high)), spent
+        return _sigmoid(high), spent
     finally:
         config.router_threshold = configured
+
+
+def _sigmoid(logit: float) -> float:
+    return 1.0 / (1.0 + math.exp(-logit))

@@ -24,7 +24,6 @@ Examples:
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -56,7 +55,6 @@ from .training.options import (
     resolve_block_sizes,
 )
 from .training.run import INTERRUPTED_RUN, run_training
-from .training.summary import SUMMARY_FILE
 from .training.trainer import recursion_boundaries
 
 
@@ -157,15 +155,16 @@ def main(argv=None) -> int:
         for parameter in teacher.parameters():
             parameter.requires_grad_(False)
 
-    def finish(trainer, folder, before, after, depths, train_seconds):
+    def finish(trainer, folder, before, after, depths, train_seconds, summary):
         write_card(args, trainer, folder, Path(args.output_dir).expanduser().resolve(), before, after, depths,
-                   data.eval_tokens, train_seconds)
+                   data.eval_tokens, train_seconds, summary["router_calibration"])
 
     return run_training(args, checked, model, tokenizer, data, start, teacher=teacher, measure_before=True,
                         finish=finish, activity="uptraining")
 
 
-def write_card(args, trainer, folder: Path, output_dir: Path, before, after, depths, eval_tokens, train_seconds):
+def write_card(args, trainer, folder: Path, output_dir: Path, before, after, depths, eval_tokens, train_seconds,
+               calibration: dict | None = None):
     """Updates the conversion's card figures with this run's and renders the card into `folder`."""
     figures = load_card_figures(args.model_dir)
     if not figures:
@@ -195,8 +194,7 @@ def write_card(args, trainer, folder: Path, output_dir: Path, before, after, dep
         "wall_time": f"{train_seconds / 60:.1f} min on {world_size} process(es)",
         # A local teacher by its name only: the card is published, the machine's paths are not.
         "teacher": Path(args.teacher).name if args.teacher and Path(args.teacher).exists() else args.teacher,
-        # --layer-budget's threshold, as the run recorded it (None when not asked for, or not applied).
-        "router_calibration": json.loads((folder / SUMMARY_FILE).read_text()).get("router_calibration"),
+        "router_calibration": calibration,  # --layer-budget's threshold (None when not asked for, or not applied)
     }
     figures["model_name"] = output_dir.name
     figures["repo_id"] = f"path/to/{output_dir.name}"

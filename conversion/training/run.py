@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments, default_data_collator
 
+from modeling_mor.routing_mor import steps_every_token_takes
+
 from ..cli_checks import one_line
 from ..flops import layer_applications
 from ..measure import calibrate_router_threshold, format_depth_histogram, perplexity_and_depths
@@ -38,7 +40,7 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
     """Trains `model` with `UptrainTrainer` as `args` say (the options of `add_data_arguments` and
     `add_trainer_arguments`), saves it with its tokenizer, a loss curve and OUTPUT_DIR/training_summary.json (steps,
     tokens seen, training FLOPs, the evaluation), and calls `finish(trainer, folder, before, after, depths,
-    train_seconds)` before the folder moves into place (uptraining renders its model card there)."""
+    train_seconds, summary)` before the folder moves into place (uptraining renders its model card there)."""
     capacity_schedule = capacity_schedule_of(args, model)
     output_dir = Path(args.output_dir).expanduser().resolve()
     layer_budget = getattr(args, "layer_budget", None)
@@ -124,11 +126,10 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
                                                       desc="perplexity after")
             if not trainer.is_world_process_zero():
                 return 0
-            summary = training_summary(args, trainer, steps_planned, data, after, depths, train_seconds)
-            summary["router_calibration"] = calibration
+            summary = training_summary(args, trainer, steps_planned, data, after, depths, train_seconds, calibration)
             (final_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
             if finish is not None:
-                finish(trainer, final_dir, before, after, depths, train_seconds)
+                finish(trainer, final_dir, before, after, depths, train_seconds, summary)
             curve_saved = save_loss_curve(trainer.state.log_history, final_dir / "loss_curve.png",
                                           title=f"{type(model).__name__}, {activity}")
             if final_dir == output_dir:  # a staged run is recorded as it moves into place
@@ -238,8 +239,6 @@ def staging_folder(staging: contextlib.ExitStack, output_dir: Path, training_arg
 def smallest_layer_fraction(model) -> float:
     """The share of its layer applications an expert-choice model spends when every token stops as early as it can:
     after the recursion steps of capacity 1, which every token takes."""
-    from modeling_mor.routing_mor import steps_every_token_takes
-
     return layer_applications(model, steps_every_token_takes(model.config)) / model.config.num_hidden_layers
 
 

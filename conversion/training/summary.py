@@ -9,7 +9,8 @@ from .data import TrainingData
 SUMMARY_FILE = "training_summary.json"
 
 
-def training_summary(args, trainer, steps_planned, data: TrainingData, after, depths, train_seconds) -> dict:
+def training_summary(args, trainer, steps_planned, data: TrainingData, after, depths, train_seconds,
+                     calibration: dict | None = None) -> dict:
     """What OUTPUT_DIR/training_summary.json records: the compute spent, the data seen and the evaluation."""
     state = trainer.state
     budget = args.max_train_flops
@@ -36,6 +37,7 @@ def training_summary(args, trainer, steps_planned, data: TrainingData, after, de
         "train_data": args.dataset or [Path(p).name for p in args.train_file],
         "block_size": args.block_size,
         "eval": None,
+        "router_calibration": calibration,  # --layer-budget's threshold, None when not asked for or not applied
     }
     if after is not None:
         summary["eval"] = {

@@ -12,6 +12,12 @@ class UnsupportedMoRCheckpoint(Exception):
     traceback ends on this one message."""
 
 
+def has_step_deltas(config) -> bool:
+    """Whether the shared projections add low-rank per-step deltas at run time (model.StepDelta): a relaxed checkpoint
+    whose relaxation is not full rank (a full-rank one is merged into per-step weights instead)."""
+    return config.relaxation_rank > 0 and not config.has_full_rank_relaxation
+
+
 def check_servable(
     config, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1, head_sizes: list[int] | None = None
 ) -> None:
@@ -27,7 +33,7 @@ def check_servable(
             f"pipeline_parallel_size={pipeline_parallel_size}: MoR's shared recursion block runs its layers several "
             f"times, so it cannot be split into pipeline stages. Use tensor_parallel_size instead."
         )
-    if config.relaxation_rank > 0 and not config.has_full_rank_relaxation and tensor_parallel_size > 1:
+    if has_step_deltas(config) and tensor_parallel_size > 1:
         raise UnsupportedMoRCheckpoint(
             f"relaxation_rank={config.relaxation_rank} with tensor_parallel_size={tensor_parallel_size}: the per-step "
             f"low-rank deltas of a relaxed checkpoint are not sharded (full-rank ones are: they load as per-step "

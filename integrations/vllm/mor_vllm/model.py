@@ -40,7 +40,7 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer
 from vllm.v1.attention.selector import get_attn_backend
 
-from .checks import UnsupportedMoRCheckpoint, check_servable
+from .checks import UnsupportedMoRCheckpoint, check_servable, has_step_deltas
 from .configuration_mor import MoRConfig
 from .routing_mor import apply_gate, build_routing, steps_every_token_takes
 from .step_attention import StepRequests
@@ -138,12 +138,6 @@ def step_projection(config: MoRConfig, build) -> nn.Module:
 def at_step(projection: nn.Module, step: int) -> nn.Module:
     """The layer a `step_projection` runs at recursion step `step`."""
     return projection[step] if isinstance(projection, nn.ModuleList) else projection
-
-
-def has_step_deltas(config: MoRConfig) -> bool:
-    """Whether the shared projections add low-rank per-step deltas at run time (`StepDelta`): a relaxed checkpoint
-    whose relaxation is not full rank (a full-rank one is merged into per-step weights instead)."""
-    return config.relaxation_rank > 0 and not config.has_full_rank_relaxation
 
 
 class StepWeightMerger:
