@@ -59,6 +59,7 @@ from conversion.convert_llama_to_mor import ROUTED_SHARING_STRATEGIES, main as c
 from conversion.flops import layer_applications  # noqa: E402
 from conversion.measure import THRESHOLD_BISECTIONS, mean_depth, perplexity_and_depths, read_eval_tokens, routes_by_threshold  # noqa: E402
 from conversion.training.options import CALIBRATION_TOKENS  # noqa: E402
+from conversion.training.trainer import check_block_wise_stage  # noqa: E402
 from conversion.output_dir import record_output  # noqa: E402
 from evaluation import multiple_choice_accuracy  # noqa: E402
 from evaluation.core import load_multiple_choice_items  # noqa: E402
@@ -107,6 +108,9 @@ def build_argument_parser():
     training.add_argument("--distill-weight", type=float, default=0.5)
     training.add_argument("--hidden-distill-weight", type=float, default=0.0,
                           help="mor-uptrain's hidden-state term at the recursion boundaries")
+    training.add_argument("--block-wise-fraction", type=float, default=0.0, metavar="F",
+                          help="mor-uptrain's: the first F of the uptraining trains each shared layer on the source's "
+                               "hidden states (teacher-forced), the rest end to end (measured: it does not help)")
     training.add_argument("--random-capacity", type=float, metavar="MIN", default=0.3,
                           help="mor-uptrain's: every step draws the deeper steps' capacities in [MIN, 1], so that "
                                "the router threshold trades quality for compute at inference (see --thresholds)")
@@ -142,7 +146,10 @@ def check_recipe_options(args) -> None:
     """What mor-convert and mor-uptrain would refuse only after the source's measurement and the conversion, refused
     before any work (ValueError or OSError, one line naming this script's options)."""
     check_option_values(args, {"layer_budget": Range(0, 1, low_open=True),
-                               "random_capacity": Range(0, 1, low_open=True, high_open=True)})
+                               "random_capacity": Range(0, 1, low_open=True, high_open=True),
+                               "block_wise_fraction": Range(0, 1)})
+    if args.block_wise_fraction:
+        check_block_wise_stage(args.sharing_strategy, args.kv_cache_policy)
     routed = args.sharing_strategy in ROUTED_SHARING_STRATEGIES
     for option, used in (("--layer-budget", not args.no_layer_budget), ("--random-capacity", not args.fixed_capacity)):
         if used and not routed:
@@ -286,6 +293,7 @@ def main(argv=None) -> int:
     uptrain_argv = [str(converted), str(output_dir), "--train-file", *map(str, train_files),
                     "--teacher", args.source, "--distill-weight", str(args.distill_weight),
                     "--hidden-distill-weight", str(args.hidden_distill_weight),
+                    "--block-wise-fraction", str(args.block_wise_fraction),
                     "--capacity-warmup-steps", str(args.capacity_warmup_steps),
                     "--max-minutes", f"{minutes_left:.2f}", "--learning-rate", str(args.learning_rate),
                     "--warmup-steps", str(args.warmup_steps), "--block-size", str(args.block_size),

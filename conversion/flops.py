@@ -114,12 +114,25 @@ class FlopCounter:
         for step in range(self.num_recursions):
             active = (recursion_depth > step) & valid
             flops += 6 * int(entering.sum()) * self.step_router_parameters[step]
-            step_parameters = self.step_parameters - (self.key_value_parameters if step > 0 else 0)
-            flops += 6 * int(active.sum()) * step_parameters
             keys = took_step_one if self.shared_key_values and step > 0 else active
-            flops += 12 * self.attention_width * self.block_layers * _causal_keys(active, keys)
+            flops += self._step_flops(step, active, keys)
             entering = active
         return float(flops)
+
+    def _step_flops(self, step: int, active: torch.Tensor, keys: torch.Tensor) -> int:
+        """The block's layers at recursion step `step` (0-based) for the `active` tokens, attending to `keys`."""
+        step_parameters = self.step_parameters - (self.key_value_parameters if step > 0 else 0)
+        return (6 * int(active.sum()) * step_parameters
+                + 12 * self.attention_width * self.block_layers * _causal_keys(active, keys))
+
+    def block_wise_flops(self, token_valid: torch.Tensor) -> float:
+        """Training FLOPs of a block-wise (teacher-forced) micro-batch: every shared layer at every recursion step,
+        once per real token (its own forward and backward, on the source's hidden states, with recursion-wise keys),
+        and nothing else: no end layer, router or head runs. The teacher's forward pass is not counted, as in
+        distillation."""
+        valid = token_valid.bool()
+        # Step 0's cost at every step: each computes its own keys and values.
+        return float(sum(self._step_flops(0, valid, valid) for _ in range(self.num_recursions)))
 
     def planned_batch_flops(self, batch_size: int, seq_len: int) -> float:
         """The FLOPs of a training batch of `batch_size` full sequences of `seq_len` tokens, for the depths training

@@ -55,7 +55,7 @@ from .training.options import (
     resolve_block_sizes,
 )
 from .training.run import INTERRUPTED_RUN, run_training
-from .training.trainer import recursion_boundaries
+from .training.trainer import check_block_wise_stage, recursion_boundaries
 
 
 def build_argument_parser():
@@ -76,6 +76,13 @@ def build_argument_parser():
                         help="weight of a hidden-state term (needs --teacher): the student's hidden states where each "
                              "recursion step ends against the teacher's at the same depth, each channel standardized "
                              "by the teacher's statistics (0: off)")
+    method.add_argument("--block-wise-fraction", type=float, default=0.0, metavar="F",
+                        help="spend the first F of the budget (its FLOPs or minutes, else its steps) on a block-wise "
+                             "stage (needs --teacher and a middle_* model with recursion-wise KV): each shared layer, "
+                             "at each recursion step, is fed the teacher's hidden states and trained to produce the "
+                             "teacher's next ones (no routing, no gate), then training goes on end to end; the "
+                             "warm-ups count its steps. Measured on SmolLM2: it does not help "
+                             "(docs/conversion.md#block-wise-stage); 0: off")
     method.add_argument("--router-aux-loss-coef", type=float, help="override the model's BCE router-loss weight")
     add_trainer_arguments(parser)
     return parser
@@ -94,6 +101,12 @@ def check_arguments(args) -> CheckedArguments:
                              f"states it matches. Fix: give --teacher SOURCE (the model converted), or leave the option "
                              f"out.")
         recursion_boundaries(config)  # refuses a model without recursion steps to match
+    if args.block_wise_fraction:
+        if not args.teacher:
+            raise ValueError(f"--block-wise-fraction {args.block_wise_fraction} trains the shared layers on the "
+                             f"teacher's hidden states and needs a --teacher. Fix: give --teacher SOURCE (the model "
+                             f"converted), or leave the option out.")
+        check_block_wise_stage(config.sharing_strategy, config.kv_cache_policy)
     if args.teacher:
         check_teacher(args, config)
     if args.eval_file:
@@ -123,6 +136,14 @@ def check_teacher(args, config) -> None:
             f"{given} has a vocabulary of {teacher.vocab_size} tokens and INPUT_DIR {args.model_dir} one of "
             f"{config.vocab_size}: distillation compares their next-token distributions token by token, so they "
             f"need the same tokenizer. Fix: give the model INPUT_DIR was converted from, or leave --teacher out."
+        )
+    if args.block_wise_fraction and (teacher.num_hidden_layers, teacher.hidden_size) != (config.num_hidden_layers,
+                                                                                           config.hidden_size):
+        raise ValueError(
+            f"{given} has {teacher.num_hidden_layers} layers of width {teacher.hidden_size} and INPUT_DIR "
+            f"{args.model_dir} unrolls to {config.num_hidden_layers} of width {config.hidden_size}: "
+            f"--block-wise-fraction trains each unrolled layer on the teacher's hidden states at the same depth, so "
+            f"they must match. Fix: give the model INPUT_DIR was converted from, or leave --block-wise-fraction out."
         )
     teacher_context = context_length(teacher)
     if teacher_context and teacher_context < args.block_size:

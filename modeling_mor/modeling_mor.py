@@ -657,6 +657,25 @@ class MoRModel(MoRPreTrainedModel):
             unrolled = [(self.first_layer, None), *unrolled, (self.last_layer, None)]
         return unrolled if with_recursion_step else [layer for layer, _ in unrolled]
 
+    def unrolled_layer_forward(self, position: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The output of unrolled layer `position` (in `unrolled_layers` order) for every token of `hidden_states`
+        (`[batch, seq, hidden]`, one sequence per row starting at position 0; causal attention, no cache, no
+        routing): what that layer computes at full depth for this input. Block-wise training feeds each layer the
+        source model's hidden states and compares its output with the source's next ones (conversion/training)."""
+        layer, recursion_step = self.unrolled_layers(with_recursion_step=True)[position]
+        batch_size, seq_len = hidden_states.shape[:2]
+        token_index = torch.arange(seq_len, device=hidden_states.device).expand(batch_size, seq_len)
+        token_valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
+        attention_mask = self._end_layer_mask(None, token_index, token_valid, None, hidden_states.dtype)
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=token_index)
+        layer_states, _, _, _ = layer(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_embeddings=position_embeddings,
+            recursion_step=recursion_step,
+        )
+        return layer_states
+
     def _end_layer(self, layer, hidden_states, attention_mask, position_embeddings, cache, **kwargs):
         """An unshared first/last layer on every token, its outputs handed to the output capturing."""
         # Unpacked by position: under reentrant gradient checkpointing a layer returns a plain tuple.
@@ -674,7 +693,8 @@ class MoRModel(MoRPreTrainedModel):
     def _end_layer_mask(
         self, attention_mask, token_index, token_valid, cache, dtype, document_start=None, custom_mask=None
     ):
-        """Mask of the unshared first/last layers: every real token, like Llama's; a custom 4-D mask as it is."""
+        """Mask of a layer that runs on every real token (the unshared first/last layers, and any layer under
+        `unrolled_layer_forward`), like Llama's; a custom 4-D mask as it is."""
         if cache is None:
             plain_causal = attention_mask is None and document_start is None and custom_mask is None
             if plain_causal and self.config._attn_implementation == "sdpa":

@@ -168,3 +168,15 @@ def test_conversion_recipe_refuses_a_missing_question_file_before_any_work(tmp_p
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "missing.jsonl" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_conversion_recipe_refuses_a_block_wise_stage_it_cannot_run_before_any_work(tmp_path):
+    """--block-wise-fraction on a layout whose deeper steps read step 1's keys (shared KV) is refused as mor-uptrain
+    would refuse it, but before the source is measured and converted."""
+    result = run_benchmark("conversion_recipe.py", PROJECT_ROOT / "examples" / "assets" / "stories260K",
+                           "--output-dir", tmp_path / "recipe", "--no-wikitext", "--kv-cache-policy", "shared",
+                           "--block-wise-fraction", "0.2")
+    assert result.returncode == 2 and result.stderr.startswith("error: ")
+    assert "--kv-cache-policy shared a deeper step reads step 1's keys" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -214,6 +214,28 @@ def test_defaults_choose_the_layout_and_keep_the_source_exact(tmp_path, capsys):
     assert not (tmp_path / "no").exists()
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_unrolled_layer_forward_is_the_source_layer(tmp_path, attn_implementation):
+    """`MoRModel.unrolled_layer_forward(p, h)` (what block-wise training calls) is the source's layer p: fed the
+    source's hidden states before layer p, a full-rank conversion returns the source's hidden states after it, at every
+    position whose output is not the final (normalized) one, under both attention paths (eager builds its causal
+    mask)."""
+    from transformers import AutoModelForCausalLM
+
+    llama_dir = _llama_folder(tmp_path / "llama", num_layers=6)
+    assert convert_main([str(llama_dir), str(tmp_path / "mor"), "--no-tokenizer", "--num-recursions", "2"]) == 0
+    source = LlamaForCausalLM.from_pretrained(llama_dir, attn_implementation=attn_implementation).eval()
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "mor", attn_implementation=attn_implementation).eval()
+    input_ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        states = source(input_ids, output_hidden_states=True).hidden_states
+        for position in range(5):
+            output = converted.model.unrolled_layer_forward(position, states[position])
+            assert (output - states[position + 1]).abs().max().item() <= 1e-5, position
+        # A different input gives a different output (the comparison above is not vacuous).
+        assert (converted.model.unrolled_layer_forward(2, states[1]) - states[3]).abs().max().item() > 1e-3
+
+
 def test_push_to_hub_round_trip(converted_stories, tmp_path):
     with running_hub_server(tmp_path / "hub") as url:
         env = hub_environment(url, DEFAULT_TOKEN, tmp_path / "home")

@@ -93,6 +93,74 @@ def test_hidden_state_distillation_matches_the_recursion_boundaries(converted, t
     assert not (tmp_path / "refused").exists()
 
 
+def test_block_wise_stage_trains_the_shared_layers_on_the_teachers_states(converted, train_text, tmp_path, capsys):
+    """--block-wise-fraction: the first share of the run feeds every shared layer, at every recursion step, the
+    teacher's hidden states and trains it toward the teacher's next ones. Its loss is zero for a conversion that is the
+    source (full rank), positive and falling for the tied one; the stage touches the shared layers only (embeddings,
+    unshared end layers and routers keep their weights); then training goes on end to end. Refused without a
+    teacher and for the shared KV policy, before anything is written."""
+    exact = tmp_path / "exact"
+    assert convert_main([str(STORIES), str(exact), "--num-recursions", "3", "--relaxation-rank", "full"]) == 0
+    _uptrain(exact, tmp_path / "exact-up", train_text, "--max-steps", "1", "--teacher", STORIES,
+             "--block-wise-fraction", "0.5")
+    first = next(entry for entry in last_log_history(tmp_path / "exact-up") if "block_wise_loss" in entry)
+    assert first["block_wise_loss"] < 1e-6
+
+    staged = tmp_path / "staged"
+    _uptrain(converted, staged, train_text, "--max-steps", "4", "--teacher", STORIES, "--block-wise-fraction", "0.99")
+    losses = [entry["block_wise_loss"] for entry in last_log_history(staged) if "block_wise_loss" in entry]
+    assert len(losses) == 4 and losses[0] > 1e-2 and losses[-1] < losses[0]
+    assert not any("lm_loss" in entry for entry in last_log_history(staged))
+    before, after = load_file(converted / "model.safetensors"), load_file(staged / "model.safetensors")
+    changed = {name for name, tensor in before.items() if not torch.equal(tensor, after[name])}
+    assert changed and all(name.startswith("model.recursion_block.layers.") for name in changed), changed
+    # Counted as the stage's steps: every shared layer at every step for each of the 4 x 64 tokens, nothing else.
+    from conversion.flops import FlopCounter
+    from transformers import AutoModelForCausalLM
+
+    counter = FlopCounter(AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True))
+    stage_step = counter.block_wise_flops(torch.ones(4, 64, dtype=torch.bool))
+    full_step = counter.batch_flops(torch.ones(4, 64, dtype=torch.bool), torch.full((4, 64), 3))
+    summary = json.loads((staged / "training_summary.json").read_text())
+    assert summary["train_flops"] == pytest.approx(4 * stage_step) and 0 < stage_step < full_step
+
+    mixed = tmp_path / "mixed"
+    _uptrain(converted, mixed, train_text, "--max-steps", "4", "--teacher", STORIES, "--block-wise-fraction", "0.5")
+    steps = [("block_wise_loss" in entry, "lm_loss" in entry) for entry in last_log_history(mixed) if "loss" in entry]
+    assert steps == [(True, False)] * 2 + [(False, True)] * 2
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shallow = tmp_path / "shallow"  # the tokenizer and width of stories260K, 3 layers instead of 5
+    LlamaForCausalLM(LlamaConfig.from_pretrained(STORIES, num_hidden_layers=3)).save_pretrained(shallow)
+    shared = tmp_path / "shared-kv"
+    assert convert_main([str(STORIES), str(shared), "--num-recursions", "3", "--relaxation-rank", "0",
+                         "--kv-cache-policy", "shared"]) == 0
+    for model_dir, extra, message in (
+        (converted, [], "--block-wise-fraction 0.5 trains the shared layers on the teacher's hidden states and needs "
+                        "a --teacher"),
+        (shared, ["--teacher", STORIES], "under --kv-cache-policy shared a deeper step reads step 1's"),
+        (converted, ["--teacher", shallow], "has 3 layers of width 64 and INPUT_DIR"),
+    ):
+        arguments = [str(model_dir), str(tmp_path / "refused"), "--train-file", str(train_text), "--max-steps", "1",
+                     "--block-wise-fraction", "0.5", *map(str, extra)]
+        assert uptrain_main(arguments) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists()
+
+
+def test_gradient_accumulation_equals_one_larger_batch(converted, train_text, tmp_path):
+    """Two accumulated micro-batches of 4 blocks train and log as one batch of 8: the loss Trainer logs and the
+    gradient norm it clips are the same (UptrainTrainer's loss is a micro-batch mean, which Trainer must divide by the
+    accumulation steps)."""
+    _uptrain(converted, tmp_path / "batch8", train_text, "--max-steps", "1", "--per-device-train-batch-size", "8")
+    _uptrain(converted, tmp_path / "accumulated", train_text, "--max-steps", "1", "--gradient-accumulation-steps", "2")
+    logged = [next(entry for entry in last_log_history(tmp_path / name) if "loss" in entry)
+              for name in ("batch8", "accumulated")]
+    assert logged[1]["loss"] == pytest.approx(logged[0]["loss"], rel=1e-3)
+    assert logged[1]["grad_norm"] == pytest.approx(logged[0]["grad_norm"], rel=1e-3)
+
+
 def test_resume_from_checkpoint_continues_the_same_run(converted, train_text, tmp_path):
     straight = tmp_path / "straight"
     _uptrain(converted, straight, train_text, "--max-steps", "6", "--save-steps", "3", "--save-total-limit", "3")

@@ -53,6 +53,13 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
                   f"below 1 at an earlier step.", file=sys.stderr)
             return 2
     training_args = build_training_arguments(args, output_dir, evaluates=data.eval_dataset is not None)
+    if getattr(args, "block_wise_fraction", 0.0) and training_args.world_size > 1:
+        # The stage calls the shared layers one by one, outside the forward pass that DDP and FSDP synchronize.
+        print(f"error: --block-wise-fraction runs on one process, and this run has {training_args.world_size}; "
+              f"nothing was written. Fix: run the stage alone on one process (mor-uptrain --max-steps N "
+              f"--block-wise-fraction 1), then train on {training_args.world_size} from its output.",
+              file=sys.stderr)
+        return 2
     steps_planned = None
     if args.max_train_flops is not None:
         steps_planned = planned_steps(model, args, training_args.world_size, capacity_schedule)
@@ -87,6 +94,7 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
                 distill_weight=getattr(args, "distill_weight", 0.5),
                 distill_temperature=getattr(args, "distill_temperature", 1.0),
                 hidden_distill_weight=getattr(args, "hidden_distill_weight", 0.0),
+                block_wise_fraction=getattr(args, "block_wise_fraction", 0.0),
                 max_train_flops=args.max_train_flops,
                 max_seconds=max_minutes * 60 if max_minutes is not None else None,
                 lr_follows_clock=lr_follows_clock,
@@ -219,6 +227,12 @@ def planned_steps(model, args, world_size: int, capacity_schedule: CapacitySched
         if configured is not None:
             model.config.capacity = configured
     steps = args.max_train_flops / step_flops
+    block_wise = getattr(args, "block_wise_fraction", 0.0)
+    if block_wise:
+        # The block-wise stage spends its share of the FLOPs in cheaper steps (no end layers, head or routers).
+        token_valid = torch.ones(args.per_device_train_batch_size, args.block_size, dtype=torch.bool)
+        stage_step_flops = counter.block_wise_flops(token_valid) * args.gradient_accumulation_steps * world_size
+        steps = block_wise * args.max_train_flops / stage_step_flops + (1 - block_wise) * steps
     if varies:
         steps *= VARYING_DEPTH_STEP_MARGIN
     return max(1, math.ceil(steps))

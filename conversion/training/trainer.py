@@ -26,16 +26,21 @@ class UptrainTrainer(Trainer):
     rather than on steps. Vanilla Llama models train with it too (the plain LM loss; every token at full depth)."""
 
     def __init__(self, *args, teacher=None, distill_weight=0.5, distill_temperature=1.0, hidden_distill_weight=0.0,
-                 max_train_flops=None, max_seconds=None, lr_follows_clock=False, **kwargs):
+                 block_wise_fraction=0.0, max_train_flops=None, max_seconds=None, lr_follows_clock=False, **kwargs):
         model = kwargs.get("model")
         # Trainer sets `config.use_cache = args.use_cache` (False) for training; what is saved keeps the model's own.
         self.saved_use_cache = getattr(getattr(model, "config", None), "use_cache", True)
         super().__init__(*args, **kwargs)
+        # Trainer takes a model whose forward accepts **kwargs to scale its own loss for gradient accumulation (from
+        # `num_items_in_batch`); `compute_loss` returns a micro-batch's mean loss, which Trainer must divide itself.
+        self.model_accepts_loss_kwargs = False
         self.teacher = teacher
         self.distill_weight = distill_weight
         self.distill_temperature = distill_temperature
         self.hidden_distill_weight = hidden_distill_weight
         self.hidden_boundaries = recursion_boundaries(self.model.config) if hidden_distill_weight else []
+        self.block_wise_fraction = block_wise_fraction
+        self.block_wise_positions = block_wise_positions(self.model) if block_wise_fraction else []
         self._loss_terms: dict[str, list[float]] = {}
         self.flop_counter = flop_counter_of(self.model)
         if max_train_flops is not None and self.flop_counter is None:
@@ -66,7 +71,15 @@ class UptrainTrainer(Trainer):
             self._created_lr_scheduler = True
         return self.lr_scheduler
 
+    def in_block_wise_stage(self) -> bool:
+        """Whether the micro-batch being trained belongs to the block-wise stage: the first `block_wise_fraction` of
+        the run's budget (`TrainingBudget.spent_fraction`). Asked per micro-batch, so under a time or FLOP budget the
+        optimizer step that crosses the boundary may mix both losses."""
+        return self.block_wise_fraction > 0 and self.budget.spent_fraction() < self.block_wise_fraction
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self.in_block_wise_stage():
+            return self.block_wise_loss(model, inputs)
         counts_depth = self.flop_counter is not None and self.flop_counter.is_mor
         distills_hidden = bool(self.hidden_boundaries) and self.teacher is not None and model.training
         extra = {"output_recursion_depth": True} if counts_depth else {}
@@ -100,14 +113,41 @@ class UptrainTrainer(Trainer):
             loss = (1 - self.distill_weight) * loss + self.distill_weight * distill_loss
             terms["distill_loss"] = distill_loss
             if distills_hidden:
-                hidden_loss = hidden_state_distance(outputs.hidden_states, teacher_outputs.hidden_states,
-                                                    self.hidden_boundaries)
+                hidden_loss = torch.stack([
+                    channel_standardized_distance(outputs.hidden_states[index], teacher_outputs.hidden_states[index],
+                                                  teacher_outputs.hidden_states[index])
+                    for index in self.hidden_boundaries
+                ]).mean()
                 loss = loss + self.hidden_distill_weight * hidden_loss
                 terms["hidden_distill_loss"] = hidden_loss
         if model.training:
             for name, value in terms.items():
                 self._loss_terms.setdefault(name, []).append(value.detach().float().item())
         return (loss, outputs) if return_outputs else loss
+
+    def block_wise_loss(self, model, inputs):
+        """The block-wise stage's loss: every shared layer, at every recursion step, is fed the teacher's hidden
+        states at its unrolled position and compared with the teacher's next ones (`channel_standardized_distance`), so each
+        layer learns the source layers it replaces without the error of the layers before it. One micro-batch costs
+        the teacher's forward pass and each shared layer's own forward and backward (no head, no routing)."""
+        with torch.no_grad():
+            teacher_states = self.teacher(input_ids=inputs["input_ids"], output_hidden_states=True).hidden_states
+        base = self.accelerator.unwrap_model(model).model
+        # The layers are called outside the model's forward, which accelerate's mixed precision (--bf16) wraps.
+        with self.accelerator.autocast():
+                distances = [
+                # Scaled by the teacher's update (next states - inputs), what the layer is meant to add to the stream.
+                channel_standardized_distance(base.unrolled_layer_forward(position, teacher_states[position]),
+                                              teacher_states[position + 1],
+                                              teacher_states[position + 1] - teacher_states[position])
+                for position in self.block_wise_positions
+            ]
+        loss = torch.stack(distances).mean()
+        self._loss_terms.setdefault("block_wise_loss", []).append(loss.detach().float().item())
+        if self.flop_counter is not None:
+            token_valid = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+            self._micro_batch_flops = self.flop_counter.block_wise_flops(token_valid)
+        return loss
 
     def floating_point_ops(self, inputs) -> float:
         """The FLOPs of the micro-batch just trained, counted by `compute_loss` from its recursion depths (Trainer
@@ -187,18 +227,34 @@ def recursion_boundaries(config) -> list[int]:
     return [index for index in ends if index < config.num_hidden_layers]
 
 
-def hidden_state_distance(student_states, teacher_states, boundaries: list[int]) -> torch.Tensor:
-    """The mean squared difference of the student's and the teacher's hidden states at `boundaries`, each channel
-    standardized by the teacher's mean and spread over the batch's tokens: a residual stream has a few channels of
-    very large magnitude, which would otherwise be all that a plain MSE or cosine distance sees."""
-    distances = []
-    for index in boundaries:
-        teacher = teacher_states[index].float()
-        mean = teacher.mean(dim=(0, 1), keepdim=True)
-        spread = teacher.std(dim=(0, 1), keepdim=True) + 1e-6
-        student = (student_states[index].float() - mean) / spread
-        distances.append(F.mse_loss(student, (teacher - mean) / spread))
-    return torch.stack(distances).mean()
+def channel_standardized_distance(student: torch.Tensor, teacher: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The mean squared difference of the student's and the teacher's hidden states, each channel measured in units of
+    its spread in `scale` over the batch's tokens (the teacher's states themselves, or its layer's update): a residual
+    stream has a few channels of very large magnitude, which would otherwise be all that a plain MSE or cosine
+    distance sees. The hidden-state term of distillation and the block-wise stage both use it."""
+    spread = scale.float().std(dim=(0, 1), keepdim=True) + 1e-6
+    return (((student.float() - teacher.float()) / spread) ** 2).mean()
+
+
+def check_block_wise_stage(sharing_strategy: str, kv_cache_policy: str) -> None:
+    """Refuses a layout the block-wise stage cannot train (ValueError, one line naming the fix)."""
+    if kv_cache_policy != "recursion_wise":
+        raise ValueError(f"--block-wise-fraction trains each shared layer on the source's hidden states, and under "
+                         f"--kv-cache-policy {kv_cache_policy} a deeper step reads step 1's keys and values, which the "
+                         f"source has no counterpart of; nothing was written. Fix: leave --block-wise-fraction out, or "
+                         f"convert with the recursion_wise policy.")
+    if not sharing_strategy.startswith("middle_"):
+        raise ValueError(f"--block-wise-fraction needs a model whose last layer is not shared (middle_cycle or "
+                         f"middle_sequence, not {sharing_strategy}): the source's hidden state after its last layer "
+                         f"is returned normalized, so the last shared layer would have no target; nothing was written. "
+                         f"Fix: convert with a middle_* strategy, or leave --block-wise-fraction out.")
+
+
+def block_wise_positions(model) -> list[int]:
+    """The unrolled positions the block-wise stage trains: those of the shared layers, each at its recursion step."""
+    check_block_wise_stage(model.config.sharing_strategy, model.config.kv_cache_policy)
+    unrolled = model.model.unrolled_layers(with_recursion_step=True)
+    return [position for position, (_, step) in enumerate(unrolled) if step is not None]
 
 
 class TrainingBudget(TrainerCallback):
@@ -228,6 +284,17 @@ class TrainingBudget(TrainerCallback):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
         return float(elapsed)
+
+    def spent_fraction(self) -> float:
+        """The share of the run's budget spent: of its FLOPs or its time (whichever is further; the run ends at the
+        first to reach 1), or of its steps when no FLOP or time budget is given. A resumed run counts its time from
+        the resume, as the time budget does."""
+        state, fractions = self.trainer.state, []
+        if self.max_flops is not None:
+            fractions.append((state.total_flos + self.trainer.current_flos) / self.max_flops)
+        if self.max_seconds is not None:
+            fractions.append(self.elapsed_fraction())
+        return max(fractions) if fractions else state.global_step / self.trainer.args.max_steps
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.max_flops is not None:
