@@ -18,10 +18,11 @@ converted model and the prepared texts stay in a hidden folder beside it, `.NAME
 
 The defaults are the less-compute recipe of docs/conversion.md#conversion-recipe, the knee of its table: the source's
 layers kept exact (`--relaxation-rank full`), mor-convert's layout (`--num-recursions auto`: the smallest N_r the
-layer count allows, 2 for SmolLM2-135M), routers trained at random capacities (`--random-capacity 0.3`) and the final threshold set
-so that the training text takes 0.75x the source's layer applications (`--layer-budget 0.75`). The fewer-parameters
-recipe, as measured: `--relaxation-rank 0 --num-recursions 2 --capacity 1.0 0.5 --fixed-capacity --no-layer-budget
---learning-rate 3e-4`.
+layer count allows, 2 for SmolLM2-135M) and capacities (1.0 / 0.5 at N_r = 2), the routers trained at those
+capacities with a peak learning rate of 3e-4, and the final threshold set so that the training text takes 0.75x the
+source's layer applications (`--layer-budget 0.75`). `--random-capacity 0.3` trains at random capacities instead (one
+checkpoint for any threshold; measured worse at an hour). The fewer-parameters recipe, as measured:
+`--relaxation-rank 0 --num-recursions 2 --no-layer-budget`.
 
 The WikiText-2 files are word-level tokenized (" @-@ ", " , "): they are turned back into plain text first
 (`conversion.text_files.detokenize_wikitext`). Training uses the validation split, reports the test split.
@@ -100,8 +101,8 @@ def build_argument_parser():
     training.add_argument("--tinystories-train", type=Path, default=TINYSTORIES_TRAIN,
                           help="the TinyStories training text of the default mix (default: ../shared's 2 MB when "
                                "present, else the shipped 400 KB sample)")
-    training.add_argument("--learning-rate", type=float, default=1e-4,
-                          help="peak learning rate (3e-4 measured for --relaxation-rank 0)")
+    training.add_argument("--learning-rate", type=float, default=3e-4,
+                          help="peak learning rate (3e-4 measured for both ranks; the first full-rank runs used 1e-4)")
     training.add_argument("--warmup-steps", type=float, default=10)
     training.add_argument("--block-size", type=int, default=128)
     training.add_argument("--batch-size", type=int, default=4)
@@ -111,11 +112,12 @@ def build_argument_parser():
     training.add_argument("--block-wise-fraction", type=float, default=0.0, metavar="F",
                           help="mor-uptrain's: the first F of the uptraining trains each shared layer on the source's "
                                "hidden states (teacher-forced), the rest end to end (measured: it does not help)")
-    training.add_argument("--random-capacity", type=float, metavar="MIN", default=0.3,
+    training.add_argument("--random-capacity", type=float, metavar="MIN",
                           help="mor-uptrain's: every step draws the deeper steps' capacities in [MIN, 1], so that "
-                               "the router threshold trades quality for compute at inference (see --thresholds)")
+                               "the router threshold trades quality for compute at inference (see --thresholds); "
+                               "default: off, the routers train at the configured capacities")
     training.add_argument("--fixed-capacity", action="store_true",
-                          help="train at the configured capacities instead (no --random-capacity)")
+                          help="train at the configured capacities (the default; overrides --random-capacity)")
     training.add_argument("--capacity-warmup-steps", type=int, default=0,
                           help="mor-uptrain's: capacities from 1 to their targets over the first N steps")
     training.add_argument("--eval-steps", type=int, default=40, help="the curve's resolution (0: no curve)")
@@ -151,11 +153,12 @@ def check_recipe_options(args) -> None:
     if args.block_wise_fraction:
         check_block_wise_stage(args.sharing_strategy, args.kv_cache_policy)
     routed = args.sharing_strategy in ROUTED_SHARING_STRATEGIES
-    for option, used in (("--layer-budget", not args.no_layer_budget), ("--random-capacity", not args.fixed_capacity)):
+    random_capacity = args.random_capacity is not None and not args.fixed_capacity
+    for option, used in (("--layer-budget", not args.no_layer_budget), ("--random-capacity", random_capacity)):
         if used and not routed:
-            off = "--no-layer-budget" if option == "--layer-budget" else "--fixed-capacity"
+            off = "pass --no-layer-budget" if option == "--layer-budget" else "leave --random-capacity out"
             raise ValueError(f"{option} acts on expert-choice routing, which --sharing-strategy {args.sharing_strategy} "
-                             f"does not have; nothing was written. Fix: pass {off}, or a cycle strategy.")
+                             f"does not have; nothing was written. Fix: {off}, or give a cycle strategy.")
     if not args.no_mc:
         try:
             load_multiple_choice_items(args.mc_file)
@@ -302,7 +305,7 @@ def main(argv=None) -> int:
                     "--eval-file", str(curve_file), "--eval-max-tokens", str(args.curve_tokens)]
     if args.eval_steps:
         uptrain_argv += ["--eval-steps", str(args.eval_steps)]
-    if not args.fixed_capacity:
+    if args.random_capacity is not None and not args.fixed_capacity:
         uptrain_argv += ["--random-capacity", str(args.random_capacity)]
     if not args.no_layer_budget:
         uptrain_argv += ["--layer-budget", str(args.layer_budget)]
