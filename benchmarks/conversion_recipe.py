@@ -153,8 +153,8 @@ def check_recipe_options(args) -> None:
     if args.block_wise_fraction:
         check_block_wise_stage(args.sharing_strategy, args.kv_cache_policy)
     routed = args.sharing_strategy in ROUTED_SHARING_STRATEGIES
-    random_capacity = args.random_capacity is not None and not args.fixed_capacity
-    for option, used in (("--layer-budget", not args.no_layer_budget), ("--random-capacity", random_capacity)):
+    used_options = (("--layer-budget", not args.no_layer_budget), ("--random-capacity", args.random_capacity is not None))
+    for option, used in used_options:
         if used and not routed:
             off = "pass --no-layer-budget" if option == "--layer-budget" else "leave --random-capacity out"
             raise ValueError(f"{option} acts on expert-choice routing, which --sharing-strategy {args.sharing_strategy} "
@@ -235,6 +235,8 @@ class Measurements:
 
 def main(argv=None) -> int:
     args = build_argument_parser().parse_args(argv)
+    if args.fixed_capacity:  # the default, spelled out (older commands pass it): no random capacities
+        args.random_capacity = None
     start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -305,7 +307,7 @@ def main(argv=None) -> int:
                     "--eval-file", str(curve_file), "--eval-max-tokens", str(args.curve_tokens)]
     if args.eval_steps:
         uptrain_argv += ["--eval-steps", str(args.eval_steps)]
-    if args.random_capacity is not None and not args.fixed_capacity:
+    if args.random_capacity is not None:
         uptrain_argv += ["--random-capacity", str(args.random_capacity)]
     if not args.no_layer_budget:
         uptrain_argv += ["--layer-budget", str(args.layer_budget)]

@@ -132,7 +132,7 @@ class FlopCounter:
         distillation."""
         valid = token_valid.bool()
         # Step 0's cost at every step: each computes its own keys and values.
-        return float(sum(self._step_flops(0, valid, valid) for _ in range(self.num_recursions)))
+        return float(self.num_recursions * self._step_flops(0, valid, valid))
 
     def planned_batch_flops(self, batch_size: int, seq_len: int) -> float:
         """The FLOPs of a training batch of `batch_size` full sequences of `seq_len` tokens, for the depths training

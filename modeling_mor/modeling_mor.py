@@ -657,24 +657,29 @@ class MoRModel(MoRPreTrainedModel):
             unrolled = [(self.first_layer, None), *unrolled, (self.last_layer, None)]
         return unrolled if with_recursion_step else [layer for layer, _ in unrolled]
 
-    def unrolled_layer_forward(self, position: int, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The output of unrolled layer `position` (in `unrolled_layers` order) for every token of `hidden_states`
-        (`[batch, seq, hidden]`, one sequence per row starting at position 0; causal attention, no cache, no
-        routing): what that layer computes at full depth for this input. Block-wise training feeds each layer the
-        source model's hidden states and compares its output with the source's next ones (conversion/training)."""
-        layer, recursion_step = self.unrolled_layers(with_recursion_step=True)[position]
-        batch_size, seq_len = hidden_states.shape[:2]
-        token_index = torch.arange(seq_len, device=hidden_states.device).expand(batch_size, seq_len)
-        token_valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=hidden_states.device)
-        attention_mask = self._end_layer_mask(None, token_index, token_valid, None, hidden_states.dtype)
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=token_index)
-        layer_states, _, _, _ = layer(
-            hidden_states,
-            attention_mask=attention_mask,
-            position_embeddings=position_embeddings,
-            recursion_step=recursion_step,
-        )
-        return layer_states
+    def unrolled_layer_forward(self, layer_inputs: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """For each unrolled position (in `unrolled_layers` order) and its input (`[batch, seq, hidden]`, all of one
+        shape, one sequence per row starting at position 0), the output of that layer on every token: causal
+        attention, no cache, no routing, what the layer computes at full depth for this input. Block-wise training
+        feeds each layer the source model's hidden states and compares its output with the source's next ones
+        (conversion/training); the mask and the rotary embeddings are built once for all of them."""
+        unrolled = self.unrolled_layers(with_recursion_step=True)
+        first = next(iter(layer_inputs.values()))
+        batch_size, seq_len = first.shape[:2]
+        token_index = torch.arange(seq_len, device=first.device).expand(batch_size, seq_len)
+        token_valid = torch.ones(batch_size, seq_len, dtype=torch.bool, device=first.device)
+        attention_mask = self._end_layer_mask(None, token_index, token_valid, None, first.dtype)
+        position_embeddings = self.rotary_emb(first, position_ids=token_index)
+        outputs = {}
+        for position, hidden_states in layer_inputs.items():
+            layer, recursion_step = unrolled[position]
+            outputs[position], _, _, _ = layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_embeddings=position_embeddings,
+                recursion_step=recursion_step,
+            )
+        return outputs
 
     def _end_layer(self, layer, hidden_states, attention_mask, position_embeddings, cache, **kwargs):
         """An unshared first/last layer on every token, its outputs handed to the output capturing."""

@@ -216,7 +216,7 @@ def test_defaults_choose_the_layout_and_keep_the_source_exact(tmp_path, capsys):
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
 def test_unrolled_layer_forward_is_the_source_layer(tmp_path, attn_implementation):
-    """`MoRModel.unrolled_layer_forward(p, h)` (what block-wise training calls) is the source's layer p: fed the
+    """`MoRModel.unrolled_layer_forward({p: h})` (what block-wise training calls) is the source's layer p: fed the
     source's hidden states before layer p, a full-rank conversion returns the source's hidden states after it, at every
     position whose output is not the final (normalized) one, under both attention paths (eager builds its causal
     mask)."""
@@ -229,11 +229,11 @@ def test_unrolled_layer_forward_is_the_source_layer(tmp_path, attn_implementatio
     input_ids = torch.randint(0, 64, (2, 12))
     with torch.no_grad():
         states = source(input_ids, output_hidden_states=True).hidden_states
+        outputs = converted.model.unrolled_layer_forward({position: states[position] for position in range(5)})
         for position in range(5):
-            output = converted.model.unrolled_layer_forward(position, states[position])
-            assert (output - states[position + 1]).abs().max().item() <= 1e-5, position
+            assert (outputs[position] - states[position + 1]).abs().max().item() <= 1e-5, position
         # A different input gives a different output (the comparison above is not vacuous).
-        assert (converted.model.unrolled_layer_forward(2, states[1]) - states[3]).abs().max().item() > 1e-3
+        assert (converted.model.unrolled_layer_forward({2: states[1]})[2] - states[3]).abs().max().item() > 1e-3
 
 
 def test_push_to_hub_round_trip(converted_stories, tmp_path):

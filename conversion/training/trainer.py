@@ -127,22 +127,22 @@ class UptrainTrainer(Trainer):
 
     def block_wise_loss(self, model, inputs):
         """The block-wise stage's loss: every shared layer, at every recursion step, is fed the teacher's hidden
-        states at its unrolled position and compared with the teacher's next ones (`channel_standardized_distance`), so each
-        layer learns the source layers it replaces without the error of the layers before it. One micro-batch costs
+        states at its unrolled position and compared with the teacher's next ones (`channel_standardized_distance`), so
+        each layer learns the source layers it replaces without the error of the layers before it. One micro-batch costs
         the teacher's forward pass and each shared layer's own forward and backward (no head, no routing)."""
         with torch.no_grad():
             teacher_states = self.teacher(input_ids=inputs["input_ids"], output_hidden_states=True).hidden_states
         base = self.accelerator.unwrap_model(model).model
         # The layers are called outside the model's forward, which accelerate's mixed precision (--bf16) wraps.
         with self.accelerator.autocast():
-                distances = [
-                # Scaled by the teacher's update (next states - inputs), what the layer is meant to add to the stream.
-                channel_standardized_distance(base.unrolled_layer_forward(position, teacher_states[position]),
-                                              teacher_states[position + 1],
-                                              teacher_states[position + 1] - teacher_states[position])
-                for position in self.block_wise_positions
-            ]
-        loss = torch.stack(distances).mean()
+            outputs = base.unrolled_layer_forward({position: teacher_states[position]
+                                                   for position in self.block_wise_positions})
+        # Each layer's distance in units of the teacher's update there (next states - inputs): what it adds.
+        loss = torch.stack([
+            channel_standardized_distance(output, teacher_states[position + 1],
+                                          teacher_states[position + 1] - teacher_states[position])
+            for position, output in outputs.items()
+        ]).mean()
         self._loss_terms.setdefault("block_wise_loss", []).append(loss.detach().float().item())
         if self.flop_counter is not None:
             token_valid = torch.ones_like(inputs["input_ids"], dtype=torch.bool)
