@@ -56,13 +56,14 @@ sys.path.insert(0, str(REPOSITORY))
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from conversion.cli_checks import Range, check_option_values, one_line  # noqa: E402
-from conversion.convert_llama_to_mor import ROUTED_SHARING_STRATEGIES, main as convert_main, parse_num_recursions, resolve_source  # noqa: E402
+from conversion.convert_llama_to_mor import ROUTED_SHARING_STRATEGIES, default_num_recursions, main as convert_main, parse_num_recursions, read_source_config, resolve_source  # noqa: E402
 from conversion.flops import layer_applications  # noqa: E402
 from conversion.measure import THRESHOLD_BISECTIONS, mean_depth, perplexity_and_depths, read_eval_tokens, routes_by_threshold  # noqa: E402
 from conversion.training.options import CALIBRATION_TOKENS  # noqa: E402
 from conversion.training.trainer import check_block_wise_stage  # noqa: E402
 from conversion.output_dir import record_output  # noqa: E402
 from evaluation import multiple_choice_accuracy  # noqa: E402
+from modeling_mor.configuration_mor import recursion_block_size  # noqa: E402
 from evaluation.core import load_multiple_choice_items  # noqa: E402
 from conversion.text_files import detokenize_wikitext, read_text_file  # noqa: E402
 from conversion.uptrain import main as uptrain_main  # noqa: E402
@@ -91,8 +92,9 @@ def build_argument_parser():
                         help="N or 'full' (the source's layers kept exact: the less-compute recipe); 0 for the "
                              "fewer-parameters recipe")
     recipe.add_argument("--capacity", type=float, nargs="+",
-                        help="expert-choice capacities (default: mor-convert's, (N_r - r + 1) / N_r; with random "
-                             "capacities they only say which steps decide)")
+                        help="expert-choice capacities (default: with --layer-budget on a full-rank or tied "
+                             "conversion, the ones that spend it, 1.0 falling linearly; else mor-convert's, "
+                             "(N_r - r + 1) / N_r; with random capacities they only say which steps decide)")
     recipe.add_argument("--kv-cache-policy", default="recursion_wise", choices=["recursion_wise", "shared"])
     training = parser.add_argument_group("uptraining")
     training.add_argument("--train-files", nargs="+", type=Path,
@@ -165,6 +167,48 @@ def check_recipe_options(args) -> None:
         except (ValueError, OSError) as error:
             raise ValueError(f"--mc-file {args.mc_file}: {one_line(error)} Fix: give a file of multiple-choice "
                              f"questions (JSON lines), or --no-mc.") from None
+
+
+def capacities_for_layer_budget(num_layers: int, num_recursions: int, sharing_strategy: str, budget: float):
+    """Expert-choice capacities at which a conversion of a `num_layers`-layer source spends `budget` of the source's
+    layer applications per token, when a shared layer at a recursion step costs what one source layer does (full-rank
+    relaxation merged into the weight, or tied layers): every token takes step 1 and each later step keeps the same
+    fraction fewer, down to what the budget leaves. None when the layout does not fit; ValueError when the budget
+    needs the last step below 0 (pass --capacity then)."""
+    block_size = recursion_block_size(num_layers, num_recursions, sharing_strategy)
+    if block_size is None or num_recursions < 2:
+        return None
+    unshared = num_layers - block_size * num_recursions
+    mean_capacity = (budget * num_layers - unshared) / (block_size * num_recursions)
+    if mean_capacity >= 1:
+        return [1.0] * num_recursions
+    last = 2 * mean_capacity - 1  # a linear ramp 1.0 -> last has the mean capacity (1 + last) / 2
+    if last <= 0:
+        raise ValueError(f"--layer-budget {budget} leaves the recursion steps a mean capacity of {mean_capacity:.3f}, "
+                         f"below what capacities falling linearly from 1.0 can spend; nothing was written. Fix: give "
+                         f"--capacity (N_r non-increasing fractions), or a larger --layer-budget.")
+    step = (1 - last) / (num_recursions - 1)
+    return [round(1 - step * recursion_step, 4) for recursion_step in range(num_recursions)]
+
+
+def training_capacities(args, num_layers: int):
+    """The --capacity mor-convert gets: the given one; else, training at fixed capacities with --layer-budget on a
+    full-rank or tied conversion, the capacities that spend the budget (`capacities_for_layer_budget`), so the
+    routers learn the depths they will serve; else None (mor-convert's defaults). Prints what it chose."""
+    if args.capacity or args.random_capacity is not None or args.no_layer_budget:
+        return args.capacity
+    if args.relaxation_rank not in ("full", "0"):
+        print(f"Training capacities: mor-convert's defaults (a rank-{args.relaxation_rank} relaxation adds matmuls of "
+              f"its own; --layer-budget's threshold counts them after training). Pass --capacity to choose.")
+        return None
+    num_recursions = args.num_recursions
+    if num_recursions == "auto":
+        num_recursions = default_num_recursions(num_layers, args.sharing_strategy)
+    capacities = capacities_for_layer_budget(num_layers, num_recursions, args.sharing_strategy, args.layer_budget)
+    if capacities is not None:
+        print(f"Training capacities {' '.join(f'{c:g}' for c in capacities)}: --layer-budget {args.layer_budget} of "
+              f"the source's layer applications per token")
+    return capacities
 
 
 def prepare_texts(args, work: Path) -> tuple[dict[str, Path], list[Path]]:
@@ -254,6 +298,9 @@ def main(argv=None) -> int:
         evaluations, train_files = prepare_texts(args, work)
         for path in train_files:
             read_text_file(path, "--train-files" if args.train_files else "--tinystories-train")
+        source_path, gguf_file = resolve_source(args.source)
+        source_config, _ = read_source_config(source_path, gguf_file, name="SOURCE")
+        capacities = training_capacities(args, source_config.num_hidden_layers)
     except (ValueError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         shutil.rmtree(work)
@@ -261,7 +308,6 @@ def main(argv=None) -> int:
     results_file = work / RESULTS_FILE
     print(f"Training text: {', '.join(map(str, train_files))}", flush=True)
 
-    source_path, gguf_file = resolve_source(args.source)
     tokenizer = AutoTokenizer.from_pretrained(source_path, gguf_file=gguf_file)
     token_sets = {name: read_eval_tokens(tokenizer, path, args.eval_tokens) for name, path in evaluations.items()}
     measurements = Measurements(token_sets, tokenizer, None if args.no_mc else args.mc_file, results_file, start)
@@ -273,8 +319,8 @@ def main(argv=None) -> int:
     convert_argv = [args.source, str(converted), "--num-recursions", str(args.num_recursions),
                     "--sharing-strategy", args.sharing_strategy, "--init-strategy", args.init_strategy,
                     "--relaxation-rank", str(args.relaxation_rank), "--kv-cache-policy", args.kv_cache_policy]
-    if args.capacity:
-        convert_argv += ["--capacity", *map(str, args.capacity)]
+    if capacities:
+        convert_argv += ["--capacity", *map(str, capacities)]
     if convert_main(convert_argv) != 0:
         return 2
     measured_at = time.perf_counter()

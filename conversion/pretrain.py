@@ -65,7 +65,7 @@ def build_argument_parser():
     parser.add_argument("--tokenizer", required=True,
                         help="a tokenizer folder (for example examples/assets/stories260K); saved with the model")
     add_data_arguments(parser, eval_help="text file for the held-out perplexity after training (and --eval-steps)")
-    add_trainer_arguments(parser)
+    add_trainer_arguments(parser, learning_rate=1e-3, learning_rate_note="for a small model trained from scratch")
     return parser
 
 

@@ -84,7 +84,8 @@ def build_argument_parser():
                              "warm-ups count its steps. Measured on SmolLM2: it does not help "
                              "(docs/conversion.md#block-wise-stage); 0: off")
     method.add_argument("--router-aux-loss-coef", type=float, help="override the model's BCE router-loss weight")
-    add_trainer_arguments(parser)
+    add_trainer_arguments(parser, learning_rate=3e-4,
+                          learning_rate_note="what the conversion recipe measured for SmolLM2-135M: docs/conversion.md")
     return parser
 
 

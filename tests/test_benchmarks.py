@@ -162,6 +162,41 @@ def test_conversion_recipe_runs_end_to_end(tmp_path):
     assert "refused" not in result.stderr
 
 
+@pytest.mark.parametrize("num_recursions", [2, 4, 7, 14])
+def test_recipe_training_capacities_spend_the_layer_budget(num_recursions):
+    """The recipe's default training capacities for --layer-budget 0.75: a conversion of a 30-layer source
+    (SmolLM2-135M's depth) routed at them as training routes (expert-choice top-k) takes 0.75x the source's layer
+    applications per token, counted by `conversion.flops.layer_applications` from the depths the model took. (Tied
+    layers: a tiny model's per-step norm weights would add 0.7% to a full-rank step, 0.01% in SmolLM2.)"""
+    from conftest import tiny_llama
+    from conversion.convert_llama_to_mor import convert_llama_to_mor
+    from conversion.flops import layer_applications
+    from conversion_recipe import capacities_for_layer_budget
+
+    capacities = capacities_for_layer_budget(30, num_recursions, "middle_cycle", 0.75)
+    assert capacities[0] == 1.0 and capacities == sorted(capacities, reverse=True) and capacities[-1] > 0
+    mor = convert_llama_to_mor(tiny_llama(num_hidden_layers=30), num_recursions=num_recursions,
+                               sharing_strategy="middle_cycle", capacity=capacities).train()
+    seq_len = TINY_DIMS["max_position_embeddings"]
+    tokens = torch.randint(0, TINY_DIMS["vocab_size"], (2, seq_len))
+    with torch.no_grad():
+        depths = mor(tokens, output_recursion_depth=True).recursion_depth
+    fraction = layer_applications(mor, depths.float().mean().item()) / 30
+    # Top-k rounds each step's k = capacity x seq_len up: at most one token more per step, a block's layers each.
+    assert 0.75 - 1e-3 <= fraction <= 0.75 + 28 / (30 * seq_len) + 1e-3
+
+
+def test_recipe_refuses_a_layer_budget_its_training_capacities_cannot_spend(tmp_path):
+    """--layer-budget 0.3 of stories260K's 5 layers leaves the recursion steps less than the unshared layers take:
+    one line naming the fix, nothing left behind."""
+    result = run_benchmark("conversion_recipe.py", PROJECT_ROOT / "examples" / "assets" / "stories260K",
+                           "--output-dir", tmp_path / "recipe", "--no-wikitext", "--no-mc", "--num-recursions", "3",
+                           "--layer-budget", "0.3", "--threads", "1")
+    assert result.returncode == 2 and result.stderr.startswith("error: --layer-budget 0.3 leaves the recursion")
+    assert "Fix: give --capacity" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_conversion_recipe_refuses_a_missing_question_file_before_any_work(tmp_path):
     result = run_benchmark("conversion_recipe.py", PROJECT_ROOT / "examples" / "assets" / "stories260K",
                            "--output-dir", tmp_path / "recipe", "--no-wikitext", "--mc-file", tmp_path / "missing.jsonl")

@@ -37,8 +37,9 @@ def add_data_arguments(parser, eval_help: str) -> None:
                            "model's context)")
 
 
-def add_trainer_arguments(parser) -> None:
-    """The Trainer options and the compute budget of the training command lines, and --overwrite."""
+def add_trainer_arguments(parser, learning_rate: float, learning_rate_note: str) -> None:
+    """The Trainer options and the compute budget of the training command lines, and --overwrite. `learning_rate` is
+    the command's default peak learning rate, `learning_rate_note` why."""
     trainer = parser.add_argument_group("Trainer")
     trainer.add_argument("--max-steps", type=int,
                          help="optimizer steps to train (at least 1); the learning-rate schedule's length. Without it, "
@@ -57,7 +58,8 @@ def add_trainer_arguments(parser) -> None:
                          help="blocks of --block-size tokens per process and micro-batch")
     trainer.add_argument("--gradient-accumulation-steps", type=int, default=1,
                          help="micro-batches per optimizer step")
-    trainer.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    trainer.add_argument("--learning-rate", type=float, default=learning_rate,
+                         help=f"peak learning rate (AdamW; default: {learning_rate:g}, {learning_rate_note})")
     trainer.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     trainer.add_argument("--warmup-steps", type=float, default=20,
                          help="linear warm-up steps; a value below 1 is a fraction of the run's steps (default: 20)")
