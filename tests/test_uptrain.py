@@ -224,6 +224,25 @@ def test_two_process_ddp_run_saves_a_loadable_model(converted, train_text, tmp_p
         assert torch.isfinite(model(torch.randint(0, 512, (1, 8))).logits).all()
 
 
+def test_two_process_run_refuses_the_block_wise_stage_before_training(converted, train_text, tmp_path):
+    """The block-wise stage calls layers outside DDP's forward, so a multi-process run refuses it (one line, the fix:
+    the stage on one process first) before any step, and writes nothing."""
+    output = tmp_path / "ddp-stage"
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+         "--master_port", str(port),
+         "-m", "conversion.uptrain", str(converted), str(output), "--train-file", str(train_text),
+         "--teacher", str(STORIES), "--block-wise-fraction", "0.5",
+         "--max-steps", "2", "--block-size", "64", "--per-device-train-batch-size", "2", "--disable-tqdm"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 0
+    assert "error: --block-wise-fraction runs on one process, and this run has 2" in result.stderr
+    assert "--block-wise-fraction 1" in result.stderr and "'loss'" not in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_uptraining_from_a_local_dataset_folder(converted, train_text, tmp_path):
     """--dataset takes what `datasets.load_dataset` takes: a Hub id, or (tested here) a local dataset folder."""
     dataset_dir = tmp_path / "dataset"
