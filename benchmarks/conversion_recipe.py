@@ -18,11 +18,11 @@ converted model and the prepared texts stay in a hidden folder beside it, `.NAME
 
 The defaults are the less-compute recipe of docs/conversion.md#conversion-recipe, the knee of its table: the source's
 layers kept exact (`--relaxation-rank full`), mor-convert's layout (`--num-recursions auto`: the smallest N_r the
-layer count allows, 2 for SmolLM2-135M) and capacities (1.0 / 0.5 at N_r = 2), the routers trained at those
-capacities with a peak learning rate of 3e-4, and the final threshold set so that the training text takes 0.75x the
-source's layer applications (`--layer-budget 0.75`). `--random-capacity 0.3` trains at random capacities instead (one
-checkpoint for any threshold; measured worse at an hour). The fewer-parameters recipe, as measured:
-`--relaxation-rank 0 --num-recursions 2 --no-layer-budget`.
+layer count allows, 2 for SmolLM2-135M), the routers trained with a peak learning rate of 3e-4 at the capacities that
+spend the layer budget (`capacities_for_layer_budget`: 1.0 / 0.46 at N_r = 2 for `--layer-budget 0.75`), and the
+final threshold set so that the training text takes 0.75x the source's layer applications. `--random-capacity 0.3` trains at random capacities instead (one
+checkpoint for any threshold; measured worse at an hour). The fewer-parameters recipe, as measured best (every
+token at full depth): `--relaxation-rank 0 --num-recursions 2 --capacity 1.0 1.0 --no-layer-budget`.
 
 The WikiText-2 files are word-level tokenized (" @-@ ", " , "): they are turned back into plain text first
 (`conversion.text_files.detokenize_wikitext`). Training uses the validation split, reports the test split.
