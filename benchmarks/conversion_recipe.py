@@ -92,8 +92,9 @@ def build_argument_parser():
                         help="N or 'full' (the source's layers kept exact: the less-compute recipe); 0 for the "
                              "fewer-parameters recipe")
     recipe.add_argument("--capacity", type=float, nargs="+",
-                        help="expert-choice capacities (default: with --layer-budget on a full-rank or tied "
-                             "conversion, the ones that spend it, 1.0 falling linearly; else mor-convert's, "
+                        help="expert-choice capacities (default: with --layer-budget, no --random-capacity and a "
+                             "full-rank or tied conversion, the ones that spend the budget, 1.0 falling linearly; "
+                             "else mor-convert's, "
                              "(N_r - r + 1) / N_r; with random capacities they only say which steps decide)")
     recipe.add_argument("--kv-cache-policy", default="recursion_wise", choices=["recursion_wise", "shared"])
     training = parser.add_argument_group("uptraining")
@@ -174,15 +175,21 @@ def capacities_for_layer_budget(num_layers: int, num_recursions: int, sharing_st
     layer applications per token, when a shared layer at a recursion step costs what one source layer does (full-rank
     relaxation merged into the weight, or tied layers): every token takes step 1 and each later step keeps the same
     fraction fewer, down to what the budget leaves. None when the layout does not fit; ValueError when the budget
-    needs the last step below 0 (pass --capacity then)."""
+    needs the last step below 0."""
+    if num_recursions is None or num_recursions < 2:
+        return None
     block_size = recursion_block_size(num_layers, num_recursions, sharing_strategy)
-    if block_size is None or num_recursions < 2:
+    if block_size is None:
         return None
     unshared = num_layers - block_size * num_recursions
     mean_capacity = (budget * num_layers - unshared) / (block_size * num_recursions)
     if mean_capacity >= 1:
         return [1.0] * num_recursions
     last = 2 * mean_capacity - 1  # a linear ramp 1.0 -> last has the mean capacity (1 + last) / 2
+    if mean_capacity * num_recursions <= 1:  # not even every token taking step 1 alone fits
+        raise ValueError(f"--layer-budget {budget} is below what every token taking the first recursion step costs "
+                         f"({(unshared + block_size) / num_layers:.3f} of the source's layer applications); nothing "
+                         f"was written. Fix: give a larger --layer-budget.")
     if last <= 0:
         raise ValueError(f"--layer-budget {budget} leaves the recursion steps a mean capacity of {mean_capacity:.3f}, "
                          f"below what capacities falling linearly from 1.0 can spend; nothing was written. Fix: give "
@@ -191,13 +198,15 @@ def capacities_for_layer_budget(num_layers: int, num_recursions: int, sharing_st
     return [round(1 - step * recursion_step, 4) for recursion_step in range(num_recursions)]
 
 
-def training_capacities(args, num_layers: int):
+def training_capacities(args, num_layers: int, hidden_size: int):
     """The --capacity mor-convert gets: the given one; else, training at fixed capacities with --layer-budget on a
     full-rank or tied conversion, the capacities that spend the budget (`capacities_for_layer_budget`), so the
     routers learn the depths they will serve; else None (mor-convert's defaults). Prints what it chose."""
     if args.capacity or args.random_capacity is not None or args.no_layer_budget:
         return args.capacity
-    if args.relaxation_rank not in ("full", "0"):
+    rank = args.relaxation_rank
+    # A rank of at least the hidden size is mor-convert's full rank (every delta stored whole and merged).
+    if not (rank in ("full", "0") or (rank.isdigit() and int(rank) >= hidden_size)):
         print(f"Training capacities: mor-convert's defaults (a rank-{args.relaxation_rank} relaxation adds matmuls of "
               f"its own; --layer-budget's threshold counts them after training). Pass --capacity to choose.")
         return None
@@ -300,8 +309,8 @@ def main(argv=None) -> int:
             read_text_file(path, "--train-files" if args.train_files else "--tinystories-train")
         source_path, gguf_file = resolve_source(args.source)
         source_config, _ = read_source_config(source_path, gguf_file, name="SOURCE")
-        capacities = training_capacities(args, source_config.num_hidden_layers)
-    except (ValueError, OSError) as error:
+        capacities = training_capacities(args, source_config.num_hidden_layers, source_config.hidden_size)
+    except (ValueError, OSError, ImportError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         shutil.rmtree(work)
         return 2

@@ -17,10 +17,11 @@ Examples:
 
     mor-uptrain outputs/stories-mor outputs/stories-mor-uptrained \\
         --train-file examples/assets/tinystories_train_sample.txt \\
-        --eval-file examples/assets/tinystories_valid_sample.txt --max-steps 600 --teacher examples/assets/stories260K
+        --eval-file examples/assets/tinystories_valid_sample.txt --max-steps 600 --learning-rate 1e-3 \\
+        --teacher examples/assets/stories260K
 
     torchrun --nproc_per_node 2 --no-python mor-uptrain outputs/stories-mor outputs/stories-mor-ddp \\
-        --train-file examples/assets/tinystories_train_sample.txt --max-steps 100
+        --train-file examples/assets/tinystories_train_sample.txt --max-steps 100 --learning-rate 1e-3
 """
 
 import argparse

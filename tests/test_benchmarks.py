@@ -187,14 +187,27 @@ def test_recipe_training_capacities_spend_the_layer_budget(num_recursions):
 
 
 def test_recipe_refuses_a_layer_budget_its_training_capacities_cannot_spend(tmp_path):
-    """--layer-budget 0.3 of stories260K's 5 layers leaves the recursion steps less than the unshared layers take:
-    one line naming the fix, nothing left behind."""
+    """--layer-budget 0.3 of stories260K's 5 layers is less than its end layers and one recursion step take: one line
+    naming the fix, nothing left behind."""
     result = run_benchmark("conversion_recipe.py", PROJECT_ROOT / "examples" / "assets" / "stories260K",
                            "--output-dir", tmp_path / "recipe", "--no-wikitext", "--no-mc", "--num-recursions", "3",
                            "--layer-budget", "0.3", "--threads", "1")
-    assert result.returncode == 2 and result.stderr.startswith("error: --layer-budget 0.3 leaves the recursion")
-    assert "Fix: give --capacity" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.returncode == 2 and result.stderr.startswith("error: --layer-budget 0.3 is below what every token")
+    assert "Fix: give a larger --layer-budget." in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recipe_training_capacities_refuse_what_a_linear_ramp_cannot_spend():
+    """Between one step's cost and half the block: capacities from 1.0 exist, but not a linear ramp; the error says
+    --capacity. At or below one step's cost nothing can: the error says a larger budget."""
+    from conversion_recipe import capacities_for_layer_budget
+
+    with pytest.raises(ValueError, match="Fix: give --capacity"):
+        capacities_for_layer_budget(30, 4, "middle_cycle", 0.4)  # mean capacity 0.36, one step 0.25
+    with pytest.raises(ValueError, match="Fix: give a larger --layer-budget"):
+        capacities_for_layer_budget(30, 4, "middle_cycle", 0.3)  # 9 of 30 layers: just one step
+    assert capacities_for_layer_budget(30, 3, "middle_cycle", 0.75) is None  # 28 layers do not fit N_r = 3
+    assert capacities_for_layer_budget(30, 2, "cycle", 1.0) == [1.0, 1.0]
 
 
 def test_conversion_recipe_refuses_a_missing_question_file_before_any_work(tmp_path):
