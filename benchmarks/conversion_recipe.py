@@ -56,15 +56,15 @@ sys.path.insert(0, str(REPOSITORY))
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from conversion.cli_checks import Range, check_option_values, one_line  # noqa: E402
-from conversion.convert_llama_to_mor import ROUTED_SHARING_STRATEGIES, default_num_recursions, main as convert_main, parse_num_recursions, read_source_config, resolve_source  # noqa: E402
+from conversion.convert_llama_to_mor import ROUTED_SHARING_STRATEGIES, default_num_recursions, main as convert_main, parse_num_recursions, parse_relaxation_rank, read_source_config, resolve_source  # noqa: E402
 from conversion.flops import layer_applications  # noqa: E402
 from conversion.measure import THRESHOLD_BISECTIONS, mean_depth, perplexity_and_depths, read_eval_tokens, routes_by_threshold  # noqa: E402
 from conversion.training.options import CALIBRATION_TOKENS  # noqa: E402
 from conversion.training.trainer import check_block_wise_stage  # noqa: E402
 from conversion.output_dir import record_output  # noqa: E402
 from evaluation import multiple_choice_accuracy  # noqa: E402
-from modeling_mor.configuration_mor import recursion_block_size  # noqa: E402
 from evaluation.core import load_multiple_choice_items  # noqa: E402
+from modeling_mor.configuration_mor import recursion_block_size  # noqa: E402
 from conversion.text_files import detokenize_wikitext, read_text_file  # noqa: E402
 from conversion.uptrain import main as uptrain_main  # noqa: E402
 
@@ -185,11 +185,11 @@ def capacities_for_layer_budget(num_layers: int, num_recursions: int, sharing_st
     mean_capacity = (budget * num_layers - unshared) / (block_size * num_recursions)
     if mean_capacity >= 1:
         return [1.0] * num_recursions
-    last = 2 * mean_capacity - 1  # a linear ramp 1.0 -> last has the mean capacity (1 + last) / 2
     if mean_capacity * num_recursions <= 1:  # not even every token taking step 1 alone fits
         raise ValueError(f"--layer-budget {budget} is below what every token taking the first recursion step costs "
                          f"({(unshared + block_size) / num_layers:.3f} of the source's layer applications); nothing "
                          f"was written. Fix: give a larger --layer-budget.")
+    last = 2 * mean_capacity - 1  # a linear ramp 1.0 -> last has the mean capacity (1 + last) / 2
     if last <= 0:
         raise ValueError(f"--layer-budget {budget} leaves the recursion steps a mean capacity of {mean_capacity:.3f}, "
                          f"below what capacities falling linearly from 1.0 can spend; nothing was written. Fix: give "
@@ -204,9 +204,8 @@ def training_capacities(args, num_layers: int, hidden_size: int):
     routers learn the depths they will serve; else None (mor-convert's defaults). Prints what it chose."""
     if args.capacity or args.random_capacity is not None or args.no_layer_budget:
         return args.capacity
-    rank = args.relaxation_rank
-    # A rank of at least the hidden size is mor-convert's full rank (every delta stored whole and merged).
-    if not (rank in ("full", "0") or (rank.isdigit() and int(rank) >= hidden_size)):
+    rank = parse_relaxation_rank(args.relaxation_rank, hidden_size)
+    if 0 < rank < hidden_size:  # full rank (merged deltas) and tied layers cost a source layer per application
         print(f"Training capacities: mor-convert's defaults (a rank-{args.relaxation_rank} relaxation adds matmuls of "
               f"its own; --layer-budget's threshold counts them after training). Pass --capacity to choose.")
         return None

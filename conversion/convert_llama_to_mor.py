@@ -454,7 +454,8 @@ def _license_note(source: str, explicit: str | None, gguf_metadata: dict | None)
     return "not stated by the source (check it before sharing this model)"
 
 
-def _parse_relaxation_rank(value: str, hidden_size: int) -> int:
+def parse_relaxation_rank(value: str, hidden_size: int) -> int:
+    """--relaxation-rank as a number: "full" is the hidden size (every delta of full rank, stored whole)."""
     if value == "full":
         return hidden_size
     if not value.isdigit():
@@ -558,7 +559,7 @@ def _check_arguments(args, output_dir) -> dict:
             raise ValueError(f"--num-recursions auto: the source's {num_layers} layers have no --sharing-strategy "
                              f"{args.sharing_strategy} layout. Valid choices for it: {_layout_choices(num_layers) or 'none'}.")
     _check_recursion_options(args, num_layers)
-    relaxation_rank = _parse_relaxation_rank(args.relaxation_rank, source_config.hidden_size)
+    relaxation_rank = parse_relaxation_rank(args.relaxation_rank, source_config.hidden_size)
     block_size = eval_block_size(args.eval_block_size, context_length(source_config)) if args.eval_file else None
     routing = args.routing or default_routing(args.sharing_strategy)
     overrides = dict(
