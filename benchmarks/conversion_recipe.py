@@ -19,9 +19,11 @@ converted model and the prepared texts stay in a hidden folder beside it, `.NAME
 The defaults are the less-compute recipe of docs/conversion.md#conversion-recipe, the knee of its table: the source's
 layers kept exact (`--relaxation-rank full`), mor-convert's layout (`--num-recursions auto`: the smallest N_r the
 layer count allows, 2 for SmolLM2-135M), the routers trained with a peak learning rate of 3e-4 at the capacities that
-spend the layer budget (`capacities_for_layer_budget`: 1.0 / 0.46 at N_r = 2 for `--layer-budget 0.75`), and the
-final threshold set so that the training text takes 0.75x the source's layer applications. `--random-capacity 0.3` trains at random capacities instead (one
-checkpoint for any threshold; measured worse at an hour). The fewer-parameters recipe, as measured best (every
+spend the layer budget (`capacities_for_layer_budget`: 1.0 / 0.46 at N_r = 2 for `--layer-budget 0.75`), the deciding
+routers fitted halfway to what stopping costs each token and choosing who continues for the rest of the run
+(`--router-fit-tokens 32768 --router-fit-at 0.5`, mor-uptrain's router fit), and the final threshold set so that the
+training text takes 0.75x the source's layer applications. `--random-capacity 0.3` trains at random capacities
+instead (one checkpoint for any threshold; measured worse at an hour). The fewer-parameters recipe, as measured best (every
 token at full depth): `--relaxation-rank 0 --num-recursions 2 --capacity 1.0 1.0 --no-layer-budget`.
 
 The WikiText-2 files are word-level tokenized (" @-@ ", " , "): they are turned back into plain text first
@@ -60,6 +62,7 @@ from conversion.convert_llama_to_mor import ROUTED_SHARING_STRATEGIES, default_n
 from conversion.flops import layer_applications  # noqa: E402
 from conversion.measure import THRESHOLD_BISECTIONS, mean_depth, perplexity_and_depths, read_eval_tokens, routes_by_threshold  # noqa: E402
 from conversion.training.options import CALIBRATION_TOKENS  # noqa: E402
+from conversion.training.router_fit import check_router_fit  # noqa: E402
 from conversion.training.trainer import check_block_wise_stage  # noqa: E402
 from conversion.output_dir import record_output  # noqa: E402
 from evaluation import multiple_choice_accuracy  # noqa: E402
@@ -88,6 +91,7 @@ def build_argument_parser():
                         help="N_r, or 'auto': mor-convert's default (the smallest N_r the layer count allows)")
     recipe.add_argument("--sharing-strategy", default="middle_cycle")
     recipe.add_argument("--init-strategy", default="stepwise")
+    recipe.add_argument("--router-type", default="linear", choices=["linear", "mlp"], help="mor-convert's")
     recipe.add_argument("--relaxation-rank", default="full",
                         help="N or 'full' (the source's layers kept exact: the less-compute recipe); 0 for the "
                              "fewer-parameters recipe")
@@ -115,6 +119,13 @@ def build_argument_parser():
     training.add_argument("--block-wise-fraction", type=float, default=0.0, metavar="F",
                           help="mor-uptrain's: the first F of the uptraining trains each shared layer on the source's "
                                "hidden states (teacher-forced), the rest end to end (measured: it does not help)")
+    training.add_argument("--router-fit-tokens", type=int, default=32768, metavar="N",
+                          help="mor-uptrain's: fit the deciding routers on N training tokens to let the tokens leave "
+                               "that lose least by stopping (0: off; skipped, with a line saying so, for a conversion "
+                               "without a deciding step)")
+    training.add_argument("--router-fit-at", type=float, default=0.5, metavar="F",
+                          help="mor-uptrain's: fit once F of the uptraining is spent and let the fitted routers "
+                               "choose in training from there (1: after training)")
     training.add_argument("--random-capacity", type=float, metavar="MIN",
                           help="mor-uptrain's: every step draws the deeper steps' capacities in [MIN, 1], so that "
                                "the router threshold trades quality for compute at inference (see --thresholds); "
@@ -152,7 +163,8 @@ def check_recipe_options(args) -> None:
     before any work (ValueError or OSError, one line naming this script's options)."""
     check_option_values(args, {"layer_budget": Range(0, 1, low_open=True),
                                "random_capacity": Range(0, 1, low_open=True, high_open=True),
-                               "block_wise_fraction": Range(0, 1)})
+                               "block_wise_fraction": Range(0, 1), "router_fit_tokens": 0,
+                               "router_fit_at": Range(0, 1, low_open=True)})
     if args.block_wise_fraction:
         check_block_wise_stage(args.sharing_strategy, args.kv_cache_policy)
     routed = args.sharing_strategy in ROUTED_SHARING_STRATEGIES
@@ -326,6 +338,7 @@ def main(argv=None) -> int:
     converted = work / "converted"
     convert_argv = [args.source, str(converted), "--num-recursions", str(args.num_recursions),
                     "--sharing-strategy", args.sharing_strategy, "--init-strategy", args.init_strategy,
+                    "--router-type", args.router_type,
                     "--relaxation-rank", str(args.relaxation_rank), "--kv-cache-policy", args.kv_cache_policy]
     if capacities:
         convert_argv += ["--capacity", *map(str, capacities)]
@@ -333,6 +346,14 @@ def main(argv=None) -> int:
         return 2
     measured_at = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True, dtype=torch.float32)
+    fits_routers = args.router_fit_tokens > 0
+    if fits_routers:
+        try:
+            check_router_fit(model.config)
+        except ValueError:
+            fits_routers = False
+            print("Router fit: off, no recursion step of this conversion decides who takes it (every capacity is 1, or "
+                  "no expert-choice routing)")
     measurements.measure("converted", model)
     del model
     # Within the budget, after training: the final measurement and loading the teacher (about 1.5x what loading and
@@ -363,6 +384,8 @@ def main(argv=None) -> int:
         uptrain_argv += ["--eval-steps", str(args.eval_steps)]
     if args.random_capacity is not None:
         uptrain_argv += ["--random-capacity", str(args.random_capacity)]
+    if fits_routers:
+        uptrain_argv += ["--router-fit-tokens", str(args.router_fit_tokens), "--router-fit-at", str(args.router_fit_at)]
     if not args.no_layer_budget:
         uptrain_argv += ["--layer-budget", str(args.layer_budget)]
     if not args.no_bf16:

@@ -222,7 +222,14 @@ GGUF_SOURCE_REPO_KEYS = ("general.source.huggingface.repository", "general.sourc
 
 
 def build_argument_parser():
-    from modeling_mor.configuration_mor import GATINGS, KV_CACHE_POLICIES, ROUTER_INFERENCE, ROUTINGS, SHARING_STRATEGIES
+    from modeling_mor.configuration_mor import (
+        GATINGS,
+        KV_CACHE_POLICIES,
+        ROUTER_INFERENCE,
+        ROUTER_TYPES,
+        ROUTINGS,
+        SHARING_STRATEGIES,
+    )
 
     from .cli_checks import HelpFormatter
     from .measure import DEFAULT_BLOCK_SIZE
@@ -253,6 +260,8 @@ def build_argument_parser():
                              "processes; 'shared': every step reuses the first step's")
     parser.add_argument("--router-inference", default="auxiliary", choices=ROUTER_INFERENCE,
                         help="expert-choice eval rule: 'auxiliary' (default for conversions) or 'threshold'")
+    parser.add_argument("--router-type", default="linear", choices=ROUTER_TYPES,
+                        help="every router's scorer: 'linear' (default) or 'mlp' (two layers, hidden size / 2 wide)")
     parser.add_argument("--gating", default="update", choices=GATINGS,
                         help="'update' (default) starts the converted model as the tied recursive model")
     parser.add_argument("--capacity", type=float, nargs="+",
@@ -567,6 +576,7 @@ def _check_arguments(args, output_dir) -> dict:
         gating=args.gating,
         relaxation_rank=relaxation_rank,
         router_inference=args.router_inference,
+        router_type=args.router_type,
     )
     if args.capacity:
         overrides["capacity"] = args.capacity

@@ -147,6 +147,24 @@ def full_depth(model):
         config.capacity = capacity
 
 
+@contextlib.contextmanager
+def stopped_before(model, step: int):
+    """Eval mode's routing with every token stopping before recursion step `step` (0-based), a deciding step
+    (capacity below 1): the steps before it taken by every token, it and the later ones by none (a router threshold
+    of 1, which no sigmoid exceeds). What a token would predict had it left the recursion there."""
+    config = model.config
+    if config.capacity[step] >= 1.0:
+        raise ValueError(f"recursion step {step} has capacity 1 ({config.capacity}): every token takes it, none can "
+                         f"stop before it.")
+    capacity, threshold = config.capacity, config.router_threshold
+    config.capacity = [1.0] * step + list(capacity[step:])
+    config.router_threshold = 1.0
+    try:
+        yield model
+    finally:
+        config.capacity, config.router_threshold = capacity, threshold
+
+
 def routes_by_threshold(config) -> bool:
     """Whether eval-mode routing of `config` is set by `router_threshold`: expert-choice with a recursion step that
     decides (capacity below 1)."""

@@ -78,8 +78,20 @@ def training_status(figures: dict) -> str:
         f"**Uptrained** for {uptraining['steps']} steps ({uptraining['tokens']:,} tokens of `{uptraining['train_data']}`) "
         f"in {uptraining['wall_time']}, with the LM loss plus the router losses"
         f"{' and distillation from ' + repr(uptraining['teacher']) if uptraining.get('teacher') else ''}."
+        f"{router_fit_note(uptraining.get('router_fit'))}"
         f"{calibration_note(uptraining.get('router_calibration'))}"
     )
+
+
+def router_fit_note(router_fit: dict | None) -> str:
+    """The sentence on `--router-fit-tokens`, or nothing."""
+    if not router_fit:
+        return ""
+    tokens = next(fit["tokens"] for step, fit in router_fit.items() if step.isdigit())
+    when = (f"at step {router_fit['at_step']}, and chose who takes each recursion step in the rest of the training"
+            if "at_step" in router_fit else "after training")
+    return (f" Its deciding routers were fitted to let the tokens leave that lose least by stopping (the KL divergence "
+            f"to the full-depth prediction, measured on {tokens:,} training tokens) {when}.")
 
 
 def calibration_note(calibration: dict | None) -> str:

@@ -56,6 +56,7 @@ from .training.options import (
     resolve_block_sizes,
 )
 from .training.run import INTERRUPTED_RUN, run_training
+from .training.router_fit import DEFAULT_ROUTER_FIT_AT, check_router_fit
 from .training.trainer import check_block_wise_stage, recursion_boundaries
 
 
@@ -84,6 +85,17 @@ def build_argument_parser():
                              "teacher's next ones (no routing, no gate), then training goes on end to end; the "
                              "warm-ups count its steps. Measured on SmolLM2: it does not help "
                              "(docs/conversion.md#block-wise-stage); 0: off")
+    method.add_argument("--router-fit-tokens", type=int, default=0, metavar="N",
+                        help="measure on N training tokens what stopping before each deciding recursion step costs "
+                             "every token (KL of its next-token distribution to full depth) and fit the deciding "
+                             "routers to let the cheapest leave (expert-choice with auxiliary routers, a conversion's "
+                             "default). Measured on SmolLM2: docs/conversion.md#router-fit; 0: off")
+    method.add_argument("--router-fit-at", type=float, metavar="F",
+                        help=f"when the router fit runs: once F of the budget is spent (default "
+                             f"{DEFAULT_ROUTER_FIT_AT}, measured best), after which the fitted routers also choose who "
+                             f"takes each step in training (router_selection 'auxiliary'), so the model learns the "
+                             f"routing it is served with; 1: after training (its estimated time is taken off "
+                             f"--max-minutes), before --layer-budget sets the threshold")
     method.add_argument("--router-aux-loss-coef", type=float, help="override the model's BCE router-loss weight")
     add_trainer_arguments(parser, learning_rate=3e-4,
                           learning_rate_note="what the conversion recipe measured for SmolLM2-135M: docs/conversion.md")
@@ -109,6 +121,11 @@ def check_arguments(args) -> CheckedArguments:
                              f"teacher's hidden states and needs a --teacher. Fix: give --teacher SOURCE (the model "
                              f"converted), or leave the option out.")
         check_block_wise_stage(config.sharing_strategy, config.kv_cache_policy)
+    if args.router_fit_tokens:
+        check_router_fit(config)
+    elif args.router_fit_at is not None:
+        raise ValueError(f"--router-fit-at {args.router_fit_at} says when the router fit runs, and no fit was asked "
+                         f"for. Fix: add --router-fit-tokens N, or leave --router-fit-at out.")
     if args.teacher:
         check_teacher(args, config)
     if args.eval_file:
@@ -180,14 +197,14 @@ def main(argv=None) -> int:
 
     def finish(trainer, folder, before, after, depths, train_seconds, summary):
         write_card(args, trainer, folder, Path(args.output_dir).expanduser().resolve(), before, after, depths,
-                   data.eval_tokens, train_seconds, summary["router_calibration"])
+                   data.eval_tokens, train_seconds, summary["router_calibration"], summary.get("router_fit"))
 
     return run_training(args, checked, model, tokenizer, data, start, teacher=teacher, measure_before=True,
                         finish=finish, activity="uptraining")
 
 
 def write_card(args, trainer, folder: Path, output_dir: Path, before, after, depths, eval_tokens, train_seconds,
-               calibration: dict | None = None):
+               calibration: dict | None = None, router_fit: dict | None = None):
     """Updates the conversion's card figures with this run's and renders the card into `folder`."""
     figures = load_card_figures(args.model_dir)
     if not figures:
@@ -218,6 +235,7 @@ def write_card(args, trainer, folder: Path, output_dir: Path, before, after, dep
         # A local teacher by its name only: the card is published, the machine's paths are not.
         "teacher": Path(args.teacher).name if args.teacher and Path(args.teacher).exists() else args.teacher,
         "router_calibration": calibration,  # --layer-budget's threshold (None when not asked for, or not applied)
+        "router_fit": router_fit,  # --router-fit-tokens' report (None when not asked for)
     }
     figures["model_name"] = output_dir.name
     figures["repo_id"] = f"path/to/{output_dir.name}"

@@ -33,6 +33,7 @@ ROUTINGS = ("expert_choice", "token_choice", "none")
 ROUTER_TYPES = ("linear", "mlp")
 ROUTER_ACTIVATIONS = ("sigmoid", "tanh")
 ROUTER_INFERENCE = ("threshold", "auxiliary")
+ROUTER_SELECTIONS = ("gating", "auxiliary")
 BALANCING = ("loss", "loss_free")
 GATINGS = ("output", "update")
 KV_CACHE_POLICIES = ("recursion_wise", "shared")
@@ -91,6 +92,10 @@ class MoRConfig(LlamaConfig):
         router_threshold (`float`): eval-mode expert-choice rule: a token continues iff sigmoid(logit) > threshold.
         router_inference (`str`): which logit eval uses for that rule: "threshold" (the router's own, trained by the
             BCE auxiliary loss) or "auxiliary" (a separate router trained by BCE on detached inputs).
+        router_selection (`str`): whose scores expert-choice top-k ranks in training: "gating" (the step's own
+            router, the paper's; the auxiliary router learns to predict its choice) or "auxiliary" (the auxiliary
+            router, fitted elsewhere, e.g. to the skip cost by `mor-uptrain --router-fit-at`, so that training routes
+            as eval will; it gets no BCE loss then). Needs router_inference "auxiliary".
         router_aux_loss_coef (`float`): weight of the expert-choice BCE loss.
         balancing (`str`): token-choice load balancing: "loss" (auxiliary loss) or "loss_free" (a selection bias).
         balance_loss_coef (`float`): weight of the token-choice balancing loss.
@@ -116,6 +121,7 @@ class MoRConfig(LlamaConfig):
     router_alpha: float | None = None
     router_threshold: float = 0.5
     router_inference: str = "threshold"
+    router_selection: str = "gating"
     router_aux_loss_coef: float = 1e-3
     balancing: str = "loss"
     balance_loss_coef: float = 0.1
@@ -154,6 +160,12 @@ class MoRConfig(LlamaConfig):
         _check_choice("router_type", self.router_type, ROUTER_TYPES)
         _check_choice("router_activation", self.router_activation, ROUTER_ACTIVATIONS)
         _check_choice("router_inference", self.router_inference, ROUTER_INFERENCE)
+        _check_choice("router_selection", self.router_selection, ROUTER_SELECTIONS)
+        if self.router_selection == "auxiliary" and self.router_inference != "auxiliary":
+            raise ValueError(
+                f"MoRConfig.router_selection='auxiliary' ranks tokens by the auxiliary routers, which "
+                f"router_inference={self.router_inference!r} does not build. Set router_inference='auxiliary'."
+            )
         _check_choice("balancing", self.balancing, BALANCING)
         _check_choice("gating", self.gating, GATINGS)
         _check_choice("kv_cache_policy", self.kv_cache_policy, KV_CACHE_POLICIES)

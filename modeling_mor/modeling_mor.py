@@ -737,6 +737,12 @@ class MoRForCausalLM(MoRPreTrainedModel, GenerationMixin):
         if routing is not None:
             routing.start_from_recursive_model_()
 
+    def decision_routers(self) -> dict:
+        """Expert-choice routing's deciding routers by recursion step (0-based): the module whose logit eval mode
+        compares with `router_threshold` (see `ExpertChoiceRouting.decision_routers`). Empty for other routings."""
+        routing = self.model.recursion_block.routing
+        return routing.decision_routers() if self.config.routing == "expert_choice" else {}
+
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """`generate` builds a MoRCache instead of a DynamicCache, and checks a cache the user passes."""
         user_cache = model_kwargs.get("cache")

@@ -105,6 +105,17 @@ class ExpertChoiceRouting(nn.Module):
         for router in getattr(self, "auxiliary_routers", {}).values():
             router.set_constant_output_(FULL_DEPTH_LOGIT)
 
+    def decision_routers(self) -> dict[int, MoRRouter]:
+        """The router whose logit decides, in eval mode, who takes each deciding step (capacity < 1), by step: the
+        auxiliary router with `router_inference="auxiliary"` (it only decides), else the step's own router (whose
+        logit also sets the gate)."""
+        auxiliary = getattr(self, "auxiliary_routers", None)
+        return {
+            step: auxiliary[str(step)] if auxiliary is not None else self.routers[step]
+            for step, fraction in enumerate(self.config.capacity)
+            if fraction < 1.0
+        }
+
     def gate_from_logits(self, logits):
         activation = torch.sigmoid if self.config.router_activation == "sigmoid" else torch.tanh
         if self.config.gating == "output":
@@ -125,12 +136,16 @@ class ExpertChoiceRouting(nn.Module):
             # A full-capacity step makes no decision: every token still active takes it.
             selected = active
         elif self.training:
-            selected = hierarchical_top_k(logits, active, token_valid, self.config, step, sequence_index)
+            selects_by_auxiliary = self.config.router_selection == "auxiliary"
+            if self.config.router_inference == "auxiliary":
+                auxiliary_logits = self.auxiliary_routers[str(step)](hidden_states.detach()).squeeze(-1).float()
+            selection_logits = auxiliary_logits if selects_by_auxiliary else logits
+            selected = hierarchical_top_k(selection_logits, active, token_valid, self.config, step, sequence_index)
             # BCE teaches the router to predict, causally, what top-k decided, so eval can route token by token.
             target = selected[active].float()
             losses["router_aux_loss"] = F.binary_cross_entropy_with_logits(logits[active], target)
-            if self.config.router_inference == "auxiliary":
-                auxiliary_logits = self.auxiliary_routers[str(step)](hidden_states.detach()).squeeze(-1).float()
+            if self.config.router_inference == "auxiliary" and not selects_by_auxiliary:
+                # (A selecting auxiliary router would only learn its own choice: it is fitted elsewhere.)
                 losses["router_aux_loss"] = losses["router_aux_loss"] + F.binary_cross_entropy_with_logits(
                     auxiliary_logits[active], target
                 )

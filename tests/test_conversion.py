@@ -168,8 +168,8 @@ def test_a_staging_folder_left_by_sigkill_is_cleaned_by_the_next_run(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama", "out"]
 
 
-@pytest.mark.parametrize("routing", ["none", "expert_choice"])
-def test_full_rank_relaxation_from_the_cli_reproduces_the_source(routing, tmp_path):
+@pytest.mark.parametrize("routing, router_type", [("none", "linear"), ("expert_choice", "linear"), ("expert_choice", "mlp")])
+def test_full_rank_relaxation_from_the_cli_reproduces_the_source(routing, router_type, tmp_path):
     """The compute route of the conversion recipe starts from the source itself: with --relaxation-rank full the
     converted model's logits are the source's, without routing and under expert-choice routing (a fresh conversion's
     routers send every token to full depth), whatever the capacities it will train for."""
@@ -177,7 +177,8 @@ def test_full_rank_relaxation_from_the_cli_reproduces_the_source(routing, tmp_pa
 
     llama_dir = _llama_folder(tmp_path / "llama")
     assert convert_main([str(llama_dir), str(tmp_path / "relaxed"), "--num-recursions", "3", "--routing", routing,
-                         "--relaxation-rank", "full", "--no-tokenizer", *(["--capacity", "1.0", "0.5", "0.3"] if routing != "none" else [])]) == 0
+                         "--router-type", router_type, "--relaxation-rank", "full", "--no-tokenizer",
+                         *(["--capacity", "1.0", "0.5", "0.3"] if routing != "none" else [])]) == 0
     source = LlamaForCausalLM.from_pretrained(llama_dir).eval()
     relaxed = AutoModelForCausalLM.from_pretrained(tmp_path / "relaxed").eval()
     input_ids = torch.randint(0, 64, (2, 12))
@@ -185,6 +186,7 @@ def test_full_rank_relaxation_from_the_cli_reproduces_the_source(routing, tmp_pa
         output = relaxed(input_ids, output_recursion_depth=True)
         assert (output.logits - source(input_ids).logits).abs().max().item() <= 1e-4
     assert output.recursion_depth.eq(3).all()
+    assert relaxed.config.router_type == router_type
 
 
 def test_defaults_choose_the_layout_and_keep_the_source_exact(tmp_path, capsys):

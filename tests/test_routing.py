@@ -182,3 +182,29 @@ def test_position_ids_shared_by_the_batch_are_accepted(overrides):
         implicit = model(input_ids).logits
         broadcast = model(input_ids, position_ids=torch.arange(11)[None]).logits
     assert (implicit - broadcast).abs().max().item() <= 1e-6
+
+
+def test_auxiliary_selection_ranks_by_the_auxiliary_routers_and_leaves_them_untrained():
+    """router_selection="auxiliary": training top-k keeps each row's tokens the auxiliary router scores highest (a
+    ranking recomputed here from the scores it was given), and the auxiliary routers get no gradient (they are
+    fitted elsewhere) while the gating routers still do."""
+    model = _model(routing="expert_choice", router_inference="auxiliary", router_selection="auxiliary",
+                   capacity=[1.0, 0.5, 0.25]).train()
+    auxiliary = model.decision_routers()[1]
+    scores = []
+    auxiliary.register_forward_hook(lambda module, inputs, output: scores.append(output.squeeze(-1).detach()))
+    seq_len = 16
+    input_ids = torch.randint(0, model.config.vocab_size, (3, seq_len))
+    outputs = model(input_ids, labels=input_ids, output_recursion_depth=True)
+    k = math.ceil(0.5 * seq_len - 1e-6)
+    expected = torch.zeros_like(input_ids, dtype=torch.bool).scatter(-1, scores[0].topk(k, dim=-1).indices, True)
+    assert torch.equal(outputs.recursion_depth >= 2, expected)
+    outputs.loss.backward()
+    assert all(parameter.grad is None for router in model.decision_routers().values()
+               for parameter in router.parameters())
+    assert model.model.recursion_block.routing.routers[1].scorer.weight.grad.abs().sum() > 0
+
+
+def test_auxiliary_selection_needs_auxiliary_routers():
+    with pytest.raises(ValueError, match="router_selection='auxiliary'.*Set router_inference='auxiliary'"):
+        tiny_mor_config(routing="expert_choice", router_selection="auxiliary")

@@ -18,7 +18,7 @@ from conversion.model_card import render_model_card
 from conversion.training.trainer import UptrainTrainer
 from conversion.uptrain import main as uptrain_main
 
-from conftest import free_port, last_log_history
+from conftest import free_port, last_log_history, one_error_line
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -434,3 +434,53 @@ def test_a_terminated_uptraining_leaves_no_partial_folder(converted, train_text,
     assert printed.strip().splitlines()[-1].startswith("error: interrupted by "), printed[-3000:]
     assert "Traceback" not in printed
     assert list(tmp_path.iterdir()) == []
+
+
+def test_uptraining_with_a_router_fit_records_it_and_calibrates_after_it(converted, train_text, tmp_path, capsys):
+    output = tmp_path / "fit"
+    _uptrain(converted, output, train_text, "--max-steps", "4", "--save-steps", "4", "--router-fit-tokens", "512",
+             "--router-fit-at", "1", "--layer-budget", "0.8")
+    printed = capsys.readouterr().out
+    assert "router fit after training: step 2 picks the costliest tokens" in printed
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert set(summary["router_fit"]) == {"1", "2"} and summary["router_fit"]["1"]["tokens"] == 512
+    assert summary["router_calibration"]["layer_fraction"] <= 0.8
+    assert "measured on 512 training tokens) after training." in (output / "README.md").read_text()
+
+
+def test_router_fit_within_a_time_budget_reserves_its_time(converted, train_text, tmp_path, capsys):
+    _uptrain(converted, tmp_path / "timed", train_text, "--max-minutes", "0.2", "--router-fit-tokens", "256",
+             "--router-fit-at", "1")
+    assert "training stops" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("convert_options, expected", [
+    (["--router-inference", "threshold"], "Fix: convert with --router-inference auxiliary"),
+    (["--routing", "none"], "this model has none"),
+])
+def test_router_fit_refuses_a_model_without_auxiliary_deciding_routers(train_text, tmp_path, capsys,
+                                                                      convert_options, expected):
+    model = tmp_path / "converted"
+    assert convert_main([str(STORIES), str(model), "--num-recursions", "3", *convert_options]) == 0
+    error = one_error_line(uptrain_main, capsys, [model, tmp_path / "out", "--train-file", train_text,
+                                                  "--max-steps", "1", "--router-fit-tokens", "256"])
+    assert "--router-fit-tokens" in error and expected in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_router_fit_inside_training_lets_the_fitted_routers_choose_from_there(converted, train_text, tmp_path,
+                                                                                capsys):
+    output = tmp_path / "fit-at"
+    _uptrain(converted, output, train_text, "--max-steps", "6", "--save-steps", "6", "--router-fit-tokens", "512",
+             "--router-fit-at", "0.5")
+    assert "router fit at step 3: step 2 picks the costliest tokens" in capsys.readouterr().out
+    summary = json.loads((output / "training_summary.json").read_text())
+    assert summary["router_fit"]["at_step"] == 3 and summary["router_fit"]["1"]["tokens"] == 512
+    assert json.loads((output / "config.json").read_text())["router_selection"] == "auxiliary"
+    assert "tokens) at step 3, and chose who takes each recursion step" in (output / "README.md").read_text()
+
+
+def test_router_fit_at_without_a_fit_is_refused(converted, train_text, tmp_path, capsys):
+    error = one_error_line(uptrain_main, capsys, [converted, tmp_path / "out", "--train-file", train_text,
+                                                  "--max-steps", "1", "--router-fit-at", "0.5"])
+    assert "Fix: add --router-fit-tokens N" in error and not (tmp_path / "out").exists()

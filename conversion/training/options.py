@@ -115,7 +115,8 @@ OPTION_VALUES = {
     "weight_decay": 0, "dataloader_num_workers": 0,
     "distill_weight": Range(0, 1), "distill_temperature": POSITIVE, "router_aux_loss_coef": 0,
     "max_minutes": POSITIVE, "hidden_distill_weight": 0, "layer_budget": Range(0, 1, low_open=True),
-    "block_wise_fraction": Range(0, 1),
+    "block_wise_fraction": Range(0, 1), "router_fit_tokens": 0,
+    "router_fit_at": Range(0, 1, low_open=True),
 }
 
 

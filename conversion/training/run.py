@@ -20,6 +20,7 @@ from ..model_card import describe_measurement
 from ..output_dir import TRAINER_CHECKPOINTS, OutputDirExistsError, foreign_entries, record_output, staged_output_dir
 from .data import TrainingData
 from .options import CALIBRATION_TOKENS, CheckedArguments
+from .router_fit import DEFAULT_ROUTER_FIT_AT, RouterFitStage, describe_router_fit, estimated_fit_seconds, fit_decision_routers
 from .summary import SUMMARY_FILE, save_loss_curve, training_summary
 from .trainer import (
     CapacitySchedule,
@@ -66,6 +67,28 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
         if args.max_steps is None:
             training_args.max_steps = steps_planned
     max_minutes = getattr(args, "max_minutes", None)
+    max_seconds = max_minutes * 60 if max_minutes is not None else None
+    router_fit_tokens = getattr(args, "router_fit_tokens", 0)
+    router_fit_at = getattr(args, "router_fit_at", None) or DEFAULT_ROUTER_FIT_AT
+    router_fit_blocks = None
+    if router_fit_tokens:
+        if training_args.world_size > 1:
+            # The fit changes one process's routers between optimizer steps, outside what DDP and FSDP synchronize.
+            print(f"error: --router-fit-tokens runs on one process, and this run has {training_args.world_size}; "
+                  f"nothing was written. Fix: run on one process, or leave --router-fit-tokens out.", file=sys.stderr)
+            return 2
+        router_fit_blocks = calibration_tokens(data.train_dataset, router_fit_tokens).view(-1, args.block_size)
+        if max_seconds is not None and router_fit_at >= 1.0:
+            # The fit comes after training and inside the time budget: training ends its estimated time early.
+            reserved = estimated_fit_seconds(model, router_fit_blocks, args.per_device_train_batch_size)
+            if reserved >= max_seconds:
+                print(f"error: --router-fit-tokens {router_fit_tokens} needs about {reserved / 60:.1f} minutes, all of "
+                      f"--max-minutes {max_minutes} that is left; nothing was written. Fix: give more --max-minutes or "
+                      f"fewer --router-fit-tokens.", file=sys.stderr)
+                return 2
+            print(f"--router-fit-tokens {router_fit_tokens}: training stops {reserved / 60:.1f} minutes early, the "
+                  f"estimated time of the fit")
+            max_seconds -= reserved
     lr_follows_clock = max_minutes is not None and args.max_steps is None and args.max_train_flops is None
     if lr_follows_clock:
         # The time budget ends the run; the step count only has to be out of its way.
@@ -96,9 +119,15 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
                 hidden_distill_weight=getattr(args, "hidden_distill_weight", 0.0),
                 block_wise_fraction=getattr(args, "block_wise_fraction", 0.0),
                 max_train_flops=args.max_train_flops,
-                max_seconds=max_minutes * 60 if max_minutes is not None else None,
+                max_seconds=max_seconds,
                 lr_follows_clock=lr_follows_clock,
             )
+
+            router_fit_stage = None
+            if router_fit_blocks is not None and router_fit_at < 1.0:
+                router_fit_stage = RouterFitStage(trainer, router_fit_blocks, router_fit_at,
+                                                  args.per_device_train_batch_size)
+                trainer.add_callback(router_fit_stage)
 
             before = None
             if measure_before and data.eval_tokens is not None and trainer.is_world_process_zero():
@@ -111,6 +140,12 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
             # OUTPUT_DIR, or the staging folder still when no checkpoint was saved (a run resumed at its last step).
             final_dir = Path(training_args.output_dir)
             trainer.save_model(str(final_dir))  # the final model and its tokenizer (every process must call this)
+            router_fit = router_fit_stage.report if router_fit_stage is not None else None
+            if router_fit_blocks is not None and router_fit_at >= 1.0:
+                # After saving: a fit that fails or is interrupted loses no training.
+                router_fit = fit_decision_routers(trainer.model, router_fit_blocks, args.per_device_train_batch_size)
+                print(f"router fit after training: {describe_router_fit(router_fit)}")
+                trainer.save_model(str(final_dir))
             calibration = None
             if layer_budget is not None:
                 # After saving: a calibration that fails or is interrupted loses no training. Every process measures
@@ -135,6 +170,8 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
             if not trainer.is_world_process_zero():
                 return 0
             summary = training_summary(args, trainer, steps_planned, data, after, depths, train_seconds, calibration)
+            if router_fit is not None:
+                summary["router_fit"] = router_fit
             (final_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
             if finish is not None:
                 finish(trainer, final_dir, before, after, depths, train_seconds, summary)
