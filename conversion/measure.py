@@ -132,19 +132,29 @@ def format_depth_histogram(histogram: dict) -> str:
 
 
 @contextlib.contextmanager
-def full_depth(model):
-    """Every token takes every recursion step (capacity 1 at each step): the tied recursive model the routers act on.
-    Only meaningful for expert-choice routing; other routings are left as they are."""
+def routing_overridden(model, **fields):
+    """Sets the routing fields of `model.config` (capacity, router_threshold) for the duration of the block and
+    restores them after: how `full_depth` and `stopped_before` force a depth without touching the model's code."""
     config = model.config
-    if getattr(config, "routing", None) != "expert_choice":
-        yield model
-        return
-    capacity = config.capacity
-    config.capacity = [1.0] * config.num_recursions
+    saved = {name: getattr(config, name) for name in fields}
+    for name, value in fields.items():
+        setattr(config, name, value)
     try:
         yield model
     finally:
-        config.capacity = capacity
+        for name, value in saved.items():
+            setattr(config, name, value)
+
+
+@contextlib.contextmanager
+def full_depth(model):
+    """Every token takes every recursion step (capacity 1 at each step): the tied recursive model the routers act on.
+    Only meaningful for expert-choice routing; other routings are left as they are."""
+    if getattr(model.config, "routing", None) != "expert_choice":
+        yield model
+        return
+    with routing_overridden(model, capacity=[1.0] * model.config.num_recursions):
+        yield model
 
 
 @contextlib.contextmanager
@@ -152,17 +162,12 @@ def stopped_before(model, step: int):
     """Eval mode's routing with every token stopping before recursion step `step` (0-based), a deciding step
     (capacity below 1): the steps before it taken by every token, it and the later ones by none (a router threshold
     of 1, which no sigmoid exceeds). What a token would predict had it left the recursion there."""
-    config = model.config
-    if config.capacity[step] >= 1.0:
-        raise ValueError(f"recursion step {step} has capacity 1 ({config.capacity}): every token takes it, none can "
-                         f"stop before it.")
-    capacity, threshold = config.capacity, config.router_threshold
-    config.capacity = [1.0] * step + list(capacity[step:])
-    config.router_threshold = 1.0
-    try:
+    capacity = model.config.capacity
+    if capacity[step] >= 1.0:
+        raise ValueError(f"recursion step {step} has capacity 1 ({capacity}): every token takes it, none can stop "
+                         f"before it.")
+    with routing_overridden(model, capacity=[1.0] * step + list(capacity[step:]), router_threshold=1.0):
         yield model
-    finally:
-        config.capacity, config.router_threshold = capacity, threshold
 
 
 def routes_by_threshold(config) -> bool:

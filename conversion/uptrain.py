@@ -186,6 +186,12 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=torch.float32)
     print(choose_threads(model.config))
+    if args.router_fit_tokens and not hasattr(model, "decision_routers"):
+        # The model runs the code saved with it: a folder converted before the router fit existed lacks it.
+        print(f"error: --router-fit-tokens needs the model code of this package's version, and INPUT_DIR "
+              f"{args.model_dir} carries older code (no decision_routers); nothing was written. Fix: convert the source "
+              f"again with this version's mor-convert, or leave --router-fit-tokens out.", file=sys.stderr)
+        return 2
     if args.router_aux_loss_coef is not None:
         model.config.router_aux_loss_coef = args.router_aux_loss_coef
     teacher = None

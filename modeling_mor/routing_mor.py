@@ -138,14 +138,15 @@ class ExpertChoiceRouting(nn.Module):
         elif self.training:
             selects_by_auxiliary = self.config.router_selection == "auxiliary"
             if self.config.router_inference == "auxiliary":
-                auxiliary_logits = self.auxiliary_routers[str(step)](hidden_states.detach()).squeeze(-1).float()
+                # A selecting auxiliary router is fitted elsewhere and gets no loss here: no graph for it.
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not selects_by_auxiliary):
+                    auxiliary_logits = self.auxiliary_routers[str(step)](hidden_states.detach()).squeeze(-1).float()
             selection_logits = auxiliary_logits if selects_by_auxiliary else logits
             selected = hierarchical_top_k(selection_logits, active, token_valid, self.config, step, sequence_index)
             # BCE teaches the router to predict, causally, what top-k decided, so eval can route token by token.
             target = selected[active].float()
             losses["router_aux_loss"] = F.binary_cross_entropy_with_logits(logits[active], target)
             if self.config.router_inference == "auxiliary" and not selects_by_auxiliary:
-                # (A selecting auxiliary router would only learn its own choice: it is fitted elsewhere.)
                 losses["router_aux_loss"] = losses["router_aux_loss"] + F.binary_cross_entropy_with_logits(
                     auxiliary_logits[active], target
                 )

@@ -228,3 +228,11 @@ def test_conversion_recipe_refuses_a_block_wise_stage_it_cannot_run_before_any_w
     assert "--kv-cache-policy shared a deeper step reads step 1's keys" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_recipe_refuses_a_router_fit_time_without_a_fit(tmp_path):
+    result = run_benchmark("conversion_recipe.py", PROJECT_ROOT / "examples" / "assets" / "stories260K",
+                           "--output-dir", tmp_path / "recipe", "--no-wikitext", "--no-mc", "--num-recursions", "3",
+                           "--router-fit-tokens", "0", "--router-fit-at", "0.3", "--threads", "1")
+    assert result.returncode == 2 and result.stderr.startswith("error: --router-fit-at 0.3 says when")
+    assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []

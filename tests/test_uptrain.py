@@ -441,7 +441,7 @@ def test_uptraining_with_a_router_fit_records_it_and_calibrates_after_it(convert
     _uptrain(converted, output, train_text, "--max-steps", "4", "--save-steps", "4", "--router-fit-tokens", "512",
              "--router-fit-at", "1", "--layer-budget", "0.8")
     printed = capsys.readouterr().out
-    assert "router fit after training: step 2 picks the costliest tokens" in printed
+    assert "router fit after training: step 2's router tells the costliest tokens from the rest" in printed
     summary = json.loads((output / "training_summary.json").read_text())
     assert set(summary["router_fit"]) == {"1", "2"} and summary["router_fit"]["1"]["tokens"] == 512
     assert summary["router_calibration"]["layer_fraction"] <= 0.8
@@ -473,7 +473,7 @@ def test_a_router_fit_inside_training_lets_the_fitted_routers_choose_from_there(
     output = tmp_path / "fit-at"
     _uptrain(converted, output, train_text, "--max-steps", "6", "--save-steps", "6", "--router-fit-tokens", "512",
              "--router-fit-at", "0.5")
-    assert "router fit at step 3: step 2 picks the costliest tokens" in capsys.readouterr().out
+    assert "router fit at step 3: step 2's router tells the costliest tokens" in capsys.readouterr().out
     summary = json.loads((output / "training_summary.json").read_text())
     assert summary["router_fit"]["at_step"] == 3 and summary["router_fit"]["1"]["tokens"] == 512
     assert json.loads((output / "config.json").read_text())["router_selection"] == "auxiliary"
@@ -484,3 +484,22 @@ def test_router_fit_at_without_a_fit_is_refused(converted, train_text, tmp_path,
     error = one_error_line(uptrain_main, capsys, [converted, tmp_path / "out", "--train-file", train_text,
                                                   "--max-steps", "1", "--router-fit-at", "0.5"])
     assert "Fix: add --router-fit-tokens N" in error and not (tmp_path / "out").exists()
+
+
+def test_a_run_resumed_after_the_router_fit_goes_on_with_the_fitted_routers(converted, train_text, tmp_path, capsys):
+    """A resume from a checkpoint saved after the fit neither fits again nor goes back to the gating routers' choice:
+    its weights and optimizer state equal the uninterrupted run's."""
+    options = ["--max-steps", "6", "--save-steps", "4", "--router-fit-tokens", "512", "--router-fit-at", "0.5"]
+    straight = tmp_path / "straight"
+    _uptrain(converted, straight, train_text, *options, "--save-total-limit", "2")
+    assert (straight / "checkpoint-4" / "router_fit.json").is_file()
+    capsys.readouterr()
+    resumed = tmp_path / "resumed"
+    _uptrain(converted, resumed, train_text, *options, "--resume-from-checkpoint", straight / "checkpoint-4")
+    assert "router fit at step" not in capsys.readouterr().out
+    assert json.loads((resumed / "config.json").read_text())["router_selection"] == "auxiliary"
+    assert json.loads((resumed / "training_summary.json").read_text())["router_fit"]["at_step"] == 3
+    straight_weights = load_file(straight / "model.safetensors")
+    resumed_weights = load_file(resumed / "model.safetensors")
+    for name, tensor in straight_weights.items():
+        assert torch.allclose(tensor, resumed_weights[name], atol=1e-6), name

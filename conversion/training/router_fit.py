@@ -18,8 +18,10 @@ old routers kept for them at the deeper step (docs/conversion.md#router-fit). `-
 the fitted routers.
 """
 
+import json
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -76,26 +78,32 @@ def estimated_fit_seconds(model, token_blocks: torch.LongTensor, batch_size: int
 def measure_skip_costs(model, token_blocks: torch.LongTensor, batch_size: int = 4, desc: str = "skip costs"):
     """For each deciding recursion step: the hidden states its router reads ([tokens, hidden]) and every token's skip
     cost there ([blocks, block_size]), KL(full depth || stopped before the step) of the model's next-token
-    distributions, both measured in eval mode."""
+    distributions, both measured in eval mode with every token taking the steps before it."""
     was_training = model.training
     model.eval()
     routers = model.decision_routers()
     features = {step: [] for step in routers}
     costs = {step: [] for step in routers}
-    recorded = []
-    hooks = [router.register_forward_hook(lambda module, inputs, output: recorded.append(inputs[0].detach()))
-             for router in routers.values()]
+    first_input = {}
+
+    def recorder(step):
+        def record(module, inputs, output):
+            # Stopped before `step`, this step's router is called with every token first (later ones see none).
+            first_input.setdefault(step, inputs[0].detach())
+
+        return record
+
+    hooks = [router.register_forward_hook(recorder(step)) for step, router in routers.items()]
     try:
         for batch in tqdm(token_blocks.split(batch_size), desc=desc):
             batch = batch.to(model.device)
             with full_depth(model):
                 full = model(batch, use_cache=False).logits.float().log_softmax(-1)
             for step in routers:
-                recorded.clear()
+                first_input.clear()
                 with stopped_before(model, step):
                     stopped = model(batch, use_cache=False).logits.float().log_softmax(-1)
-                # The deciding router of `step` is the only one called with every token before it.
-                features[step].append(recorded[-1].flatten(0, 1).float().cpu())
+                features[step].append(first_input[step].flatten(0, 1).float().cpu())
                 costs[step].append((full.exp() * (full - stopped)).sum(-1).cpu())
     finally:
         for hook in hooks:
@@ -107,72 +115,100 @@ def measure_skip_costs(model, token_blocks: torch.LongTensor, batch_size: int = 
 
 def fit_decision_routers(model, token_blocks: torch.LongTensor, batch_size: int = 4, epochs: int = ROUTER_FIT_EPOCHS,
                          learning_rate: float = ROUTER_FIT_LEARNING_RATE, seed: int = 0) -> dict:
-    """Measures the skip costs of `token_blocks` ([blocks, block_size]) and fits each deciding router to pick the
-    top capacity-fraction of every block by skip cost. Returns, per step, the share of the tokens the fitted router
-    and the router before the fit send on (at logit 0) that are among them, and the fit's last loss."""
+    """Measures the skip costs of `token_blocks` ([blocks, block_size]) and fits each deciding router to send on the
+    top capacity-fraction of every block by skip cost, among the tokens the previous deciding step sends on (the
+    hierarchy of training's top-k). Returns, per step, the tokens it was fitted on and the accuracy (at logit 0) of
+    the router before and after the fit, with that of the best constant answer, and the fit's last loss."""
     features, costs = measure_skip_costs(model, token_blocks, batch_size)
     generator = torch.Generator().manual_seed(seed)
     report = {}
+    active = torch.ones_like(next(iter(costs.values())), dtype=torch.bool)
+    every_token = active.clone()
     for step, router in model.decision_routers().items():
-        step_costs = costs[step]
-        everyone = torch.ones_like(step_costs, dtype=torch.bool)
-        continues = hierarchical_top_k(step_costs, everyone, everyone, model.config, step).flatten().float()
-        inputs = features[step]
+        continues = hierarchical_top_k(costs[step], active, every_token, model.config, step)
+        # Eval asks this router only about the tokens the earlier steps sent on.
+        inputs, targets = features[step][active.flatten()], continues[active].float()
+        active = continues
+        parameter = next(router.parameters())
+        targets = targets.to(parameter.device)
         # Standardized channels (the residual stream has a few huge ones) fit at one learning rate; the scale is
         # folded into the router's first linear layer afterwards, so the router still reads raw hidden states.
-        scale = inputs.std(0).clamp_min(1e-6)
+        scale = inputs.std(0).clamp_min(1e-6).to(parameter)
+        standardized = inputs.to(parameter) / scale
         first_linear = router.scorer if isinstance(router.scorer, torch.nn.Linear) else router.scorer[0]
-        parameter = next(router.parameters())
+
+        def accuracy() -> float:
+            return ((router(standardized).squeeze(-1) > 0).float() == targets).float().mean().item()
+
         with torch.no_grad():
-            first_linear.weight.mul_(scale.to(parameter))
-            agreement_before = ((router(inputs.to(parameter) / scale.to(parameter)).squeeze(-1) > 0).float()
-                                == continues).float().mean().item()
+            first_linear.weight.mul_(scale)
+            accuracy_before = accuracy()
         optimizer = torch.optim.AdamW(router.parameters(), lr=learning_rate, weight_decay=0.0)
-        standardized = (inputs / scale).to(parameter)
         with torch.enable_grad():
             for _ in tqdm(range(epochs), desc=f"fitting the router of recursion step {step + 1}"):
                 for indices in torch.randperm(len(standardized), generator=generator).split(ROUTER_FIT_BATCH_TOKENS):
+                    indices = indices.to(parameter.device)
                     logits = router(standardized[indices]).squeeze(-1).float()
-                    loss = F.binary_cross_entropy_with_logits(logits, continues[indices])
+                    loss = F.binary_cross_entropy_with_logits(logits, targets[indices])
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
         with torch.no_grad():
-            logits = router(standardized).squeeze(-1).float()
-            agreement = ((logits > 0).float() == continues).float().mean().item()
-            first_linear.weight.div_(scale.to(parameter))
+            accuracy_after = accuracy()
+            loss = F.binary_cross_entropy_with_logits(router(standardized).squeeze(-1).float(), targets).item()
+            first_linear.weight.div_(scale)
             router.zero_grad(set_to_none=True)
-        report[str(step)] = {"tokens": int(continues.numel()), "agreement_before": round(agreement_before, 4),
-                             "agreement_after": round(agreement, 4),
-                             "loss": round(F.binary_cross_entropy_with_logits(logits, continues).item(), 4)}
+        share = targets.mean().item()
+        report[str(step)] = {"tokens": int(targets.numel()), "accuracy_before": round(accuracy_before, 4),
+                             "accuracy_after": round(accuracy_after, 4),
+                             "constant_accuracy": round(max(share, 1 - share), 4), "loss": round(loss, 4)}
     return report
+
+
+ROUTER_FIT_FILE = "router_fit.json"
 
 
 class RouterFitStage(TrainerCallback):
     """`--router-fit-at F` below 1: the fit runs once inside training, at the end of the optimizer step that spends F
-    of the run's budget (`TrainingBudget.spent_fraction`), and from the next step on the fitted routers choose who
-    takes each step in training too (`router_selection="auxiliary"`), so that the rest of the run teaches the model
-    the routing it will be served with: tokens that continue learn to attend over the tokens the fitted routers keep."""
+    of the run's budget (`TrainingBudget.spent_fraction`; the fit's own minutes count in a time budget, as the
+    hour of a recipe does), and from the next step on the fitted routers choose who takes each step in training too
+    (`router_selection="auxiliary"`), so that the rest of the run teaches the model the routing it will be served
+    with: tokens that continue learn to attend over the tokens the fitted routers keep.
 
-    def __init__(self, trainer, token_blocks: torch.LongTensor, at: float, batch_size: int = 4):
-        self.trainer = trainer
+    Every checkpoint saved after the fit holds its report (`router_fit.json`); a run resumed from one goes on with the
+    fitted routers choosing, without fitting again (Trainer restores the weights, this restores the choice). It runs
+    before `MoveIntoPlaceAtFirstCheckpoint`, so the report is part of the checkpoint that moves into place."""
+
+    def __init__(self, model, token_blocks: torch.LongTensor, at: float, batch_size: int = 4,
+                 resume_checkpoint: str | None = None):
+        self.model = model
         self.token_blocks = token_blocks
         self.at = at
         self.batch_size = batch_size
+        self.budget = None  # the run's `TrainingBudget`, once the trainer exists
         self.report = None
+        saved = Path(resume_checkpoint) / ROUTER_FIT_FILE if resume_checkpoint else None
+        if saved is not None and saved.is_file():
+            self.report = json.loads(saved.read_text())
+            model.config.router_selection = "auxiliary"
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.report is not None or self.trainer.budget.spent_fraction() < self.at:
+        if self.report is not None or self.budget.spent_fraction() < self.at:
             return
-        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        self.report = fit_decision_routers(model, self.token_blocks, self.batch_size)
+        self.report = fit_decision_routers(self.model, self.token_blocks, self.batch_size)
         self.report["at_step"] = state.global_step
-        model.config.router_selection = "auxiliary"
+        self.model.config.router_selection = "auxiliary"
         print(f"router fit at step {state.global_step}: {describe_router_fit(self.report)}; the fitted routers choose "
               f"in training from here on")
 
+    def on_save(self, args, state, control, **kwargs):
+        if self.report is not None and state.is_world_process_zero:
+            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (checkpoint / ROUTER_FIT_FILE).write_text(json.dumps(self.report, indent=2) + "\n")
+
 
 def describe_router_fit(report: dict) -> str:
-    return ", ".join(f"step {int(step) + 1} picks the costliest tokens {fit['agreement_before']:.1%} -> "
-                     f"{fit['agreement_after']:.1%} right ({fit['tokens']:,} tokens)"
+    return ", ".join(f"step {int(step) + 1}'s router tells the costliest tokens from the rest on {fit['tokens']:,} "
+                     f"tokens with accuracy {fit['accuracy_before']:.1%} -> {fit['accuracy_after']:.1%} (a constant "
+                     f"answer: {fit['constant_accuracy']:.1%})"
                      for step, fit in report.items() if step.isdigit())

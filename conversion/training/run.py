@@ -79,12 +79,14 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
             return 2
         router_fit_blocks = calibration_tokens(data.train_dataset, router_fit_tokens).view(-1, args.block_size)
         if max_seconds is not None and router_fit_at >= 1.0:
-            # The fit comes after training and inside the time budget: training ends its estimated time early.
-            reserved = estimated_fit_seconds(model, router_fit_blocks, args.per_device_train_batch_size)
+            # The fit comes after training and inside the time budget: training ends its estimated time early,
+            # measured on the device the model trains on (one process: Trainer would move it there itself).
+            reserved = estimated_fit_seconds(model.to(training_args.device), router_fit_blocks,
+                                             args.per_device_train_batch_size)
             if reserved >= max_seconds:
                 print(f"error: --router-fit-tokens {router_fit_tokens} needs about {reserved / 60:.1f} minutes, all of "
-                      f"--max-minutes {max_minutes} that is left; nothing was written. Fix: give more --max-minutes or "
-                      f"fewer --router-fit-tokens.", file=sys.stderr)
+                      f"--max-minutes {max_minutes}; nothing was written. Fix: give more --max-minutes or fewer "
+                      f"--router-fit-tokens.", file=sys.stderr)
                 return 2
             print(f"--router-fit-tokens {router_fit_tokens}: training stops {reserved / 60:.1f} minutes early, the "
                   f"estimated time of the fit")
@@ -101,7 +103,12 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
         with staging:  # on leaving it, a run that is still staged (no checkpoint saved) moves into place
             if not checked.in_place:
                 training_args.output_dir = str(staging_folder(staging, output_dir, training_args))
-            callbacks = [MoveIntoPlaceAtFirstCheckpoint(staging, output_dir)]
+            router_fit_stage = None
+            if router_fit_blocks is not None and router_fit_at < 1.0:
+                router_fit_stage = RouterFitStage(model, router_fit_blocks, router_fit_at,
+                                                  args.per_device_train_batch_size, checked.resume_checkpoint)
+            callbacks = [callback for callback in (router_fit_stage, MoveIntoPlaceAtFirstCheckpoint(staging, output_dir))
+                         if callback is not None]
             if capacity_schedule is not None:
                 callbacks.append(capacity_schedule)
             trainer = UptrainTrainer(
@@ -123,11 +130,8 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
                 lr_follows_clock=lr_follows_clock,
             )
 
-            router_fit_stage = None
-            if router_fit_blocks is not None and router_fit_at < 1.0:
-                router_fit_stage = RouterFitStage(trainer, router_fit_blocks, router_fit_at,
-                                                  args.per_device_train_batch_size)
-                trainer.add_callback(router_fit_stage)
+            if router_fit_stage is not None:
+                router_fit_stage.budget = trainer.budget
 
             before = None
             if measure_before and data.eval_tokens is not None and trainer.is_world_process_zero():
