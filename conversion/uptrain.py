@@ -92,7 +92,7 @@ def build_argument_parser():
                              "default). Measured on SmolLM2: docs/conversion.md#router-fit; 0: off")
     method.add_argument("--router-fit-at", type=float, metavar="F",
                         help=f"when the router fit runs: once F of the budget is spent (default "
-                             f"{DEFAULT_ROUTER_FIT_AT}, measured best), after which the fitted routers also choose who "
+                             f"{DEFAULT_ROUTER_FIT_AT}, as measured on SmolLM2), after which the fitted routers also choose who "
                              f"takes each step in training (router_selection 'auxiliary'), so the model learns the "
                              f"routing it is served with; 1: after training (its estimated time is taken off "
                              f"--max-minutes), before --layer-budget sets the threshold")

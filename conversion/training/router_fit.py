@@ -33,8 +33,8 @@ from modeling_mor.routing_mor import hierarchical_top_k
 from ..measure import full_depth, stopped_before
 
 
-# When the fit runs by default, as a share of the training budget: measured best of 0.3, 0.5 and after training
-# (docs/conversion.md#router-fit).
+# When the fit runs by default, as a share of the training budget: of 0.3, 0.5 and after training, the one closest to
+# both of the SmolLM2 recipe's targets at once (docs/conversion.md#router-fit).
 DEFAULT_ROUTER_FIT_AT = 0.5
 ROUTER_FIT_EPOCHS = 40
 ROUTER_FIT_LEARNING_RATE = 1e-3
