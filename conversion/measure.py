@@ -89,24 +89,22 @@ def perplexity_and_depths(model, token_ids: torch.LongTensor, block_size: int | 
     the model's context (see `eval_block_size`, which the command lines use to check an explicit value)."""
     if block_size is None:
         block_size = eval_block_size(None, context_length(model.config))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    count = num_blocks(token_ids.numel(), block_size)
-    blocks = token_ids[: count * block_size].view(count, -1)
-    total_nll, total_tokens, depths = 0.0, 0, Counter()
-    is_mor = getattr(model.config, "model_type", None) == "mor"
-    for start in tqdm(range(0, count, batch_size), desc=desc or "evaluating", leave=False):
-        batch = blocks[start : start + batch_size].to(device)
-        kwargs = {"output_recursion_depth": True} if is_mor else {}
-        outputs = model(batch, use_cache=False, **kwargs)
-        logits = outputs.logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
-        total_nll += nll.item()
-        total_tokens += batch[:, 1:].numel()
-        if is_mor:
-            depths.update(outputs.recursion_depth.flatten().tolist())
-    model.train(was_training)
+    with in_eval_mode(model):
+        device = next(model.parameters()).device
+        count = num_blocks(token_ids.numel(), block_size)
+        blocks = token_ids[: count * block_size].view(count, -1)
+        total_nll, total_tokens, depths = 0.0, 0, Counter()
+        is_mor = getattr(model.config, "model_type", None) == "mor"
+        for start in tqdm(range(0, count, batch_size), desc=desc or "evaluating", leave=False):
+            batch = blocks[start : start + batch_size].to(device)
+            kwargs = {"output_recursion_depth": True} if is_mor else {}
+            outputs = model(batch, use_cache=False, **kwargs)
+            logits = outputs.logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            total_nll += nll.item()
+            total_tokens += batch[:, 1:].numel()
+            if is_mor:
+                depths.update(outputs.recursion_depth.flatten().tolist())
     return math.exp(total_nll / total_tokens), depths
 
 
@@ -129,6 +127,17 @@ def format_depth_histogram(histogram: dict) -> str:
     per recursion depth, "{1: 9, 2: 5, 3: 2}" (depth 0, padding, is left out)."""
     counts = sorted((int(depth), count) for depth, count in histogram.items() if int(depth) > 0)
     return "{" + ", ".join(f"{depth}: {count}" for depth, count in counts) + "}"
+
+
+@contextlib.contextmanager
+def in_eval_mode(model):
+    """`model` in eval mode for the block, back in the mode it was in after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 @contextlib.contextmanager

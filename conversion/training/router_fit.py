@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 
 from modeling_mor.routing_mor import hierarchical_top_k
 
-from ..measure import full_depth, stopped_before
+from ..measure import full_depth, in_eval_mode, routes_by_threshold, stopped_before
 
 
 # When the fit runs by default, as a share of the training budget: of 0.3, 0.5 and after training, the one closest to
@@ -43,7 +43,7 @@ ROUTER_FIT_BATCH_TOKENS = 512
 
 def check_router_fit(config) -> None:
     """Refuses a model the stage cannot fit (ValueError, one line naming the fix)."""
-    if getattr(config, "model_type", None) != "mor" or config.routing != "expert_choice" or min(config.capacity) >= 1.0:
+    if not routes_by_threshold(config):
         raise ValueError("--router-fit-tokens fits the routers that decide who takes an expert-choice recursion step: "
                          "this model has none (it needs routing expert_choice and a capacity below 1); nothing was "
                          "written. Fix: leave --router-fit-tokens out.")
@@ -59,17 +59,12 @@ def estimated_fit_seconds(model, token_blocks: torch.LongTensor, batch_size: int
     """What `fit_decision_routers` will take on `token_blocks`, from the time of one forward pass of a batch (the
     second of two; the first warms up): one at full depth and one per deciding step for every batch, plus a tenth
     for the fit itself."""
-    was_training = model.training
-    model.eval()
     batch = token_blocks[:batch_size].to(model.device)
-    try:
+    with in_eval_mode(model), full_depth(model):
         for _ in range(2):
             started = time.perf_counter()
-            with full_depth(model):
-                model(batch, use_cache=False)
+            model(batch, use_cache=False)
             seconds = time.perf_counter() - started
-    finally:
-        model.train(was_training)
     num_batches = math.ceil(len(token_blocks) / batch_size)
     return 1.1 * seconds * num_batches * (1 + len(model.decision_routers()))
 
@@ -79,8 +74,6 @@ def measure_skip_costs(model, token_blocks: torch.LongTensor, batch_size: int = 
     """For each deciding recursion step: the hidden states its router reads ([tokens, hidden]) and every token's skip
     cost there ([blocks, block_size]), KL(full depth || stopped before the step) of the model's next-token
     distributions, both measured in eval mode with every token taking the steps before it."""
-    was_training = model.training
-    model.eval()
     routers = model.decision_routers()
     features = {step: [] for step in routers}
     costs = {step: [] for step in routers}
@@ -95,20 +88,21 @@ def measure_skip_costs(model, token_blocks: torch.LongTensor, batch_size: int = 
 
     hooks = [router.register_forward_hook(recorder(step)) for step, router in routers.items()]
     try:
-        for batch in tqdm(token_blocks.split(batch_size), desc=desc):
-            batch = batch.to(model.device)
-            with full_depth(model):
-                full = model(batch, use_cache=False).logits.float().log_softmax(-1)
-            for step in routers:
-                first_input.clear()
-                with stopped_before(model, step):
-                    stopped = model(batch, use_cache=False).logits.float().log_softmax(-1)
-                features[step].append(first_input[step].flatten(0, 1).float().cpu())
-                costs[step].append((full.exp() * (full - stopped)).sum(-1).cpu())
+        with in_eval_mode(model):
+            for batch in tqdm(token_blocks.split(batch_size), desc=desc):
+                batch = batch.to(model.device)
+                with full_depth(model):
+                    full = model(batch, use_cache=False).logits.float().log_softmax(-1)
+                full_probabilities = full.exp()
+                for step in routers:
+                    first_input.clear()
+                    with stopped_before(model, step):
+                        stopped = model(batch, use_cache=False).logits.float().log_softmax(-1)
+                    features[step].append(first_input[step].flatten(0, 1).float().cpu())
+                    costs[step].append((full_probabilities * (full - stopped)).sum(-1).cpu())
     finally:
         for hook in hooks:
             hook.remove()
-        model.train(was_training)
     return ({step: torch.cat(values) for step, values in features.items()},
             {step: torch.cat(values) for step, values in costs.items()})
 
