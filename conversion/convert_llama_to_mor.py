@@ -672,7 +672,9 @@ def _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, st
         "capacity": ", ".join(f"{c:.2f}" for c in mor.config.capacity),
         "gating": mor.config.gating,
         "kv_cache_policy": mor.config.kv_cache_policy,
-        "relaxation": f"rank {relaxation_rank}" if relaxation_rank else "none",
+        "relaxation": ("none" if not relaxation_rank else f"rank {relaxation_rank}" + (
+            " (full: every projection runs a weight of its own at each step, the source layer's at that position)"
+            if mor.config.has_full_rank_relaxation else "")),
     }
     if token_ids is not None:
         block_size = plan["block_size"]

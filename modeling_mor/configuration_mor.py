@@ -278,8 +278,9 @@ class MoRConfig(LlamaConfig):
 
     @property
     def has_full_rank_relaxation(self) -> bool:
-        """Whether every per-step relaxation delta is full rank (stored whole: the rank reaches each projection's
-        smaller side, as `--relaxation-rank full` asks), so that recursion step r runs a weight of its own, W + D_r."""
+        """Whether every per-step relaxation delta is full rank (the rank reaches each projection's smaller side, as
+        `--relaxation-rank full` asks), so that every recursion step runs a weight of its own (relaxation_mor.py
+        stores them merged: the shared weight at the first step, the shared weight plus a whole delta at a later one)."""
         if self.relaxation_rank <= 0:
             return False
         head_dim = getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads

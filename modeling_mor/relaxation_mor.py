@@ -6,9 +6,11 @@ Conversion initializes the deltas from the truncated SVD of (original layer weig
 converted model is the source model again.
 
 A delta whose rank is the projection's full rank (the smaller of its two sizes; `--relaxation-rank full` gives every
-projection one) is stored whole, `relaxation_delta[r]`, and merged into the shared weight before the product: one
-matmul per projection at every step, where the two factors would cost two more and store twice as much. Such a
-projection computes exactly its per-step weight `W + D_r`, as a model with separate weights per unrolled layer would.
+projection one) is a weight of its own: such a projection stores its per-step weights merged, the first step's as the
+shared weight `W` itself and every later step's as the difference to it, `relaxation_delta[r - 1] = W_r - W`. It then
+holds exactly the parameters of the separate layers it replaces (a full-rank conversion has its source's count, not
+one more layer per shared layer) and runs one matmul per projection at every step, where two factors would cost two
+more and store twice as much.
 """
 
 import torch
@@ -18,27 +20,33 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 
 class RelaxedLinear(nn.Linear):
-    """A shared linear layer plus one delta per recursion step: `y = x (W + B_r A_r)^T + b + db_r`, or with a
-    full-rank delta stored whole (`is_dense`), `y = x (W + D_r)^T + b + db_r`."""
+    """A shared linear layer plus one delta per recursion step: `y = x (W + B_r A_r)^T + b + db_r`; or, with a
+    full-rank delta (`is_dense`), the step's own weight, `W` at the first step and `W + D_r` at a later one."""
 
     def __init__(self, in_features, out_features, bias, num_steps: int, rank: int):
         super().__init__(in_features, out_features, bias=bias)
         # A delta of a matrix never needs more than its smaller side's rank ("full" relaxation asks for hidden_size).
         rank = min(rank, in_features, out_features)
         self.rank = rank
+        self.num_steps = num_steps
         self.is_dense = rank == min(in_features, out_features)
         if self.is_dense:
-            self.relaxation_delta = nn.Parameter(torch.zeros(num_steps, out_features, in_features))
+            # The first step runs on `weight` itself: only the later steps store a difference.
+            self.relaxation_delta = nn.Parameter(torch.zeros(num_steps - 1, out_features, in_features))
         else:
             self.relaxation_A = nn.Parameter(torch.zeros(num_steps, rank, in_features))
             self.relaxation_B = nn.Parameter(torch.zeros(num_steps, out_features, rank))
         self.relaxation_bias = nn.Parameter(torch.zeros(num_steps, out_features)) if bias else None
 
+    def step_weight(self, recursion_step: int) -> torch.Tensor:
+        """The weight a full-rank (`is_dense`) projection runs at `recursion_step`."""
+        return self.weight if recursion_step == 0 else self.weight + self.relaxation_delta[recursion_step - 1]
+
     def forward(self, input: torch.Tensor, recursion_step: int | None = None) -> torch.Tensor:
         if recursion_step is None:
             return F.linear(input, self.weight, self.bias)
         if self.is_dense:
-            output = F.linear(input, self.weight + self.relaxation_delta[recursion_step], self.bias)
+            output = F.linear(input, self.step_weight(recursion_step), self.bias)
         else:
             output = F.linear(input, self.weight, self.bias) + F.linear(
                 F.linear(input, self.relaxation_A[recursion_step]), self.relaxation_B[recursion_step]
@@ -49,14 +57,22 @@ class RelaxedLinear(nn.Linear):
 
     @torch.no_grad()
     def init_from_target(self, recursion_step: int, target_weight: torch.Tensor, target_bias=None) -> None:
-        """Sets step `recursion_step`'s delta to the best rank-`rank` approximation of (target - shared weight): the
-        difference itself for a full-rank delta."""
-        difference = (target_weight.float() - self.weight.float()).to(self.weight.device)
+        """Makes step `recursion_step` compute `target_weight` (and `target_bias`) as closely as its delta allows: the
+        best rank-`rank` approximation of (target - shared weight); a full-rank projection's step runs the target
+        itself (the first step's becomes the shared weight, the later steps' differences kept as they were)."""
         if self.relaxation_bias is not None and target_bias is not None:
             self.relaxation_bias[recursion_step] = target_bias - self.bias
         if self.is_dense:
-            self.relaxation_delta[recursion_step] = difference.to(self.relaxation_delta.dtype)
+            target = target_weight.to(self.weight.device, torch.float32)
+            if recursion_step == 0:
+                # The later steps' weights stay where they were.
+                kept = self.relaxation_delta.float() + (self.weight.float() - target)
+                self.relaxation_delta.copy_(kept.to(self.relaxation_delta.dtype))
+                self.weight.copy_(target.to(self.weight.dtype))
+            else:
+                self.relaxation_delta[recursion_step - 1] = (target - self.weight.float()).to(self.relaxation_delta.dtype)
             return
+        difference = (target_weight.float() - self.weight.float()).to(self.weight.device)
         left, singular_values, right = torch.linalg.svd(difference, full_matrices=False)
         rank = min(self.rank, singular_values.numel())
         self.relaxation_A[recursion_step].zero_()
@@ -67,8 +83,8 @@ class RelaxedLinear(nn.Linear):
         self.relaxation_A[recursion_step, :rank] = (scale.unsqueeze(-1) * right[:rank]).to(self.relaxation_A.dtype)
 
     def extra_repr(self) -> str:
-        steps = (self.relaxation_delta if self.is_dense else self.relaxation_A).shape[0]
-        return f"{super().extra_repr()}, relaxation_rank={self.rank}{' (dense)' if self.is_dense else ''}, steps={steps}"
+        dense = " (per-step weights)" if self.is_dense else ""
+        return f"{super().extra_repr()}, relaxation_rank={self.rank}{dense}, steps={self.num_steps}"
 
 
 class RelaxedRMSNorm(LlamaRMSNorm):

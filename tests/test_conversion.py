@@ -187,6 +187,11 @@ def test_full_rank_relaxation_from_the_cli_reproduces_the_source(routing, router
         assert (output.logits - source(input_ids).logits).abs().max().item() <= 1e-4
     assert output.recursion_depth.eq(3).all()
     assert relaxed.config.router_type == router_type
+    # The projections store merged per-step weights: as many parameters as the source's (the norms, a vector each,
+    # keep a shared weight and a delta per step).
+    def projection_parameters(model):
+        return sum(parameter.numel() for name, parameter in model.named_parameters() if "_proj." in name)
+    assert projection_parameters(relaxed) == projection_parameters(source)
 
 
 def test_defaults_choose_the_layout_and_keep_the_source_exact(tmp_path, capsys):
@@ -310,3 +315,23 @@ def test_output_folder_gets_normal_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_full_rank_projection_runs_each_steps_target_whatever_order_it_is_set_in(dtype):
+    """A full-rank relaxed projection stores its per-step weights merged (the first step's as the shared weight, the
+    later steps' as differences): setting the first step's last must keep the others' weights."""
+    from modeling_mor.relaxation_mor import RelaxedLinear
+
+    torch.manual_seed(0)
+    projection = RelaxedLinear(8, 6, bias=True, num_steps=3, rank=8).to(dtype)
+    assert projection.is_dense and projection.relaxation_delta.shape == (2, 6, 8)
+    targets, biases = torch.randn(3, 6, 8), torch.randn(3, 6)
+    for step in (2, 1, 0):
+        projection.init_from_target(step, targets[step], biases[step])
+    inputs = torch.randn(4, 8)
+    for step in range(3):
+        expected = torch.nn.functional.linear(inputs, targets[step], biases[step])
+        tolerance = 1e-5 if dtype == torch.float32 else 0.1  # bfloat16 rounds each difference once more
+        assert (projection(inputs.to(dtype), step).float() - expected).abs().max().item() <= tolerance, step
+    assert torch.equal(projection.step_weight(0), targets[0].to(dtype))  # the first step's weight is exact

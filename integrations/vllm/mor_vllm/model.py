@@ -102,9 +102,26 @@ class RecursionStepTokens:
         return rows if self.index is None else tensor.index_copy(0, self.index, rows)
 
 
+def per_step_deltas(checkpoint_name: str, delta: torch.Tensor, num_steps: int) -> torch.Tensor:
+    """A full-rank projection's `relaxation_delta`, one per recursion step. relaxation_mor.RelaxedLinear stores the
+    per-step weights merged, the first step's as the shared weight and the later steps' differences to it
+    (`num_steps - 1` deltas): the first step's delta is then zero. Checkpoints saved before it stored a delta for
+    every step, from a shared weight between them; both load."""
+    if delta.shape[0] == num_steps - 1:
+        return torch.cat([delta.new_zeros(1, *delta.shape[1:]), delta])
+    if delta.shape[0] == num_steps:
+        return delta
+    raise UnsupportedMoRCheckpoint(
+        f"the checkpoint's {checkpoint_name} holds {delta.shape[0]} per-step deltas, and num_recursions="
+        f"{num_steps} needs {num_steps - 1} (or {num_steps}, as older checkpoints store them): do the config and the "
+        f"weights belong to the same checkpoint?"
+    )
+
+
 class StepDelta(nn.Module):
     """A relaxed projection's per-step delta (relaxation_mor.RelaxedLinear's parameters): `x A_r^T B_r^T + b_r`, or
-    `x D_r^T + b_r` for a full-rank delta, which the checkpoint stores whole."""
+    `x D_r^T + b_r` for a full-rank delta (`per_step_deltas`: zero at the first step of a checkpoint that stores its
+    per-step weights merged)."""
 
     def __init__(self, num_steps: int, rank: int, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -149,7 +166,8 @@ class StepWeightMerger:
     DELTA_OF = {"weight": "relaxation_delta", "bias": "relaxation_bias"}
     SHARED_OF = {delta: shared for shared, delta in DELTA_OF.items()}
 
-    def __init__(self):
+    def __init__(self, num_steps: int):
+        self.num_steps = num_steps
         self.pending: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
 
     @classmethod
@@ -167,6 +185,8 @@ class StepWeightMerger:
             return []
         del self.pending[(projection, shared)]
         base, deltas = arrived[shared], arrived[self.DELTA_OF[shared]]
+        if shared == "weight":
+            deltas = per_step_deltas(f"{projection}.relaxation_delta", deltas, self.num_steps)
         return [(f"{projection}.{step}.{shared}", base + deltas[step]) for step in range(deltas.shape[0])]
 
     def check_complete(self) -> None:
@@ -539,7 +559,8 @@ class MoRForCausalLM(nn.Module):
         params = dict(self.named_parameters())
         params.update(self.named_buffers())  # token-choice's selection_bias
         loaded = set()
-        merger = StepWeightMerger() if self.config.has_full_rank_relaxation else None
+        num_steps = self.config.num_recursions
+        merger = StepWeightMerger(num_steps) if self.config.has_full_rank_relaxation else None
         for checkpoint_name, tensor in weights:
             if self.config.tie_word_embeddings and checkpoint_name == "lm_head.weight":
                 continue
@@ -547,6 +568,8 @@ class MoRForCausalLM(nn.Module):
                 for step_name, step_tensor in merger.add(checkpoint_name, tensor):
                     loaded.add(self._load_tensor(params, step_name, step_tensor))
                 continue
+            if checkpoint_name.endswith(".relaxation_delta"):  # a full-rank delta of a low-rank relaxed checkpoint
+                tensor = per_step_deltas(checkpoint_name, tensor, num_steps)
             loaded.add(self._load_tensor(params, checkpoint_name, tensor))
         if merger is not None:
             merger.check_complete()

@@ -44,8 +44,10 @@ VARIANTS = {
     "expert_mlp_router": dict(routing="expert_choice", router_type="mlp", router_activation="tanh", gating="update"),
     "expert_cycle": dict(routing="expert_choice", sharing_strategy="cycle", num_hidden_layers=6),
     "expert_relaxed": dict(routing="expert_choice", relaxation_rank=4),
-    # Every projection's delta of full rank, which the checkpoint stores whole (relaxation_delta).
+    # Every projection's delta of full rank: per-step weights, stored merged (relaxation_delta for the later steps).
     "expert_relaxed_full_rank": dict(routing="expert_choice", relaxation_rank=128),
+    # Rank 64: the K and V projections' deltas (64 wide) are full rank and stored whole, the others' low-rank.
+    "expert_relaxed_mixed_rank": dict(routing="expert_choice", relaxation_rank=64),
     "token": dict(routing="token_choice"),
     "token_shared": dict(routing="token_choice", kv_cache_policy="shared"),
     "token_loss_free": dict(routing="token_choice", balancing="loss_free", gating="update"),

@@ -126,13 +126,30 @@ def test_full_rank_layer_without_its_deltas_is_refused():
     truncated or edited checkpoint) is named, not served as something else."""
     from mor_vllm.model import StepWeightMerger
 
-    merger = StepWeightMerger()
+    merger = StepWeightMerger(num_steps=2)
     name = "model.recursion_block.layers.0.self_attn.q_proj.weight"
     assert merger.takes(name) and not merger.takes("model.first_layer.self_attn.q_proj.weight")
     assert merger.add(name, torch.ones(2, 3)) == []
     with pytest.raises(UnsupportedMoRCheckpoint, match=r"q_proj.weight without its .*q_proj.relaxation_delta"):
         merger.check_complete()
-    steps = merger.add(name.replace("weight", "relaxation_delta"), torch.stack([torch.zeros(2, 3), torch.eye(2, 3)]))
+    steps = merger.add(name.replace("weight", "relaxation_delta"), torch.eye(2, 3).unsqueeze(0))
     assert [step_name for step_name, _ in steps] == [name.replace("q_proj", "q_proj.0"), name.replace("q_proj", "q_proj.1")]
-    assert torch.equal(steps[1][1], torch.ones(2, 3) + torch.eye(2, 3))
+    # Merged per-step weights: the first step runs the shared weight, the second its sum with the one delta.
+    assert torch.equal(steps[0][1], torch.ones(2, 3)) and torch.equal(steps[1][1], torch.ones(2, 3) + torch.eye(2, 3))
     merger.check_complete()
+
+
+def test_full_rank_deltas_of_older_checkpoints_load_as_their_per_step_weights():
+    """Checkpoints saved before the per-step weights were stored merged hold a delta for every step, from a shared
+    weight between them: step r runs W + D_r. A delta count that fits neither layout is refused by name."""
+    from mor_vllm.model import StepWeightMerger, per_step_deltas
+
+    merger = StepWeightMerger(num_steps=2)
+    name = "model.recursion_block.layers.0.mlp.up_proj.weight"
+    deltas = torch.stack([torch.eye(2, 3), 2 * torch.eye(2, 3)])
+    assert merger.add(name.replace("weight", "relaxation_delta"), deltas) == []
+    steps = merger.add(name, torch.ones(2, 3))
+    assert [tensor.tolist() for _, tensor in steps] == [(torch.ones(2, 3) + deltas[step]).tolist() for step in (0, 1)]
+    with pytest.raises(UnsupportedMoRCheckpoint, match=r"up_proj.relaxation_delta holds 3 per-step deltas, and "
+                                                       r"num_recursions=2 needs 1 \(or 2"):
+        per_step_deltas("up_proj.relaxation_delta", torch.zeros(3, 2, 3), num_steps=2)
