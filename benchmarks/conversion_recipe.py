@@ -62,7 +62,7 @@ from conversion.convert_llama_to_mor import ROUTED_SHARING_STRATEGIES, default_n
 from conversion.flops import layer_applications  # noqa: E402
 from conversion.measure import THRESHOLD_BISECTIONS, mean_depth, perplexity_and_depths, read_eval_tokens, routes_by_threshold  # noqa: E402
 from conversion.training.options import CALIBRATION_TOKENS  # noqa: E402
-from conversion.training.router_fit import DEFAULT_ROUTER_FIT_AT  # noqa: E402
+from conversion.training.router_fit import DEFAULT_ROUTER_FIT_AT, DEFAULT_ROUTER_FIT_TOKENS  # noqa: E402
 from conversion.training.trainer import check_block_wise_stage  # noqa: E402
 from conversion.output_dir import record_output  # noqa: E402
 from evaluation import multiple_choice_accuracy  # noqa: E402
@@ -119,10 +119,10 @@ def build_argument_parser():
     training.add_argument("--block-wise-fraction", type=float, default=0.0, metavar="F",
                           help="mor-uptrain's: the first F of the uptraining trains each shared layer on the source's "
                                "hidden states (teacher-forced), the rest end to end (measured: it does not help)")
-    training.add_argument("--router-fit-tokens", type=int, default=32768, metavar="N",
-                          help="mor-uptrain's: fit the deciding routers on N training tokens to let the tokens leave "
-                               "that lose least by stopping (0: off; skipped, with a line saying so, for a conversion "
-                               "without a deciding step)")
+    training.add_argument("--router-fit-tokens", type=int, metavar="N",
+                          help=f"mor-uptrain's: fit the deciding routers on N training tokens to let the tokens leave "
+                               f"that lose least by stopping (default: mor-uptrain's, {DEFAULT_ROUTER_FIT_TOKENS}; 0: "
+                               f"off; skipped, with a line saying so, for a conversion without a deciding step)")
     training.add_argument("--router-fit-at", type=float, metavar="F",
                           help=f"mor-uptrain's: fit once F of the uptraining is spent (default {DEFAULT_ROUTER_FIT_AT}) "
                                f"and let the fitted routers choose in training from there (1: after training)")
@@ -167,10 +167,15 @@ def check_recipe_options(args) -> None:
                                "router_fit_at": Range(0, 1, low_open=True)})
     if args.block_wise_fraction:
         check_block_wise_stage(args.sharing_strategy, args.kv_cache_policy)
-    if args.router_fit_at is not None and not args.router_fit_tokens:
+    if args.router_fit_at is not None and args.router_fit_tokens == 0:
         raise ValueError(f"--router-fit-at {args.router_fit_at} says when the router fit runs, and --router-fit-tokens "
                          f"0 turns it off; nothing was written. Fix: leave one of them out.")
     routed = args.sharing_strategy in ROUTED_SHARING_STRATEGIES
+    if (args.router_fit_tokens or args.router_fit_at is not None) and (
+            not routed or (args.capacity is not None and min(args.capacity) >= 1.0)):
+        raise ValueError("--router-fit-tokens and --router-fit-at fit the routers that decide who takes a recursion "
+                         "step, and this conversion has none (every --capacity is 1, or a sequence strategy); nothing "
+                         "was written. Fix: leave them out.")
     used_options = (("--layer-budget", not args.no_layer_budget), ("--random-capacity", args.random_capacity is not None))
     for option, used in used_options:
         if used and not routed:
@@ -349,8 +354,8 @@ def main(argv=None) -> int:
         return 2
     measured_at = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True, dtype=torch.float32)
-    fits_routers = args.router_fit_tokens > 0
-    if fits_routers and not routes_by_threshold(model.config):
+    fits_routers = args.router_fit_tokens != 0
+    if fits_routers and not routes_by_threshold(model.config):  # the default only: an explicit fit was refused above
         fits_routers = False
         print("Router fit: off, no recursion step of this conversion decides who takes it (every capacity is 1, or no "
               "expert-choice routing)")
@@ -384,8 +389,10 @@ def main(argv=None) -> int:
         uptrain_argv += ["--eval-steps", str(args.eval_steps)]
     if args.random_capacity is not None:
         uptrain_argv += ["--random-capacity", str(args.random_capacity)]
-    if fits_routers:
-        uptrain_argv += ["--router-fit-tokens", str(args.router_fit_tokens),
+    if not fits_routers:
+        uptrain_argv += ["--router-fit-tokens", "0"]
+    else:
+        uptrain_argv += ["--router-fit-tokens", str(args.router_fit_tokens or DEFAULT_ROUTER_FIT_TOKENS),
                          "--router-fit-at", str(args.router_fit_at or DEFAULT_ROUTER_FIT_AT)]
     if not args.no_layer_budget:
         uptrain_argv += ["--layer-budget", str(args.layer_budget)]

@@ -25,6 +25,7 @@ Examples:
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -56,7 +57,7 @@ from .training.options import (
     resolve_block_sizes,
 )
 from .training.run import INTERRUPTED_RUN, run_training
-from .training.router_fit import DEFAULT_ROUTER_FIT_AT, check_router_fit
+from .training.router_fit import DEFAULT_ROUTER_FIT_AT, DEFAULT_ROUTER_FIT_TOKENS, refuse_router_fit, router_fit_obstacle
 from .training.trainer import check_block_wise_stage, recursion_boundaries
 
 
@@ -85,11 +86,13 @@ def build_argument_parser():
                              "teacher's next ones (no routing, no gate), then training goes on end to end; the "
                              "warm-ups count its steps. Measured on SmolLM2: it does not help "
                              "(docs/conversion.md#block-wise-stage); 0: off")
-    method.add_argument("--router-fit-tokens", type=int, default=0, metavar="N",
+    method.add_argument("--router-fit-tokens", type=int, metavar="N",
                         help="measure on N training tokens what stopping before each deciding recursion step costs "
                              "every token (KL of its next-token distribution to full depth) and fit the deciding "
                              "routers to let the cheapest leave (expert-choice with auxiliary routers, a conversion's "
-                             "default). Measured on SmolLM2: docs/conversion.md#router-fit; 0: off")
+                             f"default). Default: {DEFAULT_ROUTER_FIT_TOKENS} where the model has such routers and "
+                             "training runs on one process, else off (a line says why). Measured on SmolLM2: "
+                             "docs/conversion.md#router-fit; 0: off")
     method.add_argument("--router-fit-at", type=float, metavar="F",
                         help=f"when the router fit runs: once F of the budget is spent (default "
                              f"{DEFAULT_ROUTER_FIT_AT}, as measured on SmolLM2), after which the fitted routers also choose who "
@@ -100,6 +103,36 @@ def build_argument_parser():
     add_trainer_arguments(parser, learning_rate=3e-4,
                           learning_rate_note="what the conversion recipe measured for SmolLM2-135M: docs/conversion.md")
     return parser
+
+
+def check_router_fit_options(args, config) -> None:
+    """The router fit as asked: refused (ValueError) where an explicit --router-fit-tokens N or --router-fit-at F
+    cannot run; the default (None) turned off, said in one line, where it cannot."""
+    if args.router_fit_tokens == 0 and args.router_fit_at is not None:
+        raise ValueError(f"--router-fit-at {args.router_fit_at} says when the router fit runs, and --router-fit-tokens "
+                         f"0 turns it off. Fix: leave one of them out.")
+    asked = args.router_fit_tokens is not None or args.router_fit_at is not None
+    if args.router_fit_tokens == 0:
+        return
+    fit_at = args.router_fit_at or DEFAULT_ROUTER_FIT_AT
+    obstacle = router_fit_obstacle(config)
+    if obstacle is None and args.block_wise_fraction and fit_at <= args.block_wise_fraction:
+        # The block-wise stage trains the shared layers alone, without routing: nothing to fit the routers to yet.
+        obstacle = (f"it would run at {fit_at:g} of the budget, inside the block-wise stage (--block-wise-fraction "
+                    f"{args.block_wise_fraction:g}), where the model does not route",
+                    f"give --router-fit-at above {args.block_wise_fraction:g}, or leave the router fit options out")
+    if obstacle is None:
+        return
+    if asked:
+        refuse_router_fit(*obstacle)
+    args.router_fit_tokens = 0
+    say_once(f"Router fit: off, {obstacle[0]}")
+
+
+def say_once(message: str) -> None:
+    """Prints on the first process only (torchrun and accelerate set RANK in every process they start)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(message)
 
 
 def check_arguments(args) -> CheckedArguments:
@@ -121,11 +154,7 @@ def check_arguments(args) -> CheckedArguments:
                              f"teacher's hidden states and needs a --teacher. Fix: give --teacher SOURCE (the model "
                              f"converted), or leave the option out.")
         check_block_wise_stage(config.sharing_strategy, config.kv_cache_policy)
-    if args.router_fit_tokens:
-        check_router_fit(config)
-    elif args.router_fit_at is not None:
-        raise ValueError(f"--router-fit-at {args.router_fit_at} says when the router fit runs, and no fit was asked "
-                         f"for. Fix: add --router-fit-tokens N, or leave --router-fit-at out.")
+    check_router_fit_options(args, config)
     if args.teacher:
         check_teacher(args, config)
     if args.eval_file:
@@ -186,12 +215,17 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=torch.float32)
     print(choose_threads(model.config))
-    if args.router_fit_tokens and not hasattr(model, "decision_routers"):
+    if args.router_fit_tokens != 0 and not hasattr(model, "decision_routers"):
         # The model runs the code saved with it: a folder converted before the router fit existed lacks it.
-        print(f"error: --router-fit-tokens needs the model code of this package's version, and INPUT_DIR "
-              f"{args.model_dir} carries older code (no decision_routers); nothing was written. Fix: convert the source "
-              f"again with this version's mor-convert, or leave --router-fit-tokens out.", file=sys.stderr)
-        return 2
+        problem = f"INPUT_DIR {args.model_dir} carries model code older than the router fit (no decision_routers)"
+        if args.router_fit_tokens is None and args.router_fit_at is None:
+            args.router_fit_tokens = 0
+            say_once(f"Router fit: off, {problem}; convert the source again with this version's mor-convert to have it")
+        else:
+            print(f"error: the router fit needs the model code of this package's version, and {problem}; nothing was "
+                  f"written. Fix: convert the source again with this version's mor-convert, or leave the router fit "
+                  f"options out.", file=sys.stderr)
+            return 2
     if args.router_aux_loss_coef is not None:
         model.config.router_aux_loss_coef = args.router_aux_loss_coef
     teacher = None

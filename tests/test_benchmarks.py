@@ -236,3 +236,14 @@ def test_recipe_refuses_a_router_fit_time_without_a_fit(tmp_path):
                            "--router-fit-tokens", "0", "--router-fit-at", "0.3", "--threads", "1")
     assert result.returncode == 2 and result.stderr.startswith("error: --router-fit-at 0.3 says when")
     assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_recipe_refuses_a_router_fit_for_a_conversion_that_decides_nothing(tmp_path):
+    """An explicit fit is refused before any work where every token takes every step (the default fit is then off,
+    said in one line, as in the fewer-parameters recipe at full depth)."""
+    result = run_benchmark("conversion_recipe.py", PROJECT_ROOT / "examples" / "assets" / "stories260K",
+                           "--output-dir", tmp_path / "recipe", "--no-wikitext", "--no-mc", "--num-recursions", "3",
+                           "--capacity", "1.0", "1.0", "1.0", "--no-layer-budget", "--router-fit-tokens", "256",
+                           "--threads", "1")
+    assert result.returncode == 2 and "this conversion has none (every --capacity is 1" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from conversion.convert_llama_to_mor import main as convert_main
 from conversion.model_card import render_model_card
+from conversion.training.router_fit import DEFAULT_ROUTER_FIT_TOKENS
 from conversion.training.trainer import UptrainTrainer
 from conversion.uptrain import main as uptrain_main
 
@@ -107,7 +108,10 @@ def test_block_wise_stage_trains_the_shared_layers_on_the_teachers_states(conver
     assert first["block_wise_loss"] < 1e-6
 
     staged = tmp_path / "staged"
+    capsys.readouterr()
     _uptrain(converted, staged, train_text, "--max-steps", "4", "--teacher", STORIES, "--block-wise-fraction", "0.99")
+    # The default router fit (at 0.5) would fall inside the stage, where nothing routes: off, and said.
+    assert "Router fit: off, it would run at 0.5 of the budget, inside the block-wise stage" in capsys.readouterr().out
     losses = [entry["block_wise_loss"] for entry in last_log_history(staged) if "block_wise_loss" in entry]
     assert len(losses) == 4 and losses[0] > 1e-2 and losses[-1] < losses[0]
     assert not any("lm_loss" in entry for entry in last_log_history(staged))
@@ -482,8 +486,75 @@ def test_a_router_fit_inside_training_lets_the_fitted_routers_choose_from_there(
 
 def test_router_fit_at_without_a_fit_is_refused(converted, train_text, tmp_path, capsys):
     error = one_error_line(uptrain_main, capsys, [converted, tmp_path / "out", "--train-file", train_text,
-                                                  "--max-steps", "1", "--router-fit-at", "0.5"])
-    assert "Fix: add --router-fit-tokens N" in error and not (tmp_path / "out").exists()
+                                                  "--max-steps", "1", "--router-fit-tokens", "0", "--router-fit-at", "0.5"])
+    assert "--router-fit-tokens 0 turns it off. Fix: leave one of them out." in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_uptraining_fits_the_routers_halfway_by_default(converted, train_text, tmp_path, capsys):
+    """mor-uptrain's default is the recipe's: the fit on up to DEFAULT_ROUTER_FIT_TOKENS training tokens (all of this
+    small text's blocks), once half the budget is spent."""
+    output = tmp_path / "default"
+    _uptrain(converted, output, train_text, "--max-steps", "4", "--save-steps", "4")
+    assert "router fit at step 2: " in capsys.readouterr().out
+    summary = json.loads((output / "training_summary.json").read_text())
+    tokens = summary["router_fit"]["1"]["tokens"]
+    assert summary["router_fit"]["at_step"] == 2 and 0 < tokens <= DEFAULT_ROUTER_FIT_TOKENS and tokens % 64 == 0
+    assert json.loads((output / "config.json").read_text())["router_selection"] == "auxiliary"
+
+
+def test_a_run_begun_without_the_router_fit_resumes_without_it(converted, train_text, tmp_path, capsys):
+    """The default follows the run it resumes: a checkpoint saved before a pending fit says so (and the resumed run
+    fits), one saved by a run without a fit has no record, and the default then stays off."""
+    with_fit, without_fit = tmp_path / "with", tmp_path / "without"
+    _uptrain(converted, with_fit, train_text, "--max-steps", "4", "--save-steps", "1", "--save-total-limit", "4")
+    assert json.loads((with_fit / "checkpoint-1" / "router_fit.json").read_text()) == {"pending_at": 0.5}
+    _uptrain(converted, without_fit, train_text, "--max-steps", "4", "--save-steps", "2", "--router-fit-tokens", "0")
+    capsys.readouterr()
+    _uptrain(converted, tmp_path / "resumed", train_text, "--max-steps", "4", "--resume-from-checkpoint",
+             with_fit / "checkpoint-1")
+    assert "router fit at step 2: " in capsys.readouterr().out
+    _uptrain(converted, tmp_path / "resumed-off", train_text, "--max-steps", "4", "--resume-from-checkpoint",
+             without_fit / "checkpoint-2")
+    printed = capsys.readouterr().out
+    assert f"Router fit: off, {without_fit / 'checkpoint-2'} was saved by a run without one" in printed
+    assert "router fit at step" not in printed
+
+
+def test_model_code_older_than_the_router_fit_turns_the_default_off_and_refuses_an_explicit_fit(
+        converted, train_text, tmp_path, capsys):
+    """A folder runs the model code saved with it: one converted before the router fit existed has no
+    decision_routers (simulated by renaming the method in the folder's copy)."""
+    older = tmp_path / "older"
+    shutil.copytree(converted, older)
+    code = older / "modeling_mor.py"
+    code.write_text(code.read_text().replace("def decision_routers(", "def renamed_decision_routers("))
+    capsys.readouterr()
+    _uptrain(older, tmp_path / "out", train_text, "--max-steps", "1")
+    assert "Router fit: off, INPUT_DIR" in capsys.readouterr().out
+    error = one_error_line(uptrain_main, capsys, [older, tmp_path / "refused", "--train-file", train_text,
+                                                  "--max-steps", "1", "--router-fit-tokens", "256"])
+    assert "carries model code older than the router fit" in error and not (tmp_path / "refused").exists()
+
+
+def test_a_router_fit_asked_for_inside_the_block_wise_stage_is_refused(converted, train_text, tmp_path, capsys):
+    error = one_error_line(uptrain_main, capsys, [converted, tmp_path / "out", "--train-file", train_text,
+                                                  "--max-steps", "1", "--teacher", STORIES, "--block-wise-fraction",
+                                                  "0.5", "--router-fit-tokens", "256"])
+    assert "inside the block-wise stage (--block-wise-fraction 0.5)" in error
+    assert "Fix: give --router-fit-at above 0.5, or leave the router fit options out." in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_uptraining_a_model_without_deciding_routers_says_the_default_fit_is_off(train_text, tmp_path, capsys):
+    model = tmp_path / "converted"
+    assert convert_main([str(STORIES), str(model), "--num-recursions", "3", "--routing", "none"]) == 0
+    capsys.readouterr()
+    _uptrain(model, tmp_path / "out", train_text, "--max-steps", "1")
+    printed = capsys.readouterr().out
+    assert "Router fit: off, it fits the routers that decide who takes an expert-choice recursion step, and this " \
+           "model has none" in printed
+    assert "router_fit" not in json.loads((tmp_path / "out" / "training_summary.json").read_text())
 
 
 def test_a_run_resumed_after_the_router_fit_goes_on_with_the_fitted_routers(converted, train_text, tmp_path, capsys):

@@ -36,22 +36,29 @@ from ..measure import full_depth, in_eval_mode, routes_by_threshold, stopped_bef
 # When the fit runs by default, as a share of the training budget: of 0.3, 0.5 and after training, the one closest to
 # both of the SmolLM2 recipe's targets at once (docs/conversion.md#router-fit).
 DEFAULT_ROUTER_FIT_AT = 0.5
+# How many training tokens the fit measures by default: the SmolLM2 recipe's (its after-training fit on 65,536 did no
+# better); their skip costs took a minute of one CPU core there.
+DEFAULT_ROUTER_FIT_TOKENS = 32768
 ROUTER_FIT_EPOCHS = 40
 ROUTER_FIT_LEARNING_RATE = 1e-3
 ROUTER_FIT_BATCH_TOKENS = 512
 
 
-def check_router_fit(config) -> None:
-    """Refuses a model the stage cannot fit (ValueError, one line naming the fix)."""
+def router_fit_obstacle(config) -> tuple[str, str] | None:
+    """Why the router fit cannot run on a model of `config`, and the fix; None when it can."""
     if not routes_by_threshold(config):
-        raise ValueError("--router-fit-tokens fits the routers that decide who takes an expert-choice recursion step: "
-                         "this model has none (it needs routing expert_choice and a capacity below 1); nothing was "
-                         "written. Fix: leave --router-fit-tokens out.")
+        return ("it fits the routers that decide who takes an expert-choice recursion step, and this model has none "
+                "(it needs routing expert_choice and a capacity below 1)", "leave the router fit options out")
     if config.router_inference != "auxiliary":
-        raise ValueError("--router-fit-tokens fits the deciding routers, and with router_inference "
-                         f"{config.router_inference!r} they also set the gates of the tokens that continue, which the "
-                         "fit would change; nothing was written. Fix: convert with --router-inference auxiliary (the "
-                         "default), or leave --router-fit-tokens out.")
+        return (f"it fits the deciding routers, and with router_inference {config.router_inference!r} they also set "
+                f"the gates of the tokens that continue, which the fit would change",
+                "convert with --router-inference auxiliary (the default), or leave the router fit options out")
+    return None
+
+
+def refuse_router_fit(reason: str, fix: str):
+    """Refuses an explicitly asked router fit that cannot run (ValueError, one line naming the fix)."""
+    raise ValueError(f"the router fit cannot run: {reason}; nothing was written. Fix: {fix}.")
 
 
 @torch.no_grad()
@@ -170,8 +177,10 @@ class RouterFitStage(TrainerCallback):
     with: tokens that continue learn to attend over the tokens the fitted routers keep.
 
     Every checkpoint saved after the fit holds its report (`router_fit.json`); a run resumed from one goes on with the
-    fitted routers choosing, without fitting again (Trainer restores the weights, this restores the choice). It runs
-    before `MoveIntoPlaceAtFirstCheckpoint`, so the report is part of the checkpoint that moves into place."""
+    fitted routers choosing, without fitting again (Trainer restores the weights, this restores the choice). A
+    checkpoint saved before the fit says that one is still to come (`{"pending_at": F}`), which is how mor-uptrain's
+    default tells a run that fits from one begun without a fit. It runs before `MoveIntoPlaceAtFirstCheckpoint`, so
+    the file is part of the checkpoint that moves into place."""
 
     def __init__(self, model, token_blocks: torch.LongTensor, at: float, batch_size: int = 4,
                  resume_checkpoint: str | None = None):
@@ -183,8 +192,10 @@ class RouterFitStage(TrainerCallback):
         self.report = None
         saved = Path(resume_checkpoint) / ROUTER_FIT_FILE if resume_checkpoint else None
         if saved is not None and saved.is_file():
-            self.report = json.loads(saved.read_text())
-            model.config.router_selection = "auxiliary"
+            report = json.loads(saved.read_text())
+            if "pending_at" not in report:
+                self.report = report
+                model.config.router_selection = "auxiliary"
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.report is not None or self.budget.spent_fraction() < self.at:
@@ -196,9 +207,10 @@ class RouterFitStage(TrainerCallback):
               f"in training from here on")
 
     def on_save(self, args, state, control, **kwargs):
-        if self.report is not None and state.is_world_process_zero:
+        if state.is_world_process_zero:
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (checkpoint / ROUTER_FIT_FILE).write_text(json.dumps(self.report, indent=2) + "\n")
+            saved = self.report if self.report is not None else {"pending_at": self.at}
+            (checkpoint / ROUTER_FIT_FILE).write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def describe_router_fit(report: dict) -> str:

@@ -20,7 +20,7 @@ from ..model_card import describe_measurement
 from ..output_dir import TRAINER_CHECKPOINTS, OutputDirExistsError, foreign_entries, record_output, staged_output_dir
 from .data import TrainingData
 from .options import CALIBRATION_TOKENS, CheckedArguments
-from .router_fit import DEFAULT_ROUTER_FIT_AT, RouterFitStage, describe_router_fit, estimated_fit_seconds, fit_decision_routers
+from .router_fit import DEFAULT_ROUTER_FIT_AT, DEFAULT_ROUTER_FIT_TOKENS, ROUTER_FIT_FILE, RouterFitStage, describe_router_fit, estimated_fit_seconds, fit_decision_routers
 from .summary import SUMMARY_FILE, save_loss_curve, training_summary
 from .trainer import (
     CapacitySchedule,
@@ -68,15 +68,26 @@ def run_training(args, checked: CheckedArguments, model, tokenizer, data: Traini
             training_args.max_steps = steps_planned
     max_minutes = getattr(args, "max_minutes", None)
     max_seconds = max_minutes * 60 if max_minutes is not None else None
-    router_fit_tokens = getattr(args, "router_fit_tokens", 0)
+    router_fit_tokens = getattr(args, "router_fit_tokens", 0)  # None: mor-uptrain's default, on where it can run
     router_fit_at = getattr(args, "router_fit_at", None) or DEFAULT_ROUTER_FIT_AT
     router_fit_blocks = None
-    if router_fit_tokens:
-        if training_args.world_size > 1:
-            # The fit changes one process's routers between optimizer steps, outside what DDP and FSDP synchronize.
-            print(f"error: --router-fit-tokens runs on one process, and this run has {training_args.world_size}; "
-                  f"nothing was written. Fix: run on one process, or leave --router-fit-tokens out.", file=sys.stderr)
+    if router_fit_tokens != 0 and training_args.world_size > 1:
+        # The fit changes one process's routers between optimizer steps, outside what DDP and FSDP synchronize.
+        if router_fit_tokens is not None or getattr(args, "router_fit_at", None) is not None:
+            print(f"error: the router fit runs on one process, and this run has {training_args.world_size}; nothing "
+                  f"was written. Fix: run on one process, or leave the router fit options out.", file=sys.stderr)
             return 2
+        router_fit_tokens = 0
+        if training_args.process_index == 0:
+            print(f"Router fit: off, it runs on one process and this run has {training_args.world_size}")
+    resumed = checked.resume_checkpoint
+    if router_fit_tokens is None and resumed and not (Path(resumed) / ROUTER_FIT_FILE).is_file():
+        # The default follows the run it resumes: one begun without a fit (asked off, or by an older version) stays so.
+        router_fit_tokens = 0
+        print(f"Router fit: off, {resumed} was saved by a run without one (--router-fit-tokens N fits anyway)")
+    if router_fit_tokens is None:
+        router_fit_tokens = DEFAULT_ROUTER_FIT_TOKENS
+    if router_fit_tokens:
         router_fit_blocks = calibration_tokens(data.train_dataset, router_fit_tokens).view(-1, args.block_size)
         if max_seconds is not None and router_fit_at >= 1.0:
             # The fit comes after training and inside the time budget: training ends its estimated time early,
