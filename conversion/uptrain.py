@@ -124,7 +124,10 @@ def check_router_fit_options(args, config) -> None:
     if obstacle is None:
         return
     if asked:
-        refuse_router_fit(*obstacle)
+        given = " ".join(f"{option} {value}" for option, value in (("--router-fit-tokens", args.router_fit_tokens),
+                                                                   ("--router-fit-at", args.router_fit_at))
+                         if value is not None)
+        refuse_router_fit(given, *obstacle)
     args.router_fit_tokens = 0
     say_once(f"Router fit: off, {obstacle[0]}")
 
@@ -215,17 +218,6 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=torch.float32)
     print(choose_threads(model.config))
-    if args.router_fit_tokens != 0 and not hasattr(model, "decision_routers"):
-        # The model runs the code saved with it: a folder converted before the router fit existed lacks it.
-        problem = f"INPUT_DIR {args.model_dir} carries model code older than the router fit (no decision_routers)"
-        if args.router_fit_tokens is None and args.router_fit_at is None:
-            args.router_fit_tokens = 0
-            say_once(f"Router fit: off, {problem}; convert the source again with this version's mor-convert to have it")
-        else:
-            print(f"error: the router fit needs the model code of this package's version, and {problem}; nothing was "
-                  f"written. Fix: convert the source again with this version's mor-convert, or leave the router fit "
-                  f"options out.", file=sys.stderr)
-            return 2
     if args.router_aux_loss_coef is not None:
         model.config.router_aux_loss_coef = args.router_aux_loss_coef
     teacher = None

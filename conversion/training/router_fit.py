@@ -56,9 +56,10 @@ def router_fit_obstacle(config) -> tuple[str, str] | None:
     return None
 
 
-def refuse_router_fit(reason: str, fix: str):
-    """Refuses an explicitly asked router fit that cannot run (ValueError, one line naming the fix)."""
-    raise ValueError(f"the router fit cannot run: {reason}; nothing was written. Fix: {fix}.")
+def refuse_router_fit(given: str, reason: str, fix: str):
+    """Refuses an explicitly asked router fit (the options as `given`) that cannot run: ValueError, one line naming the
+    fix."""
+    raise ValueError(f"{given} asks for the router fit, which cannot run: {reason}; nothing was written. Fix: {fix}.")
 
 
 @torch.no_grad()
