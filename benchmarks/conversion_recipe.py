@@ -121,8 +121,9 @@ def build_argument_parser():
                                "hidden states (teacher-forced), the rest end to end (measured: it does not help)")
     training.add_argument("--router-fit-tokens", type=int, metavar="N",
                           help=f"mor-uptrain's: fit the deciding routers on N training tokens to let the tokens leave "
-                               f"that lose least by stopping (default: mor-uptrain's, {DEFAULT_ROUTER_FIT_TOKENS}; 0: "
-                               f"off; skipped, with a line saying so, for a conversion without a deciding step)")
+                               f"that lose least by stopping (default: mor-uptrain's, {DEFAULT_ROUTER_FIT_TOKENS}, at "
+                               f"{DEFAULT_ROUTER_FIT_AT}; 0: off; off, with a line saying so, for a conversion without "
+                               f"a deciding step)")
     training.add_argument("--router-fit-at", type=float, metavar="F",
                           help=f"mor-uptrain's: fit once F of the uptraining is spent (default {DEFAULT_ROUTER_FIT_AT}) "
                                f"and let the fitted routers choose in training from there (1: after training)")
@@ -354,11 +355,6 @@ def main(argv=None) -> int:
         return 2
     measured_at = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(converted, trust_remote_code=True, dtype=torch.float32)
-    fits_routers = args.router_fit_tokens != 0
-    if fits_routers and not routes_by_threshold(model.config):  # the default only: an explicit fit was refused above
-        fits_routers = False
-        print("Router fit: off, no recursion step of this conversion decides who takes it (every capacity is 1, or no "
-              "expert-choice routing)")
     measurements.measure("converted", model)
     del model
     # Within the budget, after training: the final measurement and loading the teacher (about 1.5x what loading and
@@ -389,11 +385,10 @@ def main(argv=None) -> int:
         uptrain_argv += ["--eval-steps", str(args.eval_steps)]
     if args.random_capacity is not None:
         uptrain_argv += ["--random-capacity", str(args.random_capacity)]
-    if not fits_routers:
-        uptrain_argv += ["--router-fit-tokens", "0"]
-    else:
-        uptrain_argv += ["--router-fit-tokens", str(args.router_fit_tokens or DEFAULT_ROUTER_FIT_TOKENS),
-                         "--router-fit-at", str(args.router_fit_at or DEFAULT_ROUTER_FIT_AT)]
+    # Only what was given: mor-uptrain's default fits where the conversion decides, and says so where it does not.
+    for option, value in (("--router-fit-tokens", args.router_fit_tokens), ("--router-fit-at", args.router_fit_at)):
+        if value is not None:
+            uptrain_argv += [option, str(value)]
     if not args.no_layer_budget:
         uptrain_argv += ["--layer-budget", str(args.layer_budget)]
     if not args.no_bf16:

@@ -651,6 +651,10 @@ def _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, st
     source_name = base_model or Path(args.source).name
     gguf_file = plan["gguf_file"]
     relaxation_rank = plan["relaxation_rank"]
+    relaxation = f"rank {relaxation_rank}" if relaxation_rank else "none"
+    if mor.config.has_full_rank_relaxation:
+        relaxation += (" (full: every projection runs a weight of its own at each step, the source layer's at that "
+                       "position)")
     figures = {
         "model_name": output_dir.name,
         "base_model": base_model,
@@ -672,9 +676,7 @@ def _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, st
         "capacity": ", ".join(f"{c:.2f}" for c in mor.config.capacity),
         "gating": mor.config.gating,
         "kv_cache_policy": mor.config.kv_cache_policy,
-        "relaxation": ("none" if not relaxation_rank else f"rank {relaxation_rank}" + (
-            " (full: every projection runs a weight of its own at each step, the source layer's at that position)"
-            if mor.config.has_full_rank_relaxation else "")),
+        "relaxation": relaxation,
     }
     if token_ids is not None:
         block_size = plan["block_size"]
