@@ -24,7 +24,8 @@ routers fitted halfway to what stopping costs each token and choosing who contin
 (`--router-fit-tokens 32768 --router-fit-at 0.5`, mor-uptrain's router fit), and the final threshold set so that the
 training text takes 0.75x the source's layer applications. `--random-capacity 0.3` trains at random capacities
 instead (one checkpoint for any threshold; measured worse at an hour). The fewer-parameters recipe, as measured best (every
-token at full depth): `--relaxation-rank 0 --num-recursions 2 --capacity 1.0 1.0 --no-layer-budget`.
+token at full depth, the shared layers' init searched on the first training file): `--relaxation-rank 0
+--num-recursions 2 --capacity 1.0 1.0 --no-layer-budget --init-strategy search`.
 
 The WikiText-2 files are word-level tokenized (" @-@ ", " , "): they are turned back into plain text first
 (`conversion.text_files.detokenize_wikitext`). Training uses the validation split, reports the test split.
@@ -58,7 +59,7 @@ sys.path.insert(0, str(REPOSITORY))
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from conversion.cli_checks import Range, check_option_values, one_line  # noqa: E402
-from conversion.convert_llama_to_mor import ROUTED_SHARING_STRATEGIES, default_num_recursions, main as convert_main, parse_num_recursions, parse_relaxation_rank, read_source_config, resolve_source  # noqa: E402
+from conversion.convert_llama_to_mor import ROUTED_SHARING_STRATEGIES, check_search_init, default_num_recursions, main as convert_main, mor_config_for, parse_num_recursions, parse_relaxation_rank, read_source_config, resolve_source  # noqa: E402
 from conversion.flops import layer_applications  # noqa: E402
 from conversion.measure import THRESHOLD_BISECTIONS, mean_depth, perplexity_and_depths, read_eval_tokens, routes_by_threshold  # noqa: E402
 from conversion.training.options import CALIBRATION_TOKENS  # noqa: E402
@@ -90,7 +91,8 @@ def build_argument_parser():
     recipe.add_argument("--num-recursions", type=parse_num_recursions, default="auto",
                         help="N_r, or 'auto': mor-convert's default (the smallest N_r the layer count allows)")
     recipe.add_argument("--sharing-strategy", default="middle_cycle")
-    recipe.add_argument("--init-strategy", default="stepwise")
+    recipe.add_argument("--init-strategy", default="stepwise",
+                        help="mor-convert's; 'search' (rank 0 or low) scores its choices on the first training file")
     recipe.add_argument("--router-type", default="linear", choices=["linear", "mlp"], help="mor-convert's")
     recipe.add_argument("--relaxation-rank", default="full",
                         help="N or 'full' (the source's layers kept exact: the less-compute recipe); 0 for the "
@@ -219,6 +221,17 @@ def capacities_for_layer_budget(num_layers: int, num_recursions: int, sharing_st
     return [round(1 - step * recursion_step, 4) for recursion_step in range(num_recursions)]
 
 
+def conversion_config(args, source_config):
+    """The MoRConfig mor-convert will build from this script's options (capacities aside): what needs it is checked
+    before the source is measured."""
+    num_recursions = args.num_recursions
+    if num_recursions == "auto":
+        num_recursions = default_num_recursions(source_config.num_hidden_layers, args.sharing_strategy)
+    return mor_config_for(source_config, num_recursions=num_recursions, sharing_strategy=args.sharing_strategy,
+                          relaxation_rank=parse_relaxation_rank(args.relaxation_rank, source_config.hidden_size),
+                          kv_cache_policy=args.kv_cache_policy, router_type=args.router_type)
+
+
 def training_capacities(args, num_layers: int, hidden_size: int):
     """The --capacity mor-convert gets: the given one; else, training at fixed capacities with --layer-budget on a
     full-rank or tied conversion, the capacities that spend the budget (`capacities_for_layer_budget`), so the
@@ -330,6 +343,8 @@ def main(argv=None) -> int:
         source_path, gguf_file = resolve_source(args.source)
         source_config, _ = read_source_config(source_path, gguf_file, name="SOURCE")
         capacities = training_capacities(args, source_config.num_hidden_layers, source_config.hidden_size)
+        if args.init_strategy == "search":
+            check_search_init(conversion_config(args, source_config))
     except (ValueError, OSError, ImportError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         shutil.rmtree(work)
@@ -351,6 +366,8 @@ def main(argv=None) -> int:
                     "--relaxation-rank", str(args.relaxation_rank), "--kv-cache-policy", args.kv_cache_policy]
     if capacities:
         convert_argv += ["--capacity", *map(str, capacities)]
+    if args.init_strategy == "search":
+        convert_argv += ["--calibration-file", str(train_files[0])]
     if convert_main(convert_argv) != 0:
         return 2
     measured_at = time.perf_counter()

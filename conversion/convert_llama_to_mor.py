@@ -1,8 +1,9 @@
 """Convert a pretrained `LlamaForCausalLM` into an `MoRForCausalLM` (MOR_SPEC section 5).
 
 Each shared layer of the recursion block is initialized from the pretrained layers that will be tied to it
-("stepwise", "average", "lower", "upper" or "random"); the unshared first and last layers of the middle_* strategies,
-the embeddings, the final norm and the LM head are copied as they are. Conversions use the "update" gating and
+("stepwise", "average", "lower", "upper", "random", or "search": chosen by perplexity on a calibration text); the
+unshared first and last layers of the middle_* strategies, the embeddings, the final norm and the LM head are copied
+as they are. Conversions use the "update" gating and
 auxiliary routers by default, and the routers start neutral: a fresh conversion in eval mode routes every token to
 full depth and computes exactly what the tied recursive Llama does; uptraining then teaches the routers.
 
@@ -18,10 +19,12 @@ mor = convert_llama_to_mor(llama, num_recursions=3, sharing_strategy="middle_cyc
 """
 
 import argparse
+import math
 import random
 
 import torch
 from transformers import LlamaForCausalLM
+from transformers.utils import logging
 
 from modeling_mor import MoRConfig, MoRForCausalLM, valid_recursion_layouts
 from modeling_mor.configuration_mor import recursion_block_size
@@ -36,7 +39,14 @@ from .cli_checks import (
 )
 
 
-INIT_STRATEGIES = ("stepwise", "average", "lower", "upper", "random")
+logger = logging.get_logger(__name__)
+
+INIT_STRATEGIES = ("stepwise", "average", "lower", "upper", "random", "search")
+# "search" makes at most this many passes over the shared layers (each tries every other candidate of every shared
+# layer once), and stops earlier when a pass changes nothing.
+SEARCH_PASSES = 3
+# How much calibration text "search" scores on by default (--calibration-max-tokens).
+DEFAULT_CALIBRATION_TOKENS = 2048
 # A router decides at each pass through the recursion block, which only the cycle strategies have (a sequence
 # strategy applies each shared layer several times in a row instead). MoRConfig enforces it.
 ROUTED_SHARING_STRATEGIES = ("cycle", "middle_cycle")
@@ -67,7 +77,8 @@ def default_routing(sharing_strategy: str) -> str:
 
 
 def _source_layer_indices(tied_groups: list[list[int]], init_strategy: str, seed: int) -> list[list[int]]:
-    """For each shared layer, the pretrained layers its weights are initialized from (averaged when several)."""
+    """For each shared layer, the pretrained layers its weights are initialized from (averaged when several); "search"
+    is chosen by `_search_source_layers`."""
     recursed = sorted(index for group in tied_groups for index in group)
     num_shared = len(tied_groups)
     if init_strategy == "average":
@@ -81,6 +92,69 @@ def _source_layer_indices(tied_groups: list[list[int]], init_strategy: str, seed
         return [[index] for index in recursed[-num_shared:]]
     chosen = sorted(random.Random(seed).sample(recursed, num_shared))
     return [[index] for index in chosen]
+
+
+def check_search_init(config: MoRConfig) -> None:
+    """Raises ValueError when the "search" init has nothing to choose for a conversion into `config`, or would score
+    something other than the tied model at full depth."""
+    if config.has_full_rank_relaxation:
+        raise ValueError(
+            f"--init-strategy search chooses the source layer each shared weight starts from, and a full-rank "
+            f"relaxation (--relaxation-rank {config.relaxation_rank}) keeps every position's own source layer whatever "
+            f"the choice. Fix: use it with --relaxation-rank 0 or a rank below {config.full_relaxation_rank}, or "
+            f"leave the default init.")
+    if config.routing == "token_choice":
+        raise ValueError("--init-strategy search scores the tied model with every token at full depth, and a fresh "
+                         "token-choice conversion sends every token out after the first step. Fix: use the default "
+                         "expert-choice routing (or none) with it, or another init.")
+
+
+def _search_source_layers(mor, shared_modules, tied_groups: list[list[int]], source_layers,
+                          calibration_ids: torch.LongTensor) -> list[list[int]]:
+    """The "search" init: each shared layer starts from one of the source layers at the positions it serves, chosen
+    by coordinate descent on the perplexity of `calibration_ids` at full depth. It starts from the best uniform choice
+    (every shared layer the source layer at its k-th position, for each k), then tries each other candidate of each
+    shared layer in turn, keeping a change whenever the perplexity falls, for up to SEARCH_PASSES passes or until a
+    pass changes nothing. Per-step deltas are still zero here, so the search scores the tied layers alone.
+
+    Why: which layers a model can share is not uniform. In SmolLM2-135M the previous layer's weights in place of
+    layer 1 or 11 multiply the perplexity by about 70 or 13, in place of most others by 1.2-1.7, so a fixed rule ties
+    some critical layer wrongly (docs/conversion.md#which-layers-can-be-shared)."""
+    from tqdm.auto import tqdm
+
+    from .measure import full_depth, perplexity_and_depths
+
+    def load_and_score(choice) -> float:
+        for module, group, position in zip(shared_modules, tied_groups, choice):
+            module.load_state_dict(source_layers[group[position]].state_dict(), strict=False)
+        with full_depth(mor):
+            perplexity = perplexity_and_depths(mor, calibration_ids, desc="init search")[0]
+        return perplexity if math.isfinite(perplexity) else math.inf  # a NaN would win no comparison and stick
+
+    num_candidates = len(tied_groups[0])
+    scored = {}
+    with tqdm(desc="init search (perplexity at full depth)", unit="trial") as progress:
+        def score(choice) -> float:
+            if choice not in scored:
+                scored[choice] = load_and_score(choice)
+                progress.update()
+                progress.set_postfix(best=f"{min(scored.values()):.4g}")
+            return scored[choice]
+
+        best = min((tuple([position] * len(tied_groups)) for position in range(num_candidates)), key=score)
+        uniform = score(best)
+        for _ in range(SEARCH_PASSES):
+            start = best
+            for layer in range(len(tied_groups)):
+                for position in range(num_candidates):
+                    trial = best[:layer] + (position,) + best[layer + 1:]
+                    if score(trial) < score(best):
+                        best = trial
+            if best == start:
+                break
+    logger.info(f"init search: {len(scored)} trials; perplexity at full depth on {calibration_ids.numel()} "
+                f"calibration tokens {score(best):.4g} (the best uniform choice: {uniform:.4g})")
+    return [[group[position]] for group, position in zip(tied_groups, best)]
 
 
 def _init_relaxation(mor: MoRForCausalLM, source_layers) -> None:
@@ -134,9 +208,14 @@ def convert_llama_to_mor(
     init_strategy: str = "stepwise",
     routing: str | None = None,
     seed: int = 0,
+    calibration_ids: torch.LongTensor | None = None,
     **config_overrides,
 ) -> MoRForCausalLM:
     """Returns a new `MoRForCausalLM` initialized from `model` (which is left untouched).
+
+    `init_strategy="search"` chooses each shared layer's source layer by perplexity on `calibration_ids` (a 1-D
+    tensor of token ids: training text, never the text you report), see `_search_source_layers`. The returned model's
+    `init_source_layers` lists, for each shared layer, the source layers it was initialized from.
 
     `routing` defaults to "expert_choice" for the cycle strategies and "none" for the sequence ones, which cannot
     route. `config_overrides` set any other `MoRConfig` field (for example `kv_cache_policy`, `capacity`, `gating`,
@@ -149,6 +228,12 @@ def convert_llama_to_mor(
         )
     if init_strategy not in INIT_STRATEGIES:
         raise ValueError(f"init_strategy={init_strategy!r} is not valid; choose one of {', '.join(INIT_STRATEGIES)}.")
+    if init_strategy == "search" and calibration_ids is None:
+        raise ValueError("init_strategy='search' scores its choices on calibration_ids. Fix: pass the token ids of "
+                         "some training text as calibration_ids.")
+    if init_strategy != "search" and calibration_ids is not None:
+        raise ValueError(f"calibration_ids are read only by init_strategy='search' (given: {init_strategy!r}). Fix: "
+                         f"pass init_strategy='search', or leave calibration_ids out.")
     source_config = model.config
     num_layers = source_config.num_hidden_layers
     layouts = valid_recursion_layouts(num_layers)
@@ -163,6 +248,8 @@ def convert_llama_to_mor(
         source_config, num_recursions=num_recursions, sharing_strategy=sharing_strategy, routing=routing,
         **config_overrides,
     )
+    if init_strategy == "search":
+        check_search_init(config)
     config._attn_implementation = source_config._attn_implementation
     mor = MoRForCausalLM(config).to(dtype=model.dtype, device=model.device)
 
@@ -175,10 +262,19 @@ def convert_llama_to_mor(
         modules[id(module)] = module
     ends = {id(unrolled[0]), id(unrolled[-1])} if config.has_unshared_ends else set()
     shared_keys = [key for key in tied_groups if key not in ends]
-    sources = _source_layer_indices([tied_groups[key] for key in shared_keys], init_strategy, seed)
     for key in ends:
         sources_for_end = tied_groups[key]
         modules[key].load_state_dict(source_layers[sources_for_end[0]].state_dict())
+    mor.model.embed_tokens.load_state_dict(model.model.embed_tokens.state_dict())
+    mor.model.norm.load_state_dict(model.model.norm.state_dict())
+    mor.lm_head.load_state_dict(model.lm_head.state_dict())
+    # Neutral gates before the search, which scores the tied model as the conversion will start.
+    mor.start_routing_from_recursive_model_()
+    if init_strategy == "search":
+        sources = _search_source_layers(mor, [modules[key] for key in shared_keys],
+                                        [tied_groups[key] for key in shared_keys], source_layers, calibration_ids)
+    else:
+        sources = _source_layer_indices([tied_groups[key] for key in shared_keys], init_strategy, seed)
     for key, source_indices in zip(shared_keys, sources):
         states = [source_layers[index].state_dict() for index in source_indices]
         averaged = {name: torch.stack([state[name] for state in states]).mean(0) for name in states[0]}
@@ -187,11 +283,7 @@ def convert_llama_to_mor(
 
     if config.relaxation_rank > 0:
         _init_relaxation(mor, source_layers)
-
-    mor.model.embed_tokens.load_state_dict(model.model.embed_tokens.state_dict())
-    mor.model.norm.load_state_dict(model.model.norm.state_dict())
-    mor.lm_head.load_state_dict(model.lm_head.state_dict())
-    mor.start_routing_from_recursive_model_()
+    mor.init_source_layers = sources
     return mor
 
 
@@ -251,7 +343,16 @@ def build_argument_parser():
                              "last layers unshared")
     parser.add_argument("--init-strategy", default="stepwise", choices=INIT_STRATEGIES,
                         help="which pretrained layers initialize each shared layer: every N_r-th one ('stepwise'), "
-                             "the average of the layers tied to it, the lowest or highest ones, or random ones")
+                             "the average of the layers tied to it, the lowest or highest ones, random ones, or "
+                             "'search': for each shared layer the one of its positions' layers that gives the tied "
+                             "model the lowest perplexity on --calibration-file (for --relaxation-rank 0 or a low "
+                             "rank; about a minute for SmolLM2-135M)")
+    parser.add_argument("--calibration-file",
+                        help="UTF-8 text that --init-strategy search scores its choices on: text like the training "
+                             "text, not the text you report (--eval-file)")
+    parser.add_argument("--calibration-max-tokens", type=int,
+                        help=f"the search scores the first N tokens of --calibration-file (default: "
+                             f"{DEFAULT_CALIBRATION_TOKENS})")
     parser.add_argument("--routing", choices=ROUTINGS,
                         help="default: expert_choice for the cycle strategies, none for sequence and middle_sequence "
                              "(which cannot route)")
@@ -519,6 +620,39 @@ def _check_recursion_options(args, num_layers: int | None = None) -> None:
                          f"non-increasing fractions in (0, 1], e.g. --capacity {default} (the default).")
 
 
+def _check_calibration_options(args) -> None:
+    """--init-strategy search and the calibration text it reads (the rest of its checks need the config)."""
+    from pathlib import Path
+
+    from .measure import read_eval_text
+
+    if args.init_strategy == "search" and args.calibration_file is None:
+        raise ValueError("--init-strategy search scores its choices on --calibration-file. Fix: add --calibration-file "
+                         "with some of your training text.")
+    if args.calibration_file is None:
+        if args.calibration_max_tokens is not None:
+            raise ValueError(f"--calibration-max-tokens {args.calibration_max_tokens} needs --calibration-file, which "
+                             f"it would limit. Fix: add --init-strategy search --calibration-file TEXT, or leave it "
+                             f"out.")
+        return
+    if args.init_strategy != "search":
+        raise ValueError(f"--calibration-file is read only by --init-strategy search (given: --init-strategy "
+                         f"{args.init_strategy}). Fix: add --init-strategy search, or leave --calibration-file out.")
+    if args.no_tokenizer:
+        raise ValueError("--init-strategy search needs the source's tokenizer to read --calibration-file, which "
+                         "--no-tokenizer leaves out. Fix: leave out one of them.")
+    if args.calibration_max_tokens is None:
+        args.calibration_max_tokens = DEFAULT_CALIBRATION_TOKENS
+    if args.calibration_max_tokens < 2:
+        raise ValueError(f"--calibration-max-tokens {args.calibration_max_tokens} is not valid: perplexity needs at "
+                         f"least 2 tokens. Pass a larger value (default {DEFAULT_CALIBRATION_TOKENS}).")
+    if args.eval_file and Path(args.eval_file).resolve() == Path(args.calibration_file).resolve():
+        raise ValueError(f"--calibration-file and --eval-file are the same file ({args.eval_file}): the init would be "
+                         f"chosen on the text it is then measured on. Fix: calibrate on training text and measure on "
+                         f"held-out text.")
+    read_eval_text(args.calibration_file, "--calibration-file")
+
+
 def _check_arguments(args, output_dir) -> dict:
     """Every check that needs no weights: paths, the source's config, the options, the output folder. Raises
     ValueError, OSError or ImportError (one line each); returns what loading and converting need."""
@@ -537,6 +671,7 @@ def _check_arguments(args, output_dir) -> dict:
         from .push_to_hub import check_repo_id
 
         check_repo_id(args.push_to_hub)  # before converting: a repo id the Hub would refuse wastes the work
+    _check_calibration_options(args)
     if args.eval_file is not None:
         if args.eval_max_tokens < 2:
             raise ValueError(f"--eval-max-tokens {args.eval_max_tokens} is not valid: perplexity needs at least 2 "
@@ -549,7 +684,7 @@ def _check_arguments(args, output_dir) -> dict:
         source = str(Path(source).expanduser())  # transformers would take a quoted "~/model" for a Hub id
     local_source = None if is_hub_id else (str(Path(source) / gguf_file) if gguf_file else source)
     # What the run reads: OUTPUT_DIR may not be, contain or lie inside any of them, even with --overwrite.
-    inputs = {"SOURCE": local_source, "--eval-file": args.eval_file}
+    inputs = {"SOURCE": local_source, "--eval-file": args.eval_file, "--calibration-file": args.calibration_file}
     check_output_dir_is_separate(output_dir, **inputs)
     check_output_dir(output_dir, args.overwrite)
 
@@ -581,8 +716,10 @@ def _check_arguments(args, output_dir) -> dict:
     if args.capacity:
         overrides["capacity"] = args.capacity
     # The very config the conversion will build: whatever the checks above missed fails here, before loading.
-    mor_config_for(source_config, num_recursions=args.num_recursions, sharing_strategy=args.sharing_strategy,
-                   routing=routing, **overrides)
+    mor_config = mor_config_for(source_config, num_recursions=args.num_recursions,
+                                sharing_strategy=args.sharing_strategy, routing=routing, **overrides)
+    if args.init_strategy == "search":
+        check_search_init(mor_config)
 
     if args.base_model_name:
         base_model = args.base_model_name
@@ -598,14 +735,15 @@ def _check_arguments(args, output_dir) -> dict:
 
 
 def _load_source(args, plan) -> tuple:
-    """(source model, tokenizer or None, evaluation token ids or None); bad weights or text raise ValueError.
+    """(source model, tokenizer or None, evaluation token ids or None, calibration token ids or None); bad weights or
+    text raise ValueError.
 
-    The tokenizer and the evaluation text come first: they are cheap, and an unusable text is refused before the
+    The tokenizer and the texts come first: they are cheap, and an unusable text is refused before the
     weights are loaded."""
     from safetensors import SafetensorError
 
     from .cli_checks import load_tokenizer
-    from .measure import check_fills_one_block, read_eval_tokens
+    from .measure import check_fills_one_block, context_length, eval_block_size, read_eval_tokens
 
     source, gguf_file = plan["source"], plan["gguf_file"]
     tokenizer = None
@@ -618,16 +756,24 @@ def _load_source(args, plan) -> tuple:
     if args.eval_file:
         token_ids = read_eval_tokens(tokenizer, args.eval_file, args.eval_max_tokens)
         check_fills_one_block(token_ids, plan["block_size"], args.eval_file, args.eval_max_tokens)
+    calibration_ids = None
+    if args.calibration_file:
+        calibration_ids = read_eval_tokens(tokenizer, args.calibration_file, args.calibration_max_tokens,
+                                           "--calibration-file")
+        # The search's perplexity: blocks of the default size, at least one full one (as for --eval-file).
+        check_fills_one_block(calibration_ids, eval_block_size(None, context_length(plan["source_config"])),
+                              args.calibration_file, args.calibration_max_tokens, "--calibration-file",
+                              "--calibration-max-tokens")
     print(f"Loading {args.source} ...")
     try:
         source_model = LlamaForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32).eval()
     except (OSError, SafetensorError) as error:
         raise ValueError(f"the weights of {args.source} could not be loaded ({one_line(error)}); nothing was "
                          f"written. Fix: download or copy the checkpoint again.") from error
-    return source_model, tokenizer, token_ids
+    return source_model, tokenizer, token_ids, calibration_ids
 
 
-def _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, staging) -> dict:
+def _convert_into(args, plan, source_model, tokenizer, token_ids, calibration_ids, output_dir, staging) -> dict:
     """Converts, measures and saves into `staging`; returns the figures of the model card."""
     from pathlib import Path
 
@@ -643,8 +789,15 @@ def _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, st
         init_strategy=args.init_strategy,
         routing=plan["routing"],
         seed=args.seed,
+        calibration_ids=calibration_ids,
         **plan["overrides"],
     ).eval()
+    init_note = ""
+    if args.init_strategy == "search":
+        chosen = ", ".join(str(indices[0]) for indices in mor.init_source_layers)
+        init_note = (f"; the shared layers start from source layers {chosen} (chosen by perplexity on "
+                     f"{calibration_ids.numel():,} tokens of `{Path(args.calibration_file).name}`)")
+        print(f"Init search: the shared layers start from source layers {chosen}")
 
     # base_model: a Hub id or None (a local source that names none: the card leaves the field out and says why).
     base_model = plan["base_model"]
@@ -672,6 +825,7 @@ def _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, st
         "mor_parameters": f"{mor.num_parameters():,}",
         "sharing_strategy": mor.config.sharing_strategy,
         "init_strategy": args.init_strategy,
+        "init_note": init_note,
         "routing": mor.config.routing,
         "capacity": ", ".join(f"{c:.2f}" for c in mor.config.capacity),
         "gating": mor.config.gating,
@@ -727,7 +881,7 @@ def main(argv=None) -> int:
             print(f"note: --sharing-strategy {args.sharing_strategy} cannot route (a router decides at each pass "
                   f"through the shared block); converting with --routing {plan['routing']}.")
         # Loaded before the staging folder exists: weights or an evaluation text that cannot be read leave nothing.
-        source_model, tokenizer, token_ids = _load_source(args, plan)
+        source_model, tokenizer, token_ids, calibration_ids = _load_source(args, plan)
     except (ValueError, OSError, ImportError, OutputDirExistsError, InvalidPushError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
@@ -735,7 +889,8 @@ def main(argv=None) -> int:
     # Everything is written to a staging folder that becomes OUTPUT_DIR only once complete (see output_dir.py).
     try:
         with staged_output_dir(output_dir, overwrite=args.overwrite, inputs=plan["inputs"]) as staging:
-            figures = _convert_into(args, plan, source_model, tokenizer, token_ids, output_dir, staging)
+            figures = _convert_into(args, plan, source_model, tokenizer, token_ids, calibration_ids, output_dir,
+                                    staging)
     except OutputDirExistsError as error:  # OUTPUT_DIR gained other files during the run: it is kept as it is
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

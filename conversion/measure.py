@@ -51,33 +51,35 @@ def scored_tokens(num_tokens: int, block_size: int) -> int:
     return min(num_tokens, num_blocks(num_tokens, block_size) * block_size)
 
 
-def check_fills_one_block(token_ids: torch.LongTensor, block_size: int, path, max_tokens: int) -> None:
-    """Raises ValueError when the evaluation text `path` (read up to `max_tokens` tokens) gives fewer tokens than one
-    perplexity block: the figure would come from one shorter block, not from blocks of `block_size`."""
+def check_fills_one_block(token_ids: torch.LongTensor, block_size: int, path, max_tokens: int,
+                          option: str = "--eval-file", max_option: str = "--eval-max-tokens") -> None:
+    """Raises ValueError when the text `path` given by `option` (read up to `max_tokens` tokens, `max_option`) gives
+    fewer tokens than one perplexity block: the figure would come from one shorter block, not from blocks of
+    `block_size`."""
     if token_ids.numel() < block_size:
-        limit = " (--eval-max-tokens)" if token_ids.numel() >= max_tokens else ""
+        limit = f" ({max_option})" if token_ids.numel() >= max_tokens else ""
+        smaller = ", or a smaller --eval-block-size" if option == "--eval-file" else ""
         raise ValueError(
-            f"--eval-file {path} gives {token_ids.numel()} tokens{limit}, fewer than one perplexity block of "
-            f"{block_size}; nothing was written. Fix: give more text, a larger --eval-max-tokens, or a smaller "
-            f"--eval-block-size."
+            f"{option} {path} gives {token_ids.numel()} tokens{limit}, fewer than one perplexity block of "
+            f"{block_size}; nothing was written. Fix: give more text{smaller}, or a larger {max_option}."
         )
 
 
-def read_eval_text(path) -> str:
-    """The text of an evaluation file (`read_text_file`)."""
-    return read_text_file(path, "--eval-file")
+def read_eval_text(path, option: str = "--eval-file") -> str:
+    """The text of an evaluation file (`read_text_file`; errors name `option`)."""
+    return read_text_file(path, option)
 
 
-def read_eval_tokens(tokenizer, path, max_tokens: int) -> torch.LongTensor:
+def read_eval_tokens(tokenizer, path, max_tokens: int, option: str = "--eval-file") -> torch.LongTensor:
     """The first `max_tokens` tokens of a text file (a BOS token first when the tokenizer has one)."""
-    text = read_eval_text(path)
+    text = read_eval_text(path, option)
     # Tokenizing a prefix is enough and keeps large files cheap; 8 characters per token is a generous bound.
     ids = tokenizer(text[: max_tokens * 8], add_special_tokens=False)["input_ids"][:max_tokens]
     if tokenizer.bos_token_id is not None:
         ids = [tokenizer.bos_token_id, *ids[: max_tokens - 1]]
     if len(ids) < 2:
-        raise ValueError(f"{path} has too little text to measure perplexity on ({len(ids)} token); nothing was "
-                         f"written. Pass a text file with at least a few sentences.")
+        raise ValueError(f"{option} {path} has too little text to measure perplexity on ({len(ids)} token); "
+                         f"nothing was written. Pass a text file with at least a few sentences.")
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -41,6 +41,8 @@ def _section_text(name: str, figures: dict):
         return training_status(figures)
     if name in ("base_model_front_matter", "source_description", "base_model_note"):
         return base_model_fields(figures)[name]
+    if name == "init_note":  # which source layers a searched init chose; cards of other inits have none
+        return figures.get("init_note", "")
     value = figures.get(name)
     return None if value is None else str(value)
 

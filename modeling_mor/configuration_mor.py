@@ -281,11 +281,14 @@ class MoRConfig(LlamaConfig):
         """Whether every per-step relaxation delta is full rank (the rank reaches each projection's smaller side, as
         `--relaxation-rank full` asks), so that every recursion step runs a weight of its own (relaxation_mor.py
         stores them merged: the shared weight at the first step, the shared weight plus a whole delta at a later one)."""
-        if self.relaxation_rank <= 0:
-            return False
+        return self.relaxation_rank > 0 and self.relaxation_rank >= self.full_relaxation_rank
+
+    @property
+    def full_relaxation_rank(self) -> int:
+        """The smallest relaxation rank that is full for every projection: the largest of their smaller sides."""
         head_dim = getattr(self, "head_dim", None) or self.hidden_size // self.num_attention_heads
         widths = (self.num_attention_heads * head_dim, self.num_key_value_heads * head_dim, self.intermediate_size)
-        return self.relaxation_rank >= max(min(self.hidden_size, width) for width in widths)
+        return max(min(self.hidden_size, width) for width in widths)
 
     def expert_choice_top_k(self, step: int, num_tokens: int) -> int:
         """k_r = ceil(capacity_r * T); the small epsilon keeps 2/3 * 6 from rounding up to 5."""

@@ -247,3 +247,34 @@ def test_recipe_refuses_a_router_fit_for_a_conversion_that_decides_nothing(tmp_p
                            "--threads", "1")
     assert result.returncode == 2 and "this conversion has none (every --capacity is 1" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_recipe_refuses_a_search_init_at_full_rank_before_any_work(tmp_path):
+    result = run_benchmark("conversion_recipe.py", PROJECT_ROOT / "examples" / "assets" / "stories260K",
+                           "--output-dir", tmp_path / "recipe", "--no-wikitext", "--no-mc", "--num-recursions", "3",
+                           "--init-strategy", "search", "--threads", "1")
+    assert result.returncode == 2 and "--init-strategy search chooses the source layer" in result.stderr
+    assert "--relaxation-rank 0" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_conversion_quality_study_runs_with_the_layer_study_and_the_search_init(tmp_path):
+    """The init-strategy study runs end to end on stories260K: each source layer repeated and skipped, and every init
+    strategy including the search (a smoke test: with one shared layer the search is the best uniform choice; its
+    descent is tested in test_conversion.py)."""
+    import json
+
+    text = PROJECT_ROOT / "examples" / "assets" / "tinystories_valid_sample.txt"
+    result = run_benchmark("conversion_quality.py", PROJECT_ROOT / "examples" / "assets" / "stories260K",
+                           "--eval-file", text, "--eval-tokens", "2048", "--layouts", "middle_cycle:3",
+                           "--layer-study", "--calibration-file", text, "--threads", "1",
+                           "--json", tmp_path / "rows.json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [row["layer"] for row in rows["layer_study"]] == [1, 2, 3, 4]
+    assert all(row["ppl_skipped"] > 0 and row["ppl_repeated_previous"] > 0 for row in rows["layer_study"])
+    by_init = {row["init"]: row["ppl_full_depth"] for row in rows["rows"]}
+    assert set(by_init) == {"stepwise", "average", "lower", "upper", "random", "search"}
+    # Scored on the same 2,048 tokens here, so the search is the best of the uniform choices.
+    assert by_init["search"] <= min(by_init["lower"], by_init["upper"]) * (1 + 1e-5)
+    assert "Each source layer with the previous layer's weights in its place" in result.stdout

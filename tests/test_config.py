@@ -79,6 +79,7 @@ def test_full_rank_relaxation_is_told_by_the_rank_reaching_every_projection():
     assert MoRConfig(**dims, relaxation_rank=64).has_full_rank_relaxation
     assert not MoRConfig(**dims, relaxation_rank=32).has_full_rank_relaxation  # k/v (width 32) dense, q/MLP not
     assert not MoRConfig(**dims, relaxation_rank=0).has_full_rank_relaxation
+    assert MoRConfig(**dims, relaxation_rank=0).full_relaxation_rank == 64  # the q and MLP projections' smaller side
     from modeling_mor import MoRForCausalLM
 
     model = MoRForCausalLM(MoRConfig(**dims, vocab_size=64, num_hidden_layers=5, num_recursions=3, relaxation_rank=64))

@@ -1,7 +1,11 @@
 """The conversion pipeline: CLI, model card, bad input, interrupted runs, Hub push, uptraining."""
 
+import copy
+import itertools
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -219,6 +223,67 @@ def test_defaults_choose_the_layout_and_keep_the_source_exact(tmp_path, capsys):
     assert "--num-recursions auto: the source's 3 layers have no --sharing-strategy middle_cycle layout" in (
         capsys.readouterr().err)
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("num_recursions", [2, 3])
+def test_search_init_takes_the_tied_layers_with_the_lowest_perplexity(tmp_path, capsys, num_recursions):
+    """--init-strategy search (for real sharing, rank 0): each shared layer starts from one of the source layers at
+    the positions it serves, the one the tied model scores best with on the calibration text. The reference is the
+    source's own layers tied by hand (a LlamaForCausalLM whose positions in one tied group hold the same layer, which
+    is what a rank-0 MoR computes at full depth), every combination scored."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from conversion.measure import perplexity_and_depths, read_eval_tokens
+
+    # 8 layers: middle_cycle gives 3 shared layers x 2 steps, or 2 shared layers x 3 steps. Weights large enough that
+    # the layers differ materially; stories260K's tokenizer reads the calibration text.
+    torch.manual_seed(0)
+    llama_dir = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                 num_hidden_layers=8, max_position_embeddings=64, initializer_range=0.3,
+                                 tie_word_embeddings=True)).save_pretrained(llama_dir)
+    for path in STORIES.glob("tokenizer*"):
+        shutil.copy(path, llama_dir)
+    source = LlamaForCausalLM.from_pretrained(llama_dir).eval()
+    block = 6 // num_recursions
+    groups = [[1 + k + block * step for step in range(num_recursions)] for k in range(block)]
+    calibration = tmp_path / "calibration.txt"
+    calibration.write_text(VALID_TEXT.read_text()[:3000])
+    token_ids = read_eval_tokens(AutoTokenizer.from_pretrained(llama_dir), calibration, 2048)
+
+    def tied_perplexity(choice):
+        tied = copy.deepcopy(source)
+        for group, position in zip(groups, choice):
+            for index in group:
+                tied.model.layers[index].load_state_dict(source.model.layers[group[position]].state_dict())
+        return perplexity_and_depths(tied, token_ids)[0]
+
+    every = {choice: tied_perplexity(choice) for choice in itertools.product(range(num_recursions), repeat=block)}
+    assert max(every.values()) > 1.01 * min(every.values()), "the choices must differ for the test to mean anything"
+    assert convert_main([str(llama_dir), str(tmp_path / "mor"), "--num-recursions", str(num_recursions),
+                         "--relaxation-rank", "0", "--init-strategy", "search", "--calibration-file",
+                         str(calibration)]) == 0
+    report = capsys.readouterr().out
+    mor = AutoModelForCausalLM.from_pretrained(tmp_path / "mor").eval()
+    choice = []
+    for layer, group in zip(mor.model.unrolled_layers()[1 : 1 + block], groups):
+        matches = [position for position, index in enumerate(group)
+                   if torch.equal(layer.mlp.down_proj.weight, source.model.layers[index].mlp.down_proj.weight)]
+        assert len(matches) == 1, "each shared layer starts as one of the source layers it stands for"
+        choice.append(matches[0])
+    choice = tuple(choice)
+    # A coordinate descent: no single shared layer's other choice is better, and (on this model) it went beyond the
+    # uniform choices it starts from.
+    for layer in range(block):
+        for position in range(num_recursions):
+            assert every[choice] <= every[choice[:layer] + (position,) + choice[layer + 1:]]
+    assert every[choice] < min(every[(position,) * block] for position in range(num_recursions))
+    with torch.no_grad():
+        assert math.isclose(perplexity_and_depths(mor, token_ids)[0], every[choice], rel_tol=1e-4)
+    chosen = ", ".join(str(group[position]) for group, position in zip(groups, choice))
+    assert f"Init search: the shared layers start from source layers {chosen}" in report
+    card = (tmp_path / "mor" / "README.md").read_text()
+    assert f"initialization `search`; the shared layers start from source layers {chosen}" in card
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])

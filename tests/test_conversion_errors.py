@@ -347,6 +347,22 @@ def test_hub_sources_name_the_base_model_and_a_missing_repo_says_so(tmp_path, ll
         # Without --eval-file nothing is measured: a block size would be ignored silently.
         (["--eval-block-size", "1"], "--eval-block-size 1 needs --eval-file"),
         (["--eval-block-size", "32"], "--eval-block-size 32 needs --eval-file"),
+        # The search init scores on its own text, and only it reads that text; a full-rank relaxation has no choice,
+        # and a token-choice conversion starts at depth 1, not at the full depth the search scores.
+        (["--init-strategy", "search", "--relaxation-rank", "0"],
+         "--init-strategy search scores its choices on --calibration-file. Fix: add --calibration-file"),
+        (["--calibration-file", str(VALID_TEXT)], "--calibration-file is read only by --init-strategy search"),
+        (["--calibration-max-tokens", "64"], "--calibration-max-tokens 64 needs --calibration-file"),
+        (["--init-strategy", "search", "--calibration-file", str(VALID_TEXT)],
+         "and a full-rank relaxation (--relaxation-rank 16) keeps every position's own source layer"),
+        (["--init-strategy", "search", "--relaxation-rank", "0", "--calibration-file", str(VALID_TEXT),
+          "--routing", "token_choice"], "a fresh token-choice conversion sends every token out after the first step"),
+        (["--init-strategy", "search", "--relaxation-rank", "0", "--calibration-file", "missing.txt"],
+         "--calibration-file missing.txt does not exist"),
+        (["--init-strategy", "search", "--relaxation-rank", "0", "--calibration-file", str(VALID_TEXT),
+          "--calibration-max-tokens", "1"], "--calibration-max-tokens 1 is not valid"),
+        (["--init-strategy", "search", "--relaxation-rank", "0", "--calibration-file", str(VALID_TEXT),
+          "--eval-file", str(VALID_TEXT)], "--calibration-file and --eval-file are the same file"),
     ],
 )
 def test_bad_options_are_one_error_line_and_nothing_is_written(tmp_path, llama, monkeypatch, capsys, options, expected):
