@@ -62,16 +62,44 @@ def measure(args) -> dict:
     outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     seconds = time.perf_counter() - started
     after = llm.apply_model(depth_counts_of)[0] if is_mor else None
-    cache = llm.llm_engine.vllm_config.cache_config
+    depth_counts = None if before is None else [b - a for a, b in zip(before, after)]
     result = {
         "tokens_per_second": sum(len(output.outputs[0].token_ids) for output in outputs) / seconds,
-        "kv_tokens": cache.num_gpu_blocks * cache.block_size,
+        "kv_tokens": kv_capacity(llm.collective_rpc(kv_cache_groups)[0], depth_counts),
         "peak_running": peak.running,
         "peak_kv_usage": peak.kv_usage,
-        "depth_counts": None if before is None else [b - a for a, b in zip(before, after)],
+        "depth_counts": depth_counts,
     }
     llm.llm_engine.engine_core.shutdown()
     return result
+
+
+def kv_cache_groups(worker) -> dict:
+    """What vLLM allocated (runs in the worker): its KV blocks, and per KV cache group the layers a block serves, its
+    tokens per block, and the recursion step whose routed tokens it stores (None: every token)."""
+    config = worker.model_runner.kv_cache_config
+    groups = []
+    for group in config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        routed_step = spec.recursion_step if getattr(spec, "routed", False) else None
+        groups.append({"layers": len(group.layer_names), "block_size": spec.block_size, "routed_step": routed_step})
+    return {"num_blocks": config.num_blocks, "groups": groups}
+
+
+def kv_capacity(allocation: dict, depth_counts: list[int] | None) -> int:
+    """The tokens vLLM's KV cache holds at the depths the served tokens took: its layer slots (blocks x tokens per
+    block x layers a block serves) over the layer slots a token takes (a group that stores routed tokens only takes
+    a slot for the share of tokens that took its step). For a model whose every layer stores every token, vLLM's own
+    figure (blocks x block size)."""
+    widest = max(group["layers"] for group in allocation["groups"])  # vLLM pads smaller groups to the widest
+    slots = allocation["num_blocks"] * allocation["groups"][0]["block_size"] * widest
+    per_token = 0.0
+    for group in allocation["groups"]:
+        share = 1.0
+        if group["routed_step"] is not None:
+            share = sum(depth_counts[group["routed_step"] + 1:]) / sum(depth_counts)
+        per_token += widest * share
+    return int(slots / per_token)
 
 
 class PeakRunning:
@@ -196,7 +224,8 @@ def main():
                 print(line)
     print("\n'depth': mean recursion steps of the tokens the model ran (prompt tokens and every generated token but "
           "the last). 'FLOP ideal': weight-matmul FLOPs of routing none (= vanilla's) over this row's, from those "
-          "depths; attention is not counted. 'KV tokens': the tokens vLLM's KV cache holds in the budget. 'peak running': "
+          "depths; attention is not counted. 'KV tokens': the tokens vLLM's KV cache holds in the budget, at the depths "
+          "the served tokens took (a recursion-wise step stores only the tokens routed to it). 'peak running': "
           "the most requests vLLM's scheduler ran at once (at most the concurrency; fewer where the KV cache binds); "
           "'peak KV use': the largest share of the KV cache they held.")
 

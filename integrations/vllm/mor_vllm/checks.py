@@ -55,7 +55,8 @@ def check_servable(
 
 class MoRConfigCheck(VerifyAndUpdateConfig):
     """vLLM's per-architecture configuration hook (MODELS_CONFIG_MAP): refuses an unservable checkpoint in the
-    process that loads it, before vLLM starts its engine."""
+    process that loads it, before vLLM starts its engine, and sets the engine up for routed-token KV where the
+    checkpoint uses it (routed_kv.py)."""
 
     @staticmethod
     def verify_and_update_config(vllm_config: "VllmConfig") -> None:
@@ -66,6 +67,12 @@ class MoRConfigCheck(VerifyAndUpdateConfig):
             parallel_config.pipeline_parallel_size,
             cpu_attention_head_sizes(),
         )
+        from vllm.platforms import current_platform
+
+        from .routed_kv import configure_engine, stores_routed_tokens
+
+        if stores_routed_tokens(vllm_config.model_config.hf_config, current_platform):
+            configure_engine(vllm_config)
 
 
 def cpu_attention_head_sizes() -> list[int] | None:

@@ -21,6 +21,7 @@ over every token of a sequence; MoR's semantics at a step are kept as follows:
 """
 
 import contextlib
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -38,12 +39,15 @@ from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from vllm.model_executor.models.llama import LlamaDecoderLayer
+from vllm.platforms import current_platform
 from vllm.v1.attention.selector import get_attn_backend
+from vllm.v1.kv_cache_interface import AttentionSpec
 
 from .checks import UnsupportedMoRCheckpoint, check_servable, has_step_deltas
 from .configuration_mor import MoRConfig
+from .routed_kv import RoutedTokenCounts, stores_routed_tokens
 from .routing_mor import apply_gate, build_routing, steps_every_token_takes
-from .step_attention import StepRequests
+from .step_attention import RoutedStepStorage, StepRequests, batch_requests
 
 
 # A key of a token that did not take the step scores KEY_MASK_VALUE * scale lower (about -2000 at head_dim 64):
@@ -82,6 +86,9 @@ class RecursionStepTokens:
     # attention takes every request's rows.
     requests: StepRequests | None = None
     requests_found: bool = False
+    # Routed-token KV (routed_kv.py): where the step's tokens are stored and what its attention reads; None in
+    # vLLM's profiling runs, which have no attention metadata.
+    storage: RoutedStepStorage | None = None
 
     def requests_of(self, attn: Attention) -> StepRequests | None:
         if not self.requests_found:
@@ -214,6 +221,23 @@ class StepRMSNorm(RMSNorm):
         return ir.ops.rms_norm(x, self.weight + self.relaxation_weight[step], self.variance_epsilon)
 
 
+class RecursionStepAttention(Attention):
+    """vLLM's Attention for a shared layer at one recursion step, with routed-token KV (routed_kv.py): its KV cache
+    spec puts it in the step's own KV cache groups; `routed`: the step stores only the tokens routed to it."""
+
+    def __init__(self, *args, recursion_step: int, routed: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.recursion_step = recursion_step
+        self.routed = routed
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig):
+        from .routed_kv import RecursionStepSpec
+
+        spec = super().get_kv_cache_spec(vllm_config)
+        attention_fields = {field.name: getattr(spec, field.name) for field in dataclasses.fields(AttentionSpec)}
+        return RecursionStepSpec(**attention_fields, recursion_step=self.recursion_step, routed=self.routed)
+
+
 class MoRBlockAttention(nn.Module):
     """The attention of a shared layer: its projections run on a step's tokens; each step that stores keys has its
     own vLLM `Attention` (named by the step's unrolled layer index), masked where not every token takes the step."""
@@ -264,24 +288,33 @@ class MoRBlockAttention(nn.Module):
 
         full_steps = steps_every_token_takes(config)
         cache_dtype = vllm_config.cache_config.cache_dtype
-        self.masked_steps = {step for step in attention_prefixes if step >= full_steps}
+        # Recursion-wise steps not every token takes: on the CPU backend they store only their routed tokens
+        # (routed_kv.py); on other backends every token keeps a slot, masked where it skipped the step.
+        self.stores_routed_tokens = stores_routed_tokens(config, current_platform)
+        later_steps = {step for step in attention_prefixes if step >= full_steps}
+        self.routed_steps = later_steps if self.stores_routed_tokens else set()
+        self.masked_steps = set() if self.stores_routed_tokens else later_steps
         self.padded_head_size = (
             padded_head_size(self.head_dim, torch.get_default_dtype(), cache_dtype) if self.masked_steps else None
         )
+
+        def step_attention(step: int, attention_prefix: str) -> Attention:
+            arguments = dict(
+                num_heads=self.num_heads,
+                head_size=self.padded_head_size if step in self.masked_steps else self.head_dim,
+                scale=self.head_dim**-0.5,
+                num_kv_heads=self.num_kv_heads,
+                cache_config=vllm_config.cache_config,
+                quant_config=vllm_config.quant_config,
+                prefix=attention_prefix,
+            )
+            if self.stores_routed_tokens:
+                return RecursionStepAttention(**arguments, recursion_step=step, routed=step in self.routed_steps)
+            return Attention(**arguments)
+
         # Keyed by the step as a string (ModuleDict); under the shared policy only step 1 ("0") stores keys.
         self.attn = nn.ModuleDict(
-            {
-                str(step): Attention(
-                    self.num_heads,
-                    self.padded_head_size if step in self.masked_steps else self.head_dim,
-                    self.head_dim**-0.5,
-                    num_kv_heads=self.num_kv_heads,
-                    cache_config=vllm_config.cache_config,
-                    quant_config=vllm_config.quant_config,
-                    prefix=attention_prefix,
-                )
-                for step, attention_prefix in attention_prefixes.items()
-            }
+            {str(step): step_attention(step, attention_prefix) for step, attention_prefix in attention_prefixes.items()}
         )
 
     def project(self, positions, hidden_states, step: int):
@@ -297,6 +330,8 @@ class MoRBlockAttention(nn.Module):
         if self.shares_step_one and step > 0:
             # Queries only: the keys/values are those step 1 stored.
             return self._attend(self.attn["0"], 0 in self.masked_steps, q, None, None, step_tokens)
+        if step in self.routed_steps:
+            return self._attend_routed(self.attn[str(step)], q, k, v, step_tokens)
         return self._attend(self.attn[str(step)], step in self.masked_steps, q, k, v, step_tokens)
 
     def output(self, attn_output, step: int) -> torch.Tensor:
@@ -308,8 +343,8 @@ class MoRBlockAttention(nn.Module):
     def write_untaken_step(self, step: int, step_tokens: RecursionStepTokens) -> None:
         """No token of the batch takes the step: every token's key slot for it is still written, masked, since later
         tokens' attention reads it (their outputs here are dropped)."""
-        if self.shares_step_one and step > 0:
-            return  # deeper steps of the shared policy store nothing
+        if (self.shares_step_one and step > 0) or step in self.routed_steps:
+            return  # deeper steps of the shared policy store nothing; a routed step stores its routed tokens only
         attn, num_tokens = self.attn[str(step)], step_tokens.num_tokens
         keys = step_tokens.key_mask.new_zeros(num_tokens, self.num_kv_heads, attn.head_size)
         keys[:, :, self.head_dim] = KEY_MASK_VALUE
@@ -339,6 +374,19 @@ class MoRBlockAttention(nn.Module):
         with contextlib.nullcontext() if requests is None else requests.attending(attn):
             output = attn(queries.view(query_rows, -1), keys, values)
         return output.view(query_rows, self.num_heads, width)[token_rows, :, :head_dim].reshape(-1, self.q_size)
+
+    def _attend_routed(self, attn: Attention, q, k, v, step_tokens: RecursionStepTokens) -> torch.Tensor:
+        """vLLM attention over what a routed step stores (routed_kv.py): its tokens' keys and values are written at
+        their compacted slots, and each attends over its request's stored tokens up to itself."""
+        storage = step_tokens.storage
+        if storage is None:  # vLLM's profiling run: no metadata, its attention computes nothing
+            return attn(q, k, v)
+        num_stored = storage.request.numel()  # the step's actual tokens (vLLM may pad the batch after them)
+        with storage.attending(attn):
+            output = attn(q[:num_stored], k[:num_stored], v[:num_stored])
+        if num_stored < q.shape[0]:
+            output = torch.cat([output, output.new_zeros(q.shape[0] - num_stored, output.shape[1])])
+        return output
 
     def _step_keys_values(self, k, v, width: int, masked: bool, step_tokens: RecursionStepTokens):
         """Every batch token's key/value slot for the step: the step's tokens' own, the others zero (and masked)."""
@@ -442,11 +490,20 @@ class MoRRecursionBlock(nn.Module):
         # Tokens per recursion depth since the model was built (index d: tokens that took d steps), read by the
         # benchmark through LLM.apply_model; eval routing is causal, so a token's depth does not depend on its batch.
         self.register_buffer("depth_counts", torch.zeros(config.num_recursions + 1, dtype=torch.long), persistent=False)
+        # Routed-token KV (routed_kv.py): the tokens each step stored per request, kept across forward passes.
+        self.routed_token_counts = None
+        if layers[0].self_attn.stores_routed_tokens:
+            self.routed_token_counts = RoutedTokenCounts(config.num_recursions)
+            self.routed_layer_name = layers[0].self_attn.attn[str(self.full_steps)].layer_name
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         config = self.config
         num_tokens = hidden_states.shape[0]
         device = hidden_states.device
+        batch = forward_counts = None
+        if self.routed_token_counts is not None and (batch := batch_requests(self.routed_layer_name)) is not None:
+            request_of_token, context_lens, num_actual_tokens = batch
+            forward_counts = self.routed_token_counts.begin(context_lens)
         if config.routing == "token_choice":
             chosen_depth, token_gate, _ = self.routing(hidden_states, torch.ones(num_tokens, dtype=torch.bool, device=device))
             recursion_input = hidden_states
@@ -467,6 +524,12 @@ class MoRRecursionBlock(nn.Module):
                     steps[step] = RecursionStepTokens(num_tokens)
                 else:
                     steps[step] = RecursionStepTokens.of(active, num_tokens, hidden_states.dtype)
+                    if forward_counts is not None:
+                        storage = RoutedStepStorage(
+                            active[active < num_actual_tokens], request_of_token, forward_counts.stored_before[:, step]
+                        )
+                        steps[step].storage = storage
+                        forward_counts.routed[:, step] = storage.routed
                 depth.index_add_(0, active, torch.ones_like(active))
             step_tokens = steps[step]
             if step_tokens.index is not None and step_tokens.index.numel() == 0:
@@ -485,6 +548,8 @@ class MoRRecursionBlock(nn.Module):
             # Token-choice gates once, at the end: H^1 + w * f^d(H^1).
             hidden_states = apply_gate(config, recursion_input, hidden_states, token_gate)
         self.depth_counts += torch.bincount(depth, minlength=config.num_recursions + 1)
+        if forward_counts is not None:
+            self.routed_token_counts.end(forward_counts)
         return hidden_states
 
 

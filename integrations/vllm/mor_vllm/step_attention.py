@@ -74,21 +74,7 @@ class StepRequests:
             query_start = torch.zeros(self.requests.numel() + 1, dtype=metadata.query_start_loc.dtype)
             torch.cumsum(query_lengths, 0, out=query_start[1:])
             seq_lens = metadata.seq_lens[self.requests]
-            schedule = ops.cpu_attn_get_scheduler_metadata(
-                num_reqs=self.requests.numel(),
-                num_heads=layer.num_heads,
-                num_kv_heads=layer.num_kv_heads,
-                head_dim=layer.head_size,
-                seq_lens=seq_lens,
-                dtype=layer.dtype,
-                query_start_loc=query_start,
-                causal=metadata.causal,
-                sliding_window_size=-1 if layer.sliding_window is None else layer.sliding_window,
-                isa=layer.isa,
-                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
-                dynamic_causal=None if metadata.dynamic_causal is None else metadata.dynamic_causal[self.requests],
-                kv_cache_dtype=layer.kv_cache_dtype,
-            )
+            schedule = kernel_schedule(layer, metadata, self.requests, query_start, seq_lens)
             self._metadata[key] = replace(
                 metadata,
                 num_actual_tokens=self.rows.numel(),
@@ -112,3 +98,100 @@ class StepRequests:
             yield
         finally:
             metadata[layer.layer_name] = batch_metadata
+
+
+def kernel_schedule(layer, metadata, requests: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor):
+    """The CPU attention kernel's work schedule for `requests` of the batch with these query rows and key lengths."""
+    return ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=requests.numel(),
+        num_heads=layer.num_heads,
+        num_kv_heads=layer.num_kv_heads,
+        head_dim=layer.head_size,
+        seq_lens=seq_lens,
+        dtype=layer.dtype,
+        query_start_loc=query_start,
+        causal=metadata.causal,
+        sliding_window_size=-1 if layer.sliding_window is None else layer.sliding_window,
+        isa=layer.isa,
+        enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV,
+        dynamic_causal=None if metadata.dynamic_causal is None else metadata.dynamic_causal[requests],
+        kv_cache_dtype=layer.kv_cache_dtype,
+    )
+
+
+def batch_requests(layer_name: str) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """From vLLM's metadata of the attention layer `layer_name`: each actual token's request (batch order), each
+    request's context length (its tokens computed before this forward pass), and the number of actual tokens. None
+    where the forward pass has no metadata (vLLM's profiling and warm-up runs)."""
+    metadata = get_forward_context().attn_metadata
+    if not isinstance(metadata, dict):
+        return None
+    metadata = metadata[layer_name]
+    query_start = metadata.query_start_loc.long()
+    num_tokens = metadata.num_actual_tokens
+    request_of_token = torch.searchsorted(query_start[1:], torch.arange(num_tokens, device=query_start.device), right=True)
+    context_lens = metadata.seq_lens.long() - query_start.diff()
+    return request_of_token, context_lens, num_tokens
+
+
+class RoutedStepStorage:
+    """A routed recursion step's KV storage in one forward pass (routed_kv.py): the step's tokens are written at
+    compacted slots (a request's j-th stored token at slot j of the step's block table) and its attention reads the
+    stored tokens only: per request, its stored tokens so far plus its routed tokens of this pass, with the causal
+    mask aligned at the end (a routed token sees the stored tokens up to itself).
+
+    `token_index`: the step's tokens among the batch's actual tokens (sorted); `request_of_token`: each actual
+    token's request; `stored_before`: per request, the tokens the step stored before this pass."""
+
+    def __init__(self, token_index: torch.Tensor, request_of_token: torch.Tensor, stored_before: torch.Tensor):
+        request = request_of_token[token_index]
+        routed = torch.bincount(request, minlength=stored_before.numel())
+        first_of_request = torch.cumsum(routed, 0) - routed
+        self.stored_slot = stored_before[request] + torch.arange(request.numel()) - first_of_request[request]
+        self.request = request
+        self.routed = routed
+        self.requests = routed.nonzero().squeeze(-1)
+        self.query_start = torch.zeros(self.requests.numel() + 1, dtype=torch.int32)
+        torch.cumsum(routed[self.requests], 0, out=self.query_start[1:])
+        self.seq_lens = (stored_before + routed)[self.requests].to(torch.int32)
+        self._metadata = {}
+
+    def metadata_for(self, layer) -> tuple["CPUAttentionMetadata", torch.Tensor]:
+        """The layer's metadata and slot mapping for the step's stored tokens; computed once per step and KV cache
+        group (layers of one group share vLLM's metadata object, and so its block tables)."""
+        metadata = get_forward_context().attn_metadata[layer.layer_name]
+        key = (id(metadata), layer.head_size)
+        if key not in self._metadata:
+            block_size = layer.kv_cache.shape[2]
+            blocks = metadata.block_table[self.request, self.stored_slot // block_size].long()
+            slot_mapping = blocks * block_size + self.stored_slot % block_size
+            schedule = kernel_schedule(layer, metadata, self.requests, self.query_start, self.seq_lens)
+            routed = self.routed[self.requests]
+            self._metadata[key] = (
+                replace(
+                    metadata,
+                    num_actual_tokens=self.request.numel(),
+                    max_query_len=int(routed.max()),
+                    query_start_loc=self.query_start,
+                    max_seq_len=int(self.seq_lens.max()),
+                    seq_lens=self.seq_lens,
+                    block_table=metadata.block_table[self.requests],
+                    slot_mapping=slot_mapping,
+                    scheduler_metadata=schedule,
+                ),
+                slot_mapping,
+            )
+        return self._metadata[key]
+
+    @contextlib.contextmanager
+    def attending(self, layer):
+        """While the layer attends, vLLM's metadata and KV write slots for it are the step's."""
+        context = get_forward_context()
+        batch_metadata = context.attn_metadata[layer.layer_name]
+        batch_slots = context.slot_mapping.get(layer.layer_name)
+        context.attn_metadata[layer.layer_name], context.slot_mapping[layer.layer_name] = self.metadata_for(layer)
+        try:
+            yield
+        finally:
+            context.attn_metadata[layer.layer_name] = batch_metadata
+            context.slot_mapping[layer.layer_name] = batch_slots

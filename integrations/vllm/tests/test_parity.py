@@ -2,7 +2,8 @@
 
 Each prompt's greedy tokens equal generate() on that prompt alone, although vLLM batches the prompts together and
 splits the long ones into prefill chunks of 64 tokens, and the last prompt, sent once the others are done, finds its
-first 128 tokens in vLLM's prefix cache. The log-probabilities of the tokens match generate()'s, and the recursion
+first 128 tokens in vLLM's prefix cache (for checkpoints that store only routed tokens per recursion step, where
+prefix caching is off, it recomputes them). The log-probabilities of the tokens match generate()'s, and the recursion
 depths vLLM's model counted match the depths generate()'s tokens took. Served in bfloat16, the engines agree up to
 the first exact tie in generate()'s logits, which bfloat16 rounding may break either way.
 """
@@ -19,6 +20,12 @@ from reference_checkpoints import BFLOAT16_VARIANT, CONVERTED_VARIANT, VARIANTS
 
 
 PREFIX_CACHE_BLOCK = 128  # vLLM's CPU block size: the last prompt shares 140 tokens with the one before
+
+
+def prefix_cached_tokens(llm) -> int:
+    """The tokens of the last prompt vLLM's prefix cache serves: none where the plugin turned prefix caching off
+    (routed-token recursion-wise KV, routed_kv.py)."""
+    return PREFIX_CACHE_BLOCK if llm.llm_engine.vllm_config.cache_config.enable_prefix_caching else 0
 
 
 def greedy(llm, prompts, new_tokens):
@@ -52,22 +59,23 @@ def test_greedy_tokens_equal_generate(references, variant, mode, dtype):
         tokens, logprobs = greedy(llm, expected["prompts"][:-1], new_tokens)
         last_tokens, last_logprobs = greedy(llm, expected["prompts"][-1:], new_tokens)
         depth_counts = [after - start for start, after in zip(before, llm.apply_model(depth_counts_of)[0])]
+        cached = prefix_cached_tokens(llm)
     if dtype == "bfloat16":
         assert_bfloat16_greedy_agrees(tokens + last_tokens, logprobs + last_logprobs, expected)
         return
-    assert_equals_generate(tokens + last_tokens, logprobs + last_logprobs, depth_counts, expected)
+    assert_equals_generate(tokens + last_tokens, logprobs + last_logprobs, depth_counts, expected, cached)
 
 
-def assert_equals_generate(tokens, logprobs, depth_counts, expected, where=""):
+def assert_equals_generate(tokens, logprobs, depth_counts, expected, cached_tokens, where=""):
     """vLLM's greedy tokens and their log-probabilities are generate()'s, and the tokens it ran took generate()'s
-    depths: every token once, but the last prompt's first block, which vLLM's prefix cache served."""
+    depths: every token once, but the last prompt's first `cached_tokens`, which vLLM's prefix cache served."""
     assert len(tokens) == len(logprobs) == len(expected["tokens"]), where
     for index, (got, want) in enumerate(zip(tokens, expected["tokens"])):
         assert got == want, f"{where}prompt {index} ({len(expected['prompts'][index])} tokens)"
     for got, want in zip(logprobs, expected["logprobs"]):
         assert got == pytest.approx(want, abs=2e-3)
     ran = Counter(depth for depths in expected["depths"] for depth in depths)
-    ran.subtract(expected["depths"][-1][:PREFIX_CACHE_BLOCK])
+    ran.subtract(expected["depths"][-1][:cached_tokens])
     assert depth_counts == [ran[depth] for depth in range(len(depth_counts))], where
 
 

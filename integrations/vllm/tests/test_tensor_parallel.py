@@ -16,7 +16,7 @@ from mor_vllm.model import depth_counts_of
 
 from conftest import serving
 from reference_checkpoints import VARIANTS
-from test_parity import assert_equals_generate, greedy
+from test_parity import assert_equals_generate, greedy, prefix_cached_tokens
 
 
 TENSOR_PARALLEL = 2
@@ -41,7 +41,8 @@ def test_tensor_parallel_greedy_tokens_and_depths_equal_generate(references, var
         tokens, logprobs = greedy(llm, expected["prompts"][:-1], new_tokens)
         last_tokens, last_logprobs = greedy(llm, expected["prompts"][-1:], new_tokens)
         after = llm.apply_model(depth_counts_of)
+        cached = prefix_cached_tokens(llm)
     assert len(after) == TENSOR_PARALLEL  # one count per rank
     for rank, (start, end) in enumerate(zip(before, after)):
         depth_counts = [later - earlier for earlier, later in zip(start, end)]
-        assert_equals_generate(tokens + last_tokens, logprobs + last_logprobs, depth_counts, expected, f"rank {rank}: ")
+        assert_equals_generate(tokens + last_tokens, logprobs + last_logprobs, depth_counts, expected, cached, f"rank {rank}: ")
