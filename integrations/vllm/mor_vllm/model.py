@@ -11,11 +11,13 @@ over every token of a sequence; MoR's semantics at a step are kept as follows:
 
 - Steps every token takes (no routing, the first step of token-choice, the leading full-capacity steps of
   expert-choice) attend as a vanilla layer does.
-- Recursion-wise KV caching: a step attends among the tokens that took it. Its `Attention` has a head a few
+- Recursion-wise KV caching: a step attends among the tokens that took it. On vLLM's CPU backend a step stores the
+  keys and values of those tokens only, in KV cache groups of its own inside vLLM's allocator, and attends over them
+  only (routed_kv.py, step_attention.RoutedStepStorage). On other backends its `Attention` has a head a few
   dimensions wider than the model's (`padded_head_size`); queries carry 1 in the first extra dimension and keys carry
   0 for a token that took the step or `KEY_MASK_VALUE` for one that did not, so the latter's scores are about -2000
-  below any real score and their softmax weight underflows to exactly zero. Tokens that did not take the step still
-  own a (masked) slot in the step's cache: vLLM allots every layer the same slots per token.
+  below any real score and their softmax weight underflows to exactly zero; there every token owns a (masked) slot in
+  the step's cache.
 - Shared KV caching: deeper steps reuse the keys/values of step 1 (computing queries only), read from step 1's
   `Attention` of the same block layer, which is called again without keys; they hold no KV cache of their own.
 """

@@ -12,12 +12,14 @@ Which tokens a step stores is known only after the forward pass, in the worker, 
 it. So:
 
 - The manager of a routed step (`RoutedStepManager`) reserves, for a request, the tokens its step stored so far plus
-  every token of the request not yet reported: the most the routers can send. What the routing leaves unused at the
-  end of a block table stays the request's and fills with its next routed tokens (a request's blocks are freed when
-  it finishes or is preempted, as for any layer).
+  every token of the request not yet reported: the most the routers can send.
 - The worker (`RoutedKVWorker`) counts, per request and step, the tokens routed in each forward pass
   (`RoutedTokenCounts`, kept by the model) and returns them beside the sampled tokens; the scheduler
   (`RoutedKVScheduler`) hands them to the managers before vLLM processes the output.
+- Then both sides drop the blocks the routing left unused at the end of the step's block table (`trim_to`): the
+  scheduler's manager frees them to the pool, the worker shortens its copy of the block table by as many. Both count
+  the same stored tokens, and vLLM's CPU engine schedules a pass only after the previous one's output is processed,
+  so the two tables stay equal; the next blocks either allocates are appended after the kept ones on both sides.
 - The model writes a routed token's key at its rank among the step's stored tokens of its request (a compacted slot
   in the step's block table) and the step's attention reads only those (`step_attention.RoutedStepStorage`).
 
@@ -110,6 +112,16 @@ class RoutedStepManager(FullAttentionManager):
         self.reported_tokens[request_id] = self.reported_tokens.get(request_id, 0) + num_tokens
         self.stored_tokens[request_id] = self.stored_tokens.get(request_id, 0) + num_routed
 
+    def trim(self, request_id: str) -> None:
+        """Frees the blocks past those the step's stored tokens fill (the worker drops the same ones from its
+        table: RoutedKVWorker.trim_block_tables), once every scheduled token of the request is reported."""
+        blocks = self.req_to_blocks.get(request_id)
+        keep = cdiv(self.stored_tokens.get(request_id, 0), self.block_size)
+        if blocks is not None and len(blocks) > keep:
+            unused = blocks[keep:]
+            del blocks[keep:]
+            self.block_pool.free_blocks(reversed(unused))
+
     def pop_blocks_for_free(self, request_id: str):
         # Finished, aborted or preempted: a preempted request recomputes from its first token.
         self.stored_tokens.pop(request_id, None)
@@ -200,8 +212,25 @@ class RoutedKVWorker(CPUWorker):
         output = super().sample_tokens(grammar_output)
         reports = self.routed_token_counts().take_reports()
         if reports:
+            self.trim_block_tables(reports)
             output.mor_routed_tokens = reports
         return output
+
+    def trim_block_tables(self, reports: dict[str, list[int]]) -> None:
+        """Drops from the runner's block tables of the routed steps' groups the blocks past those the step's stored
+        tokens fill, as the scheduler's managers free them (RoutedStepManager.trim)."""
+        runner, stored = self.model_runner, self.routed_token_counts().stored
+        for group_index, group in enumerate(runner.kv_cache_config.kv_cache_groups):
+            spec = group.kv_cache_spec
+            if not (isinstance(spec, RecursionStepSpec) and spec.routed):
+                continue
+            block_table = runner.input_batch.block_table[group_index]
+            for request_id in reports:
+                keep = cdiv(int(stored[request_id][spec.recursion_step]), spec.block_size)
+                block_ids = runner.requests[request_id].block_ids[group_index]
+                del block_ids[keep:]
+                row = runner.input_batch.req_id_to_index[request_id]
+                block_table.num_blocks_per_row[row] = min(block_table.num_blocks_per_row[row], keep)
 
 
 class RoutedKVScheduler(Scheduler):
@@ -224,6 +253,7 @@ class RoutedKVScheduler(Scheduler):
                     )
                 for manager in managers:
                     manager.record(request_id, num_tokens, reports[request_id][manager.recursion_step])
+                    manager.trim(request_id)
         return super().update_from_output(scheduler_output, model_runner_output)
 
 

@@ -1,10 +1,14 @@
-"""Attention of a recursion step over only the requests that have a token at that step.
+"""Attention of a recursion step over only the requests, or only the stored tokens, it concerns.
 
 vLLM's attention metadata describes every request of the batch, so a deeper recursion step that one token in five
-takes would still read every request's keys. For the CPU backend (CPUAttentionMetadata) the step's attention gets a
-metadata of its own, for the requests with at least one token at the step: their query rows, sequence lengths and
-block tables, and the kernel's work schedule recomputed for them; the other requests' keys are not read. Every
-token's key is still written to the cache (the write uses the batch's slot mapping, not this metadata).
+takes would still read every request's keys. For the CPU backend (CPUAttentionMetadata) a step's attention gets a
+metadata of its own:
+
+- `StepRequests` (steps whose keys are stored for every token: the shared policy's deeper steps, which read step 1's
+  keys): the requests with at least one token at the step, their query rows, sequence lengths and block tables, and
+  the kernel's work schedule recomputed for them; the other requests' keys are not read.
+- `RoutedStepStorage` (recursion-wise steps that store only their routed tokens, routed_kv.py): the step's tokens
+  are written at compacted slots of the step's block tables, and each attends over its request's stored tokens.
 
 Other backends read the whole batch at every step (correct, only slower): `StepRequests.of` returns None for them,
 and the model says so once in the log.
