@@ -51,7 +51,8 @@ def measure(args) -> dict:
     # so, so rows of one run compare alike (figures from before this option ran without vLLM's stat loggers).
     llm = LLM(model=str(args.measure), skip_tokenizer_init=True, enforce_eager=args.mode == "eager",
               max_num_seqs=args.concurrency, kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), dtype=args.dtype,
-              max_model_len=args.max_prompt + args.new_tokens, seed=0, disable_log_stats=False)
+              max_model_len=args.max_prompt + args.new_tokens, seed=0, disable_log_stats=False,
+              block_size=args.block_size)
     params = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, temperature=0.0, detokenize=False)
     is_mor = llm.llm_engine.vllm_config.model_config.hf_config.model_type == "mor"
     warm_up = [TokensPrompt(prompt_token_ids=prompt) for prompt in seeded_prompts(4, args)]
@@ -126,6 +127,8 @@ def run_row(folder: Path, mode: str, requests: int, concurrency: int, args) -> d
                "--concurrency", str(concurrency), "--dtype", args.dtype, "--kv-cache-gib", str(args.kv_cache_gib),
                "--min-prompt", str(args.min_prompt), "--max-prompt", str(args.max_prompt),
                "--new-tokens", str(args.new_tokens), "--vocab-size", str(args.vocab_size), "--seed", str(args.seed)]
+    if args.block_size is not None:
+        command += ["--block-size", str(args.block_size)]
     env = {**os.environ, "VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}  # LLM.apply_model(depth_counts_of)
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
@@ -167,6 +170,8 @@ def main():
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--kv-cache-gib", type=float, default=1.0,
                         help="KV cache budget of every row (0.234375 is the memory-bound row's 240 MiB)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per KV block for every row (default: vLLM's, 128 on the CPU)")
     parser.add_argument("--min-prompt", type=int, default=32)
     parser.add_argument("--max-prompt", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -189,7 +194,8 @@ def main():
     build_models(args)
 
     print(f"dtype={args.dtype} prompts {args.min_prompt}-{args.max_prompt} new={args.new_tokens} "
-          f"KV budget {args.kv_cache_gib} GiB, repeats={args.repeats} (median)", flush=True)
+          f"KV budget {args.kv_cache_gib} GiB, block size {args.block_size or 'vLLM default'}, "
+          f"repeats={args.repeats} (median)", flush=True)
     results = {}  # (folder, mode, requests, concurrency) -> list of results
     for round_index in range(args.repeats):
         for requests, concurrency in workloads:

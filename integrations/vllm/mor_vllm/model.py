@@ -242,7 +242,8 @@ class RecursionStepAttention(Attention):
 
 class MoRBlockAttention(nn.Module):
     """The attention of a shared layer: its projections run on a step's tokens; each step that stores keys has its
-    own vLLM `Attention` (named by the step's unrolled layer index), masked where not every token takes the step."""
+    own vLLM `Attention` (named by the step's unrolled layer index). Where not every token takes the step, it stores
+    only the step's tokens (routed-token KV, CPU backend) or masks the others' slots (other backends)."""
 
     def __init__(self, config: MoRConfig, vllm_config: VllmConfig, attention_prefixes: dict[int, str], prefix: str):
         super().__init__()

@@ -43,6 +43,10 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 logger = init_logger(__name__)
 
+# A recursion-wise checkpoint's KV is spread over more KV cache groups than a vanilla model's, each rounding a
+# request's tokens up to whole blocks; vLLM's CPU default (128 tokens) would eat the saving on requests of a few
+# hundred tokens (240 MiB, 128 requests of 160-256 tokens: 34 running at 128, 60 at 32; docs/benchmarks.md).
+ROUTED_KV_BLOCK_SIZE = 32  # the smallest block vLLM's CPU attention takes
 WORKER_CLS = f"{__name__}.RoutedKVWorker"
 SCHEDULER_CLS = f"{__name__}.RoutedKVScheduler"
 
@@ -271,8 +275,9 @@ def stores_routed_tokens(config, platform) -> bool:
 
 
 def configure_engine(vllm_config) -> None:
-    """Sets the worker and scheduler classes and turns prefix caching off, for a checkpoint served with routed-token
-    KV; refuses settings that would bypass them."""
+    """Sets the worker and scheduler classes, KV blocks of ROUTED_KV_BLOCK_SIZE tokens unless the user chose a size,
+    and turns prefix caching off, for a checkpoint served with routed-token KV; refuses settings that would bypass
+    them."""
     from .checks import UnsupportedMoRCheckpoint
 
     parallel_config, scheduler_config = vllm_config.parallel_config, vllm_config.scheduler_config
@@ -298,6 +303,14 @@ def configure_engine(vllm_config) -> None:
         )
     parallel_config.worker_cls = WORKER_CLS
     scheduler_config.scheduler_cls = SCHEDULER_CLS
+    cache_config = vllm_config.cache_config
+    if not cache_config.user_specified_block_size:
+        logger.info(
+            "MoR: KV blocks of %d tokens for this recursion-wise checkpoint (each recursion step keeps its own blocks; "
+            "smaller ones waste less); block_size=... sets another.", ROUTED_KV_BLOCK_SIZE,
+        )
+        cache_config.block_size = ROUTED_KV_BLOCK_SIZE
+        cache_config.user_specified_block_size = True  # so that the CPU platform keeps it
     if vllm_config.cache_config.enable_prefix_caching:
         logger.info(
             "MoR: prefix caching is off for this recursion-wise checkpoint: a recursion step's KV blocks hold the "

@@ -153,3 +153,19 @@ def test_full_rank_deltas_of_older_checkpoints_load_as_their_per_step_weights():
     with pytest.raises(UnsupportedMoRCheckpoint, match=r"up_proj.relaxation_delta holds 3 per-step deltas, and "
                                                        r"num_recursions=2 needs 1 \(or 2"):
         per_step_deltas("up_proj.relaxation_delta", torch.zeros(3, 2, 3), num_steps=2)
+
+
+@pytest.mark.parametrize("setting,message", [
+    (dict(scheduler_cls="vllm.v1.core.sched.scheduler.Scheduler"), r"^scheduler_cls=.*Leave scheduler_cls unset"),
+    (dict(worker_cls="vllm.v1.worker.gpu_worker.Worker"), r"^worker_cls=.*Leave worker_cls unset"),
+    (dict(disable_hybrid_kv_cache_manager=True), r"^disable_hybrid_kv_cache_manager=True: .*Leave it unset"),
+])
+def test_settings_that_bypass_routed_token_kv_are_refused(references, setting, message):
+    """A recursion-wise checkpoint stores only routed tokens per step through the plugin's worker, scheduler and KV
+    cache groups (routed_kv.py): settings that would replace them are refused before the engine starts."""
+    folder, _ = references
+    from vllm import LLM
+
+    with pytest.raises(UnsupportedMoRCheckpoint, match=message):
+        LLM(model=str(folder / "expert"), dtype="float32", kv_cache_memory_bytes=KV_CACHE_BYTES, max_model_len=256,
+            **setting)

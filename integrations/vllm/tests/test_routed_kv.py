@@ -3,7 +3,8 @@
 - What the scheduler's managers hold, read inside the engine while requests run: after every pass, each routed step
   stores exactly the tokens generate() sent to it (its depths), in as many blocks as those tokens fill, where a step
   every token takes holds every token; the worker's block tables are trimmed alike (else the outputs, compared with
-  generate()'s, would read other requests' keys).
+  generate()'s, would read other requests' keys); a request aborted after its first pass runs no further, and once
+  all are done the cache is empty.
 - Under a KV budget small enough that vLLM must preempt and recompute requests while 64 run, every output is still
   generate()'s, and once all finished the cache is empty again (finished, preempted and aborted requests give their
   blocks back): the same load run again preempts as often and ends as empty.
@@ -48,12 +49,23 @@ def test_routed_steps_hold_only_the_routed_tokens(references, variant, monkeypat
         assert routed and every_token
         for index, prompt in enumerate(expected["prompts"]):
             llm.llm_engine.add_request(f"prompt-{index}", TokensPrompt(prompt_token_ids=prompt), greedy_params(new_tokens))
+        # One more request, aborted after its first pass: its blocks must go back too.
+        llm.llm_engine.add_request("aborted", TokensPrompt(prompt_token_ids=expected["prompts"][-1]), greedy_params(new_tokens))
         checked = saved = 0
-        outputs = {}
+        outputs, aborted_at = {}, None
         while llm.llm_engine.has_unfinished_requests():
             for output in llm.llm_engine.step():
-                outputs[output.request_id] = list(output.outputs[0].token_ids)
+                tokens = list(output.outputs[0].token_ids)
+                if output.request_id != "aborted":
+                    outputs[output.request_id] = tokens
+                elif aborted_at is None:
+                    aborted_at = len(tokens)
+                    llm.llm_engine.abort_request(["aborted"])
+                else:
+                    assert tokens[aborted_at:] == [], "the aborted request ran on"
             for request in scheduler.running:
+                if request.request_id.startswith("aborted"):
+                    continue
                 index = expected["prompts"].index(list(request.prompt_token_ids))
                 depths = expected["depths"][index][: request.num_computed_tokens]
                 for manager in routed:
@@ -68,6 +80,7 @@ def test_routed_steps_hold_only_the_routed_tokens(references, variant, monkeypat
                     assert len(manager.req_to_blocks[request.request_id]) >= cdiv(request.num_computed_tokens, BLOCK_SIZE)
                 checked += 1
         assert checked > 0 and saved > 0
+        assert aborted_at is not None and aborted_at < new_tokens
         assert [outputs[f"prompt-{index}"] for index in range(len(expected["prompts"]))] == expected["tokens"]
         assert scheduler.kv_cache_manager.usage == 0.0
 
