@@ -385,6 +385,8 @@ class MoRBlockAttention(nn.Module):
         if storage is None:  # vLLM's profiling run: no metadata, its attention computes nothing
             return attn(q, k, v)
         num_stored = storage.request.numel()  # the step's actual tokens (vLLM may pad the batch after them)
+        if num_stored == 0:  # only padding rows took the step: nothing to store or attend
+            return q.new_zeros(q.shape[0], self.q_size)
         with storage.attending(attn):
             output = attn(q[:num_stored], k[:num_stored], v[:num_stored])
         if num_stored < q.shape[0]:

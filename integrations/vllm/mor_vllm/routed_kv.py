@@ -141,8 +141,8 @@ KVCacheSpecRegistry.register(RecursionStepSpec, RoutedStepManager, uniform_type_
 
 class RoutedTokenCounts:
     """Worker side: per request and recursion step, how many of the request's tokens the step stores. The model
-    adds each forward pass's routed tokens (`begin` / `add` / `end`); the worker reads what the last pass routed
-    (`take_reports`) and forgets finished requests (`forget`).
+    counts each forward pass (`begin`, then each routed step's tokens per request into `ForwardCounts.routed`, then
+    `end`); the worker reads what the last pass routed (`take_reports`) and forgets finished requests (`forget`).
 
     A request whose pass starts at its first token (new, or recomputed after preemption) starts from zero."""
 
@@ -168,8 +168,14 @@ class RoutedTokenCounts:
             )
         stored_before = torch.zeros(len(request_ids), self.num_steps, dtype=torch.long)
         for row, (request_id, context_len) in enumerate(zip(request_ids, context_lens.tolist())):
-            if context_len > 0:
-                stored_before[row] = self.stored[request_id]
+            if context_len == 0:
+                continue
+            if request_id not in self.stored:
+                raise RuntimeError(
+                    f"request {request_id} starts at token {context_len} (a prefix from elsewhere?), but routed-token "
+                    f"KV caching only knows what its own passes stored."
+                )
+            stored_before[row] = self.stored[request_id]
         return ForwardCounts(request_ids, stored_before, torch.zeros_like(stored_before))
 
     def end(self, counts: "ForwardCounts") -> None:
@@ -234,7 +240,10 @@ class RoutedKVWorker(CPUWorker):
                 block_ids = runner.requests[request_id].block_ids[group_index]
                 del block_ids[keep:]
                 row = runner.input_batch.req_id_to_index[request_id]
-                block_table.num_blocks_per_row[row] = min(block_table.num_blocks_per_row[row], keep)
+                held = block_table.num_blocks_per_row[row]
+                if held > keep:
+                    block_table.block_table.np[row, keep:held] = 0  # the freed blocks may go to other requests
+                    block_table.num_blocks_per_row[row] = keep
 
 
 class RoutedKVScheduler(Scheduler):
@@ -295,6 +304,12 @@ def configure_engine(vllm_config) -> None:
         raise UnsupportedMoRCheckpoint(
             "disable_hybrid_kv_cache_manager=True: a recursion-wise MoR checkpoint keeps each recursion step's KV in "
             "a KV cache group of its own (vLLM's hybrid KV cache manager). Leave it unset."
+        )
+    if vllm_config.kv_transfer_config is not None or vllm_config.cache_config.kv_offloading_size:
+        raise UnsupportedMoRCheckpoint(
+            "a KV connector or KV offloading with a recursion-wise MoR checkpoint: its recursion steps' KV blocks hold "
+            "the tokens routed there (routed_kv.py), which a connector would read or fill as positions. Serve it "
+            "without kv_transfer_config / kv_offloading_size."
         )
     if vllm_config.speculative_config is not None:
         raise UnsupportedMoRCheckpoint(

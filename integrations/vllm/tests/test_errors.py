@@ -169,3 +169,12 @@ def test_settings_that_bypass_routed_token_kv_are_refused(references, setting, m
     with pytest.raises(UnsupportedMoRCheckpoint, match=message):
         LLM(model=str(folder / "expert"), dtype="float32", kv_cache_memory_bytes=KV_CACHE_BYTES, max_model_len=256,
             **setting)
+
+
+def test_kv_connectors_are_refused_for_routed_token_kv(references):
+    folder, _ = references
+    from vllm import LLM
+
+    with pytest.raises(UnsupportedMoRCheckpoint, match=r"^a KV connector or KV offloading .*kv_offloading_size"):
+        LLM(model=str(folder / "expert"), dtype="float32", kv_cache_memory_bytes=KV_CACHE_BYTES, max_model_len=256,
+            kv_offloading_size=1.0)
