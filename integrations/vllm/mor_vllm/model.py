@@ -505,8 +505,9 @@ class MoRRecursionBlock(nn.Module):
         config = self.config
         num_tokens = hidden_states.shape[0]
         device = hidden_states.device
-        batch = forward_counts = None
-        if self.routed_token_counts is not None and (batch := batch_requests(self.routed_layer_name)) is not None:
+        forward_counts = None
+        batch = batch_requests(self.routed_layer_name) if self.routed_token_counts is not None else None
+        if batch is not None:
             request_of_token, context_lens, num_actual_tokens = batch
             forward_counts = self.routed_token_counts.begin(context_lens)
         if config.routing == "token_choice":
@@ -527,14 +528,17 @@ class MoRRecursionBlock(nn.Module):
                     active = active[chosen_depth[active] > step]
                 if step < self.full_steps:
                     steps[step] = RecursionStepTokens(num_tokens)
-                else:
-                    steps[step] = RecursionStepTokens.of(active, num_tokens, hidden_states.dtype)
+                elif self.routed_token_counts is not None:
+                    # Routed-token KV: no key mask to build, the step's storage says where its tokens go.
+                    steps[step] = RecursionStepTokens(num_tokens, index=active)
                     if forward_counts is not None:
                         storage = RoutedStepStorage(
                             active[active < num_actual_tokens], request_of_token, forward_counts.stored_before[:, step]
                         )
                         steps[step].storage = storage
                         forward_counts.routed[:, step] = storage.routed
+                else:
+                    steps[step] = RecursionStepTokens.of(active, num_tokens, hidden_states.dtype)
                 depth.index_add_(0, active, torch.ones_like(active))
             step_tokens = steps[step]
             if step_tokens.index is not None and step_tokens.index.numel() == 0:
