@@ -24,6 +24,10 @@ import time
 import torch
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and every option's default."""
+
+
 def layer_shapes(args) -> dict[str, tuple[int, int]]:
     """(in_features, out_features) of a Llama layer's projections, as vLLM merges them."""
     q, kv = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim
@@ -55,17 +59,17 @@ def time_layer(layers: dict[str, torch.nn.Linear], rows: int, calls: int) -> flo
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--rows", type=int, default=64, help="tokens of a full step (decode: the running sequences)")
     parser.add_argument("--capacities", type=float, nargs="+", default=[1.0, 2 / 3, 1 / 3],
                         help="share of the tokens taking each recursion step")
     parser.add_argument("--num-layers", type=int, default=14, help="unrolled layers L (vanilla's depth)")
     parser.add_argument("--block-size", type=int, default=4, help="shared layers B of the recursion block")
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--intermediate-size", type=int, default=1408)
-    parser.add_argument("--num-heads", type=int, default=8)
-    parser.add_argument("--num-kv-heads", type=int, default=8)
-    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--hidden-size", type=int, default=512, help="the layer's shape (the benchmark models')")
+    parser.add_argument("--intermediate-size", type=int, default=1408, help="MLP width")
+    parser.add_argument("--num-heads", type=int, default=8, help="query heads")
+    parser.add_argument("--num-kv-heads", type=int, default=8, help="key/value heads")
+    parser.add_argument("--head-dim", type=int, default=64, help="dimension per head")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (vLLM binds one core on 2)")
     parser.add_argument("--calls", type=int, default=200, help="calls per timing")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; the median is reported")
