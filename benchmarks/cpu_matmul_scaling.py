@@ -7,7 +7,9 @@ saves FLOPs in proportion but time less than in proportion: a product this small
 weights. This script times vLLM's own CPU GEMM (the kernel its linear layers dispatch to, `onednn_mm`) at the shapes
 of one Llama layer (q/k/v, o, gate/up, down) for the rows each step runs at the given capacities, every size
 interleaved round after round, and prints per step the time and the FLOPs relative to a full step, then, for the
-whole model (the unshared layers at full rows), vanilla's matmul time over MoR's beside the FLOP ratio.
+whole model (the unshared layers at full rows), vanilla's matmul time over MoR's beside the FLOP ratio of the same
+products. The measured ratio lies between common.py's two bounds: `matmul_flop_ratio` (time follows the rows;
+it also counts the LM head) and `weight_pass_ratio` (time independent of the rows).
 
 Runs in vLLM's environment. vLLM binds its engine to one core on a 2-core machine (docs/benchmarks.md), hence
 `--threads 1` by default.
@@ -102,7 +104,7 @@ def main():
     mor_time = unshared * full + args.block_size * sum(seconds[rows] for rows in step_rows)
     mor_flops = unshared * args.rows + args.block_size * sum(step_rows)
     print(f"\nwhole model ({unshared} unshared layers at full rows, {args.block_size} shared layers per step): "
-          f"vanilla's matmul time over MoR's {vanilla_time / mor_time:.2f}x, FLOP ratio {vanilla_flops / mor_flops:.2f}x")
+          f"vanilla's matmul time over MoR's {vanilla_time / mor_time:.2f}x, their FLOP ratio {vanilla_flops / mor_flops:.2f}x")
 
 
 if __name__ == "__main__":
