@@ -24,6 +24,7 @@ over every token of a sequence; MoR's semantics at a step are kept as follows:
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -32,6 +33,7 @@ from torch import nn
 from vllm import ir
 from vllm.config import CompilationMode, VllmConfig
 from vllm.distributed import get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import RMSNorm
@@ -439,6 +441,35 @@ class MoRMLP(nn.Module):
         return output
 
 
+def compile_for_token_counts(forward):
+    """`forward` compiled for any token count (the rows of its tensor arguments are the pass's tokens).
+
+    Dynamo specializes a size of 1 (its 0/1 specialization): a graph traced on many tokens would be traced and compiled
+    again the first time a pass brings a single token, a second or two in the middle of serving. So the first call
+    made without attention metadata (vLLM's profiling run, where attention computes and stores nothing) also traces
+    the one-token graph, on `first_row_copy` of each tensor argument."""
+    compiled = torch.compile(forward, dynamic=True, fullgraph=True)
+    one_token_traced = False
+
+    @functools.wraps(forward)
+    def forward_compiled(*args):
+        nonlocal one_token_traced
+        output = compiled(*args)
+        if not one_token_traced and args[0].shape[0] > 1 and get_forward_context().attn_metadata is None:
+            compiled(*(first_row_copy(arg) if isinstance(arg, torch.Tensor) else arg for arg in args))
+            one_token_traced = True
+        return output
+
+    return forward_compiled
+
+
+def first_row_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of the tensor's first row, a view of that copy where the tensor is a view: Dynamo guards whether an
+    argument is a view, so the one-token graph is traced on what a one-token pass will pass."""
+    row = tensor[:1].clone()
+    return row.view(row.shape) if tensor._is_view() else row
+
+
 class MoRDecoderLayer(nn.Module):
     """A shared layer of the recursion block, applied to one step's tokens."""
 
@@ -468,8 +499,8 @@ class MoRDecoderLayer(nn.Module):
         """torch.compile the work before and after attention. A step's token count depends on the routing, so
         vLLM's whole-model compile cannot trace the recursion loop; the loop and attention stay eager, and these
         pieces compile once for every block layer (their parameters are graph inputs) and any token count."""
-        self.attention_input = torch.compile(self.attention_input, dynamic=True, fullgraph=True)
-        self.layer_output = torch.compile(self.layer_output, dynamic=True, fullgraph=True)
+        self.attention_input = compile_for_token_counts(self.attention_input)
+        self.layer_output = compile_for_token_counts(self.layer_output)
 
 
 class MoRRecursionBlock(nn.Module):
@@ -584,13 +615,17 @@ class MoRModel(nn.Module):
                 layer.compile_token_wise()
             for layer in (self.first_layer, self.last_layer):
                 if layer is not None:
-                    layer.forward = torch.compile(layer.forward, dynamic=True, fullgraph=True)
+                    layer.forward = compile_for_token_counts(layer.forward)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None) -> torch.Tensor:
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
+        # vLLM passes a view of its positions buffer. The compiled pieces would then meet a view at the steps every
+        # token takes and a fresh tensor (the step's rows) at routed ones, and Dynamo keeps a graph for each: it
+        # guards whether a tensor is a view, and the size of its base.
+        positions = positions.clone()
         if self.first_layer is not None:
             hidden_states, residual = self.first_layer(positions, hidden_states, None)
             hidden_states = hidden_states + residual

@@ -28,6 +28,13 @@ def prefix_cached_tokens(llm) -> int:
     return PREFIX_CACHE_BLOCK if llm.llm_engine.vllm_config.cache_config.enable_prefix_caching else 0
 
 
+def fail_on_recompile(model) -> None:
+    """In vLLM's worker: from now on a Dynamo recompile raises."""
+    import torch._dynamo
+
+    torch._dynamo.config.error_on_recompile = True
+
+
 def greedy(llm, prompts, new_tokens):
     # min_tokens as generate()'s min_new_tokens: EOS cannot be chosen before the last token.
     params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0, logprobs=0)
@@ -55,6 +62,10 @@ def test_greedy_tokens_equal_generate(references, variant, mode, dtype):
         expected = expected["float32"]
     new_tokens = len(expected["tokens"][0])
     with serving(folder / variant, enforce_eager=mode == "eager", dtype=dtype) as llm:
+        if mode == "compiled":
+            # What the model compiled while vLLM started serves every batch that follows, down to one token: a
+            # recompile (a second or two in the middle of serving) fails the test.
+            llm.apply_model(fail_on_recompile)
         before = llm.apply_model(depth_counts_of)[0]  # compiled mode warms up on dummy batches
         tokens, logprobs = greedy(llm, expected["prompts"][:-1], new_tokens)
         last_tokens, last_logprobs = greedy(llm, expected["prompts"][-1:], new_tokens)
