@@ -607,7 +607,8 @@ class MoRModel(nn.Module):
             self.last_layer = LlamaDecoderLayer(vllm_config=vllm_config, prefix=f"model.layers.{config.num_hidden_layers - 1}")
         self.recursion_block = MoRRecursionBlock(config, vllm_config, offset, prefix=f"{prefix}.recursion_block")
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        if vllm_config.compilation_config.mode != CompilationMode.NONE:
+        self.compiles_pieces = vllm_config.compilation_config.mode != CompilationMode.NONE
+        if self.compiles_pieces:
             # vLLM compiles unless enforce_eager=True; its own compile traces a whole forward, which routing makes
             # data-dependent, so the model compiles what has static structure: the end layers and the block layers'
             # token-wise work (MoRDecoderLayer.compile_token_wise).
@@ -622,10 +623,11 @@ class MoRModel(nn.Module):
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None) -> torch.Tensor:
         hidden_states = inputs_embeds if inputs_embeds is not None else self.embed_input_ids(input_ids)
-        # vLLM passes a view of its positions buffer. The compiled pieces would then meet a view at the steps every
-        # token takes and a fresh tensor (the step's rows) at routed ones, and Dynamo keeps a graph for each: it
-        # guards whether a tensor is a view, and the size of its base.
-        positions = positions.clone()
+        if self.compiles_pieces:
+            # vLLM passes a view of its positions buffer. The compiled pieces would then meet a view at the steps every
+            # token takes and a fresh tensor (the step's rows) at routed ones, and Dynamo keeps a graph for each: it
+            # guards whether a tensor is a view, and the size of its base.
+            positions = positions.clone()
         if self.first_layer is not None:
             hidden_states, residual = self.first_layer(positions, hidden_states, None)
             hidden_states = hidden_states + residual

@@ -30,6 +30,8 @@ def prefix_cached_tokens(llm) -> int:
 
 def fail_on_recompile(model) -> None:
     """In vLLM's worker: from now on a Dynamo recompile raises."""
+    # Imported here: cloudpickle, which sends this function to the worker, cannot pickle Dynamo's config module as a
+    # global it refers to.
     import torch._dynamo
 
     torch._dynamo.config.error_on_recompile = True
