@@ -32,6 +32,13 @@ from common import matmul_flop_ratio, seeded_prompts  # imports the project's mo
 
 
 REPOSITORY = Path(__file__).resolve().parents[1]
+# vLLM's settings per --modes entry. "compiled" chooses the compilation mode: under vLLM's defaults vanilla compiles,
+# but the plugin serves MoR eagerly on the CPU (mor_vllm.checks), so only a chosen mode measures MoR's compiled pieces.
+MODES = {
+    "eager": dict(enforce_eager=True),
+    "compiled": dict(compilation_config={"mode": 3}),  # CompilationMode.VLLM_COMPILE
+    "default": {},
+}
 ROWS = {  # folder written by save_decode_models.py -> row name
     "vanilla_llama": "vanilla Llama",
     "mor_routing_none": "MoR routing=none",
@@ -49,8 +56,8 @@ def measure(args) -> dict:
     prompts = seeded_prompts(args.requests, args)
     # disable_log_stats=False: the scheduler reports its state after every step (read by `PeakRunning`); every row runs
     # so, so rows of one run compare alike (figures from before this option ran without vLLM's stat loggers).
-    llm = LLM(model=str(args.measure), skip_tokenizer_init=True, enforce_eager=args.mode == "eager",
-              max_num_seqs=args.concurrency, kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), dtype=args.dtype,
+    llm = LLM(model=str(args.measure), skip_tokenizer_init=True, **MODES[args.mode], max_num_seqs=args.concurrency,
+              kv_cache_memory_bytes=int(args.kv_cache_gib * 2**30), dtype=args.dtype,
               max_model_len=args.max_prompt + args.new_tokens, seed=0, disable_log_stats=False,
               block_size=args.block_size)
     params = SamplingParams(max_tokens=args.new_tokens, min_tokens=args.new_tokens, temperature=0.0, detokenize=False)
@@ -160,8 +167,10 @@ def flop_ideal(models_dir: Path, folder: str, depth_counts: list[int]) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=["64x16", "128x64"], help="REQUESTSxCONCURRENCY workloads")
-    parser.add_argument("--modes", nargs="+", choices=["eager", "compiled"], default=["eager", "compiled"],
-                        help="vLLM's enforce_eager=True, or its default torch.compile")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=["eager", "compiled"],
+                        help="eager: enforce_eager=True; compiled: vLLM's torch.compile, chosen (MoR compiles its "
+                             "static pieces); default: neither, as a user gets it (vanilla compiled; MoR eager on the "
+                             "CPU)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the median round of every row is reported")
     parser.add_argument("--models-dir", type=Path, default=REPOSITORY / "outputs" / "decode-models",
                         help="checkpoints of save_decode_models.py (built there when missing)")

@@ -25,3 +25,12 @@ def register() -> None:
         from .checks import MoRConfigCheck
 
         MODELS_CONFIG_MAP[ARCHITECTURE] = MoRConfigCheck
+
+
+def plugin_logger(module_name: str):
+    """The logger of a plugin module, placed under vLLM's logger ("vllm"): vLLM configures that logger's handlers and
+    level, and no other, so a logger of its own name would drop the plugin's INFO lines (the settings it chose for a
+    checkpoint) where vLLM's show."""
+    from vllm.logger import init_logger
+
+    return init_logger(f"vllm.plugins.{module_name}")

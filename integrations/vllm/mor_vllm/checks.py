@@ -1,7 +1,12 @@
-"""What the vLLM plugin refuses to serve, and where vLLM asks: kept apart from model.py so that the plugin's
-registration, which runs in every vLLM process, imports no model layers."""
+"""What the vLLM plugin refuses to serve, and the engine settings it chooses for a checkpoint, where vLLM asks: kept
+apart from model.py so that the plugin's registration, which runs in every vLLM process, imports no model layers."""
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
+
+from . import plugin_logger
+
+
+logger = plugin_logger(__name__)
 
 
 class UnsupportedMoRCheckpoint(Exception):
@@ -55,8 +60,8 @@ def check_servable(
 
 class MoRConfigCheck(VerifyAndUpdateConfig):
     """vLLM's per-architecture configuration hook (MODELS_CONFIG_MAP): refuses an unservable checkpoint in the
-    process that loads it, before vLLM starts its engine, and sets the engine up for routed-token KV where the
-    checkpoint uses it (routed_kv.py)."""
+    process that loads it, before vLLM starts its engine, sets the engine up for routed-token KV where the checkpoint
+    uses it (routed_kv.py), and on the CPU serves it eagerly unless a compilation mode was chosen."""
 
     @staticmethod
     def verify_and_update_config(vllm_config: "VllmConfig") -> None:
@@ -73,6 +78,28 @@ class MoRConfigCheck(VerifyAndUpdateConfig):
 
         if stores_routed_tokens(vllm_config.model_config.hf_config, current_platform):
             configure_engine(vllm_config)
+        if current_platform.is_cpu():
+            serve_eagerly_unless_compilation_chosen(vllm_config)
+
+
+def serve_eagerly_unless_compilation_chosen(vllm_config: "VllmConfig") -> None:
+    """On the CPU an MoR checkpoint is served eagerly (`enforce_eager=True`) unless the user chose how to compile: a
+    compilation mode, or an optimization level other than vLLM's default (-O2, which cannot be told from no choice).
+    vLLM's whole-model compile cannot trace the routed recursion loop, so in compile mode the model compiles only its
+    static pieces (model.py), and on the CPU those served no faster than eager execution, slower where KV memory
+    binds, while they switch vLLM's C++ kernels off and add compile time at start-up (docs/vllm.md). vLLM calls this
+    hook before it resolves its default mode, so a mode the user set is still told apart."""
+    from vllm.config import CompilationMode
+    from vllm.config.vllm import OptimizationLevel
+
+    chosen = vllm_config.compilation_config.mode is not None or vllm_config.optimization_level != OptimizationLevel.O2
+    if chosen or vllm_config.model_config.enforce_eager:
+        return
+    logger.info(
+        "MoR: served eagerly on the CPU (enforce_eager=True): its compiled pieces measured no faster there; "
+        "compilation_config={'mode': %d} compiles them.", CompilationMode.VLLM_COMPILE,
+    )
+    vllm_config.model_config.enforce_eager = True
 
 
 def cpu_attention_head_sizes() -> list[int] | None:

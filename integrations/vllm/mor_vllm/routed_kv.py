@@ -32,7 +32,6 @@ Built for vLLM's CPU attention backend (its metadata is what `step_attention.py`
 from dataclasses import dataclass, replace
 
 import torch
-from vllm.logger import init_logger
 from vllm.utils.math_utils import cdiv
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
@@ -40,8 +39,10 @@ from vllm.v1.kv_cache_interface import AttentionSpec, FullAttentionSpec, KVCache
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from . import plugin_logger
 
-logger = init_logger(__name__)
+
+logger = plugin_logger(__name__)
 
 # A recursion-wise checkpoint's KV is spread over more KV cache groups than a vanilla model's, each rounding a
 # request's tokens up to whole blocks; vLLM's CPU default (128 tokens) would eat the saving on requests of a few

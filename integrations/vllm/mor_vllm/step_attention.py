@@ -20,10 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from vllm import envs
 from vllm.forward_context import get_forward_context
-from vllm.logger import init_logger
 
-
-logger = init_logger(__name__)
 
 try:
     from vllm import _custom_ops as ops

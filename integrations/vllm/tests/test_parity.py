@@ -37,6 +37,16 @@ def fail_on_recompile(model) -> None:
     torch._dynamo.config.error_on_recompile = True
 
 
+def compiles_pieces(model) -> bool:
+    """In vLLM's worker: whether the model compiled its static pieces (model.py)."""
+    return model.model.compiles_pieces
+
+
+# How each mode is asked for. vLLM's default (neither) serves MoR eagerly on the CPU (mor_vllm.checks), so compiled
+# mode is chosen explicitly.
+MODES = {"eager": dict(enforce_eager=True), "compiled": dict(enforce_eager=False, compilation_config={"mode": 3})}
+
+
 def greedy(llm, prompts, new_tokens):
     # min_tokens as generate()'s min_new_tokens: EOS cannot be chosen before the last token.
     params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, temperature=0.0, logprobs=0)
@@ -49,9 +59,9 @@ def greedy(llm, prompts, new_tokens):
     return tokens, logprobs
 
 
-# Every variant in vLLM's eager mode, in float32; two also with vLLM's torch.compile (the model compiles its token-wise
-# work); the checkpoint saved in bfloat16 served in float32 (its weights upcast, as generate() runs them) and in
-# bfloat16 (as generate() runs it in bfloat16).
+# Every variant in vLLM's eager mode, in float32; two also with vLLM's torch.compile, chosen (the model compiles its
+# token-wise work); the checkpoint saved in bfloat16 served in float32 (its weights upcast, as generate() runs them)
+# and in bfloat16 (as generate() runs it in bfloat16).
 CASES = [(variant, "eager", "float32") for variant in [*VARIANTS, BFLOAT16_VARIANT, CONVERTED_VARIANT]]
 CASES += [("expert", "compiled", "float32"), ("token_shared", "compiled", "float32"), (BFLOAT16_VARIANT, "eager", "bfloat16")]
 
@@ -63,7 +73,8 @@ def test_greedy_tokens_equal_generate(references, variant, mode, dtype):
     if variant == BFLOAT16_VARIANT and dtype == "float32":
         expected = expected["float32"]
     new_tokens = len(expected["tokens"][0])
-    with serving(folder / variant, enforce_eager=mode == "eager", dtype=dtype) as llm:
+    with serving(folder / variant, **MODES[mode], dtype=dtype) as llm:
+        assert llm.apply_model(compiles_pieces) == [mode == "compiled"]
         if mode == "compiled":
             # What the model compiled while vLLM started serves every batch that follows, down to one token: a
             # recompile (a second or two in the middle of serving) fails the test.
