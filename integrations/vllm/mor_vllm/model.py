@@ -609,9 +609,9 @@ class MoRModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.compiles_pieces = vllm_config.compilation_config.mode != CompilationMode.NONE
         if self.compiles_pieces:
-            # vLLM compiles unless enforce_eager=True; its own compile traces a whole forward, which routing makes
-            # data-dependent, so the model compiles what has static structure: the end layers and the block layers'
-            # token-wise work (MoRDecoderLayer.compile_token_wise).
+            # vLLM's compile mode (its default on a GPU; on the CPU only where the user chose it, checks.py). Its own
+            # compile traces a whole forward, which routing makes data-dependent, so the model compiles what has static
+            # structure: the end layers and the block layers' token-wise work (MoRDecoderLayer.compile_token_wise).
             for layer in self.recursion_block.layers:
                 layer.compile_token_wise()
             for layer in (self.first_layer, self.last_layer):
