@@ -12,6 +12,7 @@ from collections import Counter
 
 import pytest
 from vllm import SamplingParams, TokensPrompt
+from vllm.config import CompilationMode
 
 from mor_vllm.model import depth_counts_of
 
@@ -44,7 +45,10 @@ def compiles_pieces(model) -> bool:
 
 # How each mode is asked for. vLLM's default (neither) serves MoR eagerly on the CPU (mor_vllm.checks), so compiled
 # mode is chosen explicitly.
-MODES = {"eager": dict(enforce_eager=True), "compiled": dict(enforce_eager=False, compilation_config={"mode": 3})}
+MODES = {
+    "eager": dict(enforce_eager=True),
+    "compiled": dict(enforce_eager=False, compilation_config={"mode": CompilationMode.VLLM_COMPILE}),
+}
 
 
 def greedy(llm, prompts, new_tokens):
